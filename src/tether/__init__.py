@@ -1,0 +1,2 @@
+"""tether: preference optimization that stays tethered."""
+__version__ = "0.1.0"

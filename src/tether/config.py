@@ -1,0 +1,136 @@
+"""Typed configuration: dataclasses whose fields carry their own help text, read from YAML and CLI flags.
+
+Every command's options are a dataclass. `add_dataclass_arguments` turns its fields into `--field value`
+flags whose `--help` shows the default and meaning; `load_config` merges defaults < YAML file < flags and
+calls the dataclass's `validate()` — the one place where a config is checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class TetherError(Exception):
+    """A user-facing error: one line that names the file, record or option and says what to do."""
+
+
+def option(default: Any, help: str, choices: tuple | None = None, **kw) -> Any:
+    """A dataclass field with a help text (and optional allowed values)."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
+    return dataclasses.field(default=default, metadata=meta, **kw)
+
+
+def _base_type(tp):
+    """(python type, is_list) for a field annotation such as `int`, `str | None`, `list[str] | None`."""
+    if isinstance(tp, str):
+        tp = eval(tp, vars(typing), {})  # annotations are strings under `from __future__ import annotations`
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    if origin is list:
+        return typing.get_args(tp)[0], True
+    return tp, False
+
+
+def _parse_bool(text: str) -> bool:
+    low = str(text).lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _parse_optional(inner):
+    def parse(text: str):
+        return None if str(text).lower() in ("none", "null") else inner(text)
+
+    parse.__name__ = getattr(inner, "__name__", "value")
+    return parse
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """Add one `--name` flag per field of dataclass `cls`; defaults stay unset so YAML values can win."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("help"):
+            continue
+        tp, is_list = _base_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        conv = _parse_bool if tp is bool else tp
+        kwargs: dict[str, Any] = dict(type=_parse_optional(conv), default=argparse.SUPPRESS, dest=f.name)
+        if is_list:
+            kwargs["nargs"] = "+"
+        if f.metadata.get("choices"):
+            kwargs["choices"] = f.metadata["choices"]
+        shown = "null" if default is None else default
+        kwargs["help"] = f"{f.metadata['help']} (default: {shown})"
+        kwargs["metavar"] = tp.__name__.upper() if not f.metadata.get("choices") else None
+        parser.add_argument(f"--{f.name}", **kwargs)
+
+
+def _coerce(cls, name: str, value: Any, source: str):
+    """Check a YAML value's type against the field and convert ints to floats where a float is expected."""
+    hints = typing.get_type_hints(cls)
+    tp, is_list = _base_type(hints[name])
+    if value is None:
+        return None
+    items = value if is_list else [value]
+    if is_list and not isinstance(value, list):
+        items = [value]
+    out = []
+    for item in items:
+        if tp is float and isinstance(item, int) and not isinstance(item, bool):
+            item = float(item)
+        if tp in (int, float) and isinstance(item, bool) or not isinstance(item, tp):
+            raise TetherError(f"{source}: option '{name}' must be {tp.__name__}, got {item!r}")
+        out.append(item)
+    return out if is_list else out[0]
+
+
+def load_config(cls, config_file: str | Path | None = None, overrides: dict[str, Any] | None = None):
+    """Build a validated `cls` from defaults, then the YAML file, then `overrides` (parsed CLI flags)."""
+    values: dict[str, Any] = {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise TetherError(f"{path}: config file not found") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise TetherError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(data, dict):
+            raise TetherError(f"{path}: a config file must be a mapping of option: value")
+        for key, value in data.items():
+            if key not in names:
+                raise TetherError(f"{path}: unknown option '{key}'; see --help for the list of options")
+            values[key] = _coerce(cls, key, value, str(path))
+    for key, value in (overrides or {}).items():
+        if key not in names:
+            raise TetherError(f"unknown option '--{key}'; see --help for the list of options")
+        values[key] = value
+    cfg = cls(**values)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def config_to_dict(cfg) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
