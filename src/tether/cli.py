@@ -1,0 +1,86 @@
+"""The `tether` command line. Each subcommand's options are a config dataclass (see tether.config)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from .config import TetherError, add_dataclass_arguments, load_config
+
+# modules that add their own subcommands through `add_parser(subparsers)`
+SUBCOMMAND_MODULES = ("tether.world.cli", "tether.evaluate")
+
+
+def _options(args: argparse.Namespace, skip=("func", "config", "resume", "verbose", "command")) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in skip}
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+
+    cfg = load_config(TrainConfig, args.config, _options(args))
+    run_dir = train(cfg, resume=args.resume)
+    print(f"run written to {run_dir}")
+    return 0
+
+
+def add_train_parser(sub) -> None:
+    from .train import TrainConfig
+
+    p = sub.add_parser(
+        "train",
+        help="offline preference optimization (DPO, IPO, SLiC) from a preference file",
+        description="Offline preference optimization. Options come from --config FILE.yaml, then from flags "
+        "(a flag wins over the file). Works under `accelerate launch` for several processes.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", default=None, help="YAML file of options (any option below)")
+    p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its newest checkpoint")
+    add_dataclass_arguments(p, TrainConfig)
+    p.set_defaults(func=_run_train)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tether",
+        description="Preference optimization that keeps a model tethered: to the base model's own answers "
+        "(BAPO) or to the behavior model that collected the data (BPO).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_train_parser(sub)
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name and not name.startswith(str(e.name)):
+                raise
+            continue
+        for attr in dir(module):
+            if attr.startswith("add_") and attr.endswith("_parser"):
+                getattr(module, attr)(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except TetherError as e:
+        print(f"tether: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

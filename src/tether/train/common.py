@@ -1,0 +1,134 @@
+"""Pieces every training loop shares: the accelerator, optimizer and schedule, the data order, the run
+directory (metrics.jsonl, final model), and the policy set-up (dropout, LoRA)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from transformers import get_scheduler
+
+from ..config import TetherError, save_config
+from ..models import add_lora, disable_dropout, load_model
+
+log = logging.getLogger("tether")
+
+
+def make_accelerator(cfg, run_dir: Path) -> Accelerator:
+    mixed = cfg.mixed_precision
+    if mixed == "bf16" and not torch.cuda.is_available():
+        log.warning("mixed_precision=bf16 ignored: no GPU (bf16 matrix products are very slow on CPU); training in float32")
+        mixed = "no"
+    trackers = None if cfg.report_to == "none" else cfg.report_to
+    acc = Accelerator(mixed_precision=mixed, log_with=trackers, project_dir=str(run_dir))
+    if trackers:
+        acc.init_trackers("tether", config={k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool))})
+    return acc
+
+
+def load_policy(cfg):
+    """The trainable policy: the model (float32), dropout off if asked, wrapped in a fresh LoRA adapter if asked."""
+    model = load_model(cfg.model)
+    if cfg.disable_dropout:
+        disable_dropout(model)
+    if cfg.lora:
+        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, seed=cfg.seed)
+        if cfg.disable_dropout:
+            disable_dropout(model)
+    return model
+
+
+def make_optimizer(model: torch.nn.Module, cfg, total_steps: int):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(
+        params,
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_epsilon,
+        weight_decay=cfg.weight_decay,
+    )
+    name = "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler
+    sched = get_scheduler(name, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
+    return opt, sched
+
+
+def total_steps(cfg, n_examples: int, global_batch: int) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.num_epochs * n_examples / global_batch))
+
+
+def stream_indices(start: int, count: int, n: int, seed: int) -> list[int]:
+    """Positions [start, start+count) of an endless stream of per-epoch permutations of range(n).
+
+    Epoch e is a permutation drawn from a generator seeded by (seed, e) alone, so the order depends on
+    nothing but the position: a resumed run sees exactly the data an uninterrupted run would.
+    """
+    out, pos = [], start
+    while len(out) < count:
+        epoch, offset = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+        take = perm[offset : offset + count - len(out)]
+        out.extend(take)
+        pos += len(take)
+    return out
+
+
+def prepare_run_dir(run_dir: Path, cfg, resume: bool, is_main: bool) -> None:
+    """Refuse to overwrite an existing run unless resuming; write the resolved config."""
+    has_run = (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()
+    if has_run and not resume:
+        raise TetherError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another output_dir")
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step to metrics.jsonl (main process only), flushed each time."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None = None):
+        self.path, self.enabled = path, enabled
+        if enabled and resume_step is not None and path.exists():  # drop lines a killed run wrote after its checkpoint
+            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+
+
+def mean_stats(stats: list[dict[str, torch.Tensor]], prefix: str = "") -> dict[str, float]:
+    """Average per-pair statistics (lists of (n,) tensors) into one float per name."""
+    if not stats:
+        return {}
+    return {prefix + k: torch.cat([s[k] for s in stats]).float().mean().item() for k in stats[0]}
+
+
+def save_final(accelerator, model, tokenizer, run_dir: Path) -> Path:
+    """Save the final model (full weights or PEFT adapter) and tokenizer atomically to run_dir/final."""
+    final = run_dir / "final"
+    if accelerator.is_main_process:
+        tmp = run_dir / "final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def crash_hook(step: int) -> None:
+    """Test-only: TETHER_CRASH_AFTER_STEP=N kills the process abruptly after step N (like kill -9)."""
+    if os.environ.get("TETHER_CRASH_AFTER_STEP") == str(step):
+        os._exit(17)

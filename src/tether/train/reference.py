@@ -1,0 +1,97 @@
+"""The reference policy π_ref: a separate frozen model, the LoRA base with the adapter disabled, or
+log-probs precomputed once and cached on disk (keyed by a fingerprint of model weights + tokenized data)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data import Example, collate
+from ..logprobs import sequence_logps
+
+
+def adapter_disabled(model):
+    """Context in which a PEFT model behaves as its base model (no-op for a plain model)."""
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+
+
+class LiveReference:
+    """Scores batches with a reference model on the fly.
+
+    `model` is either a separate frozen model, or the (unwrapped) PEFT policy itself, in which case the
+    adapter is disabled during the forward, so no second copy of the weights exists.
+    """
+
+    def __init__(self, model, use_base_of_adapter: bool):
+        self.model = model
+        self.use_base_of_adapter = use_base_of_adapter
+
+    @torch.no_grad()
+    def logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx = adapter_disabled(self.model) if self.use_base_of_adapter else contextlib.nullcontext()
+        with ctx:
+            return sequence_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+
+    def weights_fingerprint(self) -> str:
+        h = hashlib.blake2b(digest_size=16)
+        for name, tensor in sorted(self.model.state_dict().items()):
+            if self.use_base_of_adapter and "lora_" in name:
+                continue
+            h.update(name.replace("base_model.model.", "").replace(".base_layer", "").encode())
+            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+
+def data_fingerprint(examples: list[Example], keys: tuple[str, ...]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr(keys).encode())
+    for ex in examples:
+        h.update(repr((ex.prompt_ids, [ex.completion_ids[k] for k in keys])).encode())
+    return h.hexdigest()
+
+
+def compute_logps_table(
+    reference: LiveReference,
+    examples: list[Example],
+    keys: tuple[str, ...],
+    pad_id: int,
+    batch_size: int,
+    indices: list[int],
+    device,
+    progress: bool = False,
+    desc: str = "reference log-probs",
+) -> dict[int, torch.Tensor]:
+    """{example index: (len(keys),) summed reference log-probs} for the given indices."""
+    out = {}
+    bar = tqdm(total=len(indices), desc=desc, disable=not progress, unit="ex")
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in chunk], pad_id, keys).items()}
+        sums, _ = reference.logps(batch)
+        sums = sums.view(len(keys), len(chunk)).cpu()
+        for j, i in enumerate(chunk):
+            out[i] = sums[:, j].clone()
+        bar.update(len(chunk))
+    bar.close()
+    return out
+
+
+def load_cached(path: Path) -> dict[int, torch.Tensor] | None:
+    if not path.is_file():
+        return None
+    table = torch.load(path, weights_only=True)
+    return {i: table[:, i].clone() for i in range(table.size(1))}
+
+
+def save_cached(path: Path, table: dict[int, torch.Tensor]) -> None:
+    """Write atomically: a temp file in the same directory, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stacked = torch.stack([table[i] for i in range(len(table))], dim=1)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(stacked, tmp)
+    os.replace(tmp, path)
