@@ -26,7 +26,9 @@ def make_accelerator(cfg, run_dir: Path) -> Accelerator:
         log.warning("mixed_precision=bf16 ignored: no GPU (bf16 matrix products are very slow on CPU); training in float32")
         mixed = "no"
     trackers = None if cfg.report_to == "none" else cfg.report_to
-    acc = Accelerator(mixed_precision=mixed, log_with=trackers, project_dir=str(run_dir))
+    acc = Accelerator(
+        cpu=not torch.cuda.is_available(), mixed_precision=mixed, log_with=trackers, project_dir=str(run_dir)
+    )
     if trackers:
         acc.init_trackers("tether", config={k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool))})
     return acc

@@ -224,7 +224,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         results["final_eval"] = evaluate(accelerator, cfg, scorer, eval_ex, eval_table, reference, keys, pad_id)
     final = save_final(accelerator, accelerator.unwrap_model(scorer).model, tokenizer, run_dir)
     if accelerator.is_main_process:
-        results.update(steps=steps, train_pairs=len(train_ex), eval_pairs=len(eval_ex), final_model=str(final))
+        results.update(
+            steps=steps, num_processes=world, global_batch=global_batch, train_pairs=len(train_ex),
+            eval_pairs=len(eval_ex), final_model=str(final),
+        )
         (run_dir / "results.json").write_text(json.dumps(results, indent=1))
     accelerator.end_training()
     return run_dir

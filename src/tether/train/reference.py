@@ -34,8 +34,13 @@ class LiveReference:
     @torch.no_grad()
     def logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         ctx = adapter_disabled(self.model) if self.use_base_of_adapter else contextlib.nullcontext()
-        with ctx:
-            return sequence_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        was_training = self.model.training
+        self.model.eval()  # no dropout in the reference, even when the policy trains with it
+        try:
+            with ctx:
+                return sequence_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        finally:
+            self.model.train(was_training)
 
     def weights_fingerprint(self) -> str:
         h = hashlib.blake2b(digest_size=16)
