@@ -142,11 +142,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     """Run offline preference optimization as configured; returns the run directory."""
     run_dir = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg, run_dir)
-    prepare_run_dir(run_dir, cfg, resume, accelerator.is_main_process)
     set_seed(cfg.seed)
     keys = COMPLETION_KEYS
     tokenizer = load_tokenizer(cfg.model)
-    train_ex, eval_ex, report = load_examples(cfg, tokenizer, keys)
+    train_ex, eval_ex, report = load_examples(cfg, tokenizer, keys)  # bad data fails before anything is written
+    prepare_run_dir(run_dir, cfg, resume, accelerator.is_main_process)
     if accelerator.is_main_process:
         (run_dir / "data_report.json").write_text(json.dumps(report, indent=1, default=str))
     pad_id = tokenizer.pad_token_id

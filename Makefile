@@ -1,0 +1,33 @@
+# Every target sets up .venv itself (pinned versions; torch==2.13.0 is the CPU build on CPU machines).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test test-slow test-all bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,plots]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)  ## the main job on the embedded default: a tiny model learns a preference with DPO
+	$(PY) -m tether.demo
+
+test: $(STAMP)  ## the test suite without the slow end-to-end checks (under 15 minutes on 2 CPU cores)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)  ## only the slow end-to-end checks
+	$(PY) -m pytest -q -m slow
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m 'slow or not slow'
+
+bench: $(STAMP)  ## speed benchmarks against TRL (installs the bench extra)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[bench]'
+	$(PY) benchmarks/bench_dpo_step.py
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,85 @@
+"""The command line as a user runs it: --help, a YAML config with flag overrides, the run directory."""
+
+import dataclasses
+import json
+
+import torch
+import yaml
+
+from conftest import run_cli
+from tether.cli import main
+from tether.train import TrainConfig
+
+REQUIRED_METRICS = {"step", "loss", "reward_accuracy", "reward_margin", "logps_chosen", "logps_rejected"}
+
+
+def test_help_lists_every_option_with_default(capsys):
+    try:
+        main(["train", "--help"])
+    except SystemExit:
+        pass
+    text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(TrainConfig):
+        assert f"--{f.name}" in text, f.name
+    assert "(default: 0.1)" in text and "--resume" in text and "--config" in text
+
+
+def test_config_file_and_flags_end_to_end(model_dir, data_dir, tmp_path):
+    cfg = tmp_path / "dpo.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "model": str(model_dir), "train_file": str(data_dir / "train.jsonl"), "eval_file": str(data_dir / "eval.jsonl"),
+        "learning_rate": 1e-3, "max_steps": 4, "batch_size": 4, "beta": 0.5, "progress": False, "save_steps": 2,
+        "eval_steps": 2, "lora": True, "lora_r": 4, "lora_target_modules": ["q_proj", "v_proj"],
+    }))
+    out = tmp_path / "run"
+    res = run_cli("train", "--config", str(cfg), "--beta", "0.2", "--loss", "ipo", "--output_dir", str(out))
+    assert res.returncode == 0, res.stderr
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["beta"] == 0.2 and resolved["loss"] == "ipo" and resolved["max_steps"] == 4  # flag beats file
+    assert resolved["lr_scheduler"] == "linear"  # defaults are written out too
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(REQUIRED_METRICS <= r.keys() for r in rows)
+    assert "eval_loss" in rows[1] and "eval_loss" not in rows[0]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["final_eval"]["eval_loss"] < results["initial_eval"]["eval_loss"]
+
+    from peft import AutoPeftModelForCausalLM
+
+    model = AutoPeftModelForCausalLM.from_pretrained(out / "final")
+    assert sorted(model.peft_config["default"].target_modules) == ["q_proj", "v_proj"]
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # the adapter learned something
+
+
+def test_full_model_output_loads_with_transformers(model_dir, data_dir, tmp_path):
+    out = tmp_path / "full"
+    res = run_cli("train", "--model", str(model_dir), "--train_file", str(data_dir / "conv.jsonl"), "--max_steps", "2",
+                  "--batch_size", "4", "--output_dir", str(out), "--progress", "false", "--learning_rate", "1e-3")
+    assert res.returncode == 0, res.stderr
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    ids = tok.apply_chat_template([{"role": "user", "content": "What colour is the sky?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        assert model(**ids).logits.shape[-1] == len(tok)
+
+
+def test_errors_are_one_line_with_exit_code_2(model_dir, data_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": "a"}\n')
+    cases = [
+        (["--model", str(model_dir), "--train_file", str(bad)], f"{bad}:line 2: missing field 'rejected'"),
+        (["--model", "org/some-model", "--train_file", str(bad)], "never downloads"),
+        (["--model", str(model_dir), "--train_file", str(bad), "--max_prompt_length", "600"], "option 'max_prompt_length'"),
+        (["--config", str(tmp_path / "none.yaml")], "none.yaml: config file not found"),
+    ]
+    for args, message in cases:
+        res = run_cli("train", *args, "--output_dir", str(tmp_path / "x"))
+        assert res.returncode == 2, (args, res.stderr)
+        err_lines = [line for line in res.stderr.splitlines() if line.startswith("tether: error:")]
+        assert len(err_lines) == 1 and message in err_lines[0], res.stderr
+        assert "Traceback" not in res.stderr
+    assert not (tmp_path / "x").exists()  # nothing half-written
