@@ -3,6 +3,7 @@ directory (metrics.jsonl, final model), and the policy set-up (dropout, LoRA).""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -26,6 +27,8 @@ def make_accelerator(cfg, run_dir: Path) -> Accelerator:
         log.warning("mixed_precision=bf16 ignored: no GPU (bf16 matrix products are very slow on CPU); training in float32")
         mixed = "no"
     trackers = None if cfg.report_to == "none" else cfg.report_to
+    if trackers and importlib.util.find_spec(trackers) is None:
+        raise TetherError(f"option 'report_to': {trackers} is not installed; run `pip install {trackers}` or use none")
     acc = Accelerator(
         cpu=not torch.cuda.is_available(), mixed_precision=mixed, log_with=trackers, project_dir=str(run_dir)
     )

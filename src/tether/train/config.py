@@ -24,6 +24,22 @@ class TrainConfig:
     beta: float = option(0.1, "β: strength of the tie to the reference (all three losses)")
     label_smoothing: float = option(0.0, "ε of conservative DPO, in [0, 0.5); dpo only")
     nll_weight: float = option(0.0, "α: weight of the NLL (−mean log-prob) of the chosen response added to the loss")
+    # BAPO: anchor the policy to the base model's own responses (METHODS.md §2)
+    method: str = option(
+        "dap", "dap = the preference loss alone; bapo = loss + anchor_weight · anchor on base responses", choices=("dap", "bapo")
+    )
+    anchor_weight: float = option(1.0, "λ: weight of the BAPO anchor (bapo only)")
+    anchor_form: str = option(
+        "hinge", "hinge = max(0, log π_ref(y_b) − log π_θ(y_b)); squared = (log π_θ(y_b) − log π_ref(y_b))²",
+        choices=("hinge", "squared"),
+    )
+    anchor_normalize: str = option("sum", "anchor on summed log-probs, or per-token mean", choices=("sum", "mean"))
+    base_decoding: str = option("greedy", "how the base model writes its responses y_b", choices=("greedy", "sampled"))
+    base_samples: int = option(1, "base responses per prompt (more than 1 needs base_decoding: sampled)")
+    base_max_new_tokens: int = option(128, "max new tokens of a base response")
+    base_temperature: float = option(1.0, "sampling temperature of base responses (sampled only)")
+    base_top_k: int = option(50, "top-k of base responses (sampled only; 0 = off)")
+    base_top_p: float = option(1.0, "top-p of base responses (sampled only; 1 = off)")
     # tokenization
     max_length: int = option(512, "max tokens of prompt + completion; completions are cut from the right")
     max_prompt_length: int = option(256, "max prompt tokens; prompts are cut from the left")
@@ -85,6 +101,13 @@ class TrainConfig:
             raise TetherError(f"option 'eval_fraction' must be in [0, 1), got {self.eval_fraction}")
         if self.max_steps <= 0 and self.num_epochs <= 0:
             raise TetherError("set 'max_steps' > 0 or 'num_epochs' > 0")
+        if self.method == "bapo":
+            if self.anchor_weight < 0:
+                raise TetherError(f"option 'anchor_weight' must be >= 0, got {self.anchor_weight}")
+            if self.base_samples < 1 or self.base_max_new_tokens < 1:
+                raise TetherError("options 'base_samples' and 'base_max_new_tokens' must be >= 1")
+            if self.base_samples > 1 and self.base_decoding != "sampled":
+                raise TetherError("option 'base_samples' > 1 needs base_decoding: sampled (greedy gives one response)")
         if self.max_prompt_length >= self.max_length:
             raise TetherError(
                 f"option 'max_prompt_length' ({self.max_prompt_length}) must be < 'max_length' ({self.max_length})"

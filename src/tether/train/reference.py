@@ -31,16 +31,21 @@ class LiveReference:
         self.model = model
         self.use_base_of_adapter = use_base_of_adapter
 
-    @torch.no_grad()
-    def logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    @contextlib.contextmanager
+    def generating(self):
+        """The reference model in eval mode (no dropout), with the adapter disabled when it is the LoRA base."""
         ctx = adapter_disabled(self.model) if self.use_base_of_adapter else contextlib.nullcontext()
         was_training = self.model.training
-        self.model.eval()  # no dropout in the reference, even when the policy trains with it
+        self.model.eval()
         try:
-            with ctx:
-                return sequence_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+            with ctx, torch.no_grad():
+                yield self.model
         finally:
             self.model.train(was_training)
+
+    def logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        with self.generating() as model:
+            return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
 
     def weights_fingerprint(self) -> str:
         h = hashlib.blake2b(digest_size=16)
