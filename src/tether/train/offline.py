@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from ..config import TetherError
 from ..data import COMPLETION_KEYS, Example, collate, load_preference_records, tokenize_records
 from ..logprobs import SequenceScorer
-from ..losses import preference_loss
+from ..bapo import attach_base_responses, base_keys
+from ..losses import base_anchor, preference_loss
 from ..models import cache_dir, load_model, load_tokenizer
 from . import checkpoint
 from .common import (
@@ -43,16 +44,16 @@ from .reference import LiveReference, compute_logps_table, data_fingerprint, loa
 log = logging.getLogger("tether")
 
 
-def load_examples(cfg: TrainConfig, tokenizer, keys=COMPLETION_KEYS) -> tuple[list[Example], list[Example], dict]:
+def load_examples(cfg: TrainConfig, tokenizer) -> tuple[list[Example], list[Example], dict]:
     """Tokenized train and eval examples, and a report of what was skipped."""
     train_ex, train_rep = tokenize_records(
-        load_preference_records(cfg.train_file, keys), tokenizer, cfg.max_length, cfg.max_prompt_length
+        load_preference_records(cfg.train_file), tokenizer, cfg.max_length, cfg.max_prompt_length
     )
     report = {"train": {k: v for k, v in vars(train_rep).items()}}
     log.info("%s: %s", cfg.train_file, train_rep.summary())
     if cfg.eval_file:
         eval_ex, eval_rep = tokenize_records(
-            load_preference_records(cfg.eval_file, keys), tokenizer, cfg.max_length, cfg.max_prompt_length
+            load_preference_records(cfg.eval_file), tokenizer, cfg.max_length, cfg.max_prompt_length
         )
         report["eval"] = vars(eval_rep)
     elif cfg.eval_fraction > 0:
@@ -67,16 +68,16 @@ def load_examples(cfg: TrainConfig, tokenizer, keys=COMPLETION_KEYS) -> tuple[li
     return train_ex, eval_ex, report
 
 
-def make_reference(cfg: TrainConfig, policy) -> LiveReference:
+def make_reference(cfg: TrainConfig, policy, device) -> LiveReference:
     """π_ref as a live scorer: a separate frozen model, the LoRA base (adapter disabled) or the initial policy."""
     if cfg.ref_model:
-        ref = load_model(cfg.ref_model).eval().requires_grad_(False)
+        ref = load_model(cfg.ref_model).eval().requires_grad_(False).to(device)
         return LiveReference(ref, use_base_of_adapter=False)
     if cfg.lora:
         return LiveReference(policy, use_base_of_adapter=True)
     if cfg.precompute_ref_logps:  # the policy IS the reference until the first step
         return LiveReference(policy, use_base_of_adapter=False)
-    ref = load_model(cfg.model).eval().requires_grad_(False)
+    ref = load_model(cfg.model).eval().requires_grad_(False).to(device)
     return LiveReference(ref, use_base_of_adapter=False)
 
 
@@ -100,12 +101,23 @@ def reference_table(accelerator, cfg, reference, examples, keys, pad_id, desc) -
 
 
 def pair_stats(cfg, sums, counts, ref_sums, n_keys):
-    """Loss and per-pair stats from key-major rows (chosen rows, then rejected rows)."""
+    """Loss and per-pair stats from key-major rows: chosen rows, rejected rows, then (BAPO) base-response rows.
+
+    BAPO: L = L_DAP + λ · mean over the n base responses of A(x, y_b)   (METHODS.md §2)
+    """
     pol, lens, ref = sums.view(n_keys, -1), counts.view(n_keys, -1), ref_sums.view(n_keys, -1)
-    return preference_loss(
+    loss, stats = preference_loss(
         pol[0], pol[1], ref[0], ref[1], lens[0], lens[1],
         loss=cfg.loss, beta=cfg.beta, label_smoothing=cfg.label_smoothing, nll_weight=cfg.nll_weight,
     )
+    if n_keys > 2:
+        anchor = base_anchor(pol[2:], ref[2:], lens[2:], cfg.anchor_form, cfg.anchor_normalize).mean(dim=0)
+        loss = loss + cfg.anchor_weight * anchor.mean()
+        stats["loss"] = stats["loss"] + cfg.anchor_weight * anchor.detach()
+        stats["anchor"] = anchor.detach()
+        stats["logps_base"] = pol[2:].detach().mean(dim=0)
+        stats["anchor_active"] = (ref[2:] > pol[2:]).float().mean(dim=0)
+    return loss, stats
 
 
 def _batch(examples, idx, table, reference, keys, pad_id, device):
@@ -143,24 +155,24 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     run_dir = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg, run_dir)
     set_seed(cfg.seed)
-    keys = COMPLETION_KEYS
     tokenizer = load_tokenizer(cfg.model)
-    train_ex, eval_ex, report = load_examples(cfg, tokenizer, keys)  # bad data fails before anything is written
+    train_ex, eval_ex, report = load_examples(cfg, tokenizer)  # bad data fails before anything is written
+    keys = COMPLETION_KEYS + base_keys(cfg)
     prepare_run_dir(run_dir, cfg, resume, accelerator.is_main_process)
     if accelerator.is_main_process:
         (run_dir / "data_report.json").write_text(json.dumps(report, indent=1, default=str))
     pad_id = tokenizer.pad_token_id
 
     model = load_policy(cfg).to(accelerator.device)
-    reference = make_reference(cfg, model)
+    reference = make_reference(cfg, model, accelerator.device)
+    if keys != COMPLETION_KEYS:
+        attach_base_responses(accelerator, cfg, reference, tokenizer, [train_ex, eval_ex])
     train_table = eval_table = None
     if cfg.precompute_ref_logps:
         train_table = reference_table(accelerator, cfg, reference, train_ex, keys, pad_id, "reference log-probs (train)")
         if eval_ex:
             eval_table = reference_table(accelerator, cfg, reference, eval_ex, keys, pad_id, "reference log-probs (eval)")
         reference = None  # nothing of the reference stays in memory
-    elif reference.model is not model:
-        reference.model.to(accelerator.device)
 
     world, b, accum = accelerator.num_processes, cfg.batch_size, cfg.gradient_accumulation_steps
     global_batch = b * world * accum

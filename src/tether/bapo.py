@@ -1,0 +1,86 @@
+"""BAPO's base responses y_b (METHODS.md §2): before training, the reference (base) model answers every
+training prompt itself, once; the answers are cached on disk and become extra completions of each example.
+
+Generation works on token ids: y_b is exactly the token sequence the base model produced from the same
+(truncated) prompt tokens the policy is trained on, ending with its EOS token (or cut at
+`base_max_new_tokens`). The cache key is a fingerprint of (reference weights, prompts, decoding settings).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+from accelerate.utils import gather_object
+
+from .data import Example
+from .generation import generate_ids
+from .models import cache_dir
+
+log = logging.getLogger("tether")
+
+
+def base_keys(cfg) -> tuple[str, ...]:
+    """Completion keys of the base responses: ('base0', 'base1', ...) for BAPO, () otherwise."""
+    return tuple(f"base{i}" for i in range(cfg.base_samples)) if cfg.method == "bapo" else ()
+
+
+def _decoding(cfg) -> dict:
+    sampled = cfg.base_decoding == "sampled"
+    return dict(
+        max_new_tokens=cfg.base_max_new_tokens,
+        do_sample=sampled,
+        temperature=cfg.base_temperature if sampled else 1.0,
+        top_k=cfg.base_top_k if sampled else 0,
+        top_p=cfg.base_top_p if sampled else 1.0,
+    )
+
+
+def attach_base_responses(accelerator, cfg, reference, tokenizer, example_sets: list[list[Example]]) -> None:
+    """Give every example completions 'base0'.. 'base{n-1}': the reference model's own responses.
+
+    `reference` is a LiveReference (its model generates with the adapter disabled when it is the LoRA base).
+    Prompts are generated once each (deduplicated across train and eval), sharded across processes, and
+    cached; completions are cut to fit `max_length` like any other completion.
+    """
+    keys = base_keys(cfg)
+    prompts = sorted({tuple(ex.prompt_ids) for exs in example_sets for ex in exs})
+    h = hashlib.blake2b(digest_size=16)
+    h.update(reference.weights_fingerprint().encode())
+    h.update(json.dumps([_decoding(cfg), cfg.base_samples, cfg.seed, prompts]).encode())
+    path = Path(cfg.ref_cache_dir or cache_dir() / "reflogps").parent / "base_responses" / f"{h.hexdigest()}.json"
+    if path.is_file():
+        responses = json.loads(path.read_text())
+        log.info("base responses reused from %s", path)
+    else:
+        mine = list(range(accelerator.process_index, len(prompts), accelerator.num_processes))
+        with reference.generating():
+            part = _generate_shard(cfg, reference, tokenizer, prompts, mine, accelerator.is_main_process)
+        responses = {}
+        for piece in gather_object([part]):
+            responses.update({str(k): v for k, v in piece.items()})
+        if accelerator.is_main_process:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(responses))
+            os.replace(tmp, path)
+    index = {p: str(i) for i, p in enumerate(prompts)}
+    for exs in example_sets:
+        for ex in exs:
+            room = cfg.max_length - len(ex.prompt_ids)
+            for key, ids in zip(keys, responses[index[tuple(ex.prompt_ids)]]):
+                ex.completion_ids[key] = (ids or [tokenizer.eos_token_id])[:room]
+
+
+def _generate_shard(cfg, reference, tokenizer, prompts, mine, progress) -> dict[int, list[list[int]]]:
+    """Responses for this process's prompts: all prompts × n samples in batches."""
+    flat = [list(prompts[i]) for i in mine for _ in range(cfg.base_samples)]
+    ids = generate_ids(
+        reference.model, tokenizer, flat, seed=cfg.seed, batch_size=cfg.eval_batch_size,
+        progress=progress and cfg.progress, desc="base responses", **_decoding(cfg),
+    )
+    n = cfg.base_samples
+    return {i: ids[j * n : (j + 1) * n] for j, i in enumerate(mine)}
