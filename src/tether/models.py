@@ -104,3 +104,12 @@ def disable_dropout(model: torch.nn.Module) -> None:
     for attr in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
         if cfg is not None and isinstance(getattr(cfg, attr, None), float):
             setattr(cfg, attr, 0.0)
+
+
+def _smollm2() -> Path:
+    from .smollm2 import model_dir  # imported on first use only (it needs the optional smollm2 extra)
+
+    return model_dir()
+
+
+register_builtin("smollm2-135m-instruct", _smollm2)
