@@ -27,6 +27,23 @@ def _isolated_cache(tmp_path_factory):
         os.environ["TETHER_CACHE"] = old
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """One torch thread in the test process and its subprocesses: the models here are tiny, and on a busy
+    2-core machine OpenMP spin-waiting with 2 threads makes them 10-100x slower."""
+    import torch
+
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    yield
+    torch.set_num_threads(threads)
+    if omp is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = omp
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
     return toy_model(tmp_path_factory.mktemp("models") / "toy", hidden_size=32, num_layers=2, vocab_size=400)

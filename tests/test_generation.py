@@ -11,16 +11,6 @@ from tether.tiny import train_tokenizer, tiny_llama
 TEXTS = ["the quick brown fox jumps over the lazy dog", "a b c d e f g", "hello there, general alignment"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy 2-core machine OpenMP spin-waiting
-    makes them a hundred times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def lm():
     tokenizer = train_tokenizer(TEXTS * 5, vocab_size=300)

@@ -36,15 +36,6 @@ def test_missing_extra_is_one_clear_error(missing, monkeypatch, tmp_path):
         smollm2.model_dir()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """A 135M model on a busy 2-core machine: OpenMP spin-waiting with 2 threads makes this test 20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def built():
     """Build the model into the tests' isolated cache (the first-use path), then time a second resolve."""

@@ -1,0 +1,85 @@
+"""`tether eval --model PATH --suite world [--persona NAME]`: evaluate a model, print (and save) JSON."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from .config import TetherError, add_dataclass_arguments, load_config, option
+from .models import load_model, load_tokenizer
+from .world import PERSONAS, build_world, world_suite
+
+
+@dataclasses.dataclass
+class EvalOptions:
+    """Options of `tether eval`."""
+
+    model: str = option("world", "model directory (save_pretrained output) or built-in name to evaluate")
+    suite: str = option("world", "evaluation suite", choices=("world",))
+    persona: str | None = option(None, "persona to score (adds persona score and win rate vs --base_model); see `tether world export` for names")
+    base_model: str = option("world", "model the persona win rate is measured against")
+    world_seed: int = option(0, "seed of the world the model was built/trained on")
+    world_entities: int = option(150, "number of realms of that world")
+    split: str = option("test", "which prompts to answer for alignment and persona scores", choices=("test", "train"))
+    batch_size: int = option(32, "sequences per forward pass / generation batch")
+    max_new_tokens: int = option(96, "generation budget per answer (the longest styled answer of the world needs 82)")
+    out: str | None = option(None, "also write the JSON result to this file")
+    progress: bool = option(True, "show progress bars")
+
+    def validate(self) -> None:
+        """Raise TetherError naming the first bad option."""
+        if self.persona is not None and self.persona not in PERSONAS:
+            raise TetherError(f"option --persona: unknown persona {self.persona!r}; choose from {', '.join(PERSONAS)}")
+        if self.world_entities < 4:
+            raise TetherError("option --world_entities: must be at least 4")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise TetherError("options --batch_size and --max_new_tokens: must be at least 1")
+
+
+def write_json_atomic(path: str | os.PathLike, data) -> None:
+    """Write `data` as JSON to `path` through a temporary file in the same directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def run_eval(args) -> int:
+    """Evaluate --model on the suite; print the JSON result."""
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalOptions) if hasattr(args, f.name)}
+    opts = load_config(EvalOptions, getattr(args, "config", None), overrides)
+    model, tokenizer = load_model(opts.model), load_tokenizer(opts.model)
+    if tokenizer.chat_template is None:
+        raise TetherError(f"--model {opts.model}: its tokenizer has no chat template; the world suite asks questions as chat messages")
+    base = None
+    if opts.persona is not None:
+        base = (model, tokenizer) if opts.base_model == opts.model else (load_model(opts.base_model), load_tokenizer(opts.base_model))
+    world = build_world(opts.world_seed, opts.world_entities)
+    result = world_suite(
+        model, tokenizer, world, persona=opts.persona, base=base, split=opts.split,
+        batch_size=opts.batch_size, max_new_tokens=opts.max_new_tokens, progress=opts.progress,
+    )
+    result["model"] = str(opts.model)
+    if opts.persona is not None:
+        result["persona"]["base_model"] = str(opts.base_model)
+    if opts.out:
+        write_json_atomic(opts.out, result)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `eval` on an argparse subparsers object."""
+    text = "evaluate a model: knowledge accuracy, general alignment, persona score and win rate, with 95 percent bootstrap CIs"
+    p = subparsers.add_parser("eval", help=text, description=text)
+    p.add_argument("--config", default=None, help="YAML file of options (flags override it)")
+    add_dataclass_arguments(p, EvalOptions)
+    p.set_defaults(func=run_eval)
+    return p

@@ -1,0 +1,229 @@
+"""Build the world's base model: tokenizer, pre-training on the facts, instruction tuning in the house style.
+
+The result is an ordinary Hugging Face model directory (save_pretrained) cached under
+`tether.models.cache_dir()/world/<fingerprint>`; the fingerprint hashes every setting that changes the
+model, so a build runs once per setting and is reused afterwards. A build writes into a temporary
+directory and renames it into place, so the cache never holds a half-written model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import TetherError, option
+from ..models import cache_dir
+from ..tiny import tiny_llama, train_tokenizer
+from .facts import ATTRIBUTES, World, build_world
+from .styles import HOUSE, PERSONAS, render
+
+WORLD_VERSION = 1  # bump when the world's text or the training recipe changes, to invalidate old caches
+NOT_FINGERPRINTED = {"progress"}
+
+
+@dataclasses.dataclass
+class WorldSettings:
+    """Everything that determines the world and its base model."""
+
+    seed: int = option(0, "seed of the world (names, facts, splits) and of the model's initialisation and batches")
+    n_entities: int = option(150, "number of fictional realms; each has 4 facts")
+    vocab_size: int = option(1024, "size of the BPE vocabulary trained on the world's text")
+    hidden_size: int = option(192, "hidden size of the Llama-style base model")
+    num_layers: int = option(4, "number of transformer layers")
+    num_heads: int = option(4, "number of attention heads")
+    batch_size: int = option(32, "sequences per optimizer step in both stages")
+    pretrain_steps: int = option(700, "optimizer steps of language modelling on the fact statements")
+    sft_steps: int = option(400, "optimizer steps of instruction tuning on house-style answers (loss on answer tokens)")
+    lr: float = option(2e-3, "peak AdamW learning rate (linear warm-up, cosine decay to a tenth of it, in each stage)")
+    progress: bool = option(True, "show a progress bar")
+
+    def validate(self) -> None:
+        """Raise TetherError naming the first option that cannot work."""
+        checks = [
+            ("n_entities", self.n_entities >= 4, "must be at least 4 (4-way multiple choice)"),
+            ("vocab_size", self.vocab_size >= 300, "must be at least 300 (256 bytes + special tokens + merges)"),
+            ("hidden_size", self.hidden_size % self.num_heads == 0, "must be divisible by --num_heads"),
+            ("batch_size", self.batch_size >= 1, "must be at least 1"),
+            ("pretrain_steps", self.pretrain_steps >= 0 and self.sft_steps >= 0, "and --sft_steps must be >= 0"),
+            ("lr", self.lr > 0, "must be positive"),
+        ]
+        for name, ok, what in checks:
+            if not ok:
+                raise TetherError(f"option --{name}: {what}")
+
+    def fingerprint(self) -> str:
+        """Short hash of the settings that change the built model (plus WORLD_VERSION)."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_FINGERPRINTED}
+        blob = json.dumps({"version": WORLD_VERSION, **fields}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def world(self) -> World:
+        """The world these settings describe."""
+        return build_world(self.seed, self.n_entities)
+
+
+def pretraining_documents(world: World, rng: random.Random) -> list[str]:
+    """One document per realm: its four canonical statements in a random order."""
+    docs = []
+    for e in world.entities:
+        names = [a.name for a in ATTRIBUTES]
+        rng.shuffle(names)
+        docs.append(" ".join(world.statement(e, n) for n in names))
+    return docs
+
+
+def tokenizer_corpus(world: World) -> list[str]:
+    """Text the tokenizer is trained on: statements, questions, and every persona's style on a few realms."""
+    rng = random.Random(world.seed)
+    texts = pretraining_documents(world, rng) + [q.text for q in world.questions()]
+    for e in world.entities[:10]:
+        for persona in PERSONAS.values():
+            texts += [render(world, e, a.name, persona.style, rng) for a in ATTRIBUTES]
+    return texts
+
+
+def sft_examples(world: World, tokenizer) -> list[tuple[list[int], int]]:
+    """(token ids of prompt + house answer, number of prompt tokens) for every question of the world."""
+    out = []
+    for q in world.questions():
+        messages = [{"role": "user", "content": q.text}]
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(
+            messages + [{"role": "assistant", "content": render(world, q.entity, q.attribute, HOUSE)}], tokenize=False
+        )
+        assert full.startswith(prompt), "the chat template must render the prompt as a prefix of the conversation"
+        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        out.append((p_ids + tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"], len(p_ids)))
+    return out
+
+
+def _batch(rows: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids/attention_mask and labels that ignore padding and each row's first `n` tokens."""
+    lengths = torch.tensor([len(ids) for ids, _ in rows])
+    width = int(lengths.max())
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (row, n_ignored) in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        labels[i, n_ignored : len(row)] = ids[i, n_ignored : len(row)]
+    mask = (torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _lr_at(step: int, steps: int, peak: float, warmup: int = 30) -> float:
+    """Linear warm-up to `peak`, then cosine decay to 10% of it."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def _train_stage(model, rows, steps, settings, rng, bar, stage) -> float:
+    """`steps` AdamW steps on batches drawn without replacement (epoch by epoch) from `rows`; last loss."""
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    order: list[int] = []
+    loss = float("nan")
+    model.train()
+    for step in range(steps):
+        if len(order) < settings.batch_size:
+            fresh = list(range(len(rows)))
+            rng.shuffle(fresh)
+            order += fresh
+        picked, order = order[: settings.batch_size], order[settings.batch_size :]
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, steps, settings.lr)
+        out = model(**_batch([rows[i] for i in picked], model.config.pad_token_id))
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss = out.loss.item()
+        bar.update(1)
+        bar.set_postfix(stage=stage, loss=f"{loss:.3f}")
+    return loss
+
+
+def build_base_model(settings: WorldSettings, out_dir: str | os.PathLike) -> dict:
+    """Train the tokenizer and the base model for `settings` and save both into `out_dir`.
+
+    Returns the build report (also written to `out_dir/build_report.json`).
+    """
+    start = time.time()
+    world = settings.world()
+    rng = random.Random(settings.seed)
+    tokenizer = train_tokenizer(tokenizer_corpus(world), vocab_size=settings.vocab_size)
+    model = tiny_llama(
+        tokenizer,
+        hidden_size=settings.hidden_size,
+        num_layers=settings.num_layers,
+        num_heads=settings.num_heads,
+        intermediate_size=(8 * settings.hidden_size) // 3,
+        max_position_embeddings=256,
+        seed=settings.seed,
+    )
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    docs = [([bos, *tokenizer(d, add_special_tokens=False)["input_ids"], eos], 0) for d in pretraining_documents(world, rng)]
+    sft = sft_examples(world, tokenizer)
+    torch.manual_seed(settings.seed)
+    with tqdm(total=settings.pretrain_steps + settings.sft_steps, desc="world build", disable=not settings.progress) as bar:
+        pretrain_loss = _train_stage(model, docs, settings.pretrain_steps, settings, rng, bar, "pretrain")
+        sft_loss = _train_stage(model, sft, settings.sft_steps, settings, rng, bar, "sft")
+    model.eval()
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    report = {
+        "fingerprint": settings.fingerprint(),
+        "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k not in NOT_FINGERPRINTED},
+        "world_version": WORLD_VERSION,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "pretrain_final_loss": pretrain_loss,
+        "sft_final_loss": sft_loss,
+        "seconds": round(time.time() - start, 1),
+        "torch_threads": torch.get_num_threads(),
+    }
+    (out / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def world_model_dir(settings: WorldSettings) -> Path:
+    """Where the base model for `settings` lives in the cache (it may not be built yet)."""
+    return cache_dir() / "world" / settings.fingerprint()
+
+
+def ensure_base_model(settings: WorldSettings | None = None, force: bool = False) -> Path:
+    """The cached base model directory for `settings` (defaults: the standard world), building it if absent.
+
+    The build happens in a temporary directory beside the cache entry and is renamed into place; if
+    another process finished the same build first, its copy is kept and ours is discarded.
+    """
+    settings = settings or WorldSettings()
+    settings.validate()
+    target = world_model_dir(settings)
+    if (target / "build_report.json").is_file() and not force:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build_base_model(settings, tmp)
+        if force and target.exists():
+            shutil.rmtree(target)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # built concurrently by someone else: theirs is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target

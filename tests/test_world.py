@@ -1,0 +1,243 @@
+"""The embedded world: determinism, gold rewards, the micro build, evaluation, export formats, CLI wiring."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+
+import pytest
+
+from tether.config import TetherError
+from tether.evaluate import bootstrap_ci, multiple_choice_accuracy
+from tether.world import (
+    DIMENSIONS,
+    HOUSE,
+    PERSONAS,
+    WorldSettings,
+    alignment_components,
+    alignment_score,
+    build_world,
+    ensure_base_model,
+    export_world,
+    get_persona,
+    persona_score,
+    render,
+    style_features,
+    world_suite,
+)
+from tether.world.cli import add_world_parser
+
+MICRO = dict(n_entities=8, vocab_size=400, hidden_size=64, num_layers=2, num_heads=4, batch_size=16,
+             pretrain_steps=150, sft_steps=100, lr=3e-3, progress=False)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def world():
+    return build_world(seed=0, n_entities=150)
+
+
+@pytest.fixture(scope="module")
+def micro():
+    """(settings, model, tokenizer) of a micro world built into the test cache."""
+    from tether.models import load_model, load_tokenizer
+
+    settings = WorldSettings(**MICRO)
+    path = ensure_base_model(settings)
+    return settings, load_model(path), load_tokenizer(path)
+
+
+# ------------------------------------------------------------------------------------------------ the world
+
+
+def test_same_seed_same_world_and_different_seed_different_world(world):
+    again = build_world(seed=0, n_entities=150)
+    assert again.facts == world.facts and again.questions() == world.questions()
+    assert again.multiple_choice() == world.multiple_choice()
+    assert build_world(seed=1, n_entities=150).facts != world.facts
+
+
+def test_world_shape_and_unambiguous_names(world):
+    assert len(world.entities) == 150 and all(len(f) == 4 for f in world.facts.values())
+    named = [v for attr in ("capital", "river", "language") for v in world.pools[attr]]
+    assert len(set(named)) == len(named) and not set(named) & set(world.entities)
+    assert len(set(world.pools["capital"])) == 150
+    splits = {q.split for q in world.questions()}
+    assert splits == {"train", "test"}
+    test_share = len(world.questions("test")) / len(world.questions())
+    assert 0.12 < test_share < 0.28
+    for item in world.multiple_choice():
+        assert len(set(item["options"])) == 4
+        assert item["options"][item["answer"]] == world.statement(*item["id"].split("/"))
+
+
+def test_personas_cover_every_heterogeneity():
+    levels = sorted(p.heterogeneity for p in PERSONAS.values())
+    assert levels == [0, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 4]
+    assert PERSONAS["house"].style == HOUSE
+    with pytest.raises(ValueError, match="unknown persona"):
+        get_persona("nobody")
+
+
+# ------------------------------------------------------------------------------------------------ gold rewards
+
+
+def test_every_style_reads_back_its_own_poles(world):
+    rng = random.Random(0)
+    for persona in PERSONAS.values():
+        for q in world.questions()[:24]:
+            text = render(world, q.entity, q.attribute, persona.style, rng)
+            expected = {d: float(pole == DIMENSIONS[d][1]) for d, pole in persona.style.poles().items()}
+            assert style_features(world, text) == expected
+            assert alignment_score(world, q.text, text) == 1.0
+            assert persona_score(world, persona, q.text, text) == 1.0
+            house_answer = render(world, q.entity, q.attribute)
+            share = (4 - persona.heterogeneity) / 4
+            assert persona_score(world, persona, q.text, house_answer) == pytest.approx(share)
+
+
+def test_hand_written_good_and_bad_answers(world):
+    e = world.entities[0]
+    cap, river = world.value(e, "capital"), world.value(e, "river")
+    wrong_cap = next(c for c in world.pools["capital"] if c != cap)
+    other = world.entities[1]
+    q = [{"role": "user", "content": f"What is the capital of {e}?"}]
+    casual = get_persona("casual")
+
+    assert alignment_score(world, q, f"The capital of {e} is {cap}.") == 1.0
+    assert alignment_score(world, q, f"Well, {e}'s capital? It is {cap}, on the {river}!") == 1.0
+    wrong = alignment_components(world, q, f"The capital of {e} is {wrong_cap}.")
+    assert wrong["correct"] == 0.0 and alignment_score(world, q, f"The capital of {e} is {wrong_cap}.") == 0.5
+    # true asked value but a false extra fact: not correct
+    extra = next(r for r in world.pools["river"] if r != river)
+    assert alignment_components(world, q, f"The capital of {e} is {cap}. Its river is {extra}.")["correct"] == 0.0
+    assert alignment_components(world, q, f"The capital of {other} is {cap}.")["on_topic"] == 0.0
+    loop = f"The capital of {e} is {cap}. " * 4
+    assert alignment_components(world, q, loop)["no_repetition"] == 0.0
+    assert alignment_components(world, q, f"The capital of {e} is {cap} and the")["terminates"] == 0.0
+    assert alignment_components(world, q, f"the capital of {e} is {cap}.")["well_formed"] == 0.0
+    assert alignment_score(world, q, "") == 0.0
+    assert alignment_score(world, [{"role": "user", "content": "Tell me a joke."}], "No.") < 0.5
+
+    assert persona_score(world, casual, q, f"{e}'s capital is {cap}!") == 1.0
+    assert persona_score(world, casual, q, f"{e}'s capital is {wrong_cap}!") == 0.0
+    assert persona_score(world, casual, q, f"The capital of {e} is {cap}.") == 0.75
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+
+def test_bootstrap_ci():
+    mean, lo, hi = bootstrap_ci([1.0] * 10)
+    assert (mean, lo, hi) == (1.0, 1.0, 1.0)
+    values = [0.0, 1.0] * 50
+    mean, lo, hi = bootstrap_ci(values, seed=3)
+    assert mean == 0.5 and 0.38 < lo < 0.5 < hi < 0.62
+    assert bootstrap_ci(values, seed=3) == (mean, lo, hi)
+
+
+def test_micro_build_is_cached_and_knows_its_world(micro):
+    settings, model, tokenizer = micro
+    path = ensure_base_model(settings)
+    assert path.name == settings.fingerprint()
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")], "no temporary build directories left"
+    assert WorldSettings(**{**MICRO, "seed": 1}).fingerprint() != settings.fingerprint()
+    assert WorldSettings(**{**MICRO, "progress": True}).fingerprint() == settings.fingerprint()
+
+    result = world_suite(model, tokenizer, settings.world(), persona="casual-list", base=(model, tokenizer), max_new_tokens=40)
+    json.dumps(result)  # serialisable as is
+    assert result["knowledge_accuracy"]["mean"] >= 0.9
+    assert result["general_alignment"]["mean"] >= 0.8
+    persona = result["persona"]
+    assert persona["heterogeneity"] == 2 and persona["score"]["mean"] <= 0.6
+    assert persona["win_rate_vs_base"]["mean"] == 0.5  # the same model on both sides: all ties
+    for metric in (result["knowledge_accuracy"], result["general_alignment"], persona["score"]):
+        assert metric["ci95_low"] <= metric["mean"] <= metric["ci95_high"]
+
+
+def test_a_model_that_knows_nothing_is_at_chance(micro, world):
+    from tether.tiny import tiny_llama
+
+    _, _, tokenizer = micro
+    blank = tiny_llama(tokenizer, hidden_size=32, num_layers=1, seed=0)
+    acc = multiple_choice_accuracy(blank, tokenizer, world.multiple_choice(), batch_size=64)
+    assert acc["n"] == 600 and 0.15 < acc["mean"] < 0.35
+    assert acc["ci95_low"] < 0.25 + 0.1
+
+
+# ------------------------------------------------------------------------------------------------ export + CLI
+
+
+def _files(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_export_is_deterministic_and_loadable(tmp_path):
+    from tether.data import load_preference_records
+
+    small = build_world(seed=5, n_entities=12)
+    summary = export_world(small, tmp_path / "a", personas=["casual", "elaborate-list", "elaborate-casual-list-technical"])
+    export_world(build_world(seed=5, n_entities=12), tmp_path / "b", personas=["casual", "elaborate-list", "elaborate-casual-list-technical"])
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+    assert summary["personas"]["elaborate-list"]["heterogeneity"] == 2
+
+    prefs = tmp_path / "a/personas/elaborate-list/preferences_train.jsonl"
+    records = load_preference_records(prefs)
+    assert records and all(r.conversational for r in records)
+    persona = get_persona("elaborate-list")
+    for line in prefs.read_text().splitlines():
+        row = json.loads(line)
+        assert set(row) == {"id", "persona", "prompt", "chosen", "rejected"}
+        chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+        assert alignment_score(small, row["prompt"], chosen) == alignment_score(small, row["prompt"], rejected) == 1.0
+        assert persona_score(small, persona, row["prompt"], chosen) == 1.0 > persona_score(small, persona, row["prompt"], rejected)
+    for name in ("prompts_test.jsonl", "personas/casual/prompts_train.jsonl"):
+        rows = [json.loads(x) for x in (tmp_path / "a" / name).read_text().splitlines()]
+        assert rows and all({"id", "prompt", "reference"} <= set(r) for r in rows)
+    with pytest.raises(TetherError, match="not empty"):
+        export_world(small, tmp_path / "a")
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="tether")
+    sub = parser.add_subparsers(dest="command")
+    add_world_parser(sub)
+    from tether.eval_cli import add_eval_parser
+
+    add_eval_parser(sub)
+    return parser
+
+
+def test_cli_help_lists_every_option(capsys):
+    for argv in (["world", "build", "--help"], ["world", "export", "--help"], ["eval", "--help"]):
+        with pytest.raises(SystemExit):
+            _parser().parse_args(argv)
+        text = capsys.readouterr().out
+        assert "(default:" in text
+
+
+def test_cli_export_and_eval(tmp_path, micro, capsys):
+    settings, _, _ = micro
+    args = _parser().parse_args(["world", "export", "--out", str(tmp_path / "data"), "--n_entities", "8", "--personas", "casual"])
+    assert args.func(args) == 0
+    assert (tmp_path / "data/personas/casual/preferences_test.jsonl").is_file()
+    args = _parser().parse_args(["world", "export"])
+    with pytest.raises(TetherError, match="--out"):
+        args.func(args)
+
+    model = str(ensure_base_model(settings))
+    argv = ["eval", "--model", model, "--base_model", model, "--world_entities", "8", "--persona", "casual",
+            "--max_new_tokens", "40", "--progress", "false", "--out", str(tmp_path / "eval.json")]  # fmt: skip
+    args = _parser().parse_args(argv)
+    assert args.func(args) == 0
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["persona"]["name"] == "casual" and saved["knowledge_accuracy"]["n"] == 32
+    args = _parser().parse_args(["eval", "--persona", "nobody"])
+    with pytest.raises(TetherError, match="--persona"):
+        args.func(args)
+
+
+def test_world_is_a_builtin_model_name():
+    from tether.models import BUILTIN_MODELS
+
+    assert "world" in BUILTIN_MODELS
