@@ -1,0 +1,160 @@
+"""`tether study bapo`: does personalizing with DPO-family losses make the embedded world's base model forget,
+more so as the persona moves away from the house style, and does BAPO's anchor prevent it?
+
+Protocol: for each heterogeneity level (a persona 1, 2, 3 (, 4) style dimensions away from the house style),
+each method and each seed, fine-tune the world's base model on that persona's preference pairs with the
+same steps, batch and learning rate, then measure on held-out prompts: knowledge accuracy (multiple choice
+over every fact), general alignment (gold score of greedy answers), persona score, and win rate against the
+base model's own answers. The DPO-family baselines run as BAPO with λ = 0 — identical to plain DPO (a test
+checks it) — so that log π_θ of the base responses is logged for them too (the mechanism figure).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..config import load_config
+from ..evaluate import multiple_choice_correct, score_responses, win_rates
+from ..generation import generate
+from ..models import load_model, load_tokenizer
+from ..train import TrainConfig, train
+from .common import StudyResults, summarize_runs, write_atomic
+from .report_bapo import claims, figures, report
+
+log = logging.getLogger("tether")
+
+# the personas form a chain: each level adds one more dimension away from the house style
+PERSONA_BY_LEVEL = {1: "casual", 2: "casual-list", 3: "elaborate-casual-list", 4: "elaborate-casual-list-technical"}
+METHODS = {
+    "dpo": dict(loss="dpo", anchor_weight=0.0),
+    "ipo": dict(loss="ipo", anchor_weight=0.0),
+    "slic": dict(loss="slic", anchor_weight=0.0),
+    "dpo+nll": dict(loss="dpo", anchor_weight=0.0, nll_weight=1.0),
+    "bapo": dict(loss="dpo"),  # anchor_weight from the protocol
+}
+METRICS = ("knowledge", "knowledge_retained", "alignment", "alignment_retained", "persona_score", "win_rate")
+
+
+@dataclass
+class BapoProtocol:
+    mode: str = "quick"
+    levels: list[int] = field(default_factory=lambda: [1, 2, 3])
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    seeds: list[int] = field(default_factory=lambda: [0])
+    steps: int = 60
+    batch_size: int = 16
+    learning_rate: float = 3e-4
+    beta: float = 0.1
+    anchor_weight: float = 1.0
+    base_max_new_tokens: int = 96
+    eval_max_new_tokens: int = 96
+    world: dict = field(default_factory=dict)  # WorldSettings overrides (the default world when empty)
+
+    @classmethod
+    def for_mode(cls, quick: bool) -> BapoProtocol:
+        if quick:
+            return cls()
+        return cls(mode="full", levels=[1, 2, 3, 4], seeds=[0, 1, 2], steps=120)
+
+
+def _world_data(out: Path, protocol: BapoProtocol):
+    from ..world import ensure_base_model, export_world
+    from ..world.build import WorldSettings
+
+    settings = WorldSettings(**{**protocol.world, "progress": True})
+    base_dir = ensure_base_model(settings)
+    world = settings.world()
+    data = out / "data"
+    if not (data / "world.json").exists():
+        export_world(world, data, personas=[PERSONA_BY_LEVEL[lv] for lv in protocol.levels], overwrite=True)
+    return world, base_dir, data
+
+
+def _evaluate(model_dir, world, persona: str | None, base_answers: list[str] | None, protocol) -> tuple[dict, list[str]]:
+    """Knowledge, alignment, and (with a persona) persona score and win rate vs the base's answers."""
+    from ..world.evaluation import prompts_of
+    from ..world.rewards import alignment_score, persona_score
+    from ..world.styles import get_persona
+
+    model, tok = load_model(model_dir).eval(), load_tokenizer(model_dir)
+    knowledge = multiple_choice_correct(model, tok, world.multiple_choice(), batch_size=64)
+    prompts = prompts_of(world, "test")
+    answers = generate(model, tok, prompts, max_new_tokens=protocol.eval_max_new_tokens, batch_size=64)
+    aligned = score_responses(partial(alignment_score, world), prompts, answers)
+    out = {"knowledge": sum(knowledge) / len(knowledge), "alignment": sum(aligned) / len(aligned)}
+    if persona is not None:
+        scorer = partial(persona_score, world, get_persona(persona))
+        mine = score_responses(scorer, prompts, answers)
+        out["persona_score"] = sum(mine) / len(mine)
+        if base_answers is not None:
+            theirs = score_responses(scorer, prompts, base_answers)
+            out["base_persona_score"] = sum(theirs) / len(theirs)
+            out["win_rate"] = sum(win_rates(mine, theirs)) / len(mine)
+        out["sample"] = {"prompt": prompts[0][-1]["content"], "response": answers[0]}
+    return out, answers
+
+
+def run_study(quick: bool = True, out: str | Path = "out/study-bapo", protocol: BapoProtocol | None = None) -> dict:
+    """Run (or resume) the study; write results.json, figures and report.md into `out`."""
+    protocol = protocol or BapoProtocol.for_mode(quick)
+    out = Path(out)
+    t_start = time.perf_counter()
+    results = StudyResults(out, "bapo", asdict(protocol))
+    world, base_dir, data = _world_data(out, protocol)
+
+    base_file = out / "base_eval.json"
+    if base_file.exists():
+        base = json.loads(base_file.read_text())
+    else:
+        metrics, answers = _evaluate(base_dir, world, None, None, protocol)
+        base = {"metrics": metrics, "answers": answers}
+        write_atomic(base_file, json.dumps(base))
+
+    settings = [(lv, m, s) for lv in protocol.levels for m in protocol.methods for s in protocol.seeds]
+    bar = tqdm(settings, desc="study bapo", unit="run")
+    for level, method, seed in bar:
+        if results.find(level=level, method=method, seed=seed):
+            continue
+        bar.set_postfix_str(f"level {level} {method} seed {seed}")
+        persona = PERSONA_BY_LEVEL[level]
+        run_dir = out / "runs" / f"h{level}-{method}-s{seed}"
+        shutil.rmtree(run_dir, ignore_errors=True)  # a run killed midway starts over
+        overrides = {"anchor_weight": protocol.anchor_weight, **METHODS[method]}
+        cfg = load_config(TrainConfig, None, dict(
+            model=str(base_dir), train_file=str(data / "personas" / persona / "preferences_train.jsonl"),
+            output_dir=str(run_dir), method="bapo", beta=protocol.beta, learning_rate=protocol.learning_rate,
+            max_steps=protocol.steps, batch_size=protocol.batch_size, seed=seed, warmup_steps=0,
+            lr_scheduler="linear", save_steps=0, progress=False, eval_batch_size=64,
+            base_max_new_tokens=protocol.base_max_new_tokens, ref_cache_dir=str(out / "cache" / "reflogps"),
+            max_length=256, max_prompt_length=64, **overrides,
+        ))
+        t0 = time.perf_counter()
+        train(cfg)
+        metrics, _ = _evaluate(run_dir / "final", world, persona, base["answers"], protocol)
+        shutil.rmtree(run_dir / "final")  # the study keeps metrics, not models
+        metrics["knowledge_retained"] = metrics["knowledge"] / base["metrics"]["knowledge"]
+        metrics["alignment_retained"] = metrics["alignment"] / base["metrics"]["alignment"]
+        trace = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        results.add({
+            "level": level, "persona": persona, "method": method, "seed": seed, **metrics,
+            "seconds": round(time.perf_counter() - t0, 1),
+            "trace": {k: [row[k] for row in trace] for k in ("step", "loss", "logps_chosen", "logps_rejected", "logps_base")},
+        })
+
+    runs = results.data["runs"]
+    results.data["base"] = base["metrics"]
+    results.data["summary"] = summarize_runs(runs, ("level", "method"), METRICS)
+    results.data["claims"] = claims(results.data["summary"], protocol)
+    results.data["wall_seconds_this_invocation"] = round(time.perf_counter() - t_start, 1)
+    results.save()
+    figures(results.data, out)
+    write_atomic(out / "report.md", report(results.data))
+    return results.data

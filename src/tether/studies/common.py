@@ -1,0 +1,72 @@
+"""What every study shares: results.json written atomically and resumably, summaries with bootstrap CIs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..config import TetherError
+from ..evaluate import summarize
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class StudyResults:
+    """results.json of a study: `study`, `protocol` (written before the first run), `runs` (one object per
+    (setting, seed), appended as each finishes, so an interrupted study resumes where it stopped),
+    `summary` and `claims` (written at the end)."""
+
+    def __init__(self, out: Path, study: str, protocol: dict):
+        self.path = out / "results.json"
+        out.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            data = json.loads(self.path.read_text())
+            if data.get("protocol") != protocol:
+                raise TetherError(
+                    f"{self.path}: holds a study with another protocol; use another --out or delete the directory"
+                )
+            self.data = data
+        else:
+            self.data = {"study": study, "protocol": protocol, "runs": [], "summary": [], "claims": []}
+            self.save()
+
+    def save(self) -> None:
+        write_atomic(self.path, json.dumps(self.data, indent=1))
+
+    def find(self, **setting) -> dict | None:
+        return next((r for r in self.data["runs"] if all(r.get(k) == v for k, v in setting.items())), None)
+
+    def add(self, run: dict) -> None:
+        self.data["runs"].append(run)
+        self.save()
+
+
+def summarize_runs(runs: list[dict], by: tuple[str, ...], metrics: tuple[str, ...]) -> list[dict]:
+    """One row per setting (the values of `by`): mean and 95% percentile-bootstrap CI over seeds per metric."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(tuple(run[k] for k in by), []).append(run)
+    rows = []
+    for key, members in groups.items():
+        row = dict(zip(by, key))
+        row["seeds"] = sorted(r["seed"] for r in members)
+        for m in metrics:
+            values = [r[m] for r in members if r.get(m) is not None]
+            if values:
+                row[m] = summarize(values)
+        rows.append(row)
+    return rows
+
+
+def fmt(cell: dict | None, scale: float = 1.0, digits: int = 1) -> str:
+    """'mean [lo, hi]' of a summary cell (one seed: just the mean)."""
+    if not cell:
+        return "—"
+    if cell["n"] < 2:
+        return f"{cell['mean'] * scale:.{digits}f}"
+    return f"{cell['mean'] * scale:.{digits}f} [{cell['ci95_low'] * scale:.{digits}f}, {cell['ci95_high'] * scale:.{digits}f}]"
