@@ -5,11 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import tempfile
-from pathlib import Path
 
 from .config import TetherError, add_dataclass_arguments, load_config, option
+from .files import write_text_atomic
 from .models import load_model, load_tokenizer
 from .world import PERSONAS, build_world, world_suite
 
@@ -19,7 +17,10 @@ class EvalOptions:
     """Options of `tether eval`."""
 
     model: str = option("world", "model directory (save_pretrained output) or built-in name to evaluate")
-    suite: str = option("world", "evaluation suite", choices=("world",))
+    suite: str = option(
+        "world", "world = the embedded world's suite; knowledge = the general-knowledge probe (399 questions)",
+        choices=("world", "knowledge"),
+    )
     persona: str | None = option(None, "persona to score (adds persona score and win rate vs --base_model); see `tether world export` for names")
     base_model: str = option("world", "model the persona win rate is measured against")
     world_seed: int = option(0, "seed of the world the model was built/trained on")
@@ -40,24 +41,17 @@ class EvalOptions:
             raise TetherError("options --batch_size and --max_new_tokens: must be at least 1")
 
 
-def write_json_atomic(path: str | os.PathLike, data) -> None:
-    """Write `data` as JSON to `path` through a temporary file in the same directory."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def run_eval(args) -> int:
     """Evaluate --model on the suite; print the JSON result."""
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalOptions) if hasattr(args, f.name)}
     opts = load_config(EvalOptions, getattr(args, "config", None), overrides)
     model, tokenizer = load_model(opts.model), load_tokenizer(opts.model)
     if tokenizer.chat_template is None:
-        raise TetherError(f"--model {opts.model}: its tokenizer has no chat template; the world suite asks questions as chat messages")
+        raise TetherError(f"--model {opts.model}: its tokenizer has no chat template; the suites ask questions as chat messages")
+    if opts.suite == "knowledge":
+        from .probes import knowledge_accuracy
+
+        return _emit({"suite": "knowledge", "model": str(opts.model), **knowledge_accuracy(model, tokenizer, opts.batch_size)}, opts)
     base = None
     if opts.persona is not None:
         base = (model, tokenizer) if opts.base_model == opts.model else (load_model(opts.base_model), load_tokenizer(opts.base_model))
@@ -69,8 +63,12 @@ def run_eval(args) -> int:
     result["model"] = str(opts.model)
     if opts.persona is not None:
         result["persona"]["base_model"] = str(opts.base_model)
+    return _emit(result, opts)
+
+
+def _emit(result: dict, opts) -> int:
     if opts.out:
-        write_json_atomic(opts.out, result)
+        write_text_atomic(opts.out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0
 

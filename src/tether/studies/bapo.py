@@ -26,7 +26,8 @@ from ..evaluate import multiple_choice_correct, score_responses, win_rates
 from ..generation import generate
 from ..models import load_model, load_tokenizer
 from ..train import TrainConfig, train
-from .common import StudyResults, summarize_runs, write_atomic
+from ..files import write_text_atomic
+from .common import StudyResults, summarize_runs
 from .report_bapo import claims, figures, report
 
 log = logging.getLogger("tether")
@@ -116,7 +117,7 @@ def run_study(quick: bool = True, out: str | Path = "out/study-bapo", protocol: 
     else:
         metrics, answers = _evaluate(base_dir, world, None, None, protocol)
         base = {"metrics": metrics, "answers": answers}
-        write_atomic(base_file, json.dumps(base))
+        write_text_atomic(base_file, json.dumps(base))
 
     settings = [(lv, m, s) for lv in protocol.levels for m in protocol.methods for s in protocol.seeds]
     bar = tqdm(settings, desc="study bapo", unit="run")
@@ -133,7 +134,7 @@ def run_study(quick: bool = True, out: str | Path = "out/study-bapo", protocol: 
             output_dir=str(run_dir), method="bapo", beta=protocol.beta, learning_rate=protocol.learning_rate,
             max_steps=protocol.steps, batch_size=protocol.batch_size, seed=seed, warmup_steps=0,
             lr_scheduler="linear", save_steps=0, progress=False, eval_batch_size=64,
-            base_max_new_tokens=protocol.base_max_new_tokens, ref_cache_dir=str(out / "cache" / "reflogps"),
+            base_max_new_tokens=protocol.base_max_new_tokens,
             max_length=256, max_prompt_length=64, **overrides,
         ))
         t0 = time.perf_counter()
@@ -156,5 +157,46 @@ def run_study(quick: bool = True, out: str | Path = "out/study-bapo", protocol: 
     results.data["wall_seconds_this_invocation"] = round(time.perf_counter() - t_start, 1)
     results.save()
     figures(results.data, out)
-    write_atomic(out / "report.md", report(results.data))
+    write_text_atomic(out / "report.md", report(results.data))
     return results.data
+
+
+PILOT_LEARNING_RATES = (3e-5, 1e-4, 3e-4)
+PILOT_ANCHOR_WEIGHTS = (0.1, 1.0, 10.0)
+
+
+def run_pilot(out: str | Path = "out/study-bapo-pilot") -> dict:
+    """How the protocol's learning rate and BAPO's default λ were chosen, on a tuning seed (100) that no study
+    uses, at heterogeneity 2, with the quick protocol otherwise:
+    1. learning rate: the one of PILOT_LEARNING_RATES at which DPO reaches the highest persona score
+       (a choice about the baseline personalizing, blind to forgetting);
+    2. λ: among PILOT_ANCHOR_WEIGHTS at that learning rate, the smallest whose general alignment retained is
+       ≥ 0.95 (else the one retaining most).
+    Writes pilot.json and pilot.md into `out` and returns the choices with every pilot run."""
+    out = Path(out)
+    base = BapoProtocol(levels=[2], seeds=[100])
+    rows = []
+    for lr in PILOT_LEARNING_RATES:
+        proto = BapoProtocol(**{**asdict(base), "learning_rate": lr, "methods": ["dpo"]})
+        rows += [{"sweep": "learning_rate", "value": lr, **_pilot_metrics(run_study(out=out / f"lr{lr:g}", protocol=proto))}]
+    best_lr = max((r for r in rows if r["sweep"] == "learning_rate"), key=lambda r: r["persona_score"])["value"]
+    for lam in PILOT_ANCHOR_WEIGHTS:
+        proto = BapoProtocol(**{**asdict(base), "learning_rate": best_lr, "anchor_weight": lam, "methods": ["bapo"]})
+        rows += [{"sweep": "anchor_weight", "value": lam, **_pilot_metrics(run_study(out=out / f"lam{lam:g}-lr{best_lr:g}", protocol=proto))}]
+    lam_rows = [r for r in rows if r["sweep"] == "anchor_weight"]
+    good = [r for r in lam_rows if r["alignment_retained"] >= 0.95]
+    best_lam = min(good, key=lambda r: r["value"])["value"] if good else max(lam_rows, key=lambda r: r["alignment_retained"])["value"]
+    result = {"learning_rate": best_lr, "anchor_weight": best_lam, "runs": rows}
+    write_text_atomic(out / "pilot.json", json.dumps(result, indent=1))
+    lines = ["# BAPO study pilot (tuning seed 100, heterogeneity 2)", "", run_pilot.__doc__.split("\n\n")[0], "",
+             "| sweep | value | knowledge retained | alignment retained | persona score | win rate |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['sweep']} | {r['value']:g} | {r['knowledge_retained']:.3f} | {r['alignment_retained']:.3f} | "
+              f"{r['persona_score']:.3f} | {r['win_rate']:.3f} |" for r in rows]
+    lines += ["", f"Chosen: learning rate {best_lr:g}, λ = {best_lam:g}.", ""]
+    write_text_atomic(out / "pilot.md", "\n".join(lines))
+    return result
+
+
+def _pilot_metrics(data: dict) -> dict:
+    run = data["runs"][0]
+    return {k: run[k] for k in ("knowledge_retained", "alignment_retained", "persona_score", "win_rate")}

@@ -6,7 +6,13 @@ import argparse
 
 
 def _run_bapo(args) -> int:
-    from .bapo import run_study
+    from .bapo import run_pilot, run_study
+
+    if args.pilot:
+        out = args.out or "out/study-bapo-pilot"
+        run_pilot(out)
+        print((__import__("pathlib").Path(out) / "pilot.md").read_text())
+        return 0
 
     out = args.out or ("out/study-bapo-quick" if args.quick else "out/study-bapo")
     data = run_study(quick=args.quick, out=out)
@@ -25,5 +31,6 @@ def add_study_parser(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     b.add_argument("--quick", action="store_true", help="1 seed, heterogeneity 1-3, 60 steps (about 10 minutes on 2 CPU cores)")
+    b.add_argument("--pilot", action="store_true", help="rerun the pilot that chose the learning rate and default λ")
     b.add_argument("--out", default=None, help="study directory (default: out/study-bapo or out/study-bapo-quick)")
     b.set_defaults(func=_run_bapo)

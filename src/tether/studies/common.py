@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from ..config import TetherError
 from ..evaluate import summarize
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+from ..files import write_text_atomic
 
 
 class StudyResults:
@@ -36,7 +30,7 @@ class StudyResults:
             self.save()
 
     def save(self) -> None:
-        write_atomic(self.path, json.dumps(self.data, indent=1))
+        write_text_atomic(self.path, json.dumps(self.data, indent=1))
 
     def find(self, **setting) -> dict | None:
         return next((r for r in self.data["runs"] if all(r.get(k) == v for k, v in setting.items())), None)
