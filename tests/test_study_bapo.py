@@ -32,3 +32,19 @@ def test_micro_study_writes_results_report_and_figures(tmp_path):
     # a second invocation resumes: every run is found, nothing is trained again
     again = run_study(out=out, protocol=protocol)
     assert [r["seconds"] for r in again["runs"]] == [r["seconds"] for r in data["runs"]]
+
+
+def test_claims_by_hand_and_with_missing_methods():
+    from tether.studies.report_bapo import claims
+
+    def row(level, method, k, a, p):
+        return {"level": level, "method": method, "knowledge_retained": {"mean": k},
+                "alignment_retained": {"mean": a}, "persona_score": {"mean": p}}
+
+    summary = [row(1, "dpo", 1.0, 0.9, 0.8), row(2, "dpo", 0.9, 0.7, 0.9), row(1, "bapo", 1.0, 0.95, 0.78),
+               row(2, "bapo", 0.95, 0.9, 0.8)]
+    c = claims(summary, BapoProtocol(methods=["dpo", "bapo"]))
+    assert c[0]["holds"] and c[0]["numbers"]["dpo_forgetting_h2"] == 1 - (0.9 + 0.7) / 2
+    assert c[1]["holds"]
+    assert not c[2]["holds"]  # 10 points below DPO at h = 2
+    assert [x["holds"] for x in claims(summary[2:], BapoProtocol(methods=["bapo"]))] == [False, False, False]

@@ -51,7 +51,8 @@ def claims(summary: list[dict], protocol) -> list[dict]:
     for lv in levels:
         for metric in ("knowledge_retained", "alignment_retained"):
             mine = _mean(summary, lv, "bapo", metric)
-            best = max((_mean(summary, lv, m, metric) for m in baselines), key=lambda v: -1 if v is None else v)
+            values = [v for v in (_mean(summary, lv, m, metric) for m in baselines) if v is not None]
+            best = max(values) if values else None
             numbers[f"h{lv}_{metric}_bapo"], numbers[f"h{lv}_{metric}_best_baseline"] = mine, best
             if mine is None or best is None or mine < best - 1e-12:
                 ok = False
