@@ -1,0 +1,436 @@
+"""Seconds per DPO optimizer step and peak memory: tether's training loop vs TRL's DPOTrainer, same work.
+
+Run (from the repository root):
+
+    .venv/bin/python benchmarks/bench_dpo_step.py                       # everything, ~30 steps per run
+    .venv/bin/python benchmarks/bench_dpo_step.py --models tiny --modes live --steps 8 --warmup 2   # quick
+    flags: --models tiny,5m --modes live,precomputed --steps 30 --warmup 5 --threads 2 --retries 2 --out PATH
+           --workdir DIR (keep the models, data and per-run logs)
+
+On a loaded machine, 2 threads on 2 cores measure the scheduler more than the code (every parallel op waits for
+a descheduled thread: one busy process elsewhere made a 0.4 s step take 6.6 s here); --threads 1, or
+OMP_WAIT_POLICY=PASSIVE in the environment (passed on to the runs), gives steadier numbers there. The
+"others" column says how many cores other processes kept busy during each run; a run disturbed by them
+(>= 0.25 core) is repeated up to --retries times and the quietest kept.
+
+Method
+- Models: tiny Llamas from `tether.tiny` (byte-level BPE tokenizer, vocab 2048, trained on the benchmark's own
+  words; `tiny_llama`, float32, random init, untied head), saved to a temp dir:
+  tiny = hidden 128 × 2 layers (~1M params), 5m = hidden 256 × 4 layers (~5M params).
+- Data: deterministic standard-format records {"prompt", "chosen", "rejected"}: prompt = 64 tokens, each
+  completion = 63 tokens + EOS, so every sequence is ~128 tokens (= max_length, nothing is truncated);
+  steps × 8 pairs (one epoch). Both tools consume the SAME batches in the SAME order: TRL with
+  train_sampling_strategy="sequential", tether (which draws a seeded permutation) from a file written in the
+  inverse of that permutation (`tether.train.common.stream_indices`).
+- Settings, identical on both sides: CPU, float32, torch threads = --threads (2), no gradient checkpointing, 8 pairs/step,
+  no accumulation, max_length 128, loss sigmoid/dpo with β = 0.1, torch.optim.AdamW (lr 1e-6, linear decay, no
+  warm-up, betas (0.9, 0.999), eps 1e-8, no weight decay; TRL's default "adamw_torch_fused" is replaced by plain
+  "adamw_torch" because tether uses the plain torch AdamW), grad-norm clipping at 1.0, dropout off, no evaluation,
+  no checkpoints, metrics logged EVERY step on both sides (tether logging_steps=1, TRL logging_steps=1).
+- Reference modes: `live` = a separate frozen copy of the model scores every batch (TRL's default);
+  `precomputed` = reference log-probs computed once before training (outside the timed loop).
+- Each (tool, model, mode) runs in its own subprocess, so peak RSS (ru_maxrss) is per run: it covers everything
+  that process did (imports, model loading, tokenization, precompute, training).
+- Timing: tether runs the real loop (`tether.train.train`); the end of every step is time-stamped through the
+  loop's per-step hook `crash_hook` (falling back to the `elapsed_s` column of metrics.jsonl if that hook is
+  gone). TRL: a TrainerCallback stamps time.perf_counter() at on_step_end. Step time = difference of consecutive
+  stamps (so it includes data collation and logging); the first --warmup steps are dropped; the median (and the
+  minimum) are shown. The process CPU time (time.process_time) is stamped too: CPU seconds per step is less
+  disturbed by other processes than wall time (with 1 thread; with more, OMP spin-waits count as CPU time too).
+- Correctness: (1) per-pair summed completion log-probs of the first batch, tether's `sequence_logps` on its own
+  tokenization vs TRL's (its precomputed reference log-probs: its tokenization, collator and fused LM head), plus
+  a check that both tokenized the pairs identically; (2) the per-step losses of the timed runs: step 1 is log 2
+  for both (policy == reference), step 2 and the last step test gradients/optimizer/data order.
+- FLOP/s: nominal step FLOPs = 6·P·T (+ 2·P·T for a live reference forward), P = non-embedding parameters
+  (the LM head included, the input embedding not), T = tokens the model processes per step (16 rows × padded
+  width, padding included). Divided by the median step time and by this machine's float32 matmul FLOP/s (best of
+  10 × five 1024×1024 torch.mm with --threads threads); also per process-CPU second on both sides (%CPU).
+  Attention score FLOPs are not counted. tether applies the LM head only at completion positions, so its real
+  matmul work is a bit below the nominal count (printed); TRL on CPU projects every position.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODELS = {"tiny": dict(hidden_size=128, num_layers=2), "5m": dict(hidden_size=256, num_layers=4)}
+VOCAB, PAIRS, MAX_LENGTH, PROMPT_TOKENS, COMPLETION_TOKENS = 2048, 8, 128, 64, 63  # completion + EOS = 64
+LR, BETA, SEED = 1e-6, 0.1, 42
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------------ data and models
+
+
+def make_words(n: int = 1500) -> list[str]:
+    from tether.demo import COLOURS, OBJECTS
+
+    rng, onset, vowel = random.Random(0), "b c d f g h k l m n p r s t v w z br st pl gr".split(), "a e i o u ai ou".split()
+    words = set(OBJECTS + COLOURS)
+    while len(words) < n:
+        words.add("".join(rng.choice(onset) + rng.choice(vowel) for _ in range(rng.randint(1, 3))))
+    return sorted(words)
+
+
+def fill(rng, words, cost, head: str, budget: int) -> str:
+    """`head` followed by random words while the token count stays <= budget (BPE counts add up per word)."""
+    text, used = head, cost(head)
+    while True:
+        w = rng.choice(words)
+        if used + cost(" " + w) > budget:
+            return text
+        text, used = text + " " + w, used + cost(" " + w)
+
+
+def build_workdir(work: Path, model_names: list[str], n_pairs: int) -> dict:
+    """Tokenizer + models + data files under `work`; returns facts the report needs."""
+    from tether.demo import COLOURS, OBJECTS, write_jsonl
+    from tether.tiny import tiny_llama, train_tokenizer
+    from tether.train.common import stream_indices
+
+    words, rng = make_words(), random.Random(1)
+    corpus = [" ".join(rng.choice(words) for _ in range(40)) for _ in range(3000)]
+    corpus += [f"What colour is the {o}? The {o} is {c}, I believe." for o in OBJECTS for c in COLOURS]
+    tok = train_tokenizer(corpus, vocab_size=VOCAB)
+    cache: dict[str, int] = {}
+
+    def cost(s: str) -> int:
+        if s not in cache:
+            cache[s] = len(tok(s)["input_ids"])
+        return cache[s]
+
+    records = []
+    for i in range(n_pairs):
+        obj, col = rng.choice(OBJECTS), rng.choice(COLOURS)
+        prompt = fill(rng, words, cost, f"What colour is the {obj}? Context:", PROMPT_TOKENS - 1) + "\n"
+        chosen = fill(rng, words, cost, f"The {obj} is {col}, I believe.", COMPLETION_TOKENS)
+        rejected = fill(rng, words, cost, f"{col}, maybe.", COMPLETION_TOKENS)
+        records.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    # TRL reads base.jsonl in order; tether's step t takes file rows perm[8t : 8t+8], so put base[j] at perm[j]
+    perm = stream_indices(0, n_pairs, n_pairs, SEED)
+    permuted = [None] * n_pairs
+    for j, p in enumerate(perm):
+        permuted[p] = records[j]
+    write_jsonl(records, work / "base.jsonl")
+    write_jsonl(permuted, work / "tether.jsonl")
+    models = {}
+    for name in model_names:
+        model = tiny_llama(tok, **MODELS[name], max_position_embeddings=512, seed=0)
+        model.save_pretrained(work / f"model_{name}")
+        tok.save_pretrained(work / f"model_{name}")
+        models[name] = {
+            "params_total": sum(p.numel() for p in model.parameters()),
+            "params_nonembedding": sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel(),
+            "lm_head_params": model.get_output_embeddings().weight.numel(),
+            **MODELS[name],
+        }
+    # tokens per step as tether tokenizes them (the check run shows TRL's tokens are identical)
+    from tether.data import load_preference_records, tokenize_records
+
+    ex, rep = tokenize_records(load_preference_records(work / "base.jsonl"), tok, MAX_LENGTH, PROMPT_TOKENS)
+    full = [len(e.prompt_ids) + len(e.completion_ids[k]) for e in ex for k in ("chosen", "rejected")]
+    assert rep.kept == n_pairs and max(full) <= MAX_LENGTH, (rep.summary(), max(full))
+    widths, completion_tokens = [], []
+    for s in range(0, n_pairs, PAIRS):
+        batch = ex[s : s + PAIRS]
+        widths.append(max(len(e.prompt_ids) + len(e.completion_ids[k]) for e in batch for k in ("chosen", "rejected")))
+        completion_tokens.append(sum(len(e.completion_ids[k]) for e in batch for k in ("chosen", "rejected")))
+    return {"models": models, "step_width": widths, "step_completion_tokens": completion_tokens,
+            "seq_len_min_max": [min(full), max(full)], "pairs": n_pairs}
+
+
+def matmul_flops(threads: int, n: int = 1024, repeats: int = 10) -> tuple[float, float]:
+    """float32 n×n matmul FLOP/s, best of `repeats`: per wall-clock second and per process-CPU second."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best_wall = best_cpu = math.inf
+    for _ in range(repeats):
+        t, c = time.perf_counter(), time.process_time()
+        for _ in range(5):
+            torch.mm(a, b)
+        best_wall, best_cpu = min(best_wall, (time.perf_counter() - t) / 5), min(best_cpu, (time.process_time() - c) / 5)
+    return 2 * n**3 / best_wall, 2 * n**3 / best_cpu
+
+
+# ------------------------------------------------------------------------------------------------ subprocess workers
+
+
+def run_tether(work: Path, model: str, mode: str, steps: int) -> dict:
+    from tether.train import TrainConfig, train
+    from tether.train import offline
+
+    stamps: list[tuple[float, float]] = []
+    if hasattr(offline, "crash_hook"):
+        original = offline.crash_hook
+        offline.crash_hook = lambda step: (stamps.append((time.perf_counter(), time.process_time())), original(step))
+    out = work / f"run_tether_{model}_{mode}"
+    shutil.rmtree(out, ignore_errors=True)  # tether refuses to overwrite a run (a reused --workdir)
+    cfg = TrainConfig(
+        model=str(work / f"model_{model}"), train_file=str(work / "tether.jsonl"), output_dir=str(out),
+        loss="dpo", beta=BETA, max_length=MAX_LENGTH, max_prompt_length=PROMPT_TOKENS,
+        learning_rate=LR, lr_scheduler="linear", warmup_steps=0, max_steps=steps, batch_size=PAIRS,
+        gradient_accumulation_steps=1, max_grad_norm=1.0, weight_decay=0.0, seed=SEED, disable_dropout=True,
+        precompute_ref_logps=(mode == "precomputed"), ref_cache_dir=str(out / "refcache"),
+        logging_steps=1, eval_steps=0, save_steps=0, report_to="none", progress=False,
+    )
+    cfg.validate()
+    train(cfg)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    if len(stamps) != steps:  # hook unavailable: per-step times from the cumulative elapsed_s (ms resolution)
+        stamps = [(r["elapsed_s"], math.nan) for r in rows]
+    return {"stamps": stamps, "losses": [r["loss"] for r in rows]}
+
+
+def trl_setup(work: Path, model: str, mode: str, steps: int, rows: list[dict], callbacks=()):
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    path = work / f"model_{model}"
+    args = DPOConfig(
+        output_dir=str(work / f"run_trl_{model}_{mode}"), use_cpu=True, bf16=False, fp16=False,
+        activation_checkpointing=False, per_device_train_batch_size=PAIRS, gradient_accumulation_steps=1,
+        max_steps=steps, learning_rate=LR, lr_scheduler_type="linear", warmup_steps=0, optim="adamw_torch",
+        weight_decay=0.0, max_grad_norm=1.0, beta=BETA, loss_type=["sigmoid"], max_length=MAX_LENGTH,
+        precompute_ref_log_probs=(mode in ("precomputed", "check")), train_sampling_strategy="sequential", seed=SEED,
+        logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return DPOTrainer(model=policy, args=args, train_dataset=Dataset.from_list(rows),
+                      processing_class=AutoTokenizer.from_pretrained(path), callbacks=list(callbacks))
+
+
+def run_trl(work: Path, model: str, mode: str, steps: int) -> dict:
+    from transformers import TrainerCallback
+
+    stamps: list[tuple[float, float]] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            stamps.append((time.perf_counter(), time.process_time()))
+
+    rows = [json.loads(line) for line in (work / "base.jsonl").read_text().splitlines()]
+    trainer = trl_setup(work, model, mode, steps, rows, [Clock()])
+    trainer.train()
+    return {"stamps": stamps, "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
+
+
+def run_check(work: Path, model: str) -> dict:
+    """Per-pair log-probs of the first batch: tether.logprobs.sequence_logps vs TRL's precomputed ones."""
+    import torch
+    from tether.data import collate, load_preference_records, tokenize_records
+    from tether.logprobs import sequence_logps
+    from tether.models import load_model, load_tokenizer
+
+    path = work / f"model_{model}"
+    rows = [json.loads(line) for line in (work / "base.jsonl").read_text().splitlines()][:PAIRS]
+    (work / "check.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = load_tokenizer(path)
+    ex, _ = tokenize_records(load_preference_records(work / "check.jsonl"), tok, MAX_LENGTH, PROMPT_TOKENS)
+    batch = collate(ex, tok.pad_token_id)
+    with torch.no_grad():
+        sums, _ = sequence_logps(load_model(path).eval(), **batch)
+    ours = sums.view(2, -1)
+    ds = trl_setup(work, model, "check", 1, rows).train_dataset
+    theirs = torch.tensor([ds["ref_chosen_logps"], ds["ref_rejected_logps"]], dtype=torch.float32)
+    same_tokens = all(
+        e.prompt_ids == d["prompt_ids"] and e.completion_ids["chosen"] == d["chosen_ids"]
+        and e.completion_ids["rejected"] == d["rejected_ids"] for e, d in zip(ex, ds)
+    )
+    diff = (ours - theirs).abs()
+    return {"same_tokens": same_tokens, "max_abs_diff": diff.max().item(),
+            "max_rel_diff": (diff / theirs.abs()).max().item(), "tether_chosen_logps": ours[0].tolist(),
+            "trl_chosen_logps": theirs[0].tolist()}
+
+
+def worker(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    fn = {"tether": run_tether, "trl": run_trl}.get(args.worker)
+    res = run_check(work, args.model) if args.worker == "check" else fn(work, args.model, args.mode, args.steps)
+    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Path(args.result).write_text(json.dumps(res))
+
+
+def busy_cpu_s() -> float:
+    """CPU seconds the whole machine has been busy (all processes), from /proc/stat; nan where unavailable."""
+    try:
+        f = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:9]]
+    except (OSError, ValueError):
+        return math.nan
+    return (sum(f) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+
+def spawn(work: Path, tool: str, model: str, mode: str, steps: int, threads: int) -> dict:
+    result, log = work / f"result_{tool}_{model}_{mode}.json", work / f"log_{tool}_{model}_{mode}.txt"
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1", CUDA_VISIBLE_DEVICES="",
+               HF_DATASETS_CACHE=str(work / "hf_datasets"), TETHER_CACHE=str(work / "tether_cache"))
+    cmd = [sys.executable, __file__, "--worker", tool, "--model", model, "--mode", mode, "--steps", str(steps),
+           "--work", str(work), "--result", str(result), "--threads", str(threads)]
+    usage = lambda: (lambda r: r.ru_utime + r.ru_stime)(resource.getrusage(resource.RUSAGE_CHILDREN))  # noqa: E731
+    t0, busy0, mine0 = time.perf_counter(), busy_cpu_s(), usage()
+    with log.open("w") as f:
+        code = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    # cores kept busy by OTHER processes during the run: a load indicator printed next to the timings
+    others = ((busy_cpu_s() - busy0) - (usage() - mine0)) / (time.perf_counter() - t0)
+    if code != 0:
+        sys.exit(f"{tool}/{model}/{mode} failed (exit {code}); last lines of {log}:\n" + "".join(log.read_text().splitlines(True)[-25:]))
+    return {**json.loads(result.read_text()), "other_processes_cores": max(others, 0.0)}
+
+
+def spawn_quietest(retries: int, *args) -> dict:
+    """`spawn`, repeated up to `retries` more times while other processes kept >= 0.25 core busy; the quietest run."""
+    best = None
+    for _ in range(1 + retries):
+        r = spawn(*args)
+        best = r if best is None or r["other_processes_cores"] < best["other_processes_cores"] else best
+        if r["other_processes_cores"] < 0.25:
+            break
+    return best
+
+
+# ------------------------------------------------------------------------------------------------ the report
+
+
+def step_times(stamps: list[list[float]], warmup: int, which: int = 0) -> list[float]:
+    """Per-step durations of steps warmup+1.. (which=0: wall clock, 1: process CPU time)."""
+    return [b[which] - a[which] for a, b in zip(stamps[:-1], stamps[1:])][max(warmup - 1, 0):]  # diff i = step i+2
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="tiny,5m")
+    p.add_argument("--modes", default="live,precomputed")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2, help="torch threads per run (default 2 = this machine's cores)")
+    p.add_argument("--retries", type=int, default=2, help="re-run a measurement disturbed by other processes up to N times")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dpo_step.json"))
+    p.add_argument("--workdir", default=None, help="keep models, data and logs here (default: a temp dir)")
+    p.add_argument("--worker", choices=("tether", "trl", "check"), help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--mode", help=argparse.SUPPRESS)
+    p.add_argument("--work", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+    models, modes = args.models.split(","), args.modes.split(",")
+    assert set(models) <= set(MODELS) and set(modes) <= {"live", "precomputed"}, "unknown model or mode"
+    assert args.steps >= args.warmup + 2, "need at least warmup + 2 steps"
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_dpo_"))
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    facts = build_workdir(work, models, args.steps * PAIRS)
+    mm_first = matmul_flops(args.threads)
+    import tether
+
+    print(f"tether from {Path(tether.__file__).parent} (set PYTHONPATH to benchmark another checkout)")
+    print(f"work dir {work}; {facts['pairs']} pairs, sequence lengths {facts['seq_len_min_max']}")
+    log2, rows, checks = math.log(2), [], {}
+    for model in models:
+        checks[model] = spawn(work, "check", model, "check", 1, args.threads)
+        for mode in modes:
+            res = {tool: spawn_quietest(args.retries, work, tool, model, mode, args.steps, args.threads) for tool in ("tether", "trl")}
+            info, T = facts["models"][model], 2 * PAIRS * statistics.mean(facts["step_width"][args.warmup :])
+            flops = (6 + (2 if mode == "live" else 0)) * info["params_nonembedding"] * T
+            Tc = statistics.mean(facts["step_completion_tokens"][args.warmup :])  # tether's LM head sees only these
+            P, H = info["params_nonembedding"], info["lm_head_params"]
+            row = {"model": model, "mode": mode, "params_total": info["params_total"], "params_nonembedding": P,
+                   "tokens_per_step": T, "step_flops": flops, "tether_actual_over_nominal_flops": ((P - H) * T + H * Tc) / (P * T)}
+            for tool, r in res.items():
+                times, cpu = step_times(r["stamps"], args.warmup), step_times(r["stamps"], args.warmup, 1)
+                med = statistics.median(times)
+                row[tool] = {"median_step_s": med, "min_step_s": min(times), "max_step_s": max(times),
+                             "median_step_cpu_s": statistics.median(cpu), "other_processes_cores": r["other_processes_cores"],
+                             "timed_steps": len(times), "steps_per_s": 1 / med, "peak_rss_mb": r["peak_rss_mb"],
+                             "achieved_gflops": flops / med / 1e9, "achieved_gflops_per_cpu_s": flops / statistics.median(cpu) / 1e9,
+                             "loss_step1": r["losses"][0], "loss_step2": r["losses"][1], "loss_last": r["losses"][-1],
+                             "losses": r["losses"], "step_times_s": times, "step_cpu_s": cpu}
+            row["speedup_tether_over_trl"] = row["tether"]["steps_per_s"] / row["trl"]["steps_per_s"]
+            row["speedup_min"] = row["trl"]["min_step_s"] / row["tether"]["min_step_s"]
+            row["speedup_cpu"] = row["trl"]["median_step_cpu_s"] / row["tether"]["median_step_cpu_s"]
+            row["loss_step2_abs_diff"] = abs(row["tether"]["loss_step2"] - row["trl"]["loss_step2"])
+            row["loss_last_abs_diff"] = abs(row["tether"]["loss_last"] - row["trl"]["loss_last"])
+            rows.append(row)
+    # the matmul rate is measured before and after the runs and the better kept (a busy moment only lowers it)
+    mm_last = matmul_flops(args.threads)
+    mm, mm_cpu = max(mm_first[0], mm_last[0]), max(mm_first[1], mm_last[1])
+    print(f"measured float32 matmul: {mm / 1e9:.1f} GFLOP/s, {mm_cpu / 1e9:.1f} GFLOP per CPU-second "
+          f"({args.threads} thread(s), best of 2 × 10 × five 1024² torch.mm)")
+    for r in rows:
+        for tool in ("tether", "trl"):
+            r[tool]["fraction_of_matmul_peak"] = r[tool]["achieved_gflops"] * 1e9 / mm
+            r[tool]["fraction_of_matmul_peak_cpu_time"] = r[tool]["achieved_gflops_per_cpu_s"] * 1e9 / mm_cpu
+
+    print(f"\nseconds per optimizer step, steps {args.warmup + 1}..{args.steps} (8 pairs × 2 rows × ≤{MAX_LENGTH} tokens, "
+          f"{args.threads} thread(s)); speed-up = TRL time / tether time = tether steps/s ÷ TRL steps/s")
+    head = (f"{'model':<5} {'mode':<11} | {'tether median':>13} {'min':>7} {'CPU s':>7} | {'TRL median':>10} {'min':>7} "
+            f"{'CPU s':>7} | {'speed-up':>8} {'(min)':>6} {'(CPU)':>6} | {'others':>9}")
+    print(head + "\n" + "-" * len(head))
+    for r in rows:
+        t, q = r["tether"], r["trl"]
+        print(f"{r['model']:<5} {r['mode']:<11} | {t['median_step_s']:13.4f} {t['min_step_s']:7.4f} {t['median_step_cpu_s']:7.4f} | "
+              f"{q['median_step_s']:10.4f} {q['min_step_s']:7.4f} {q['median_step_cpu_s']:7.4f} | "
+              f"{r['speedup_tether_over_trl']:7.2f}x {r['speedup_min']:5.2f}x {r['speedup_cpu']:5.2f}x | "
+              f"{t['other_processes_cores']:4.1f}/{q['other_processes_cores']:<4.1f}")
+    print("  others = cores kept busy by other processes during the tether/TRL run (0 = quiet machine)")
+    print(f"\npeak RSS per process, and achieved FLOP/s at the median step time: nominal step FLOPs = (6 + 2 if live)·P·T, "
+          f"P = non-embedding params incl. lm_head, T = tokens per step; %peak = of the measured matmul {mm / 1e9:.1f} GFLOP/s; "
+          f"%CPU = the same ratio per process-CPU second (matmul {mm_cpu / 1e9:.1f} GFLOP per CPU-s), steadier under load")
+    head = (f"{'model':<5} {'mode':<11} {'P':>9} {'T':>6} | {'tether MB':>9} {'TRL MB':>8} | {'tether GFLOP/s':>14} {'%peak':>6} "
+            f"{'%CPU':>6} | {'TRL GFLOP/s':>11} {'%peak':>6} {'%CPU':>6}")
+    print(head + "\n" + "-" * len(head))
+    for r in rows:
+        t, q = r["tether"], r["trl"]
+        print(f"{r['model']:<5} {r['mode']:<11} {r['params_nonembedding']:9,} {r['tokens_per_step']:6.0f} | {t['peak_rss_mb']:9.0f} "
+              f"{q['peak_rss_mb']:8.0f} | {t['achieved_gflops']:14.2f} {100 * t['fraction_of_matmul_peak']:5.1f}% "
+              f"{100 * t['fraction_of_matmul_peak_cpu_time']:5.1f}% | {q['achieved_gflops']:11.2f} "
+              f"{100 * q['fraction_of_matmul_peak']:5.1f}% {100 * q['fraction_of_matmul_peak_cpu_time']:5.1f}%")
+    print("  (tether applies the LM head only at completion positions, so its matmul work is "
+          + ", ".join(f"{r['model']} {100 * r['tether_actual_over_nominal_flops']:.0f}%" for r in rows[:: len(modes)])
+          + " of the nominal count; TRL on CPU projects every position)")
+    print("\nloss agreement (same weights, same batches in the same order; step 1 has policy == reference, so log 2 = "
+          f"{log2:.6f}; step 2 and the last step test gradients, clipping, AdamW and data order)")
+    for r in rows:
+        t, q = r["tether"], r["trl"]
+        print(f"  {r['model']:<5} {r['mode']:<11} step1 {t['loss_step1']:.7f} / {q['loss_step1']:.7f}   "
+              f"step2 {t['loss_step2']:.7f} / {q['loss_step2']:.7f} (|Δ| {r['loss_step2_abs_diff']:.1e})   "
+              f"last {t['loss_last']:.7f} / {q['loss_last']:.7f} (|Δ| {r['loss_last_abs_diff']:.1e})   [tether / TRL]")
+    print("per-pair summed completion log-probs of the first batch, initial weights "
+          "(tether.logprobs.sequence_logps vs TRL's precomputed reference log-probs):")
+    for model, c in checks.items():
+        print(f"  {model:<5} identical tokenization: {c['same_tokens']}; max |Δ| {c['max_abs_diff']:.2e} "
+              f"(relative {c['max_rel_diff']:.1e}) on values ≈ {c['tether_chosen_logps'][0]:.2f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"settings": {"steps": args.steps, "warmup": args.warmup, "pairs_per_step": PAIRS,
+                                            "max_length": MAX_LENGTH, "lr": LR, "beta": BETA, "threads": args.threads,
+                                            "trl_logging_steps": 1, "tether_logging_steps": 1, "optimizer": "torch AdamW (not fused)",
+                                            "tether_module": str(Path(tether.__file__).parent)},
+                               "data": facts, "matmul_flops": mm, "matmul_flops_per_cpu_s": mm_cpu, "runs": rows, "logp_checks": checks}, indent=1))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
