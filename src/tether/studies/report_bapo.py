@@ -76,6 +76,13 @@ def claims(summary: list[dict], protocol) -> list[dict]:
     return out
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def figures(data: dict, out: Path) -> list[Path]:
     """knowledge/alignment retained vs heterogeneity; personalization vs forgetting; the mechanism traces."""
     import matplotlib
@@ -100,10 +107,7 @@ def figures(data: dict, out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("fraction of the base model's score")
     axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "retained_vs_heterogeneity.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(plt, fig, out / "retained_vs_heterogeneity.png"))
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     markers = "os^Dv"
@@ -116,10 +120,7 @@ def figures(data: dict, out: Path) -> list[Path]:
     ax.set_title("personalization vs forgetting (marker = heterogeneity)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(out / "personalization_vs_forgetting.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(plt, fig, out / "personalization_vs_forgetting.png"))
 
     top = levels[-1]
     runs = {r["method"]: r for r in data["runs"] if r["level"] == top and r["seed"] == min(data["protocol"]["seeds"])}
@@ -135,10 +136,7 @@ def figures(data: dict, out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("summed log-prob (batch mean)")
     axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "mechanism_logps.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(plt, fig, out / "mechanism_logps.png"))
     return paths
 
 
