@@ -101,7 +101,7 @@ def figures(data: dict, out: Path) -> list[Path]:
             mean = [c["mean"] for c in cells]
             err = [[c["mean"] - c["ci95_low"] for c in cells], [c["ci95_high"] - c["mean"] for c in cells]]
             ax.errorbar(levels, mean, yerr=err, marker="o", capsize=3, label=m, linewidth=2 if m == "bapo" else 1)
-        ax.set_xlabel("preference heterogeneity (dimensions away from the house style)")
+        ax.set_xlabel("heterogeneity (style dimensions away from the house)")
         ax.set_xticks(levels)
         ax.set_title(title)
         ax.grid(alpha=0.3)
