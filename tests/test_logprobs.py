@@ -66,3 +66,38 @@ def test_through_peft_wrapper_and_disabled_adapter(model_dir, data_dir, tokenize
     with peft.disable_adapter():
         off, _ = sequence_logps(peft, **batch)
     torch.testing.assert_close(off, want, rtol=0, atol=1e-5)
+
+
+def test_shared_prompt_forward_equals_separate_rows(model_dir, tokenizer, tmp_path):
+    """Each prompt once for its completions (3 groups, very different prompt lengths, a LoRA model):
+    the same log-probs and gradients as one row per sequence."""
+    from tether.data import Record
+
+    recs = [
+        Record("Hi\n", {"chosen": "a", "rejected": "b c d e f", "base": "g h"}, "r0"),
+        Record("What colour is the sky over the rose garden in the morning?\n",
+               {"chosen": "The sky is blue.", "rejected": "blue", "base": "it is blue, thank you"}, "r1"),
+        Record("Name it.\n", {"chosen": "apple", "rejected": "The apple is red, I believe.", "base": "x"}, "r2"),
+    ]
+    examples, _ = tokenize_records(recs, tokenizer)
+    keys = ("chosen", "rejected", "base")
+    batch = collate(examples, tokenizer.pad_token_id, keys)
+    from tether.logprobs import _prompt_lengths
+
+    assert _prompt_lengths(batch["completion_mask"], 3).tolist() == [len(ex.prompt_ids) for ex in examples]
+    model = add_lora(load_model(model_dir), r=4, alpha=8, dropout=0.0, target_modules=None)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    separate, n1 = sequence_logps(model, **batch)
+    separate.sum().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    shared, n3 = sequence_logps(model, **batch, n_groups=3)
+    shared.sum().backward()
+    torch.testing.assert_close(shared, separate, rtol=0, atol=2e-5)
+    assert torch.equal(n1, n3)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, want[n], rtol=1e-4, atol=1e-5, msg=n)

@@ -43,22 +43,74 @@ def _backbone_and_head(model: nn.Module):
     return backbone, head
 
 
+def _prompt_lengths(completion_mask: torch.Tensor, n_groups: int) -> torch.Tensor | None:
+    """Per-example prompt length when rows come as n_groups key-major groups sharing prompts, else None."""
+    n = completion_mask.size(0)
+    if n_groups < 2 or n % n_groups or not bool(completion_mask.any(dim=1).all()):
+        return None
+    start = completion_mask.int().argmax(dim=1).view(n_groups, -1)
+    return start[0] if bool((start == start[0]).all()) and int(start.min()) >= 1 else None
+
+
+def shared_prompt_logps(backbone, head, input_ids, attention_mask, completion_mask, prompt_len, n_groups):
+    """Like `sequence_logps`, but each prompt goes through the model ONCE for its n_groups completions.
+
+    Rows are key-major groups (all chosen, all rejected, ...) whose row j of every group shares the same
+    prompt of prompt_len[j] tokens. The prompts run left-padded as one batch with a key/value cache; the
+    cache is repeated for every group and the completions run right-padded on top of it, with the same
+    positions as in the unshared forward. Gradients flow through the cache into the prompt forward.
+    """
+    device, pad = input_ids.device, 0
+    b, n = prompt_len.numel(), input_ids.size(0)
+    width = int(prompt_len.max())
+    cols = torch.arange(width, device=device)
+    left = width - prompt_len.unsqueeze(1)  # left padding per example
+    p_mask = (cols >= left).long()
+    p_ids = torch.where(p_mask.bool(), input_ids[:b].gather(1, (cols - left).clamp(min=0)), pad)
+    out = backbone(input_ids=p_ids, attention_mask=p_mask, position_ids=(cols - left).clamp(min=0), use_cache=True)
+    cache = out.past_key_values
+    cache.reorder_cache(torch.arange(b, device=device).repeat(n_groups))
+
+    starts = prompt_len.repeat(n_groups).unsqueeze(1)  # (n, 1)
+    c_len = completion_mask.sum(dim=1)
+    c_width = int(c_len.max())
+    c_cols = torch.arange(c_width, device=device)
+    c_mask = (c_cols < c_len.unsqueeze(1)).long()
+    c_ids = torch.where(c_mask.bool(), input_ids.gather(1, (starts + c_cols).clamp(max=input_ids.size(1) - 1)), pad)
+    full_mask = torch.cat([p_mask.repeat(n_groups, 1), c_mask], dim=1)
+    hidden = backbone(
+        input_ids=c_ids, attention_mask=full_mask, position_ids=starts + c_cols, past_key_values=cache, use_cache=True
+    ).last_hidden_state
+    # token t of a completion is predicted by the hidden state before it: the prompt's last one for t = 0
+    before = torch.cat([out.last_hidden_state[:, -1:].repeat(n_groups, 1, 1), hidden[:, :-1]], dim=1)
+    target = c_mask.bool()
+    token_logps = gather_logps(head(before[target]), c_ids[target])
+    rows = torch.arange(n, device=device).unsqueeze(1).expand_as(target)[target]
+    sums = torch.zeros(n, dtype=torch.float32, device=device).index_add(0, rows, token_logps)
+    return sums, c_len.float()
+
+
 def sequence_logps(
     model: nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     completion_mask: torch.Tensor,
+    n_groups: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs and completion lengths, one row per sequence.
 
     input_ids, attention_mask, completion_mask: (N, L); completion_mask[i, t] = 1 when token t of row i
     is a completion token (never the first token of a row). Returns (sum_logps (N,) float32,
-    n_tokens (N,) float32). Mean log-prob = sum_logps / n_tokens.
+    n_tokens (N,) float32). Mean log-prob = sum_logps / n_tokens. With n_groups > 1 the rows are that
+    many key-major groups sharing prompts (as `data.collate` builds them) and each prompt is computed once.
     """
     target_mask = completion_mask[:, 1:].bool()  # position t predicts token t+1
     labels = input_ids[:, 1:][target_mask]
     rows = torch.arange(input_ids.size(0), device=input_ids.device).unsqueeze(1).expand_as(target_mask)[target_mask]
     split = _backbone_and_head(model)
+    prompt_len = _prompt_lengths(completion_mask, n_groups) if split is not None else None
+    if prompt_len is not None:
+        return shared_prompt_logps(*split, input_ids, attention_mask, completion_mask, prompt_len, n_groups)
     if split is not None:
         backbone, head = split
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
@@ -78,9 +130,10 @@ class SequenceScorer(nn.Module):
     Hugging Face model stays available as `.model` for saving and generation.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, n_groups: int = 1):
         super().__init__()
         self.model = model
+        self.n_groups = n_groups  # rows come as this many key-major groups sharing prompts
 
     def forward(self, input_ids, attention_mask, completion_mask):
-        return sequence_logps(self.model, input_ids, attention_mask, completion_mask)
+        return sequence_logps(self.model, input_ids, attention_mask, completion_mask, self.n_groups)

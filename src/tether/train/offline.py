@@ -125,7 +125,7 @@ def _batch(examples, idx, table, reference, keys, pad_id, device):
     if table is not None:
         ref = torch.stack([table[i] for i in idx], dim=1).reshape(-1).to(device)
     else:
-        ref = reference.logps(batch)[0]
+        ref = reference.logps(batch, len(keys))[0]
     return batch, ref
 
 
@@ -178,7 +178,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     global_batch = b * world * accum
     steps = total_steps(cfg, len(train_ex), global_batch)
     optimizer, scheduler = make_optimizer(model, cfg, steps)
-    scorer = accelerator.prepare(SequenceScorer(model))
+    scorer = accelerator.prepare(SequenceScorer(model, n_groups=len(keys)))
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     start, results = 0, {}

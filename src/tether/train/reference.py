@@ -43,9 +43,9 @@ class LiveReference:
         finally:
             self.model.train(was_training)
 
-    def logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def logps(self, batch: dict[str, torch.Tensor], n_groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         with self.generating() as model:
-            return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+            return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], n_groups)
 
     def weights_fingerprint(self) -> str:
         h = hashlib.blake2b(digest_size=16)
@@ -82,7 +82,7 @@ def compute_logps_table(
     for start in range(0, len(indices), batch_size):
         chunk = indices[start : start + batch_size]
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in chunk], pad_id, keys).items()}
-        sums, _ = reference.logps(batch)
+        sums, _ = reference.logps(batch, len(keys))
         sums = sums.view(len(keys), len(chunk)).cpu()
         for j, i in enumerate(chunk):
             out[i] = sums[:, j].clone()
