@@ -287,7 +287,10 @@ def spawn(work: Path, tool: str, model: str, mode: str, steps: int, threads: int
                HF_DATASETS_CACHE=str(work / "hf_datasets"), TETHER_CACHE=str(work / "tether_cache"))
     cmd = [sys.executable, __file__, "--worker", tool, "--model", model, "--mode", mode, "--steps", str(steps),
            "--work", str(work), "--result", str(result), "--threads", str(threads)]
-    usage = lambda: (lambda r: r.ru_utime + r.ru_stime)(resource.getrusage(resource.RUSAGE_CHILDREN))  # noqa: E731
+    def usage() -> float:  # CPU seconds of this script's finished children
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
+
     t0, busy0, mine0 = time.perf_counter(), busy_cpu_s(), usage()
     with log.open("w") as f:
         code = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
