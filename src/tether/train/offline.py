@@ -241,5 +241,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             eval_pairs=len(eval_ex), final_model=str(final),
         )
         (run_dir / "results.json").write_text(json.dumps(results, indent=1))
+    accelerator.wait_for_everyone()  # ranks leave together: a rank tearing down gloo early can hang the other
     accelerator.end_training()
     return run_dir
