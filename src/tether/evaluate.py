@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from .data import Example, collate
 from .generation import prompt_ids
 from .logprobs import sequence_logps
 
@@ -50,28 +51,19 @@ def completion_logps(model, tokenizer, prompts: Sequence, completions: Sequence[
     Rows are sorted by length and right-padded, as `sequence_logps` expects.
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows = []
-    for prompt, completion in zip(prompts, completions, strict=True):
-        p = prompt_ids(tokenizer, prompt)
-        c = tokenizer(completion, add_special_tokens=False)["input_ids"]
-        rows.append((p + c, len(p)))
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    rows = [
+        Example(prompt_ids(tokenizer, p), {"completion": tokenizer(c, add_special_tokens=False)["input_ids"]}, "")
+        for p, c in zip(prompts, completions, strict=True)
+    ]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt_ids) + len(rows[i].completion_ids["completion"]))
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     out = [0.0] * len(rows)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        width = max(len(rows[i][0]) for i in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        comp = torch.zeros_like(ids)
-        for r, i in enumerate(idx):
-            seq, n_prompt = rows[i]
-            ids[r, : len(seq)] = torch.tensor(seq)
-            attn[r, : len(seq)] = 1
-            comp[r, n_prompt : len(seq)] = 1
-        sums, _ = sequence_logps(model, ids.to(device), attn.to(device), comp.to(device))
+        batch = collate([rows[i] for i in idx], pad_id, keys=("completion",))
+        sums, _ = sequence_logps(model, *(batch[k].to(device) for k in ("input_ids", "attention_mask", "completion_mask")))
         for r, i in enumerate(idx):
             out[i] = float(sums[r])
     model.train(was_training)

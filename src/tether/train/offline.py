@@ -49,7 +49,7 @@ def load_examples(cfg: TrainConfig, tokenizer) -> tuple[list[Example], list[Exam
     train_ex, train_rep = tokenize_records(
         load_preference_records(cfg.train_file), tokenizer, cfg.max_length, cfg.max_prompt_length
     )
-    report = {"train": {k: v for k, v in vars(train_rep).items()}}
+    report = {"train": vars(train_rep)}
     log.info("%s: %s", cfg.train_file, train_rep.summary())
     if cfg.eval_file:
         eval_ex, eval_rep = tokenize_records(
