@@ -30,7 +30,7 @@ def add_study_parser(subparsers) -> None:
         "bapo", help="personalization vs forgetting: DPO, IPO, SLiC, DPO+NLL and BAPO across heterogeneity levels",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    b.add_argument("--quick", action="store_true", help="1 seed, heterogeneity 1-3, 60 steps (about 10 minutes on 2 CPU cores)")
+    b.add_argument("--quick", action="store_true", help="1 seed, heterogeneity 1-3, 60 steps (its duration is not measured yet)")
     b.add_argument("--pilot", action="store_true", help="rerun the pilot that chose the learning rate and default λ")
     b.add_argument("--out", default=None, help="study directory (default: out/study-bapo or out/study-bapo-quick)")
     b.set_defaults(func=_run_bapo)
