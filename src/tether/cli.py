@@ -20,26 +20,41 @@ def _options(args: argparse.Namespace, skip=("func", "config", "resume", "verbos
 def _run_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
-    cfg = load_config(TrainConfig, args.config, _options(args))
-    run_dir = train(cfg, resume=args.resume)
+    run_dir = train(load_config(TrainConfig, args.config, _options(args)), resume=args.resume)
     print(f"run written to {run_dir}")
     return 0
 
 
-def add_train_parser(sub) -> None:
-    from .train import TrainConfig
+def _run_online(args: argparse.Namespace) -> int:
+    from .train import OnlineConfig, online_train
 
+    run_dir = online_train(load_config(OnlineConfig, args.config, _options(args)), resume=args.resume)
+    print(f"run written to {run_dir}")
+    return 0
+
+
+def _add_run_parser(sub, name: str, cls, func, help: str, description: str) -> None:
     p = sub.add_parser(
-        "train",
-        help="offline preference optimization (DPO, IPO, SLiC) from a preference file",
-        description="Offline preference optimization. Options come from --config FILE.yaml, then from flags "
-        "(a flag wins over the file). Works under `accelerate launch` for several processes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        name, help=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=description + " Options come from --config FILE.yaml, then from flags (a flag wins over the "
+        "file). Works under `accelerate launch` for several processes.",
     )
     p.add_argument("--config", default=None, help="YAML file of options (any option below)")
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its newest checkpoint")
-    add_dataclass_arguments(p, TrainConfig)
-    p.set_defaults(func=_run_train)
+    add_dataclass_arguments(p, cls)
+    p.set_defaults(func=func)
+
+
+def add_train_parser(sub) -> None:
+    from .train import OnlineConfig, TrainConfig
+
+    _add_run_parser(sub, "train", TrainConfig, _run_train, "offline preference optimization (DPO, IPO, SLiC, BAPO) from a preference file",
+                    "Offline preference optimization.")
+    _add_run_parser(sub, "online", OnlineConfig, _run_online,
+                    "online preference optimization (BPO and its baselines) from prompts and an oracle",
+                    "Online preference optimization: sample pairs from the behavior policy, label them with an "
+                    "oracle (recorded in ledger.jsonl before training), one DAP step per batch; BPO uses the "
+                    "behavior policy as the reference (METHODS.md §3).")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -188,6 +188,30 @@ def load_preference_records(path: str | Path, keys: tuple[str, ...] = COMPLETION
     return records
 
 
+def load_prompt_records(path: str | Path, need_reference: bool = False) -> list[Record]:
+    """Prompt records for online training or evaluation: a 'prompt' (string or chat messages) and, when
+    present (required with need_reference), a 'reference' answer (string or assistant messages) kept as
+    text in `completions["reference"]`."""
+    records = []
+    for source, row in read_rows(path):
+        if not isinstance(row, dict):
+            raise TetherError(f"{source}: a record must be a JSON object, got {type(row).__name__}")
+        if row.get("prompt") is None:
+            raise TetherError(f"{source}: missing field 'prompt'")
+        prompt = row["prompt"]
+        prompt = _check_messages(prompt, source, "prompt") if isinstance(prompt, list) else _check_text(prompt, source, "prompt")
+        comps = {}
+        if row.get("reference") is not None:
+            ref = row["reference"]
+            comps["reference"] = _completion_text(_check_messages(ref, source, "reference")) if isinstance(ref, list) else _check_text(ref, source, "reference")
+        elif need_reference:
+            raise TetherError(f"{source}: missing field 'reference' (evaluation prompts need a reference answer to compare with)")
+        records.append(Record(prompt, comps, source, {k: v for k, v in row.items() if k not in ("prompt", "reference")}))
+    if not records:
+        raise TetherError(f"{path}: holds no records")
+    return records
+
+
 # ---------------------------------------------------------------------------------------------- tokenization
 
 

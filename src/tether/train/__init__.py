@@ -1,6 +1,8 @@
-"""Training loops: offline preference optimization (and, built on the same pieces, the online loop)."""
+"""Training loops: offline preference optimization and the online (BPO) loop, on the same pieces."""
 
 from .config import TrainConfig
 from .offline import train
+from .online import online_train
+from .online_config import OnlineConfig
 
-__all__ = ["TrainConfig", "train"]
+__all__ = ["OnlineConfig", "TrainConfig", "online_train", "train"]

@@ -45,8 +45,9 @@ def latest(run_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def save(accelerator, run_dir: Path, step: int, model, optimizer, scheduler, extra: dict, keep: int) -> Path:
-    """Every process calls this; the main one writes the shared state, each writes its own RNG state."""
+def save(accelerator, run_dir: Path, step: int, model, optimizer, scheduler, extra: dict, keep: int, tensors=None) -> Path:
+    """Every process calls this; the main one writes the shared state, each writes its own RNG state.
+    `tensors` (name -> tensor) replaces the model's trainable parameters as the saved weights."""
     final = run_dir / "checkpoints" / f"{PREFIX}{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:
@@ -55,7 +56,8 @@ def save(accelerator, run_dir: Path, step: int, model, optimizer, scheduler, ext
     accelerator.wait_for_everyone()
     torch.save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
     if accelerator.is_main_process:
-        save_file(trainable_state(model), tmp / "trainable.safetensors")
+        weights = trainable_state(model) if tensors is None else {n: t.detach().contiguous().clone() for n, t in tensors.items()}
+        save_file(weights, tmp / "trainable.safetensors")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **extra}))
     accelerator.wait_for_everyone()
@@ -69,11 +71,11 @@ def save(accelerator, run_dir: Path, step: int, model, optimizer, scheduler, ext
     return final
 
 
-def load(accelerator, path: Path, model, optimizer, scheduler) -> dict:
-    """Restore a checkpoint written by `save`; returns its state.json."""
+def load(accelerator, path: Path, model, optimizer, scheduler, tensors=None) -> dict:
+    """Restore a checkpoint written by `save` (into `tensors` when given); returns its state.json."""
     params = load_file(path / "trainable.safetensors")
-    named = dict(model.named_parameters())
-    missing = [n for n, p in named.items() if p.requires_grad and n not in params]
+    named = dict(model.named_parameters()) if tensors is None else tensors
+    missing = [n for n, p in named.items() if (p.requires_grad or tensors is not None) and n not in params]
     if missing or any(n not in named for n in params):
         raise RuntimeError(f"{path}: checkpoint does not match the model ({len(missing)} trainable tensors missing)")
     with torch.no_grad():

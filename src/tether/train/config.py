@@ -1,4 +1,7 @@
-"""The offline training configuration: every option with its default and meaning, checked in `validate`."""
+"""Training configurations: every option with its default and meaning, checked in `validate`.
+
+`CommonConfig` holds what the offline (`TrainConfig`) and online (`OnlineConfig`, in online_config.py) loops
+share: the model, the loss, the optimizer, LoRA and bookkeeping."""
 
 from __future__ import annotations
 
@@ -9,21 +12,75 @@ from ..losses import LOSSES
 
 
 @dataclass
-class TrainConfig:
-    # what to train
+class CommonConfig:
     model: str = option("", "policy model: a local Hugging Face directory or a built-in name (required)")
-    ref_model: str | None = option(
-        None, "reference model directory; null = the initial policy (with LoRA: the base with the adapter disabled)"
-    )
-    train_file: str = option("", "preference data: .jsonl, .json, .parquet or a datasets directory (required)")
-    eval_file: str | None = option(None, "held-out preference data, same formats; null = none (see eval_fraction)")
-    eval_fraction: float = option(0.0, "when eval_file is null, hold out this fraction of train_file for evaluation")
     output_dir: str = option("runs/train", "run directory: config.yaml, metrics.jsonl, checkpoints/, final/")
     # the loss
     loss: str = option("dpo", "preference loss: dpo (sigmoid), ipo (mean log-probs) or slic (hinge)", choices=LOSSES)
     beta: float = option(0.1, "β: strength of the tie to the reference (all three losses)")
     label_smoothing: float = option(0.0, "ε of conservative DPO, in [0, 0.5); dpo only")
     nll_weight: float = option(0.0, "α: weight of the NLL (−mean log-prob) of the chosen response added to the loss")
+    # tokenization
+    max_length: int = option(512, "max tokens of prompt + completion; completions are cut from the right")
+    max_prompt_length: int = option(256, "max prompt tokens; prompts are cut from the left")
+    # optimisation
+    learning_rate: float = option(1e-6, "peak learning rate of AdamW")
+    lr_scheduler: str = option("linear", "learning-rate schedule after warm-up", choices=("linear", "cosine", "constant"))
+    warmup_steps: int = option(0, "linear warm-up steps from 0 to learning_rate")
+    max_grad_norm: float = option(1.0, "clip the global gradient norm to this; 0 = no clipping")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    adam_beta1: float = option(0.9, "AdamW β1")
+    adam_beta2: float = option(0.999, "AdamW β2")
+    adam_epsilon: float = option(1e-8, "AdamW ε")
+    seed: int = option(42, "seed for data order, adapter init, dropout and sampling")
+    disable_dropout: bool = option(True, "set all dropout to 0 so the policy starts equal to the reference")
+    mixed_precision: str = option("no", "bf16 autocast on a GPU; ignored with a warning on CPU", choices=("no", "bf16"))
+    # LoRA
+    lora: bool = option(False, "train a LoRA adapter (PEFT) instead of all weights")
+    lora_r: int = option(16, "LoRA rank")
+    lora_alpha: int = option(32, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = option(0.0, "dropout on the LoRA input")
+    lora_target_modules: list[str] | None = option(None, "module names to adapt, e.g. q_proj v_proj; null = all linear layers")
+    # bookkeeping
+    eval_batch_size: int = option(16, "examples per forward when evaluating or precomputing log-probs")
+    logging_steps: int = option(1, "write averaged training metrics every N optimizer steps")
+    eval_steps: int = option(0, "evaluate on held-out data every N steps; 0 = only before and after training")
+    save_steps: int = option(100, "write a resumable checkpoint every N steps; 0 = none")
+    save_total_limit: int = option(2, "keep only the newest N checkpoints; 0 = keep all")
+    report_to: str = option("none", "also log metrics to this tracker", choices=("none", "tensorboard", "wandb"))
+    progress: bool = option(True, "show a progress bar")
+
+    def validate(self) -> None:
+        """Checks of the shared options; raises a one-line TetherError naming the option."""
+        if not self.model:
+            raise TetherError("option 'model' is required (a local model directory or a built-in name)")
+        if self.loss not in LOSSES:
+            raise TetherError(f"option 'loss': unknown loss '{self.loss}'; choose one of {', '.join(LOSSES)}")
+        positive = ("beta", "learning_rate", "max_length", "max_prompt_length", "eval_batch_size", "logging_steps", "lora_r", "lora_alpha")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise TetherError(f"option '{name}' must be > 0, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_steps", "save_steps", "save_total_limit", "max_grad_norm", "weight_decay", "nll_weight"):
+            if getattr(self, name) < 0:
+                raise TetherError(f"option '{name}' must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise TetherError(f"option 'label_smoothing' must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss != "dpo":
+            raise TetherError("option 'label_smoothing' applies to loss 'dpo' only")
+        if self.max_prompt_length >= self.max_length:
+            raise TetherError(
+                f"option 'max_prompt_length' ({self.max_prompt_length}) must be < 'max_length' ({self.max_length})"
+            )
+
+
+@dataclass
+class TrainConfig(CommonConfig):
+    ref_model: str | None = option(
+        None, "reference model directory; null = the initial policy (with LoRA: the base with the adapter disabled)"
+    )
+    train_file: str = option("", "preference data: .jsonl, .json, .parquet or a datasets directory (required)")
+    eval_file: str | None = option(None, "held-out preference data, same formats; null = none (see eval_fraction)")
+    eval_fraction: float = option(0.0, "when eval_file is null, hold out this fraction of train_file for evaluation")
     # BAPO: anchor the policy to the base model's own responses (METHODS.md §2)
     method: str = option(
         "dap", "dap = the preference loss alone; bapo = loss + anchor_weight · anchor on base responses", choices=("dap", "bapo")
@@ -40,63 +97,23 @@ class TrainConfig:
     base_temperature: float = option(1.0, "sampling temperature of base responses (sampled only)")
     base_top_k: int = option(50, "top-k of base responses (sampled only; 0 = off)")
     base_top_p: float = option(1.0, "top-p of base responses (sampled only; 1 = off)")
-    # tokenization
-    max_length: int = option(512, "max tokens of prompt + completion; completions are cut from the right")
-    max_prompt_length: int = option(256, "max prompt tokens; prompts are cut from the left")
     # optimisation
-    learning_rate: float = option(1e-6, "peak learning rate of AdamW")
-    lr_scheduler: str = option("linear", "learning-rate schedule after warm-up", choices=("linear", "cosine", "constant"))
-    warmup_steps: int = option(0, "linear warm-up steps from 0 to learning_rate")
     num_epochs: float = option(1.0, "passes over the training data (ignored when max_steps > 0)")
     max_steps: int = option(-1, "optimizer steps to run; -1 = derive from num_epochs")
     batch_size: int = option(8, "preference pairs per process per micro-batch")
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
-    max_grad_norm: float = option(1.0, "clip the global gradient norm to this; 0 = no clipping")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    adam_beta1: float = option(0.9, "AdamW β1")
-    adam_beta2: float = option(0.999, "AdamW β2")
-    adam_epsilon: float = option(1e-8, "AdamW ε")
-    seed: int = option(42, "seed for data order, adapter init and dropout")
-    disable_dropout: bool = option(True, "set all dropout to 0 so the policy starts equal to the reference")
-    mixed_precision: str = option("no", "bf16 autocast on a GPU; ignored with a warning on CPU", choices=("no", "bf16"))
-    # LoRA
-    lora: bool = option(False, "train a LoRA adapter (PEFT) instead of all weights")
-    lora_r: int = option(16, "LoRA rank")
-    lora_alpha: int = option(32, "LoRA alpha (scale = alpha / r)")
-    lora_dropout: float = option(0.0, "dropout on the LoRA input")
-    lora_target_modules: list[str] | None = option(None, "module names to adapt, e.g. q_proj v_proj; null = all linear layers")
     # the reference
     precompute_ref_logps: bool = option(True, "compute reference log-probs once before training and cache them on disk")
     ref_cache_dir: str | None = option(None, "where cached reference log-probs live; null = $TETHER_CACHE/reflogps")
-    # bookkeeping
-    eval_batch_size: int = option(16, "pairs per forward when evaluating or precomputing reference log-probs")
-    logging_steps: int = option(1, "write averaged training metrics every N optimizer steps")
-    eval_steps: int = option(0, "evaluate on held-out data every N steps; 0 = only before and after training")
-    save_steps: int = option(100, "write a resumable checkpoint every N steps; 0 = none")
-    save_total_limit: int = option(2, "keep only the newest N checkpoints; 0 = keep all")
-    report_to: str = option("none", "also log metrics to this tracker", choices=("none", "tensorboard", "wandb"))
-    progress: bool = option(True, "show a progress bar")
 
     def validate(self) -> None:
         """The one place a TrainConfig is checked; raises a one-line TetherError naming the option."""
-        if not self.model:
-            raise TetherError("option 'model' is required (a local model directory or a built-in name)")
+        super().validate()
         if not self.train_file:
             raise TetherError("option 'train_file' is required (a preference data file)")
-        if self.loss not in LOSSES:
-            raise TetherError(f"option 'loss': unknown loss '{self.loss}'; choose one of {', '.join(LOSSES)}")
-        positive = ("beta", "learning_rate", "batch_size", "gradient_accumulation_steps", "max_length",
-                    "max_prompt_length", "eval_batch_size", "logging_steps", "lora_r", "lora_alpha")
-        for name in positive:
+        for name in ("batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) <= 0:
                 raise TetherError(f"option '{name}' must be > 0, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_steps", "save_steps", "save_total_limit", "max_grad_norm", "weight_decay", "nll_weight"):
-            if getattr(self, name) < 0:
-                raise TetherError(f"option '{name}' must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise TetherError(f"option 'label_smoothing' must be in [0, 0.5), got {self.label_smoothing}")
-        if self.label_smoothing and self.loss != "dpo":
-            raise TetherError("option 'label_smoothing' applies to loss 'dpo' only")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise TetherError(f"option 'eval_fraction' must be in [0, 1), got {self.eval_fraction}")
         if self.max_steps <= 0 and self.num_epochs <= 0:
@@ -108,7 +125,3 @@ class TrainConfig:
                 raise TetherError("options 'base_samples' and 'base_max_new_tokens' must be >= 1")
             if self.base_samples > 1 and self.base_decoding != "sampled":
                 raise TetherError("option 'base_samples' > 1 needs base_decoding: sampled (greedy gives one response)")
-        if self.max_prompt_length >= self.max_length:
-            raise TetherError(
-                f"option 'max_prompt_length' ({self.max_prompt_length}) must be < 'max_length' ({self.max_length})"
-            )

@@ -1,0 +1,200 @@
+"""Preference oracles: who prefers which of two responses.
+
+One small interface: an `Oracle` scores (prompt, response) pairs, higher is better. `annotate` turns the
+scores of two responses into a preference label — the higher-scored one wins, or with Bradley–Terry noise
+(τ > 0) response a wins with probability σ((r_a − r_b)/τ) — and makes the call robust: an oracle that raises
+or times out is retried with exponential backoff; a pair it still cannot score is skipped and counted, so a
+flaky oracle never crashes a run.
+
+Built-in oracles (`load_oracle(spec)`):
+  world                  the embedded world's gold general-alignment score
+  world:persona=NAME     the gold persona score of one of the world's personas
+  reward-model:PATH      a Hugging Face sequence-classification model in a local directory (logit 0)
+  callable:MODULE:FUNC   any Python function f(prompts, responses) -> list of floats
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib
+import logging
+import math
+import random
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .config import TetherError
+
+log = logging.getLogger("tether")
+
+
+class Oracle(ABC):
+    """Scores responses to prompts; a higher score means a better response."""
+
+    id: str = "oracle"
+
+    @abstractmethod
+    def score(self, prompts: Sequence, responses: Sequence[str]) -> list[float]:
+        """One float per (prompt, response); prompts are strings or chat-message lists."""
+
+
+class CallableOracle(Oracle):
+    def __init__(self, fn: Callable[[Sequence, Sequence[str]], Sequence[float]], id: str = "callable"):
+        self.fn, self.id = fn, id
+
+    def score(self, prompts, responses):
+        return [float(s) for s in self.fn(list(prompts), list(responses))]
+
+
+class WorldOracle(Oracle):
+    """The embedded world's gold reward: general alignment, or one persona's score."""
+
+    def __init__(self, persona: str | None = None, world=None):
+        from .world.build import WorldSettings
+        from .world.rewards import alignment_score, persona_score
+        from .world.styles import get_persona
+
+        self.world = world or WorldSettings().world()
+        if persona is None:
+            self.id, self._fn = "world", lambda p, r: alignment_score(self.world, p, r)
+        else:
+            target = get_persona(persona)
+            self.id, self._fn = f"world:persona={persona}", lambda p, r: persona_score(self.world, target, p, r)
+
+    def score(self, prompts, responses):
+        return [self._fn(p, r) for p, r in zip(prompts, responses, strict=True)]
+
+
+class RewardModelOracle(Oracle):
+    """A sequence-classification reward model from a local directory; the score is its first logit of
+    the chat-formatted (prompt, response) conversation (or prompt + response for plain-text prompts)."""
+
+    def __init__(self, path: str, batch_size: int = 16):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from .models import resolve_model_path
+
+        where = resolve_model_path(path)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(where)
+            self.model = AutoModelForSequenceClassification.from_pretrained(where, dtype=torch.float32).eval()
+        except Exception as e:  # noqa: BLE001
+            raise TetherError(f"{where}: cannot load a reward model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.id, self.batch_size = f"reward-model:{where}", batch_size
+
+    def _text(self, prompt, response: str) -> str:
+        if isinstance(prompt, str):
+            return prompt + response
+        messages = list(prompt) + [{"role": "assistant", "content": response}]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False)
+
+    @torch.no_grad()
+    def score(self, prompts, responses):
+        texts = [self._text(p, r) for p, r in zip(prompts, responses, strict=True)]
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(texts[start : start + self.batch_size], return_tensors="pt", padding=True)
+            out += self.model(**enc).logits[:, 0].float().tolist()
+        return out
+
+
+def load_oracle(spec: str) -> Oracle:
+    """An oracle from its spec string (see the module docstring)."""
+    kind, _, rest = spec.partition(":")
+    if kind == "world":
+        if not rest:
+            return WorldOracle()
+        key, _, name = rest.partition("=")
+        if key != "persona" or not name:
+            raise TetherError(f"option 'oracle': '{spec}' — write world or world:persona=NAME")
+        try:
+            return WorldOracle(persona=name)
+        except ValueError as e:
+            raise TetherError(f"option 'oracle': {e}") from None
+    if kind == "reward-model" and rest:
+        return RewardModelOracle(rest)
+    if kind == "callable" and ":" in rest:
+        module, _, name = rest.rpartition(":")
+        try:
+            fn = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            raise TetherError(f"option 'oracle': cannot import {module}:{name} ({e})") from None
+        return CallableOracle(fn, id=spec)
+    raise TetherError(
+        f"option 'oracle': unknown oracle '{spec}'; use world, world:persona=NAME, reward-model:PATH or callable:MODULE:FUNC"
+    )
+
+
+@dataclass
+class Annotation:
+    scores: tuple[float, float] | None  # (r_a, r_b), None when the oracle failed
+    label: int | None  # 0 = a preferred, 1 = b preferred, None = no preference (tie, or oracle failed)
+    status: str  # "ok", "tie" or "oracle_failed"
+
+
+@dataclass
+class Annotator:
+    """Calls an oracle robustly and turns scores into labels (see the module docstring)."""
+
+    oracle: Oracle
+    noise_temperature: float = 0.0  # τ of Bradley–Terry label noise; 0 = the higher score always wins
+    retries: int = 3
+    timeout: float = 60.0  # seconds per oracle call; 0 = no limit
+    backoff: float = 1.0  # seconds before the first retry, doubled after each
+
+    def scores(self, prompts: Sequence, responses: Sequence[str]) -> list[float] | None:
+        """The oracle's scores, retried on failure; None when every attempt failed."""
+        return self._call(list(prompts), list(responses))
+
+    def _call(self, prompts, responses) -> list[float] | None:
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            try:
+                scores = self._timed(prompts, responses)
+                if len(scores) != len(responses) or not all(math.isfinite(s) for s in scores):
+                    raise ValueError(f"returned {len(scores)} scores for {len(responses)} responses, or a non-finite one")
+                return scores
+            except Exception as e:  # noqa: BLE001 - any oracle failure is retried, then the pair is skipped
+                log.warning("oracle %s failed (attempt %d of %d): %s", self.oracle.id, attempt + 1, self.retries + 1, e)
+                if attempt < self.retries:
+                    time.sleep(delay)
+                    delay *= 2
+        return None
+
+    def _timed(self, prompts, responses) -> list[float]:
+        if not self.timeout:
+            return self.oracle.score(prompts, responses)
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        try:
+            return pool.submit(self.oracle.score, prompts, responses).result(timeout=self.timeout)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"no answer within {self.timeout:g} s") from None
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def annotate(self, prompts: Sequence, pairs: Sequence[tuple[str, str]], seeds: Sequence[int]) -> list[Annotation]:
+        """One Annotation per (prompt, (a, b)); `seeds` (one per pair) make the label noise reproducible."""
+        flat = self._call([p for p in prompts for _ in (0, 1)], [r for pair in pairs for r in pair])
+        if flat is not None:
+            scores = [(flat[2 * i], flat[2 * i + 1]) for i in range(len(pairs))]
+        else:  # the batch failed: try pair by pair so one bad pair does not sink the others
+            scores = [self._call([p, p], list(pair)) for p, pair in zip(prompts, pairs, strict=True)]
+        return [self._label(s, seed) for s, seed in zip(scores, seeds, strict=True)]
+
+    def _label(self, scores, seed: int) -> Annotation:
+        if scores is None:
+            return Annotation(None, None, "oracle_failed")
+        ra, rb = scores
+        if self.noise_temperature > 0:
+            p_a = 1.0 / (1.0 + math.exp(-(ra - rb) / self.noise_temperature))
+            return Annotation((ra, rb), 0 if random.Random(seed).random() < p_a else 1, "ok")
+        if ra == rb:
+            return Annotation((ra, rb), None, "tie")
+        return Annotation((ra, rb), 0 if ra > rb else 1, "ok")

@@ -1,0 +1,263 @@
+"""The online preference-optimization loop (BPO, METHODS.md §3) on `accelerate`. Reads top to bottom:
+prompts → oracle → models → (resume) → steps → final model.
+
+    for t in 0 .. T−1:
+        if t mod K == 0: π_β ← π_θ                                   (K = T / F)
+        B new prompts; 2 responses each sampled from π_β; identical pairs dropped
+        the oracle labels each pair; the pairs go to the ledger (fsynced) BEFORE training
+        one optimizer step on L_DAP(·; π_θ, π_ref) with π_ref = π_β (BPO), π_sft, a fixed model, or an EMA
+
+Sharding: step t takes prompt stream positions [t·B, (t+1)·B); process r samples and annotates the slots
+[r·B/P, (r+1)·B/P). Sampling is seeded per stream position, and the loss is normalised by the number of usable
+pairs over all processes, so P processes give the same update as one. A resumed run replays the ledger's
+pairs for every step it already annotated: the oracle is never asked twice about the same pair.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from accelerate.utils import gather_object, set_seed
+from tqdm.auto import tqdm
+
+from ..config import TetherError
+from ..data import Example, collate, load_prompt_records
+from ..evaluate import summarize, win_rates
+from ..generation import generate_ids, prompt_ids
+from ..models import load_tokenizer
+from ..oracles import Annotator, load_oracle
+from ..sampling import sample_responses
+from . import checkpoint
+from .common import MetricsLog, crash_hook, make_accelerator, prepare_run_dir, stream_indices
+from .ledger import Ledger
+from .online_config import OnlineConfig
+from .online_policy import OnlinePolicy
+
+log = logging.getLogger("tether")
+
+
+def _eos_ids(tokenizer, model) -> list[int]:
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    return ids + [tokenizer.eos_token_id] if tokenizer.eos_token_id not in ids else ids
+
+
+class OnlineRun:
+    """Everything one online run holds; `run()` is the loop."""
+
+    def __init__(self, cfg: OnlineConfig, resume: bool):
+        self.cfg, self.resume = cfg, resume
+        self.run_dir = Path(cfg.output_dir)
+        self.acc = make_accelerator(cfg, self.run_dir)
+        set_seed(cfg.seed)
+        self.tokenizer = load_tokenizer(cfg.model)
+        # bad input fails here, before anything is written
+        self.prompts = load_prompt_records(cfg.prompt_file)
+        self.eval_set = load_prompt_records(cfg.eval_file, need_reference=True) if cfg.eval_file else []
+        if cfg.eval_prompts:
+            self.eval_set = self.eval_set[: cfg.eval_prompts]
+        self.annotator = Annotator(load_oracle(cfg.oracle), cfg.oracle_noise, cfg.oracle_retries, cfg.oracle_timeout, cfg.oracle_backoff)
+        self.world, self.rank = self.acc.num_processes, self.acc.process_index
+        if cfg.prompts_per_step % self.world:
+            raise TetherError(f"option 'prompts_per_step' ({cfg.prompts_per_step}) must be a multiple of the {self.world} processes")
+        budget = cfg.prompts_per_step * cfg.steps
+        if budget > len(self.prompts):
+            log.warning("%s: %d prompts for a budget of %d; prompts will be reused (with fresh samples)", cfg.prompt_file, len(self.prompts), budget)
+        prepare_run_dir(self.run_dir, cfg, resume, self.acc.is_main_process)
+        self.policy = OnlinePolicy(cfg, self.acc.device)
+        self.eos = _eos_ids(self.tokenizer, self.policy.model)
+        self.ledger = Ledger(self.run_dir / "ledger.jsonl", writable=self.acc.is_main_process)
+        self.prompt_ids = {}
+        self.timing = {"sample_s": 0.0, "annotate_s": 0.0, "reference_s": 0.0, "update_s": 0.0}
+
+    # ------------------------------------------------------------------------------------------ data
+
+    def _ids(self, index: int) -> list[int]:
+        if index not in self.prompt_ids:
+            ids = prompt_ids(self.tokenizer, self.prompts[index].prompt)
+            self.prompt_ids[index] = ids[-self.cfg.max_prompt_length :]
+        return self.prompt_ids[index]
+
+    def _text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode([t for t in ids if t not in self.eos], skip_special_tokens=True).strip()
+
+    def collect(self, step: int, version: int) -> list[dict]:
+        """Sample, drop identical pairs, annotate this process's slots of `step`; one ledger row per slot."""
+        cfg, b = self.cfg, self.cfg.prompts_per_step // self.world
+        positions = stream_indices(step * cfg.prompts_per_step, cfg.prompts_per_step, len(self.prompts), cfg.seed)
+        slots = list(range(self.rank * b, (self.rank + 1) * b))
+        indices = [positions[s] for s in slots]
+        seeds = [cfg.seed * 1_000_003 + step * cfg.prompts_per_step + s for s in slots]
+        max_new = min(cfg.max_new_tokens, cfg.max_length - cfg.max_prompt_length)
+        t = time.perf_counter()
+        with self.policy.behavior() as model:
+            samples = sample_responses(
+                model, [self._ids(i) for i in indices], seeds, n=2, max_new_tokens=max_new, temperature=cfg.temperature,
+                top_k=cfg.top_k, top_p=cfg.top_p, eos_ids=self.eos, pad_id=self.tokenizer.pad_token_id,
+            )
+        self.timing["sample_s"] += time.perf_counter() - t
+        t = time.perf_counter()
+        rows = []
+        for slot, index, ids, logps in zip(slots, indices, samples.ids, samples.logps):
+            rows.append({
+                "slot": slot, "prompt_index": index, "prompt": self.prompts[index].prompt, "response_ids": ids,
+                "responses": [self._text(r) for r in ids], "behavior_logps": logps, "scores": None, "label": None,
+                "status": "identical" if ids[0] == ids[1] else "pending", "oracle": self.annotator.oracle.id,
+                "behavior_version": version,
+            })
+        pending = [r for r in rows if r["status"] == "pending"]
+        if pending:
+            notes = self.annotator.annotate([r["prompt"] for r in pending], [tuple(r["responses"]) for r in pending], [seeds[r["slot"] - slots[0]] for r in pending])
+            for r, a in zip(pending, notes):
+                r.update(scores=list(a.scores) if a.scores else None, label=a.label, status=a.status)
+        self.timing["annotate_s"] += time.perf_counter() - t
+        return rows
+
+    def batch(self, rows: list[dict]):
+        """(collated chosen/rejected batch, π_β log-probs per row) of this process's usable pairs."""
+        examples, logps = [], [[], []]
+        for r in rows:
+            w, lo = r["label"], 1 - r["label"]
+            prompt = self._ids(r["prompt_index"])
+            examples.append(Example(prompt, {"chosen": r["response_ids"][w], "rejected": r["response_ids"][lo]}, f"step {r['step']} slot {r['slot']}"))
+            logps[0].append(r["behavior_logps"][w])
+            logps[1].append(r["behavior_logps"][lo])
+        batch = {k: v.to(self.acc.device) for k, v in collate(examples, self.tokenizer.pad_token_id).items()}
+        return batch, torch.tensor(logps[0] + logps[1], dtype=torch.float32, device=self.acc.device)
+
+    # ------------------------------------------------------------------------------------------ evaluation
+
+    def evaluate(self) -> dict[str, float]:
+        """Win rate of greedy answers of the merged policy against the reference texts, by the oracle
+        without label noise (ties count one half), with a 95% bootstrap CI; sharded over processes."""
+        if not self.eval_set:
+            return {}
+        mine = list(range(self.rank, len(self.eval_set), self.world))
+        recs = [self.eval_set[i] for i in mine]
+        with self.policy.merged() as model:
+            ids = generate_ids(model, self.tokenizer, [prompt_ids(self.tokenizer, r.prompt) for r in recs],
+                               max_new_tokens=self.cfg.eval_max_new_tokens, batch_size=self.cfg.eval_batch_size)
+        answers = [self._text(x) for x in ids]
+        prompts = [r.prompt for r in recs]
+        mine_scores = self.annotator.scores(prompts, answers)
+        ref_scores = self.annotator.scores(prompts, [r.completions["reference"] for r in recs])
+        local = [(i, a, b) for i, a, b in zip(mine, mine_scores or [], ref_scores or [])]
+        rows = sorted(x for part in gather_object([local]) for x in part)
+        if not rows:
+            return {"eval_failed": 1.0}
+        wins = win_rates([a for _, a, _ in rows], [b for _, _, b in rows])
+        s = summarize(wins)
+        return {"eval_win_rate": s["mean"], "eval_win_rate_ci95_low": s["ci95_low"], "eval_win_rate_ci95_high": s["ci95_high"],
+                "eval_reward": sum(a for _, a, _ in rows) / len(rows), "eval_reference_reward": sum(b for _, _, b in rows) / len(rows),
+                "eval_n": len(rows)}
+
+    # ------------------------------------------------------------------------------------------ the loop
+
+    def run(self) -> Path:
+        cfg, acc, policy = self.cfg, self.acc, self.policy
+        k = cfg.steps // cfg.phases
+        opt, sched = policy.optimizer_state()
+        start, results = 0, {}
+        ckpt = checkpoint.latest(self.run_dir) if self.resume else None
+        if ckpt is not None:
+            start = checkpoint.load(acc, ckpt, policy.model, opt, sched, tensors=policy.state_tensors())["step"]
+            log.info("resumed from %s (the ledger holds %d annotated pairs)", ckpt, self.ledger.count())
+            res_file = self.run_dir / "results.json"
+            results = json.loads(res_file.read_text()) if res_file.exists() else {}
+        elif self.eval_set:
+            results["initial_eval"] = self.evaluate()
+            self._write_results(results)
+        metrics = MetricsLog(self.run_dir / "metrics.jsonl", acc.is_main_process, start if self.resume else None)
+        annotations = sum(self._annotated(self.ledger.rows(s) or []) for s in range(start))
+        bar = tqdm(total=cfg.steps, initial=start, desc="online", unit="step", disable=not (cfg.progress and acc.is_main_process))
+        t0, timing = time.perf_counter(), self.timing
+        for step in range(start, cfg.steps):
+            version = step // k
+            if step % k == 0:
+                policy.refresh_behavior()
+            rows = self.ledger.rows(step)
+            replayed = rows is not None
+            if not replayed:
+                rows = sorted((r for part in gather_object([self.collect(step, version)]) for r in part), key=lambda r: r["slot"])
+                self.ledger.append(step, rows)
+                acc.wait_for_everyone()  # the ledger is on disk before any process trains on these pairs
+            for r in rows:
+                r["step"] = step
+            annotations += self._annotated(rows)
+            b = cfg.prompts_per_step // self.world
+            usable = [r for r in rows if r["label"] is not None]
+            mine = [r for r in usable if r["slot"] // b == self.rank]
+            row = {"step": step + 1, "pairs": len(usable), "annotations": annotations, "behavior_version": version, "replayed": replayed}
+            row.update({status: sum(r["status"] == status for r in rows) for status in ("identical", "tie", "oracle_failed")})
+            if usable:
+                batch, beh = self.batch(mine) if mine else (None, None)
+                t = time.perf_counter()
+                if mine and cfg.reference != "behavior":
+                    beh = policy.reference_logps(batch)
+                timing["reference_s"] += time.perf_counter() - t
+                t = time.perf_counter()
+                stats, grad_norm, lr = policy.step(batch, beh, len(usable)) if mine else self._idle_step(len(usable))
+                timing["update_s"] += time.perf_counter() - t
+                gathered = gather_object([{k2: v.tolist() for k2, v in stats.items()}])
+                merged = {}
+                for part in gathered:
+                    for k2, v in part.items():
+                        merged.setdefault(k2, []).extend(v)
+                row.update({k2: sum(v) / len(v) for k2, v in merged.items()}, grad_norm=grad_norm, lr=lr)
+            else:
+                lr = policy.learning_rate()
+                policy.skip_step()
+                row.update(lr=lr, skipped=True)
+            done = step + 1
+            row.update({k2: round(v, 3) for k2, v in timing.items()})
+            if cfg.eval_steps and done % cfg.eval_steps == 0 and done < cfg.steps:
+                row.update(self.evaluate())
+            row["elapsed_s"] = round(time.perf_counter() - t0, 3)
+            if done % cfg.logging_steps == 0 or done == cfg.steps or "eval_win_rate" in row:
+                metrics.write(row)
+                acc.log(row, step=done)
+            if "loss" in row:
+                bar.set_postfix(loss=f"{row['loss']:.4f}", pairs=row["pairs"])
+            bar.update(1)
+            if cfg.save_steps and done % cfg.save_steps == 0 and done < cfg.steps:
+                checkpoint.save(acc, self.run_dir, done, policy.model, opt, sched, {}, cfg.save_total_limit, tensors=policy.state_tensors())
+            crash_hook(done)
+        bar.close()
+
+        if self.eval_set:
+            results["final_eval"] = self.evaluate()
+        final = self.run_dir / "final"
+        if acc.is_main_process:
+            final = policy.save_final(self.tokenizer, self.run_dir)
+            results.update(steps=cfg.steps, phases=cfg.phases, num_processes=self.world, prompts_per_step=cfg.prompts_per_step,
+                           annotations=self.ledger.count("ok") + self.ledger.count("tie"), ledger_rows=self.ledger.count(),
+                           identical_pairs=self.ledger.count("identical"), ties=self.ledger.count("tie"),
+                           oracle_failures=self.ledger.count("oracle_failed"), final_model=str(final),
+                           seconds={**{k2: round(v, 2) for k2, v in timing.items()}, "total": round(time.perf_counter() - t0, 2)})
+            self._write_results(results)
+        acc.wait_for_everyone()  # ranks leave together: a rank tearing down gloo early can hang the other
+        acc.end_training()
+        return self.run_dir
+
+    @staticmethod
+    def _annotated(rows: list[dict]) -> int:
+        """Pairs the oracle answered (a tie is an answer too)."""
+        return sum(r["status"] in ("ok", "tie") for r in rows)
+
+    def _idle_step(self, n_global: int):
+        """This process has no usable pair this step: it still joins the gradient sum (with zeros)."""
+        empty = {"input_ids": torch.zeros((0, 1), dtype=torch.long)}
+        return self.policy.step(empty, None, n_global)
+
+    def _write_results(self, results: dict) -> None:
+        if self.acc.is_main_process:
+            (self.run_dir / "results.json").write_text(json.dumps(results, indent=1))
+
+
+def online_train(cfg: OnlineConfig, resume: bool = False) -> Path:
+    """Run online preference optimization (BPO and its baselines) as configured; returns the run directory."""
+    return OnlineRun(cfg, resume).run()

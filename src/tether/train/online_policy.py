@@ -1,0 +1,267 @@
+"""The models of an online run: the trained policy π_θ, the behavior snapshot π_β and the reference π_ref.
+
+Full fine-tuning: π_θ is the model; π_β is a frozen copy taken at each phase start (only when K > 1 — with
+K = 1 the policy at sampling time IS π_β); `initial` and `ema` references are frozen copies, `fixed` a
+separate model.
+
+LoRA: π_θ is n adapters on one base ("default", "e1", …, each from its own seed, each with its own AdamW and
+schedule, each taking one step per batch on the same pairs). π_β is one more adapter, "behavior", holding the
+merged ensemble at the phase start — an adapter copy, never a model copy:
+    linear  A_β = mean_i A_i, B_β = Σ_i B_i           → ΔW_β = (s/n)(Σ_i B_i)(Σ_j A_j)
+            (PEFT add_weighted_adapter "linear" with weights 1/n, as in the paper's code; cross terms included)
+    exact   A_β = [A_1; …; A_n], B_β = [B_1 … B_n]/n  → ΔW_β = (s/n) Σ_i B_i A_i      (rank n·r, alpha n·alpha)
+With n = 1 both are a plain copy. The `initial` reference is the base with adapters disabled; `ema` is one
+more adapter; the evaluated and exported model is the merged ensemble ("merged" adapter when n > 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..logprobs import sequence_logps
+from ..models import add_lora, disable_dropout, load_model
+from .common import make_optimizer
+from .offline import pair_stats
+
+
+def _frozen_copy(model):
+    twin = copy.deepcopy(model).eval()
+    return twin.requires_grad_(False)
+
+
+class StateList:
+    """Several optimizers (or schedulers) checkpointed as one."""
+
+    def __init__(self, items):
+        self.items = list(items)
+
+    def state_dict(self):
+        return [x.state_dict() for x in self.items]
+
+    def load_state_dict(self, states):
+        for x, s in zip(self.items, states, strict=True):
+            x.load_state_dict(s)
+
+
+class OnlinePolicy:
+    def __init__(self, cfg, device):
+        self.cfg, self.device = cfg, device
+        n, k = cfg.ensemble_size, cfg.steps // cfg.phases
+        model = load_model(cfg.model)
+        if cfg.disable_dropout:
+            disable_dropout(model)
+        self.names: list[str | None] = [None]
+        self.extra: list[str] = []
+        self.behavior_model = self.initial_model = self.ema_model = self.fixed_model = None
+        if cfg.lora:
+            model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, seed=cfg.seed)
+            self.names = ["default"] + [f"e{i}" for i in range(1, n)]
+            for i, name in enumerate(self.names[1:], 1):
+                torch.manual_seed(cfg.seed + i)
+                model.add_adapter(name, copy.deepcopy(model.peft_config["default"]))
+            shape = dict(r=cfg.lora_r * n, lora_alpha=cfg.lora_alpha * n) if cfg.ensemble_merge == "exact" else {}
+            merged_cfg = dataclasses.replace(copy.deepcopy(model.peft_config["default"]), **shape)
+            self.extra = [a for a, need in (("behavior", n > 1 or k > 1), ("ema", cfg.reference == "ema"), ("merged", n > 1)) if need]
+            for name in self.extra:
+                model.add_adapter(name, copy.deepcopy(merged_cfg))
+            if cfg.disable_dropout:
+                disable_dropout(model)
+        self.model = model.to(device)
+        if not cfg.lora:
+            if k > 1:
+                self.behavior_model = _frozen_copy(model)
+            if cfg.reference == "initial":
+                self.initial_model = _frozen_copy(model)
+            if cfg.reference == "ema":
+                self.ema_model = _frozen_copy(model)
+        if cfg.reference == "fixed":
+            self.fixed_model = load_model(cfg.ref_model).eval().requires_grad_(False).to(device)
+        self.params = [self._params_of(name) for name in self.names]
+        self.optimizers, self.schedulers = [], []
+        for name in self.names:
+            self._activate(name)
+            opt, sched = make_optimizer(self.model, cfg, cfg.steps)
+            self.optimizers.append(opt)
+            self.schedulers.append(sched)
+        self._activate(self.names[0])
+        if cfg.reference == "ema" and cfg.lora:
+            self._merge_into("ema")
+
+    # ------------------------------------------------------------------------------------------ adapters
+
+    def _params_of(self, name: str | None) -> list[torch.nn.Parameter]:
+        if name is None:
+            return list(self.model.parameters())
+        return [p for n, p in self.model.named_parameters() if f".{name}." in n]
+
+    def _activate(self, name: str | None, trainable: bool = True) -> None:
+        if name is not None:
+            self.model.set_adapter(name, inference_mode=not trainable)
+
+    def lora_layers(self):
+        return [m for m in self.model.modules() if hasattr(m, "lora_A") and self.names[0] in getattr(m, "lora_A", {})]
+
+    @torch.no_grad()
+    def merged_factors(self, module) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of the merged ensemble in one LoRA layer (see the module docstring)."""
+        a = [module.lora_A[n].weight for n in self.names]
+        b = [module.lora_B[n].weight for n in self.names]
+        if self.cfg.ensemble_merge == "exact":
+            return torch.cat(a, dim=0), torch.cat(b, dim=1) / len(b)
+        return torch.stack(a).mean(dim=0), torch.stack(b).sum(dim=0)
+
+    @torch.no_grad()
+    def _merge_into(self, target: str, rate: float = 1.0) -> None:
+        """target ← (1 − rate)·target + rate·merged ensemble, factor by factor (rate 1 = a copy)."""
+        for module in self.lora_layers():
+            a, b = self.merged_factors(module)
+            module.lora_A[target].weight.lerp_(a, rate)
+            module.lora_B[target].weight.lerp_(b, rate)
+
+    # ------------------------------------------------------------------------------------------ the models
+
+    def refresh_behavior(self) -> None:
+        """π_β ← π_θ (the merged ensemble). Called at every phase start."""
+        if self.cfg.lora and "behavior" in self.extra:
+            self._merge_into("behavior")
+        elif self.behavior_model is not None:
+            self.behavior_model.load_state_dict(self.model.state_dict())
+
+    @contextlib.contextmanager
+    def _as(self, adapter: str | None = None, disabled: bool = False, model=None):
+        """The model to run without gradients: a separate one, the base (adapters off), or an adapter."""
+        target = model if model is not None else self.model
+        was = target.training
+        target.eval()
+        ctx = self.model.disable_adapter() if disabled else contextlib.nullcontext()
+        try:
+            if adapter is not None:
+                self._activate(adapter, trainable=False)
+            with ctx, torch.no_grad():
+                yield target
+        finally:
+            if adapter is not None:
+                self._activate(self.names[0])
+            target.train(was)
+
+    def behavior(self):
+        """Context yielding π_β (for sampling and its log-probs)."""
+        if self.cfg.lora and "behavior" in self.extra:
+            return self._as(adapter="behavior")
+        return self._as(model=self.behavior_model)
+
+    def merged(self):
+        """Context yielding the merged ensemble (what is evaluated and exported)."""
+        if "merged" in self.extra:
+            self._merge_into("merged")
+            return self._as(adapter="merged")
+        return self._as(adapter=self.names[0])
+
+    def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed log π_ref of every row, for references other than π_β (whose log-probs come from sampling)."""
+        ref = self.cfg.reference
+        if ref == "fixed":
+            ctx = self._as(model=self.fixed_model)
+        elif ref == "initial":
+            ctx = self._as(disabled=True) if self.cfg.lora else self._as(model=self.initial_model)
+        else:
+            ctx = self._as(adapter="ema") if self.cfg.lora else self._as(model=self.ema_model)
+        with ctx as model:
+            return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], 2)[0]
+
+    # ------------------------------------------------------------------------------------------ training
+
+    def step(self, batch, ref: torch.Tensor, n_global: int) -> tuple[dict[str, torch.Tensor], float, float]:
+        """One optimizer step of every adapter on the same pairs; returns per-pair stats (mean over adapters),
+        the mean gradient norm and the learning rate.
+
+        Each process holds n_local of the n_global usable pairs; the loss is Σ(local pair losses) / n_global
+        and gradients are summed over processes, so any split of the pairs gives the same update."""
+        n_local = batch["input_ids"].size(0) // 2
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        all_stats, norms = [], []
+        for name, params, opt, sched in zip(self.names, self.params, self.optimizers, self.schedulers):
+            self._activate(name)
+            self.model.train()
+            if n_local:
+                sums, counts = sequence_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], 2)
+                loss, stats = pair_stats(self.cfg, sums, counts, ref, 2)
+                (loss * (n_local / n_global)).backward()
+                all_stats.append(stats)
+            if distributed:
+                flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+                torch.distributed.all_reduce(flat)
+                for p, g in zip(params, flat.split([p.numel() for p in params])):
+                    p.grad = g.view_as(p)
+            norms.append(float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm or float("inf"))))
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        self._activate(self.names[0])
+        if self.cfg.reference == "ema":
+            self._update_ema()
+        merged = {k: torch.stack([s[k] for s in all_stats]).mean(dim=0) for k in all_stats[0]} if all_stats else {}
+        return merged, sum(norms) / len(norms), self.schedulers[0].get_last_lr()[0]
+
+    def skip_step(self) -> None:
+        """A step without usable pairs still advances every schedule (the budget was spent)."""
+        with warnings.catch_warnings():  # torch warns about a scheduler step without an optimizer step
+            warnings.simplefilter("ignore", UserWarning)
+            for sched in self.schedulers:
+                sched.step()
+        if self.cfg.reference == "ema":
+            self._update_ema()
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        rate = self.cfg.ema_rate
+        if self.cfg.lora:
+            self._merge_into("ema", rate)
+        else:
+            for e, p in zip(self.ema_model.parameters(), self.model.parameters()):
+                e.lerp_(p, rate)
+
+    def learning_rate(self) -> float:
+        return self.schedulers[0].get_last_lr()[0]
+
+    # ------------------------------------------------------------------------------------------ state
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor a resumed run needs (all adapters, or the model and its frozen copies)."""
+        if self.cfg.lora:
+            return {n: p for n, p in self.model.named_parameters() if "lora_" in n}
+        out = {f"policy.{n}": p for n, p in self.model.named_parameters()}
+        for prefix, twin in (("behavior", self.behavior_model), ("ema", self.ema_model)):
+            if twin is not None:
+                out.update({f"{prefix}.{n}": p for n, p in twin.named_parameters()})
+        return out
+
+    def optimizer_state(self) -> tuple[StateList, StateList]:
+        return StateList(self.optimizers), StateList(self.schedulers)
+
+    def save_final(self, tokenizer, run_dir: Path) -> Path:
+        """The merged policy in Hugging Face format (a PEFT adapter with LoRA), written atomically."""
+        final, tmp = run_dir / "final", run_dir / "final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not self.cfg.lora:
+            self.model.save_pretrained(tmp)
+        elif len(self.names) == 1:
+            self.model.save_pretrained(tmp, selected_adapters=["default"])
+        else:
+            self._merge_into("merged")
+            self.model.save_pretrained(tmp, selected_adapters=["merged"])
+            for f in (tmp / "merged").iterdir():  # PEFT writes a non-default adapter into a subdirectory
+                os.replace(f, tmp / f.name)
+            (tmp / "merged").rmdir()
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return final

@@ -1,0 +1,26 @@
+"""Callable oracles for the online tests (imported as callable:toy_oracles:NAME; tests/ is on PYTHONPATH)."""
+
+import os
+import time
+
+
+def shorter(prompts, responses):
+    """Prefers shorter responses."""
+    _log(len(responses))
+    return [-float(len(r)) for r in responses]
+
+
+def _log(n):
+    path = os.environ.get("TOY_ORACLE_LOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{n}\n")
+
+
+def always_fails(prompts, responses):
+    raise RuntimeError("the annotation service is down")
+
+
+def slow(prompts, responses):
+    time.sleep(5)
+    return [0.0] * len(responses)
