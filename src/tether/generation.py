@@ -25,7 +25,7 @@ def prompt_ids(tokenizer, prompt) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
+def eos_token_ids(model, tokenizer) -> list[int]:
     ids = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
     ids = [ids] if isinstance(ids, int) else list(ids or [])
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
@@ -65,7 +65,7 @@ def generate_ids(
     Greedy unless `do_sample`; when sampling, `top_k` = 0 and `top_p` = 1 mean no truncation. `seed`
     makes sampling reproducible without disturbing the caller's random state.
     """
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -115,5 +115,5 @@ def generate(
         max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
         batch_size=batch_size, seed=seed, progress=progress,
     )  # fmt: skip
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = eos_token_ids(model, tokenizer)
     return [tokenizer.decode([t for t in row if t not in eos_ids], skip_special_tokens=True).strip() for row in ids]

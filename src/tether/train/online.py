@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..config import TetherError
 from ..data import Example, collate, load_prompt_records
 from ..evaluate import summarize, win_rates
-from ..generation import generate_ids, prompt_ids
+from ..generation import eos_token_ids, generate_ids, prompt_ids
 from ..models import load_tokenizer
 from ..oracles import Annotator, load_oracle
 from ..sampling import sample_responses
@@ -38,12 +38,6 @@ from .online_config import OnlineConfig
 from .online_policy import OnlinePolicy
 
 log = logging.getLogger("tether")
-
-
-def _eos_ids(tokenizer, model) -> list[int]:
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
-    return ids + [tokenizer.eos_token_id] if tokenizer.eos_token_id not in ids else ids
 
 
 class OnlineRun:
@@ -69,7 +63,7 @@ class OnlineRun:
             log.warning("%s: %d prompts for a budget of %d; prompts will be reused (with fresh samples)", cfg.prompt_file, len(self.prompts), budget)
         prepare_run_dir(self.run_dir, cfg, resume, self.acc.is_main_process)
         self.policy = OnlinePolicy(cfg, self.acc.device)
-        self.eos = _eos_ids(self.tokenizer, self.policy.model)
+        self.eos = eos_token_ids(self.policy.model, self.tokenizer)
         self.ledger = Ledger(self.run_dir / "ledger.jsonl", writable=self.acc.is_main_process)
         self.prompt_ids = {}
         self.timing = {"sample_s": 0.0, "annotate_s": 0.0, "reference_s": 0.0, "update_s": 0.0}
