@@ -1,0 +1,142 @@
+"""Personas defined by an instruction, for any chat model: personalization data from the model itself.
+
+For a prompt WITHOUT the instruction, the chosen response is what the model writes WITH the persona's
+instruction (as a system message), the rejected one its default answer. Each persona has a programmatic score
+of a response in [0, 1] (higher = more in the persona's style) so that personalization is measured without a
+judge model; `tests/test_instructed.py` checks every score on hand-written examples.
+
+    concise       1 at ≤ 10 words, falling linearly to 0 at 100 words
+    simple        Flesch reading ease / 100, clipped to [0, 1] (short sentences, short words)
+    enthusiastic  ½·min(1, exclamation marks per sentence) + ½·min(1, enthusiasm words per 20 words)
+    formal        1 − min(1, informal markers (contractions, "!", casual words) per 20 words)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+_WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
+_SENTENCE = re.compile(r"[^.!?]+[.!?]*")
+_CONTRACTION = re.compile(r"\b\w+'(s|re|ve|ll|d|t|m)\b", re.IGNORECASE)
+ENTHUSIASM = {"amazing", "awesome", "exciting", "excited", "fantastic", "wonderful", "love", "great", "incredible",
+              "wow", "fun", "thrilled", "brilliant", "delightful", "super", "absolutely", "magical", "cool"}
+CASUAL = {"hey", "yeah", "gonna", "wanna", "kinda", "cool", "stuff", "guys", "okay", "ok", "wow", "awesome", "super", "pretty"}
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text)
+
+
+def sentences(text: str) -> list[str]:
+    return [s for s in (m.strip() for m in _SENTENCE.findall(text)) if words(s)]
+
+
+def syllables(word: str) -> int:
+    """A vowel-group count, the usual heuristic (a silent final e dropped), at least 1."""
+    w = word.lower().strip("'-")
+    groups = re.findall(r"[aeiouy]+", w)
+    n = len(groups) - (1 if w.endswith("e") and not w.endswith(("le", "ee")) and len(groups) > 1 else 0)
+    return max(1, n)
+
+
+def concise_score(text: str) -> float:
+    return min(1.0, max(0.0, 1.0 - (len(words(text)) - 10) / 90))
+
+
+def simple_score(text: str) -> float:
+    ws, ss = words(text), sentences(text)
+    if not ws:
+        return 0.0
+    ease = 206.835 - 1.015 * len(ws) / max(1, len(ss)) - 84.6 * sum(map(syllables, ws)) / len(ws)
+    return min(1.0, max(0.0, ease / 100))
+
+
+def enthusiastic_score(text: str) -> float:
+    ws, ss = words(text), sentences(text)
+    if not ws:
+        return 0.0
+    bangs = text.count("!") / max(1, len(ss))
+    keen = sum(w.lower() in ENTHUSIASM for w in ws) / len(ws) * 20
+    return 0.5 * min(1.0, bangs) + 0.5 * min(1.0, keen)
+
+
+def formal_score(text: str) -> float:
+    ws = words(text)
+    if not ws:
+        return 0.0
+    informal = len(_CONTRACTION.findall(text)) + text.count("!") + sum(w.lower() in CASUAL for w in ws)
+    return 1.0 - min(1.0, informal / len(ws) * 20)
+
+
+@dataclass(frozen=True)
+class InstructedPersona:
+    name: str
+    instruction: str
+    score: Callable[[str], float]
+
+    def messages(self, prompt: list[dict]) -> list[dict]:
+        """The prompt with the persona's instruction as a system message in front."""
+        return [{"role": "system", "content": self.instruction}, *prompt]
+
+
+PERSONAS = {
+    p.name: p
+    for p in (
+        InstructedPersona("concise", "Answer in one or two short sentences.", concise_score),
+        InstructedPersona("simple", "Explain it to a ten-year-old child, using short sentences and simple words.", simple_score),
+        InstructedPersona("enthusiastic", "Answer with lots of enthusiasm and exclamation marks!", enthusiastic_score),
+        InstructedPersona("formal", "Answer in a formal, academic tone, without contractions.", formal_score),
+    )
+}
+
+TOPICS = (
+    "photosynthesis", "rainbows", "volcanoes", "the water cycle", "gravity", "vaccines", "the internet", "electricity",
+    "earthquakes", "the moon's phases", "recycling", "sleep", "exercise", "saving money", "learning a language",
+    "cooking rice", "planting a garden", "reading books", "the solar system", "clouds", "magnets", "bees",
+    "the heart", "bones", "dinosaurs", "the ocean tides", "wind power", "batteries", "bread baking", "friendship",
+    "time management", "public speaking", "maps", "music practice", "drinking water", "the seasons", "snow",
+    "lightning", "bicycles", "airplanes", "trains", "computers", "the brain", "teeth", "forests", "deserts",
+    "coral reefs", "honey", "coffee", "chess",
+)
+TEMPLATES = ("What is {t}?", "How does {t} work?", "Why is {t} important?", "Can you tell me about {t}?")
+
+
+def general_prompts(split: str | None = None) -> list[list[dict]]:
+    """Chat prompts about everyday topics (no persona instruction): 150 for "train", 50 for "test" (the test
+    split holds every topic once, with a template that topic never has in the train split)."""
+    rows = []
+    for i, topic in enumerate(TOPICS):
+        for j, template in enumerate(TEMPLATES):
+            text = template.format(t=topic)
+            rows.append(("test" if j == i % len(TEMPLATES) else "train", [{"role": "user", "content": text[0].upper() + text[1:]}]))
+    return [p for s, p in rows if split is None or s == split]
+
+
+def get_persona(name: str) -> InstructedPersona:
+    try:
+        return PERSONAS[name]
+    except KeyError:
+        raise ValueError(f"unknown instructed persona {name!r}; choose one of: {', '.join(PERSONAS)}") from None
+
+
+def preference_records(
+    model, tokenizer, persona: InstructedPersona, prompts: Sequence[list[dict]], *, max_new_tokens: int = 64,
+    batch_size: int = 16, progress: bool = False,
+) -> list[dict]:
+    """Conversational preference records: chosen = the model's greedy answer with the persona's instruction,
+    rejected = its greedy answer without; pairs with equal answers are left out. Each record also holds both
+    persona scores (to check that the instruction moved the style)."""
+    from .generation import generate
+
+    kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    styled = generate(model, tokenizer, [persona.messages(p) for p in prompts], **kw)
+    default = generate(model, tokenizer, list(prompts), **kw)
+    out = []
+    for i, (p, c, r) in enumerate(zip(prompts, styled, default, strict=True)):
+        if c.strip() and r.strip() and c != r:
+            out.append({"id": i, "persona": persona.name, "prompt": p, "chosen": [{"role": "assistant", "content": c}],
+                        "rejected": [{"role": "assistant", "content": r}],
+                        "chosen_score": persona.score(c), "rejected_score": persona.score(r)})
+    return out
