@@ -47,3 +47,28 @@ def test_preference_records_from_the_model_itself(model_dir, tokenizer):
     rows = preference_records(load_model(model_dir), tokenizer, get_persona("concise"), prompts, max_new_tokens=6)
     for r in rows:  # the tiny toy model may answer identically with and without the instruction: then no record
         assert r["prompt"] in prompts and r["chosen"] != r["rejected"] and r["persona"] == "concise"
+
+
+def test_sampled_kl_is_zero_against_itself_and_matches_the_exact_one_token_kl(model_dir, tokenizer):
+    import statistics
+
+    import torch
+
+    from tether.evaluate import sampled_kl
+    from tether.generation import prompt_ids
+    from tether.models import load_model
+
+    model = load_model(model_dir).eval()
+    prompts = [p[0]["content"] for p in general_prompts("test")[:4]]
+    same = sampled_kl(model, load_model(model_dir), tokenizer, prompts, max_new_tokens=8)
+    assert max(abs(x) for x in same) < 1e-3
+    other = load_model(model_dir).eval()
+    with torch.no_grad():
+        other.lm_head.weight.mul_(0.3)  # a flatter next-token distribution
+    prompt = prompts[0]
+    draws = sampled_kl(model, other, tokenizer, [prompt] * 400, max_new_tokens=1, batch_size=100)
+    ids = torch.tensor([prompt_ids(tokenizer, prompt)])
+    with torch.no_grad():
+        lp, lq = (m(ids).logits[0, -1].log_softmax(-1) for m in (model, other))
+    exact = float((lp.exp() * (lp - lq)).sum())
+    assert abs(statistics.mean(draws) - exact) < 4 * statistics.stdev(draws) / 20 + 1e-4

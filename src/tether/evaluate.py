@@ -48,13 +48,21 @@ def completion_logps(model, tokenizer, prompts: Sequence, completions: Sequence[
 
     Prompts are strings or chat messages (rendered with the generation prompt, as in `generate`);
     completions are tokenized on their own and appended, so every pair shares the prompt's tokens exactly.
-    Rows are sorted by length and right-padded, as `sequence_logps` expects.
     """
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows = [
-        Example(prompt_ids(tokenizer, p), {"completion": tokenizer(c, add_special_tokens=False)["input_ids"]}, "")
-        for p, c in zip(prompts, completions, strict=True)
-    ]
+    return completion_logps_ids(
+        model, [prompt_ids(tokenizer, p) for p in prompts],
+        [tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions], _pad_id(tokenizer), batch_size,
+    )
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+@torch.no_grad()
+def completion_logps_ids(model, prompts: Sequence[list[int]], completions: Sequence[list[int]], pad_id: int, batch_size: int = 32) -> list[float]:
+    """`completion_logps` on token ids. Rows are sorted by length and right-padded, as `sequence_logps` expects."""
+    rows = [Example(list(p), {"completion": list(c)}, "") for p, c in zip(prompts, completions, strict=True)]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt_ids) + len(rows[i].completion_ids["completion"]))
     device = next(model.parameters()).device
     was_training = model.training
@@ -68,6 +76,26 @@ def completion_logps(model, tokenizer, prompts: Sequence, completions: Sequence[
             out[i] = float(sums[r])
     model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def sampled_kl(policy, base, tokenizer, prompts: Sequence, *, max_new_tokens: int = 64, seed: int = 0, batch_size: int = 16) -> list[float]:
+    """Monte-Carlo KL(π_θ ‖ π_base) per prompt, in nats per response: one response y ~ π_θ (temperature 1, no
+    top-k/top-p), log π_θ(y|x) − log π_base(y|x). Unbiased per prompt; average over prompts for the estimate."""
+    from .generation import eos_token_ids
+    from .sampling import sample_responses
+
+    ids = [prompt_ids(tokenizer, p) for p in prompts]
+    pad, eos = _pad_id(tokenizer), eos_token_ids(policy, tokenizer)
+    ys, mine = [], []
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start : start + batch_size]
+        s = sample_responses(policy, chunk, [seed * 1_000_003 + start + i for i in range(len(chunk))], n=1,
+                             max_new_tokens=max_new_tokens, top_k=0, eos_ids=eos, pad_id=pad)
+        ys += [y[0] for y in s.ids]
+        mine += [lp[0] for lp in s.logps]
+    theirs = completion_logps_ids(base, ids, ys, pad, batch_size)
+    return [a - b for a, b in zip(mine, theirs)]
 
 
 def multiple_choice_correct(model, tokenizer, questions: Sequence[dict], batch_size: int = 32) -> list[float]:
