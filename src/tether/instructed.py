@@ -122,17 +122,18 @@ def get_persona(name: str) -> InstructedPersona:
 
 
 def preference_records(
-    model, tokenizer, persona: InstructedPersona, prompts: Sequence[list[dict]], *, max_new_tokens: int = 64,
-    batch_size: int = 16, progress: bool = False,
+    model, tokenizer, persona: InstructedPersona, prompts: Sequence[list[dict]], *, default: Sequence[str] | None = None,
+    **decoding,
 ) -> list[dict]:
-    """Conversational preference records: chosen = the model's greedy answer with the persona's instruction,
-    rejected = its greedy answer without; pairs with equal answers are left out. Each record also holds both
+    """Conversational preference records: chosen = the model's answer with the persona's instruction,
+    rejected = its answer without (`default`, when already generated); pairs with equal answers are left
+    out. `decoding` goes to `generation.generate` (greedy unless do_sample=True). Each record also holds both
     persona scores (to check that the instruction moved the style)."""
     from .generation import generate
 
-    kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
-    styled = generate(model, tokenizer, [persona.messages(p) for p in prompts], **kw)
-    default = generate(model, tokenizer, list(prompts), **kw)
+    styled = generate(model, tokenizer, [persona.messages(p) for p in prompts], **decoding)
+    if default is None:
+        default = generate(model, tokenizer, list(prompts), **decoding)
     out = []
     for i, (p, c, r) in enumerate(zip(prompts, styled, default, strict=True)):
         if c.strip() and r.strip() and c != r:

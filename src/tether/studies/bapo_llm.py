@@ -1,0 +1,225 @@
+"""`tether study bapo --model smollm2-135m-instruct`: DPO vs BAPO with LoRA on a real instruction-tuned model.
+
+Personalization data comes from the model itself (`tether.instructed`): for each training prompt (no
+instruction), chosen = the model's answer WITH the persona's instruction, rejected = its answer without (both
+sampled at temperature 0.7, top-k 50, seeded). BAPO's base responses y_b are the model's greedy answers.
+Every run fine-tunes a fresh LoRA adapter with the same steps, batch and learning rate; then, on held-out
+prompts and the shipped knowledge probe:
+
+    knowledge            cloze multiple-choice accuracy on the 399-question probe; retained = fraction of the
+                         questions the base model got right that the tuned model still gets right
+    persona score        the persona's programmatic style score of greedy answers (no instruction in the prompt)
+    win rate vs base     the tuned answer's persona score beats the base's answer's (ties half)
+    KL from the base     Monte-Carlo KL(π_θ ‖ π_base) in nats per response, one sample per held-out prompt
+
+Summary per (persona, method): mean and 95% bootstrap CI over seeds. Claims (the BAPO paper's, on this model):
+(1) BAPO retains more knowledge than DPO; (2) BAPO stays closer to the base (lower KL) than DPO; (3) BAPO's
+persona score is within 0.05 of DPO's. Each holds or not, per persona, with its numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..config import load_config
+from ..evaluate import multiple_choice_correct, sampled_kl, summarize, win_rates
+from ..files import write_text_atomic
+from ..generation import generate
+from ..instructed import general_prompts, get_persona, preference_records
+from ..models import load_model, load_tokenizer
+from ..train import TrainConfig, train
+from .common import StudyResults, set_threads, summarize_runs
+
+log = logging.getLogger("tether")
+METHODS = {"dpo": 0.0, "bapo": None}  # anchor weight (None = the protocol's λ)
+METRICS = ("knowledge", "knowledge_retained", "persona_score", "win_rate", "kl")
+
+
+@dataclass
+class LlmBapoProtocol:
+    model: str = "smollm2-135m-instruct"
+    personas: list[str] = field(default_factory=lambda: ["concise", "simple"])
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    seeds: list[int] = field(default_factory=lambda: [0])
+    train_prompts: int = 150
+    eval_prompts: int = 50
+    steps: int = 30
+    batch_size: int = 8
+    learning_rate: float = 2e-4
+    beta: float = 0.1
+    anchor_weight: float = 1.0
+    lora_r: int = 16
+    lora_alpha: int = 32
+    max_new_tokens: int = 48
+    data_temperature: float = 0.7
+
+
+def _probe_questions() -> list[dict]:
+    from ..probes import load_knowledge_probe
+
+    return [{"prompt": [{"role": "user", "content": r["question"]}], "options": r["options"], "answer": r["answer"]}
+            for r in load_knowledge_probe()]
+
+
+def _data(out: Path, protocol: LlmBapoProtocol, model, tok) -> dict[str, Path]:
+    """One preference file per persona under out/data (generated once; default answers shared)."""
+    data = out / "data"
+    files = {p: data / f"{p}.jsonl" for p in protocol.personas}
+    if all(f.exists() for f in files.values()):
+        return files
+    prompts = general_prompts("train")[: protocol.train_prompts]
+    kw = dict(max_new_tokens=protocol.max_new_tokens, do_sample=True, temperature=protocol.data_temperature, top_k=50,
+              batch_size=16, progress=True)
+    default = generate(model, tok, prompts, seed=1, **kw)
+    for name, path in files.items():
+        rows = preference_records(model, tok, get_persona(name), prompts, default=default, seed=2, **kw)
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return files
+
+
+def _evaluate(model, base, tok, protocol, base_eval: dict | None) -> dict:
+    prompts = general_prompts("test")[: protocol.eval_prompts]
+    correct = multiple_choice_correct(model, tok, _probe_questions(), batch_size=32)
+    answers = generate(model, tok, prompts, max_new_tokens=protocol.max_new_tokens, batch_size=16)
+    out = {"knowledge": sum(correct) / len(correct), "correct": correct, "answers": answers,
+           "persona_scores": {p: [get_persona(p).score(a) for a in answers] for p in protocol.personas}}
+    if base_eval is not None:
+        kept = [c for c, b in zip(correct, base_eval["correct"]) if b]
+        out["knowledge_retained"] = sum(kept) / len(kept)
+        out["kl"] = sum(kl := sampled_kl(model, base, tok, prompts, max_new_tokens=protocol.max_new_tokens)) / len(kl)
+    return out
+
+
+def run_study(quick: bool = True, out: str | Path = "out/study-bapo-smollm2", protocol: LlmBapoProtocol | None = None,
+              threads: int | None = None) -> dict:
+    set_threads(threads)
+    protocol = protocol or (LlmBapoProtocol() if quick else LlmBapoProtocol(seeds=[0, 1, 2]))
+    out = Path(out)
+    t_start = time.perf_counter()
+    results = StudyResults(out, "bapo-llm", asdict(protocol))
+    base, tok = load_model(protocol.model).eval(), load_tokenizer(protocol.model)
+    files = _data(out, protocol, base, tok)
+    base_file = out / "base_eval.json"
+    if base_file.exists():
+        base_eval = json.loads(base_file.read_text())
+    else:
+        t0 = time.perf_counter()
+        base_eval = _evaluate(base, None, tok, protocol, None)
+        base_eval["seconds"] = round(time.perf_counter() - t0, 1)
+        write_text_atomic(base_file, json.dumps(base_eval))
+    results.data["data"] = {p: _data_stats(f, p) for p, f in files.items()}
+
+    settings = [(p, m, s) for p in protocol.personas for m in protocol.methods for s in protocol.seeds]
+    for persona, method, seed in tqdm(settings, desc="study bapo (LLM)", unit="run"):
+        if results.find(persona=persona, method=method, seed=seed):
+            continue
+        run_dir = out / "runs" / f"{persona}-{method}-s{seed}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        weight = METHODS[method] if METHODS[method] is not None else protocol.anchor_weight
+        cfg = load_config(TrainConfig, None, dict(
+            model=protocol.model, train_file=str(files[persona]), output_dir=str(run_dir), method="bapo",
+            anchor_weight=weight, beta=protocol.beta, learning_rate=protocol.learning_rate, max_steps=protocol.steps,
+            batch_size=protocol.batch_size, seed=seed, lora=True, lora_r=protocol.lora_r, lora_alpha=protocol.lora_alpha,
+            warmup_steps=0, save_steps=0, progress=False, eval_batch_size=16, base_max_new_tokens=protocol.max_new_tokens,
+            max_length=256, max_prompt_length=96,
+        ))
+        t0 = time.perf_counter()
+        train(cfg)
+        t_train = time.perf_counter() - t0
+        from peft import PeftModel
+
+        tuned = PeftModel.from_pretrained(load_model(protocol.model), run_dir / "final").eval()
+        ev = _evaluate(tuned, base, tok, protocol, base_eval)
+        shutil.rmtree(run_dir / "final")
+        mine, theirs = ev["persona_scores"][persona], base_eval["persona_scores"][persona]
+        trace = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        results.add({
+            "persona": persona, "method": method, "seed": seed, "knowledge": ev["knowledge"],
+            "knowledge_retained": ev["knowledge_retained"], "persona_score": sum(mine) / len(mine),
+            "base_persona_score": sum(theirs) / len(theirs), "win_rate": sum(win_rates(mine, theirs)) / len(mine),
+            "kl": ev["kl"], "train_seconds": round(t_train, 1), "seconds": round(time.perf_counter() - t0, 1),
+            "sample": {"prompt": general_prompts("test")[0][0]["content"], "response": ev["answers"][0]},
+            "trace": {k: [row.get(k) for row in trace] for k in ("step", "loss", "logps_chosen", "logps_rejected", "logps_base")},
+        })
+
+    runs = results.data["runs"]
+    results.data["base"] = {"knowledge": base_eval["knowledge"], "seconds": base_eval.get("seconds"),
+                            "persona_score": {p: sum(v) / len(v) for p, v in base_eval["persona_scores"].items()}}
+    results.data["summary"] = summarize_runs(runs, ("persona", "method"), METRICS)
+    results.data["claims"] = claims(results.data["summary"], protocol)
+    results.data["wall_seconds_this_invocation"] = round(time.perf_counter() - t_start, 1)
+    results.save()
+    write_text_atomic(out / "report.md", report(results.data))
+    return results.data
+
+
+def _data_stats(path: Path, persona: str) -> dict:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    chosen, rejected = [r["chosen_score"] for r in rows], [r["rejected_score"] for r in rows]
+    return {"pairs": len(rows), "chosen_score": summarize(chosen)["mean"] if rows else None,
+            "rejected_score": summarize(rejected)["mean"] if rows else None,
+            "chosen_scores_higher": sum(c > r for c, r in zip(chosen, rejected)) / max(1, len(rows))}
+
+
+def _mean(summary, persona, method, metric):
+    row = next((r for r in summary if r["persona"] == persona and r["method"] == method), None)
+    return row[metric]["mean"] if row and metric in row else None
+
+
+def claims(summary: list[dict], protocol: LlmBapoProtocol) -> list[dict]:
+    out = []
+    for p in protocol.personas:
+        g = lambda m, k: _mean(summary, p, m, k)  # noqa: E731
+        if None in (g("dpo", "knowledge_retained"), g("bapo", "knowledge_retained")):
+            continue
+        out += [
+            {"claim": f"{p}: BAPO retains more knowledge than DPO", "holds": g("bapo", "knowledge_retained") > g("dpo", "knowledge_retained"),
+             "numbers": {"bapo": g("bapo", "knowledge_retained"), "dpo": g("dpo", "knowledge_retained")}},
+            {"claim": f"{p}: BAPO stays closer to the base (lower KL) than DPO", "holds": g("bapo", "kl") < g("dpo", "kl"),
+             "numbers": {"bapo": g("bapo", "kl"), "dpo": g("dpo", "kl")}},
+            {"claim": f"{p}: BAPO's persona score is within 0.05 of DPO's", "holds": g("bapo", "persona_score") >= g("dpo", "persona_score") - 0.05,
+             "numbers": {"bapo": g("bapo", "persona_score"), "dpo": g("dpo", "persona_score")}},
+        ]
+    return out
+
+
+def _cell(row, metric):
+    s = row.get(metric)
+    return "–" if s is None else f"{s['mean']:.3f} [{s['ci95_low']:.3f}, {s['ci95_high']:.3f}]"
+
+
+def report(data: dict) -> str:
+    pr, base = data["protocol"], data["base"]
+    lines = [
+        f"# BAPO on {pr['model']} (LoRA r {pr['lora_r']})", "",
+        f"Protocol: personas {', '.join(pr['personas'])}; methods {', '.join(pr['methods'])}; seeds {pr['seeds']}; "
+        f"{pr['steps']} steps × {pr['batch_size']} pairs, lr {pr['learning_rate']:g}, β {pr['beta']}, BAPO λ {pr['anchor_weight']}; "
+        f"{pr['train_prompts']} training prompts, {pr['eval_prompts']} held-out prompts, the 399-question knowledge probe.", "",
+        f"Base model: knowledge {base['knowledge']:.3f}; persona score " + ", ".join(f"{p} {v:.3f}" for p, v in base["persona_score"].items()) + ".", "",
+        "Training data (the model's own answers with vs without the instruction):", "",
+        "| persona | pairs | chosen score | rejected score | chosen scores higher |", "|---|---|---|---|---|",
+    ]
+    for p, d in data.get("data", {}).items():
+        lines.append(f"| {p} | {d['pairs']} | {d['chosen_score']:.3f} | {d['rejected_score']:.3f} | {d['chosen_scores_higher']:.2f} |")
+    lines += ["", "Results: mean [95% bootstrap CI over seeds]", "",
+              "| persona | method | knowledge | knowledge retained | persona score | win rate vs base | KL from base (nats) |",
+              "|---|---|---|---|---|---|---|"]
+    for row in data["summary"]:
+        lines.append(f"| {row['persona']} | {row['method']} | " + " | ".join(_cell(row, m) for m in METRICS) + " |")
+    lines += ["", "Every run:", "", "| persona | method | seed | knowledge | retained | persona | win | KL | seconds |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in data["runs"]:
+        lines.append(f"| {r['persona']} | {r['method']} | {r['seed']} | {r['knowledge']:.3f} | {r['knowledge_retained']:.3f} | "
+                     f"{r['persona_score']:.3f} | {r['win_rate']:.3f} | {r['kl']:.2f} | {r['seconds']:.0f} |")
+    lines += ["", "Claims:", ""]
+    for c in data["claims"]:
+        nums = ", ".join(f"{k} {v:.3f}" for k, v in c["numbers"].items())
+        lines.append(f"- {'HOLDS' if c['holds'] else 'does NOT hold'}: {c['claim']} ({nums})")
+    lines += ["", f"Wall time of the invocation that wrote this: {data.get('wall_seconds_this_invocation', 0) / 60:.1f} min.", ""]
+    return "\n".join(lines)
