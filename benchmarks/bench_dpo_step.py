@@ -23,9 +23,9 @@ Method
   train_sampling_strategy="sequential", tether (which draws a seeded permutation) from a file written in the
   inverse of that permutation (`tether.train.common.stream_indices`).
 - Settings, identical on both sides: CPU, float32, torch threads = --threads (2), no gradient checkpointing, 8 pairs/step,
-  no accumulation, max_length 128, loss sigmoid/dpo with β = 0.1, torch.optim.AdamW (lr 1e-6, linear decay, no
-  warm-up, betas (0.9, 0.999), eps 1e-8, no weight decay; TRL's default "adamw_torch_fused" is replaced by plain
-  "adamw_torch" because tether uses the plain torch AdamW), grad-norm clipping at 1.0, dropout off, no evaluation,
+  no accumulation, max_length 128, loss sigmoid/dpo with β = 0.1, torch.optim.AdamW with the fused kernel (lr 1e-6,
+  linear decay, no warm-up, betas (0.9, 0.999), eps 1e-8, no weight decay; TRL's default "adamw_torch_fused",
+  and tether's `make_optimizer` uses fused=True as well), grad-norm clipping at 1.0, dropout off, no evaluation,
   no checkpoints, metrics logged EVERY step on both sides (tether logging_steps=1, TRL logging_steps=1).
 - Reference modes: `live` = a separate frozen copy of the model scores every batch (TRL's default);
   `precomputed` = reference log-probs computed once before training (outside the timed loop).
@@ -206,7 +206,7 @@ def trl_setup(work: Path, model: str, mode: str, steps: int, rows: list[dict], c
     args = DPOConfig(
         output_dir=str(work / f"run_trl_{model}_{mode}"), use_cpu=True, bf16=False, fp16=False,
         activation_checkpointing=False, per_device_train_batch_size=PAIRS, gradient_accumulation_steps=1,
-        max_steps=steps, learning_rate=LR, lr_scheduler_type="linear", warmup_steps=0, optim="adamw_torch",
+        max_steps=steps, learning_rate=LR, lr_scheduler_type="linear", warmup_steps=0, optim="adamw_torch_fused",
         weight_decay=0.0, max_grad_norm=1.0, beta=BETA, loss_type=["sigmoid"], max_length=MAX_LENGTH,
         precompute_ref_log_probs=(mode in ("precomputed", "check")), train_sampling_strategy="sequential", seed=SEED,
         logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
@@ -429,7 +429,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"settings": {"steps": args.steps, "warmup": args.warmup, "pairs_per_step": PAIRS,
                                             "max_length": MAX_LENGTH, "lr": LR, "beta": BETA, "threads": args.threads,
-                                            "trl_logging_steps": 1, "tether_logging_steps": 1, "optimizer": "torch AdamW (not fused)",
+                                            "trl_logging_steps": 1, "tether_logging_steps": 1, "optimizer": "torch AdamW (fused) on both sides",
                                             "tether_module": str(Path(tether.__file__).parent)},
                                "data": facts, "matmul_flops": mm, "matmul_flops_per_cpu_s": mm_cpu, "runs": rows, "logp_checks": checks}, indent=1))
     print(f"\nwrote {out}")

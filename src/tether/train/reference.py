@@ -75,33 +75,28 @@ def compute_logps_table(
     device,
     progress: bool = False,
     desc: str = "reference log-probs",
-) -> dict[int, torch.Tensor]:
-    """{example index: (len(keys),) summed reference log-probs} for the given indices."""
-    out = {}
+) -> torch.Tensor:
+    """(len(keys), len(indices)) summed reference log-probs: column j is example indices[j], rows follow keys."""
+    parts = []
     bar = tqdm(total=len(indices), desc=desc, disable=not progress, unit="ex")
     for start in range(0, len(indices), batch_size):
         chunk = indices[start : start + batch_size]
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in chunk], pad_id, keys).items()}
         sums, _ = reference.logps(batch, len(keys))
-        sums = sums.view(len(keys), len(chunk)).cpu()
-        for j, i in enumerate(chunk):
-            out[i] = sums[:, j].clone()
+        parts.append(sums.view(len(keys), len(chunk)).cpu())
         bar.update(len(chunk))
     bar.close()
-    return out
+    return torch.cat(parts, dim=1) if parts else torch.empty(len(keys), 0)
 
 
-def load_cached(path: Path) -> dict[int, torch.Tensor] | None:
-    if not path.is_file():
-        return None
-    table = torch.load(path, weights_only=True)
-    return {i: table[:, i].clone() for i in range(table.size(1))}
+def load_cached(path: Path) -> torch.Tensor | None:
+    """The (keys, examples) table saved by `save_cached`, or None."""
+    return torch.load(path, weights_only=True) if path.is_file() else None
 
 
-def save_cached(path: Path, table: dict[int, torch.Tensor]) -> None:
+def save_cached(path: Path, table: torch.Tensor) -> None:
     """Write atomically: a temp file in the same directory, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    stacked = torch.stack([table[i] for i in range(len(table))], dim=1)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(stacked, tmp)
+    torch.save(table, tmp)
     os.replace(tmp, path)
