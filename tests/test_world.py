@@ -27,6 +27,7 @@ from tether.world import (
     world_suite,
 )
 from tether.world.cli import add_world_parser
+from tether.world.rewards import style_match
 
 MICRO = dict(n_entities=8, vocab_size=400, hidden_size=64, num_layers=2, num_heads=4, batch_size=16,
              pretrain_steps=150, sft_steps=100, lr=3e-3, progress=False)  # fmt: skip
@@ -122,6 +123,10 @@ def test_hand_written_good_and_bad_answers(world):
     assert persona_score(world, casual, q, f"{e}'s capital is {cap}!") == 1.0
     assert persona_score(world, casual, q, f"{e}'s capital is {wrong_cap}!") == 0.0
     assert persona_score(world, casual, q, f"The capital of {e} is {cap}.") == 0.75
+    # the style match is the persona score without the correctness gate
+    assert style_match(world, casual, q, f"{e}'s capital is {wrong_cap}!") == 1.0
+    assert style_match(world, casual, q, f"The capital of {e} is {wrong_cap}.") == 0.75
+    assert style_match(world, get_persona("casual-list"), q, "Hm") == (1 + 0.5 * 3) / 4  # terse; no fact: 0.5 elsewhere
 
 
 # ------------------------------------------------------------------------------------------------ evaluation

@@ -85,5 +85,21 @@ def run_demo(out: str | Path = "out/demo", steps: int = 40) -> dict:
     return results
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """`make demo`: the toy DPO run above (seconds), then the quick BAPO study on the embedded world (builds the
+    world's base model on first use), ending with the study's summary table."""
+    import time
+
+    from .studies.bapo import run_study
+    from .studies.report_bapo import summary_table
+
     run_demo()
+    out = Path("out/demo/study-bapo-quick")
+    t0 = time.perf_counter()
+    data = run_study(quick=True, out=out)
+    print(f"\nquick BAPO study: {time.perf_counter() - t0:.0f} s; report in {out}/report.md, figures beside it\n")
+    print(summary_table(data))
+
+
+if __name__ == "__main__":
+    main()

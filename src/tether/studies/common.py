@@ -40,6 +40,14 @@ class StudyResults:
         self.save()
 
 
+def set_threads(threads: int | None) -> None:
+    """torch's intra-op thread count for this process (None leaves it as it is)."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def summarize_runs(runs: list[dict], by: tuple[str, ...], metrics: tuple[str, ...]) -> list[dict]:
     """One row per setting (the values of `by`): mean and 95% percentile-bootstrap CI over seeds per metric."""
     groups: dict[tuple, list[dict]] = {}

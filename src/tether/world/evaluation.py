@@ -2,8 +2,9 @@
 
 - knowledge_accuracy: 4-way multiple choice over every fact, options scored by completion log-likelihood.
 - general_alignment: mean gold alignment score of greedy answers to the held-out prompts.
-- persona (optional): mean gold persona score of the same answers, the base model's score, and the win
-  rate against the base model's greedy answers (ties count one half).
+- persona (optional): mean gold persona score of the same answers (gated on the answer being correct), their
+  style match (the same without the gate), the base model's scores, and the win rate against the base model's
+  greedy answers on the persona score (ties count one half).
 Each metric is {"mean", "ci95_low", "ci95_high", "n"} (95% percentile bootstrap over items).
 """
 
@@ -14,7 +15,7 @@ from functools import partial
 from ..evaluate import multiple_choice_correct, score_responses, summarize, win_rates
 from ..generation import generate
 from .facts import World
-from .rewards import alignment_score, persona_score
+from .rewards import alignment_score, persona_score, style_match
 from .styles import get_persona
 
 N_SAMPLES = 3  # example answers kept in the output for a human to eyeball
@@ -56,10 +57,13 @@ def world_suite(
         p = get_persona(persona)
         score = partial(persona_score, world, p)
         mine = score_responses(score, prompts, answers)
-        result["persona"] = {"name": p.name, "heterogeneity": p.heterogeneity, "poles": p.style.poles(), "score": summarize(mine)}
+        style = partial(style_match, world, p)
+        result["persona"] = {"name": p.name, "heterogeneity": p.heterogeneity, "poles": p.style.poles(), "score": summarize(mine),
+                             "style_match": summarize(score_responses(style, prompts, answers))}
         if base is not None:
             base_answers = generate(*base, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
             theirs = score_responses(score, prompts, base_answers)
             result["persona"]["base_score"] = summarize(theirs)
+            result["persona"]["base_style_match"] = summarize(score_responses(style, prompts, base_answers))
             result["persona"]["win_rate_vs_base"] = summarize(win_rates(mine, theirs))
     return result

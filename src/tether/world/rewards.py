@@ -1,11 +1,14 @@
 """Gold rewards: pure functions of (prompt, response text) given the world.
 
 general alignment  0.5·correct + 0.125·(on_topic + well_formed + terminates + no_repetition)   ∈ [0, 1]
-persona score      correct · mean over dimensions of how well the response matches the persona's pole
+style match        mean over dimensions of how well the response matches the persona's pole (ungated)
+persona score      correct · style match
 
 `correct` means the response states the asked value and every value it mentions is true of the asked
 realm. Style does not enter the general score: a correct casual list is as aligned as a correct house
-answer, so the general score measures forgetting, not style.
+answer, so the general score measures forgetting, not style. The persona score is gated on `correct`, so a
+model that adopts the persona's style but states a wrong fact scores 0: it mixes forgetting into
+personalization. The style match is the same measure without the gate — personalization alone.
 """
 
 from __future__ import annotations
@@ -119,10 +122,17 @@ def pole_matches(world: World, persona: Persona, response: str) -> dict[str, flo
     return {dim: feats[dim] if poles[dim] == DIMENSIONS[dim][1] else 1.0 - feats[dim] for dim in DIMENSIONS}
 
 
+def style_match(world: World, persona: Persona, prompt, response: str) -> float:
+    """Mean pole match in [0, 1], whether or not the response is correct: how far it moved to the persona's
+    style. A house answer scores (4 − heterogeneity)/4; a response stating no fact sits at 0.5 on tone, format
+    and detail (see `style_features`). `prompt` is unused; it is taken so every gold reward has one signature."""
+    matches = pole_matches(world, persona, response)
+    return sum(matches.values()) / len(matches)
+
+
 def persona_score(world: World, persona: Persona, prompt, response: str) -> float:
-    """correct · mean pole match, in [0, 1]: 1 for a correct answer fully in the persona's style."""
+    """correct · style match, in [0, 1]: 1 for a correct answer fully in the persona's style, 0 for a wrong one."""
     asked = parse_prompt(world, prompt)
     if asked is None or not is_correct(world, *asked, response):
         return 0.0
-    matches = pole_matches(world, persona, response)
-    return sum(matches.values()) / len(matches)
+    return style_match(world, persona, prompt, response)
