@@ -3,34 +3,67 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 
 def _run_bapo(args) -> int:
+    from .report_bapo import summary_table
+
+    if args.model:
+        from . import bapo_llm
+
+        proto = bapo_llm.LlmBapoProtocol(model=args.model) if args.quick else bapo_llm.LlmBapoProtocol(model=args.model, seeds=[0, 1, 2])
+        out = args.out or f"out/study-bapo-{Path(args.model).name}{'-quick' if args.quick else ''}"
+        bapo_llm.run_study(out=out, protocol=proto, threads=args.threads)
+        print((Path(out) / "report.md").read_text())
+        print(f"study written to {out} (results.json, report.md)")
+        return 0
+
     from .bapo import run_pilot, run_study
 
     if args.pilot:
         out = args.out or "out/study-bapo-pilot"
-        run_pilot(out)
-        print((__import__("pathlib").Path(out) / "pilot.md").read_text())
+        run_pilot(out, threads=args.threads)
+        print((Path(out) / "pilot.md").read_text())
         return 0
 
     out = args.out or ("out/study-bapo-quick" if args.quick else "out/study-bapo")
-    data = run_study(quick=args.quick, out=out)
-    print((__import__("pathlib").Path(out) / "report.md").read_text())
-    print(f"study written to {out} (results.json, report.md, figures); claims: "
-          + ", ".join(f"{'holds' if c['holds'] else 'does not hold'}" for c in data["claims"]))
+    data = run_study(quick=args.quick, out=out, threads=args.threads)
+    print((Path(out) / "report.md").read_text())
+    print(summary_table(data))
+    print(f"study written to {out} (results.json, report.md, figures)")
     return 0
 
 
+def _run_bpo(args) -> int:
+    from .bpo import run_from_args
+
+    return run_from_args(args)
+
+
 def add_study_parser(subparsers) -> None:
-    p = subparsers.add_parser("study", help="reproduce a paper's experiment on the embedded world",
+    from .bpo import add_bpo_arguments
+
+    p = subparsers.add_parser("study", help="reproduce a paper's experiment on the embedded world (or a chat model)",
                               description="Run a paper study; an interrupted study resumes where it stopped.")
     sub = p.add_subparsers(dest="study", metavar="STUDY", required=True)
     b = sub.add_parser(
         "bapo", help="personalization vs forgetting: DPO, IPO, SLiC, DPO+NLL and BAPO across heterogeneity levels",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    b.add_argument("--quick", action="store_true", help="1 seed, heterogeneity 1-3, 60 steps (its duration is not measured yet)")
+    b.add_argument("--quick", action="store_true",
+                   help="1 seed, heterogeneity 1 and 3 (full: seeds 0-2, heterogeneity 1-3); same steps and learning rate")
     b.add_argument("--pilot", action="store_true", help="rerun the pilot that chose the learning rate and default λ")
+    b.add_argument("--model", default=None,
+                   help="run the study on this chat model instead of the embedded world (e.g. smollm2-135m-instruct): "
+                   "DPO vs BAPO with LoRA on instruction-defined personas, knowledge probe, KL from the base")
+    b.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the study process")
     b.add_argument("--out", default=None, help="study directory (default: out/study-bapo or out/study-bapo-quick)")
     b.set_defaults(func=_run_bapo)
+    q = sub.add_parser(
+        "bpo", help="online DAP at one annotation budget: offline, on-policy, BPO F=2 / F=T and the π_ref ablation",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_bpo_arguments(q)
+    q.set_defaults(func=_run_bpo)

@@ -1,0 +1,141 @@
+"""Starting and reference models for online preference optimization on the embedded world (the BPO study).
+
+Why this exists: the world's base model is instruction-tuned on house-style answers only, so it is extremely
+peaked — at temperature 1, top-k 50 both samples of a prompt are almost always the same house answer, the
+online loop drops every identical pair, and nothing is learned. Online DAP needs a π_sft whose samples differ.
+
+    π_sft   the base model fine-tuned (all weights) on correct answers to the train-split questions rendered in
+            uniformly random styles (all 16 of world/styles.py), a fresh style per example; sampling it at
+            temperature 1 gives answers of many styles, so pairs differ and the persona oracle separates them.
+    π_gold  π_sft fine-tuned further on the target persona's answers (train split): a stronger fixed model
+            for the "π_ref = π_gold" ablation of the BPO paper.
+
+Both are built once per setting and cached like the base model: `cache_dir()/world-online/<fingerprint>`,
+where the fingerprint hashes the base model's fingerprint and every setting of this stage; a build is written
+into a temporary directory and renamed into place. The training recipe is build.py's (`_train_stage`: AdamW,
+linear warm-up, cosine decay to a tenth, loss on answer tokens only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..models import cache_dir, load_model, load_tokenizer
+from .build import WorldSettings, _train_stage, ensure_base_model
+from .facts import World
+from .styles import PERSONAS, Style, get_persona, render
+
+ONLINE_VERSION = 1  # bump when the recipe below changes
+
+
+@dataclasses.dataclass
+class OnlineModelSettings:
+    """Everything that determines π_sft (and, with `persona`, π_gold)."""
+
+    world: dict = dataclasses.field(default_factory=dict)  # WorldSettings overrides (the default world when empty)
+    seed: int = 0  # styles drawn per example and batch order
+    sft_steps: int = 300  # π_sft: steps on random-style answers
+    gold_steps: int = 150  # π_gold: further steps on the target persona's answers
+    batch_size: int = 32
+    lr: float = 5e-4  # peak AdamW learning rate (warm-up 30 steps, cosine to a tenth)
+    styles_per_question: int = 8  # random-style renderings of each train question in π_sft's data
+
+    def world_settings(self) -> WorldSettings:
+        return WorldSettings(**{**self.world, "progress": False})
+
+    def fingerprint(self, stage: str) -> str:
+        blob = json.dumps({"version": ONLINE_VERSION, "stage": stage, "base": self.world_settings().fingerprint(),
+                           **dataclasses.asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _examples(world: World, tokenizer, answers: list[tuple[str, str]]) -> list[tuple[list[int], int]]:
+    """(prompt + answer token ids, prompt length) for (question text, answer text) pairs, chat-formatted."""
+    rows = []
+    for question, answer in answers:
+        messages = [{"role": "user", "content": question}]
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=False)
+        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        rows.append((p_ids + tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"], len(p_ids)))
+    return rows
+
+
+def random_style_answers(world: World, per_question: int, seed: int) -> list[tuple[str, str]]:
+    """(question, answer) with `per_question` uniformly random styles (of the 16) per train question."""
+    rng = random.Random(f"{world.seed}/online-sft/{seed}")
+    styles = [p.style for p in PERSONAS.values()]
+    return [(q.text, render(world, q.entity, q.attribute, rng.choice(styles), rng))
+            for q in world.questions("train") for _ in range(per_question)]
+
+
+def persona_answers(world: World, style: Style, seed: int) -> list[tuple[str, str]]:
+    rng = random.Random(f"{world.seed}/online-gold/{seed}")
+    return [(q.text, render(world, q.entity, q.attribute, style, rng)) for q in world.questions("train")]
+
+
+def _finetune(start: Path, answers, steps: int, settings: OnlineModelSettings, out: Path, stage: str, progress: bool) -> dict:
+    t0 = time.time()
+    model, tokenizer = load_model(start), load_tokenizer(start)
+    world = settings.world_settings().world()
+    rows = _examples(world, tokenizer, answers)
+    rng = random.Random(settings.seed)
+    torch.manual_seed(settings.seed)
+    with tqdm(total=steps, desc=f"world {stage}", disable=not progress) as bar:
+        loss = _train_stage(model, rows, steps, settings, rng, bar, stage)
+    model.eval()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    report = {"stage": stage, "start": str(start), "settings": dataclasses.asdict(settings), "examples": len(rows),
+              "final_loss": loss, "seconds": round(time.time() - t0, 1), "torch_threads": torch.get_num_threads()}
+    (out / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _cached(target: Path, build) -> Path:
+    """`target` if it holds a finished build, else build into a temp dir renamed into place."""
+    if (target / "build_report.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # someone else finished the same build first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def ensure_sft_model(settings: OnlineModelSettings | None = None, progress: bool = True) -> Path:
+    """π_sft: the world base model fine-tuned on random-style answers (built once, then cached)."""
+    settings = settings or OnlineModelSettings()
+    base = ensure_base_model(dataclasses.replace(settings.world_settings(), progress=progress))
+    world = settings.world_settings().world()
+    answers = random_style_answers(world, settings.styles_per_question, settings.seed)
+    target = cache_dir() / "world-online" / f"sft-{settings.fingerprint('sft')}"
+    return _cached(target, lambda tmp: _finetune(base, answers, settings.sft_steps, settings, tmp, "sft", progress))
+
+
+def ensure_gold_model(persona: str, settings: OnlineModelSettings | None = None, progress: bool = True) -> Path:
+    """π_gold: π_sft fine-tuned further on `persona`'s answers (built once, then cached)."""
+    settings = settings or OnlineModelSettings()
+    sft = ensure_sft_model(settings, progress)
+    world = settings.world_settings().world()
+    answers = persona_answers(world, get_persona(persona).style, settings.seed)
+    target = cache_dir() / "world-online" / f"gold-{persona}-{settings.fingerprint('gold')}"
+    return _cached(target, lambda tmp: _finetune(sft, answers, settings.gold_steps, settings, tmp, f"gold {persona}", progress))
