@@ -16,6 +16,8 @@ Method
   reference copy (its default, π_ref = π_sft), generation through `model.generate` (no vLLM). tether samples
   every step too (phases = steps), twice: `reference: initial` (the same algorithm and work: one reference
   forward per step) and `reference: behavior` (BPO: log π_β comes from the sampling pass, no reference forward).
+  TRL's OnlineDPOConfig defaults to gradient_checkpointing=True, which also turns the key/value cache off during
+  generation (about 16× slower sampling here); the benchmark sets it to False, as tether never checkpoints.
 - Timing: wall-clock stamps at the end of every step (TRL: a TrainerCallback; tether: the loop's per-step hook),
   first --warmup steps dropped, median shown. Breakdown (averaged over ALL steps, warm-up included, so TRL's
   "update" also carries its start-up): tether's own per-phase timers (results.json "seconds"); TRL's
@@ -102,7 +104,7 @@ def run_trl(work: Path, model: str, steps: int, new_tokens: int) -> dict:
 
     path = work / f"model_{model}"
     args = OnlineDPOConfig(
-        output_dir=str(work / f"run_trl_{model}"), use_cpu=True, bf16=False, fp16=False,
+        output_dir=str(work / f"run_trl_{model}"), use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
         per_device_train_batch_size=PROMPTS_PER_STEP, gradient_accumulation_steps=1, max_steps=steps,
         learning_rate=LR, lr_scheduler_type="linear", warmup_steps=0, optim="adamw_torch", weight_decay=0.0,
         max_grad_norm=1.0, beta=BETA, loss_type="sigmoid", max_new_tokens=new_tokens, temperature=1.0, top_k=TOP_K,

@@ -86,19 +86,21 @@ def run_demo(out: str | Path = "out/demo", steps: int = 40) -> dict:
 
 
 def main() -> None:
-    """`make demo`: the toy DPO run above (seconds), then the quick BAPO study on the embedded world (builds the
-    world's base model on first use), ending with the study's summary table."""
+    """`make demo`: the toy DPO run above (seconds), then the quick BAPO study and the quick BPO study on the
+    embedded world (building the world's models on first use), each ending with its summary table."""
     import time
 
-    from .studies.bapo import run_study
-    from .studies.report_bapo import summary_table
+    from .studies import bapo, bpo
+    from .studies.report_bapo import summary_table as bapo_table
+    from .studies.report_bpo import summary_table as bpo_table
 
     run_demo()
-    out = Path("out/demo/study-bapo-quick")
-    t0 = time.perf_counter()
-    data = run_study(quick=True, out=out)
-    print(f"\nquick BAPO study: {time.perf_counter() - t0:.0f} s; report in {out}/report.md, figures beside it\n")
-    print(summary_table(data))
+    for name, study, table in (("BAPO", bapo, bapo_table), ("BPO", bpo, bpo_table)):
+        out = Path(f"out/demo/study-{name.lower()}-quick")
+        t0 = time.perf_counter()
+        data = study.run_study(quick=True, out=out)
+        print(f"\nquick {name} study: {time.perf_counter() - t0:.0f} s; report in {out}/report.md, figures beside it\n")
+        print(table(data))
 
 
 if __name__ == "__main__":
