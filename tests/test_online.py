@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli
+from conftest import run_cli
+from test_train import assert_params_close, final_params
 from tether.config import TetherError, load_config
 from tether.demo import toy_preferences, write_jsonl
 from tether.logprobs import sequence_logps
@@ -41,18 +41,6 @@ def config(model_dir, prompt_file, out, **overrides):
 
 def metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def final_params(run_dir):
-    final = run_dir / "final"
-    name = "adapter_model.safetensors" if (final / "adapter_model.safetensors").exists() else "model.safetensors"
-    return load_file(final / name)
-
-
-def assert_params_close(a, b, atol):
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
 
 
 @pytest.fixture(autouse=True)
