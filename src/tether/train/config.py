@@ -85,7 +85,7 @@ class TrainConfig(CommonConfig):
     method: str = option(
         "dap", "dap = the preference loss alone; bapo = loss + anchor_weight · anchor on base responses", choices=("dap", "bapo")
     )
-    anchor_weight: float = option(1.0, "λ: weight of the BAPO anchor (bapo only)")
+    anchor_weight: float = option(0.1, "λ: weight of the BAPO anchor (bapo only; 0.1 = the embedded-world pilot's choice, README \"Studies\")")
     anchor_form: str = option(
         "hinge", "hinge = max(0, log π_ref(y_b) − log π_θ(y_b)); squared = (log π_θ(y_b) − log π_ref(y_b))²",
         choices=("hinge", "squared"),
