@@ -253,3 +253,20 @@ def test_online_help_lists_every_option():
     assert r.returncode == 0
     for name in ("--phases", "--reference", "--ensemble_merge", "--oracle_noise", "--prompts_per_step", "--ema_rate"):
         assert name in r.stdout
+
+
+def test_reward_model_oracle_from_a_local_directory(model_dir, tokenizer, tmp_path):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    cfg.num_labels, cfg.pad_token_id = 1, tokenizer.pad_token_id
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(cfg).save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    oracle = load_oracle(f"reward-model:{tmp_path / 'rm'}")
+    prompts = [[{"role": "user", "content": "What colour is the sky?"}], "What colour is grass?\n"]
+    scores = oracle.score(prompts, ["Blue.", "Green, I believe."])
+    assert len(scores) == 2 and all(math.isfinite(s) for s in scores) and scores[0] != scores[1]
+    assert oracle.score(prompts[:1], ["Blue."]) == pytest.approx(scores[:1], abs=1e-5)  # batching does not change a score
+    with pytest.raises(TetherError, match="no such directory"):
+        load_oracle(f"reward-model:{tmp_path / 'missing'}")
