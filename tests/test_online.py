@@ -270,3 +270,17 @@ def test_reward_model_oracle_from_a_local_directory(model_dir, tokenizer, tmp_pa
     assert oracle.score(prompts[:1], ["Blue."]) == pytest.approx(scores[:1], abs=1e-5)  # batching does not change a score
     with pytest.raises(TetherError, match="no such directory"):
         load_oracle(f"reward-model:{tmp_path / 'missing'}")
+
+
+@pytest.mark.parametrize("reference,lora", [("behavior", True), ("initial", True), ("behavior", False)])
+def test_online_bapo_anchor_on_the_initial_models_own_answers(model_dir, prompt_file, tmp_path, reference, lora):
+    kw = dict(lora=True, lora_r=4, lora_alpha=8, learning_rate=5e-2) if lora else {}
+    run = online_train(config(model_dir, prompt_file, tmp_path / "anchor", anchor_weight=1.0, reference=reference, phases=1, **kw))
+    rows = metrics(run)
+    assert rows[0]["anchor"] == pytest.approx(0.0, abs=1e-4) and rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert all("logps_base" in r and "anchor_active" in r for r in rows)
+    assert all(r["anchor"] >= 0 for r in rows) and rows[-1]["logps_base"] != rows[0]["logps_base"]
+    if lora:  # at this learning rate the policy's log-prob of its initial answers drops: the hinge is active
+        assert rows[-1]["anchor"] > 0
+    ledger = [json.loads(l) for l in (run / "ledger.jsonl").read_text().splitlines()]
+    assert all(r["base_ids"] and isinstance(r["base_logp"], float) for r in ledger)

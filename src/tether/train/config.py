@@ -20,6 +20,11 @@ class CommonConfig:
     beta: float = option(0.1, "β: strength of the tie to the reference (all three losses)")
     label_smoothing: float = option(0.0, "ε of conservative DPO, in [0, 0.5); dpo only")
     nll_weight: float = option(0.0, "α: weight of the NLL (−mean log-prob) of the chosen response added to the loss")
+    anchor_form: str = option(
+        "hinge", "hinge = max(0, log π_ref(y_b) − log π_θ(y_b)); squared = (log π_θ(y_b) − log π_ref(y_b))²",
+        choices=("hinge", "squared"),
+    )
+    anchor_normalize: str = option("sum", "anchor on summed log-probs, or per-token mean", choices=("sum", "mean"))
     # tokenization
     max_length: int = option(512, "max tokens of prompt + completion; completions are cut from the right")
     max_prompt_length: int = option(256, "max prompt tokens; prompts are cut from the left")
@@ -86,11 +91,6 @@ class TrainConfig(CommonConfig):
         "dap", "dap = the preference loss alone; bapo = loss + anchor_weight · anchor on base responses", choices=("dap", "bapo")
     )
     anchor_weight: float = option(0.1, "λ: weight of the BAPO anchor (bapo only; 0.1 = the embedded-world pilot's choice, README \"Studies\")")
-    anchor_form: str = option(
-        "hinge", "hinge = max(0, log π_ref(y_b) − log π_θ(y_b)); squared = (log π_θ(y_b) − log π_ref(y_b))²",
-        choices=("hinge", "squared"),
-    )
-    anchor_normalize: str = option("sum", "anchor on summed log-probs, or per-token mean", choices=("sum", "mean"))
     base_decoding: str = option("greedy", "how the base model writes its responses y_b", choices=("greedy", "sampled"))
     base_samples: int = option(1, "base responses per prompt (more than 1 needs base_decoding: sampled)")
     base_max_new_tokens: int = option(128, "max new tokens of a base response")

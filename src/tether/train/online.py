@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..config import TetherError
 from ..data import Example, collate, load_prompt_records
-from ..evaluate import summarize, win_rates
+from ..evaluate import completion_logps_ids, summarize, win_rates
 from ..generation import eos_token_ids, generate_ids, prompt_ids
 from ..models import load_tokenizer
 from ..oracles import Annotator, load_oracle
@@ -66,6 +66,8 @@ class OnlineRun:
         self.eos = eos_token_ids(self.policy.model, self.tokenizer)
         self.ledger = Ledger(self.run_dir / "ledger.jsonl", writable=self.acc.is_main_process)
         self.prompt_ids = {}
+        self.keys = ("chosen", "rejected", "base") if cfg.anchor_weight > 0 else ("chosen", "rejected")
+        self.base_answers: dict[int, tuple[list[int], float]] = {}  # BAPO anchor: prompt -> (y_b, log π_sft(y_b))
         self.timing = {"sample_s": 0.0, "annotate_s": 0.0, "reference_s": 0.0, "update_s": 0.0}
 
     # ------------------------------------------------------------------------------------------ data
@@ -75,6 +77,18 @@ class OnlineRun:
             ids = prompt_ids(self.tokenizer, self.prompts[index].prompt)
             self.prompt_ids[index] = ids[-self.cfg.max_prompt_length :]
         return self.prompt_ids[index]
+
+    def _base_answers(self, indices: list[int]) -> list[tuple[list[int], float]]:
+        """BAPO's anchor: the initial model's greedy answer y_b to each prompt and log π_sft(y_b), once per prompt."""
+        todo = sorted({i for i in indices if i not in self.base_answers})
+        if todo:
+            prompts = [self._ids(i) for i in todo]
+            max_new = min(self.cfg.max_new_tokens, self.cfg.max_length - self.cfg.max_prompt_length)
+            with self.policy.initial() as model:
+                ys = generate_ids(model, self.tokenizer, prompts, max_new_tokens=max_new, batch_size=self.cfg.eval_batch_size)
+                logps = completion_logps_ids(model, prompts, ys, self.tokenizer.pad_token_id, self.cfg.eval_batch_size)
+            self.base_answers.update({i: (y, lp) for i, y, lp in zip(todo, ys, logps)})
+        return [self.base_answers[i] for i in indices]
 
     def _text(self, ids: list[int]) -> str:
         return self.tokenizer.decode([t for t in ids if t not in self.eos], skip_special_tokens=True).strip()
@@ -103,6 +117,9 @@ class OnlineRun:
                 "status": "identical" if ids[0] == ids[1] else "pending", "oracle": self.annotator.oracle.id,
                 "behavior_version": version,
             })
+        if self.cfg.anchor_weight > 0:
+            for r, (y, lp) in zip(rows, self._base_answers(indices)):
+                r.update(base_ids=y, base_logp=lp)
         pending = [r for r in rows if r["status"] == "pending"]
         if pending:
             notes = self.annotator.annotate([r["prompt"] for r in pending], [tuple(r["responses"]) for r in pending], [seeds[r["slot"] - slots[0]] for r in pending])
@@ -112,16 +129,20 @@ class OnlineRun:
         return rows
 
     def batch(self, rows: list[dict]):
-        """(collated chosen/rejected batch, π_β log-probs per row) of this process's usable pairs."""
-        examples, logps = [], [[], []]
+        """(collated batch of this process's usable pairs, key-major: chosen, rejected (and BAPO's y_b); the
+        log-probs of those rows under π_β, and under π_sft for y_b)."""
+        examples, logps = [], [[], [], []]
         for r in rows:
             w, lo = r["label"], 1 - r["label"]
-            prompt = self._ids(r["prompt_index"])
-            examples.append(Example(prompt, {"chosen": r["response_ids"][w], "rejected": r["response_ids"][lo]}, f"step {r['step']} slot {r['slot']}"))
+            comps = {"chosen": r["response_ids"][w], "rejected": r["response_ids"][lo]}
+            if "base" in self.keys:
+                comps["base"] = r["base_ids"]
+                logps[2].append(r["base_logp"])
+            examples.append(Example(self._ids(r["prompt_index"]), comps, f"step {r['step']} slot {r['slot']}"))
             logps[0].append(r["behavior_logps"][w])
             logps[1].append(r["behavior_logps"][lo])
-        batch = {k: v.to(self.acc.device) for k, v in collate(examples, self.tokenizer.pad_token_id).items()}
-        return batch, torch.tensor(logps[0] + logps[1], dtype=torch.float32, device=self.acc.device)
+        batch = {k: v.to(self.acc.device) for k, v in collate(examples, self.tokenizer.pad_token_id, self.keys).items()}
+        return batch, torch.tensor(sum(logps, []), dtype=torch.float32, device=self.acc.device)
 
     # ------------------------------------------------------------------------------------------ evaluation
 
@@ -190,11 +211,12 @@ class OnlineRun:
             if usable:
                 batch, beh = self.batch(mine) if mine else (None, None)
                 t = time.perf_counter()
-                if mine and cfg.reference != "behavior":
-                    beh = policy.reference_logps(batch)
+                if mine and cfg.reference != "behavior":  # y_b's reference stays log π_sft(y_b), from the ledger
+                    n = len(mine)
+                    beh = torch.cat([policy.reference_logps(batch, len(self.keys))[: 2 * n], beh[2 * n :]])
                 timing["reference_s"] += time.perf_counter() - t
                 t = time.perf_counter()
-                stats, grad_norm, lr = policy.step(batch, beh, len(usable)) if mine else self._idle_step(len(usable))
+                stats, grad_norm, lr = policy.step(batch, beh, len(usable), len(self.keys)) if mine else self._idle_step(len(usable))
                 timing["update_s"] += time.perf_counter() - t
                 gathered = gather_object([{k2: v.tolist() for k2, v in stats.items()}])
                 merged = {}
@@ -245,7 +267,7 @@ class OnlineRun:
     def _idle_step(self, n_global: int):
         """This process has no usable pair this step: it still joins the gradient sum (with zeros)."""
         empty = {"input_ids": torch.zeros((0, 1), dtype=torch.long)}
-        return self.policy.step(empty, None, n_global)
+        return self.policy.step(empty, None, n_global, len(self.keys))
 
     def _write_results(self, results: dict) -> None:
         if self.acc.is_main_process:

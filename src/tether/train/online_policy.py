@@ -78,7 +78,7 @@ class OnlinePolicy:
         if not cfg.lora:
             if k > 1:
                 self.behavior_model = _frozen_copy(model)
-            if cfg.reference == "initial":
+            if cfg.reference == "initial" or cfg.anchor_weight > 0:
                 self.initial_model = _frozen_copy(model)
             if cfg.reference == "ema":
                 self.ema_model = _frozen_copy(model)
@@ -165,35 +165,39 @@ class OnlinePolicy:
             return self._as(adapter="merged")
         return self._as(adapter=self.names[0])
 
-    def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def initial(self):
+        """Context yielding π_sft, the policy before training (the base with adapters off, or a frozen copy)."""
+        return self._as(disabled=True) if self.cfg.lora else self._as(model=self.initial_model)
+
+    def reference_logps(self, batch: dict[str, torch.Tensor], n_keys: int = 2) -> torch.Tensor:
         """Summed log π_ref of every row, for references other than π_β (whose log-probs come from sampling)."""
         ref = self.cfg.reference
         if ref == "fixed":
             ctx = self._as(model=self.fixed_model)
         elif ref == "initial":
-            ctx = self._as(disabled=True) if self.cfg.lora else self._as(model=self.initial_model)
+            ctx = self.initial()
         else:
             ctx = self._as(adapter="ema") if self.cfg.lora else self._as(model=self.ema_model)
         with ctx as model:
-            return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], 2)[0]
+            return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], n_keys)[0]
 
     # ------------------------------------------------------------------------------------------ training
 
-    def step(self, batch, ref: torch.Tensor, n_global: int) -> tuple[dict[str, torch.Tensor], float, float]:
+    def step(self, batch, ref: torch.Tensor, n_global: int, n_keys: int = 2) -> tuple[dict[str, torch.Tensor], float, float]:
         """One optimizer step of every adapter on the same pairs; returns per-pair stats (mean over adapters),
         the mean gradient norm and the learning rate.
 
         Each process holds n_local of the n_global usable pairs; the loss is Σ(local pair losses) / n_global
         and gradients are summed over processes, so any split of the pairs gives the same update."""
-        n_local = batch["input_ids"].size(0) // 2
+        n_local = batch["input_ids"].size(0) // n_keys
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         all_stats, norms = [], []
         for name, params, opt, sched in zip(self.names, self.params, self.optimizers, self.schedulers):
             self._activate(name)
             self.model.train()
             if n_local:
-                sums, counts = sequence_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], 2)
-                loss, stats = pair_stats(self.cfg, sums, counts, ref, 2)
+                sums, counts = sequence_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], n_keys)
+                loss, stats = pair_stats(self.cfg, sums, counts, ref, n_keys)
                 (loss * (n_local / n_global)).backward()
                 all_stats.append(stats)
             if distributed:
