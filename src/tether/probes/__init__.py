@@ -70,6 +70,12 @@ def load_knowledge_probe() -> list[dict]:
     return rows
 
 
+def knowledge_questions(rows: list[dict] | None = None) -> list[dict]:
+    """The probe as `evaluate.multiple_choice_correct` questions: the question alone as the user message."""
+    return [{"prompt": [{"role": "user", "content": r["question"]}], "options": r["options"], "answer": r["answer"]}
+            for r in (rows if rows is not None else load_knowledge_probe())]
+
+
 def knowledge_accuracy(model, tokenizer, batch_size: int = 32) -> dict:
     """Cloze multiple-choice accuracy on the knowledge probe (see the module docstring).
 
@@ -79,8 +85,7 @@ def knowledge_accuracy(model, tokenizer, batch_size: int = 32) -> dict:
     from ..evaluate import multiple_choice_correct, summarize
 
     rows = load_knowledge_probe()
-    questions = [{"prompt": [{"role": "user", "content": r["question"]}], "options": r["options"], "answer": r["answer"]} for r in rows]
-    correct = multiple_choice_correct(model, tokenizer, questions, batch_size)
+    correct = multiple_choice_correct(model, tokenizer, knowledge_questions(rows), batch_size)
     by_category: dict[str, list[float]] = defaultdict(list)
     for row, c in zip(rows, correct, strict=True):
         by_category[row["category"]].append(c)

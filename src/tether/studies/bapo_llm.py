@@ -34,6 +34,7 @@ from ..files import write_text_atomic
 from ..generation import generate
 from ..instructed import general_prompts, get_persona, preference_records
 from ..models import load_model, load_tokenizer
+from ..probes import knowledge_questions
 from ..train import TrainConfig, train
 from .common import StudyResults, set_threads, summarize_runs
 
@@ -61,13 +62,6 @@ class LlmBapoProtocol:
     data_temperature: float = 0.7
 
 
-def _probe_questions() -> list[dict]:
-    from ..probes import load_knowledge_probe
-
-    return [{"prompt": [{"role": "user", "content": r["question"]}], "options": r["options"], "answer": r["answer"]}
-            for r in load_knowledge_probe()]
-
-
 def _data(out: Path, protocol: LlmBapoProtocol, model, tok) -> dict[str, Path]:
     """One preference file per persona under out/data (generated once; default answers shared)."""
     data = out / "data"
@@ -86,7 +80,7 @@ def _data(out: Path, protocol: LlmBapoProtocol, model, tok) -> dict[str, Path]:
 
 def _evaluate(model, base, tok, protocol, base_eval: dict | None) -> dict:
     prompts = general_prompts("test")[: protocol.eval_prompts]
-    correct = multiple_choice_correct(model, tok, _probe_questions(), batch_size=32)
+    correct = multiple_choice_correct(model, tok, knowledge_questions(), batch_size=32)
     answers = generate(model, tok, prompts, max_new_tokens=protocol.max_new_tokens, batch_size=16)
     out = {"knowledge": sum(correct) / len(correct), "correct": correct, "answers": answers,
            "persona_scores": {p: [get_persona(p).score(a) for a in answers] for p in protocol.personas}}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from transformers import get_scheduler
 
 from ..config import TetherError, save_config
@@ -128,13 +129,23 @@ def mean_stats(stats: list[dict[str, torch.Tensor]], prefix: str = "") -> dict[s
     return {prefix + k: torch.cat([s[k] for s in stats]).float().mean().item() for k in stats[0]}
 
 
-def save_final(accelerator, model, tokenizer, run_dir: Path) -> Path:
-    """Save the final model (full weights or PEFT adapter) and tokenizer atomically to run_dir/final."""
+def gathered_means(local: dict[str, list[float]], prefix: str = "") -> dict[str, float]:
+    """Per name, the mean of the values of every process (each process calls this with its own lists)."""
+    merged: dict[str, list[float]] = {}
+    for part in gather_object([local]):
+        for k, v in part.items():
+            merged.setdefault(k, []).extend(v)
+    return {prefix + k: sum(v) / len(v) for k, v in merged.items()}
+
+
+def save_final(accelerator, model, tokenizer, run_dir: Path, write=None) -> Path:
+    """Save the final model (full weights or PEFT adapter) and tokenizer atomically to run_dir/final.
+    `write(directory)` replaces `model.save_pretrained(directory)` when the model needs its own way."""
     final = run_dir / "final"
     if accelerator.is_main_process:
         tmp = run_dir / "final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
+        (write or model.save_pretrained)(tmp)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)

@@ -29,6 +29,7 @@ from . import checkpoint
 from .common import (
     MetricsLog,
     crash_hook,
+    gathered_means,
     load_policy,
     make_accelerator,
     make_optimizer,
@@ -145,11 +146,7 @@ def evaluate(accelerator, cfg, scorer, examples, table, reference, keys, pad_id)
         _, stats = pair_stats(cfg, sums, counts, ref, len(keys))
         for k, v in stats.items():
             local.setdefault(k, []).extend(v.tolist())
-    merged: dict[str, list[float]] = {}
-    for part in gather_object([local]):
-        for k, v in part.items():
-            merged.setdefault(k, []).extend(v)
-    return {f"eval_{k}": sum(v) / len(v) for k, v in merged.items()}
+    return gathered_means(local, prefix="eval_")
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:

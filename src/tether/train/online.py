@@ -32,7 +32,7 @@ from ..models import load_tokenizer
 from ..oracles import Annotator, load_oracle
 from ..sampling import sample_responses
 from . import checkpoint
-from .common import MetricsLog, crash_hook, make_accelerator, prepare_run_dir, stream_indices
+from .common import MetricsLog, crash_hook, gathered_means, make_accelerator, prepare_run_dir, save_final, stream_indices
 from .ledger import Ledger
 from .online_config import OnlineConfig
 from .online_policy import OnlinePolicy
@@ -66,6 +66,7 @@ class OnlineRun:
         self.eos = eos_token_ids(self.policy.model, self.tokenizer)
         self.ledger = Ledger(self.run_dir / "ledger.jsonl", writable=self.acc.is_main_process)
         self.prompt_ids = {}
+        self.max_new_tokens = min(cfg.max_new_tokens, cfg.max_length - cfg.max_prompt_length)  # sampled and y_b
         self.keys = ("chosen", "rejected", "base") if cfg.anchor_weight > 0 else ("chosen", "rejected")
         self.base_answers: dict[int, tuple[list[int], float]] = {}  # BAPO anchor: prompt -> (y_b, log π_sft(y_b))
         self.timing = {"sample_s": 0.0, "annotate_s": 0.0, "reference_s": 0.0, "update_s": 0.0}
@@ -83,9 +84,8 @@ class OnlineRun:
         todo = sorted({i for i in indices if i not in self.base_answers})
         if todo:
             prompts = [self._ids(i) for i in todo]
-            max_new = min(self.cfg.max_new_tokens, self.cfg.max_length - self.cfg.max_prompt_length)
             with self.policy.initial() as model:
-                ys = generate_ids(model, self.tokenizer, prompts, max_new_tokens=max_new, batch_size=self.cfg.eval_batch_size)
+                ys = generate_ids(model, self.tokenizer, prompts, max_new_tokens=self.max_new_tokens, batch_size=self.cfg.eval_batch_size)
                 logps = completion_logps_ids(model, prompts, ys, self.tokenizer.pad_token_id, self.cfg.eval_batch_size)
             self.base_answers.update({i: (y, lp) for i, y, lp in zip(todo, ys, logps)})
         return [self.base_answers[i] for i in indices]
@@ -100,11 +100,10 @@ class OnlineRun:
         slots = list(range(self.rank * b, (self.rank + 1) * b))
         indices = [positions[s] for s in slots]
         seeds = [cfg.seed * 1_000_003 + step * cfg.prompts_per_step + s for s in slots]
-        max_new = min(cfg.max_new_tokens, cfg.max_length - cfg.max_prompt_length)
         t = time.perf_counter()
         with self.policy.behavior() as model:
             samples = sample_responses(
-                model, [self._ids(i) for i in indices], seeds, n=2, max_new_tokens=max_new, temperature=cfg.temperature,
+                model, [self._ids(i) for i in indices], seeds, n=2, max_new_tokens=self.max_new_tokens, temperature=cfg.temperature,
                 top_k=cfg.top_k, top_p=cfg.top_p, eos_ids=self.eos, pad_id=self.tokenizer.pad_token_id,
             )
         self.timing["sample_s"] += time.perf_counter() - t
@@ -218,12 +217,7 @@ class OnlineRun:
                 t = time.perf_counter()
                 stats, grad_norm, lr = policy.step(batch, beh, len(usable), len(self.keys)) if mine else self._idle_step(len(usable))
                 timing["update_s"] += time.perf_counter() - t
-                gathered = gather_object([{k2: v.tolist() for k2, v in stats.items()}])
-                merged = {}
-                for part in gathered:
-                    for k2, v in part.items():
-                        merged.setdefault(k2, []).extend(v)
-                row.update({k2: sum(v) / len(v) for k2, v in merged.items()}, grad_norm=grad_norm, lr=lr)
+                row.update(gathered_means({k2: v.tolist() for k2, v in stats.items()}), grad_norm=grad_norm, lr=lr)
             else:
                 lr = policy.learning_rate()
                 policy.skip_step()
@@ -246,9 +240,8 @@ class OnlineRun:
 
         if self.eval_set:
             results["final_eval"] = self.evaluate()
-        final = self.run_dir / "final"
+        final = save_final(acc, policy.model, self.tokenizer, self.run_dir, write=policy.write_final)
         if acc.is_main_process:
-            final = policy.save_final(self.tokenizer, self.run_dir)
             results.update(steps=cfg.steps, phases=cfg.phases, num_processes=self.world, prompts_per_step=cfg.prompts_per_step,
                            annotations=self.ledger.count("ok") + self.ledger.count("tie"), ledger_rows=self.ledger.count(),
                            identical_pairs=self.ledger.count("identical"), ties=self.ledger.count("tie"),

@@ -20,7 +20,6 @@ import contextlib
 import copy
 import dataclasses
 import os
-import shutil
 import warnings
 from pathlib import Path
 
@@ -251,21 +250,15 @@ class OnlinePolicy:
     def optimizer_state(self) -> tuple[StateList, StateList]:
         return StateList(self.optimizers), StateList(self.schedulers)
 
-    def save_final(self, tokenizer, run_dir: Path) -> Path:
-        """The merged policy in Hugging Face format (a PEFT adapter with LoRA), written atomically."""
-        final, tmp = run_dir / "final", run_dir / "final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
+    def write_final(self, directory: Path) -> None:
+        """Write the merged policy in Hugging Face format into `directory` (a PEFT adapter with LoRA)."""
         if not self.cfg.lora:
-            self.model.save_pretrained(tmp)
+            self.model.save_pretrained(directory)
         elif len(self.names) == 1:
-            self.model.save_pretrained(tmp, selected_adapters=["default"])
+            self.model.save_pretrained(directory, selected_adapters=["default"])
         else:
             self._merge_into("merged")
-            self.model.save_pretrained(tmp, selected_adapters=["merged"])
-            for f in (tmp / "merged").iterdir():  # PEFT writes a non-default adapter into a subdirectory
-                os.replace(f, tmp / f.name)
-            (tmp / "merged").rmdir()
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        return final
+            self.model.save_pretrained(directory, selected_adapters=["merged"])
+            for f in (directory / "merged").iterdir():  # PEFT writes a non-default adapter into a subdirectory
+                os.replace(f, directory / f.name)
+            (directory / "merged").rmdir()

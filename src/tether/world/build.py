@@ -93,19 +93,22 @@ def tokenizer_corpus(world: World) -> list[str]:
     return texts
 
 
-def sft_examples(world: World, tokenizer) -> list[tuple[list[int], int]]:
-    """(token ids of prompt + house answer, number of prompt tokens) for every question of the world."""
+def chat_examples(tokenizer, pairs) -> list[tuple[list[int], int]]:
+    """(token ids of prompt + answer, number of prompt tokens) for (question, answer) text pairs, chat-formatted."""
     out = []
-    for q in world.questions():
-        messages = [{"role": "user", "content": q.text}]
+    for question, answer in pairs:
+        messages = [{"role": "user", "content": question}]
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(
-            messages + [{"role": "assistant", "content": render(world, q.entity, q.attribute, HOUSE)}], tokenize=False
-        )
+        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=False)
         assert full.startswith(prompt), "the chat template must render the prompt as a prefix of the conversation"
         p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         out.append((p_ids + tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"], len(p_ids)))
     return out
+
+
+def sft_examples(world: World, tokenizer) -> list[tuple[list[int], int]]:
+    """(token ids of prompt + house answer, number of prompt tokens) for every question of the world."""
+    return chat_examples(tokenizer, [(q.text, render(world, q.entity, q.attribute, HOUSE)) for q in world.questions()])
 
 
 def _batch(rows: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -205,18 +208,22 @@ def world_model_dir(settings: WorldSettings) -> Path:
 def ensure_base_model(settings: WorldSettings | None = None, force: bool = False) -> Path:
     """The cached base model directory for `settings` (defaults: the standard world), building it if absent.
 
-    The build happens in a temporary directory beside the cache entry and is renamed into place; if
-    another process finished the same build first, its copy is kept and ours is discarded.
+    The build happens in a temporary directory beside the cache entry and is renamed into place (`build_cached`).
     """
     settings = settings or WorldSettings()
     settings.validate()
-    target = world_model_dir(settings)
+    return build_cached(world_model_dir(settings), lambda tmp: build_base_model(settings, tmp), force)
+
+
+def build_cached(target: Path, build, force: bool = False) -> Path:
+    """`target` if it holds a finished build (a build_report.json), else `build(tmp)` into a temporary directory
+    beside it, renamed into place; if another process finished the same build first, its copy is kept."""
     if (target / "build_report.json").is_file() and not force:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        build_base_model(settings, tmp)
+        build(tmp)
         if force and target.exists():
             shutil.rmtree(target)
         try:

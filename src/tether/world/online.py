@@ -21,10 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models import cache_dir, load_model, load_tokenizer
-from .build import WorldSettings, _train_stage, ensure_base_model
+from .build import WorldSettings, _train_stage, build_cached, chat_examples, ensure_base_model
 from .facts import World
 from .styles import PERSONAS, Style, get_persona, render
 
@@ -60,18 +57,6 @@ class OnlineModelSettings:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _examples(world: World, tokenizer, answers: list[tuple[str, str]]) -> list[tuple[list[int], int]]:
-    """(prompt + answer token ids, prompt length) for (question text, answer text) pairs, chat-formatted."""
-    rows = []
-    for question, answer in answers:
-        messages = [{"role": "user", "content": question}]
-        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=False)
-        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        rows.append((p_ids + tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"], len(p_ids)))
-    return rows
-
-
 def random_style_answers(world: World, per_question: int, seed: int) -> list[tuple[str, str]]:
     """(question, answer) with `per_question` uniformly random styles (of the 16) per train question."""
     rng = random.Random(f"{world.seed}/online-sft/{seed}")
@@ -88,8 +73,7 @@ def persona_answers(world: World, style: Style, seed: int) -> list[tuple[str, st
 def _finetune(start: Path, answers, steps: int, settings: OnlineModelSettings, out: Path, stage: str, progress: bool) -> dict:
     t0 = time.time()
     model, tokenizer = load_model(start), load_tokenizer(start)
-    world = settings.world_settings().world()
-    rows = _examples(world, tokenizer, answers)
+    rows = chat_examples(tokenizer, answers)
     rng = random.Random(settings.seed)
     torch.manual_seed(settings.seed)
     with tqdm(total=steps, desc=f"world {stage}", disable=not progress) as bar:
@@ -103,24 +87,6 @@ def _finetune(start: Path, answers, steps: int, settings: OnlineModelSettings, o
     return report
 
 
-def _cached(target: Path, build) -> Path:
-    """`target` if it holds a finished build, else build into a temp dir renamed into place."""
-    if (target / "build_report.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        build(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # someone else finished the same build first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
-
-
 def ensure_sft_model(settings: OnlineModelSettings | None = None, progress: bool = True) -> Path:
     """π_sft: the world base model fine-tuned on random-style answers (built once, then cached)."""
     settings = settings or OnlineModelSettings()
@@ -128,7 +94,7 @@ def ensure_sft_model(settings: OnlineModelSettings | None = None, progress: bool
     world = settings.world_settings().world()
     answers = random_style_answers(world, settings.styles_per_question, settings.seed)
     target = cache_dir() / "world-online" / f"sft-{settings.fingerprint('sft')}"
-    return _cached(target, lambda tmp: _finetune(base, answers, settings.sft_steps, settings, tmp, "sft", progress))
+    return build_cached(target, lambda tmp: _finetune(base, answers, settings.sft_steps, settings, tmp, "sft", progress))
 
 
 def ensure_gold_model(persona: str, settings: OnlineModelSettings | None = None, progress: bool = True) -> Path:
@@ -138,4 +104,4 @@ def ensure_gold_model(persona: str, settings: OnlineModelSettings | None = None,
     world = settings.world_settings().world()
     answers = persona_answers(world, get_persona(persona).style, settings.seed)
     target = cache_dir() / "world-online" / f"gold-{persona}-{settings.fingerprint('gold')}"
-    return _cached(target, lambda tmp: _finetune(sft, answers, settings.gold_steps, settings, tmp, f"gold {persona}", progress))
+    return build_cached(target, lambda tmp: _finetune(sft, answers, settings.gold_steps, settings, tmp, f"gold {persona}", progress))
