@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from tether.studies.bapo_llm import METRICS, LlmBapoProtocol, run_study
 
 
@@ -14,6 +16,15 @@ def test_micro_study_writes_every_run_summary_and_claims(model_dir, tmp_path):
     for run in on_disk["runs"]:
         assert all(isinstance(run[m], float) for m in METRICS)
         assert 0 <= run["knowledge_retained"] <= 1 and 0 <= run["win_rate"] <= 1
+        for m in METRICS:  # the kept items are the ones the metric averages
+            assert sum(run["items"][m]) / len(run["items"][m]) == pytest.approx(run[m], abs=1e-9)
+    # one seed: CIs over items; the claims carry the paired BAPO - DPO difference over the same items
+    assert all(row[m]["over"] == "items" and row[m]["n"] == len(on_disk["runs"][0]["items"][m])
+               for row in data["summary"] for m in METRICS)
+    bapo, dpo = (next(r for r in on_disk["runs"] if r["method"] == m) for m in ("bapo", "dpo"))
+    kl_claim = next(c for c in data["claims"] if "KL" in c["claim"])
+    assert kl_claim["difference"]["mean"] == pytest.approx(bapo["kl"] - dpo["kl"], abs=1e-6)
+    assert kl_claim["difference"]["ci95_low"] <= kl_claim["difference"]["mean"] <= kl_claim["difference"]["ci95_high"]
     assert {row["method"] for row in data["summary"]} == {"dpo", "bapo"}
     assert len(data["claims"]) == 3 and all(isinstance(c["holds"], bool) for c in data["claims"])
     assert "does NOT hold" in (tmp_path / "s" / "report.md").read_text() or "HOLDS" in (tmp_path / "s" / "report.md").read_text()

@@ -49,7 +49,9 @@ def set_threads(threads: int | None) -> None:
 
 
 def summarize_runs(runs: list[dict], by: tuple[str, ...], metrics: tuple[str, ...]) -> list[dict]:
-    """One row per setting (the values of `by`): mean and 95% percentile-bootstrap CI over seeds per metric."""
+    """One row per setting (the values of `by`): mean and 95% percentile-bootstrap CI per metric, over seeds;
+    a setting that ran one seed and kept its per-item values (`run["items"][metric]`, whose mean is the metric)
+    gets its CI over those items instead. Each cell says which in "over"."""
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
         groups.setdefault(tuple(run[k] for k in by), []).append(run)
@@ -59,8 +61,11 @@ def summarize_runs(runs: list[dict], by: tuple[str, ...], metrics: tuple[str, ..
         row["seeds"] = sorted(r["seed"] for r in members)
         for m in metrics:
             values = [r[m] for r in members if r.get(m) is not None]
-            if values:
-                row[m] = summarize(values)
+            items = members[0].get("items", {}).get(m) if len(members) == 1 else None
+            if items:
+                row[m] = {**summarize(items), "over": "items"}
+            elif values:
+                row[m] = {**summarize(values), "over": "seeds"}
         rows.append(row)
     return rows
 

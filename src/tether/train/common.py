@@ -153,6 +153,28 @@ def save_final(accelerator, model, tokenizer, run_dir: Path, write=None) -> Path
     return final
 
 
+_KEPT_ALIVE: list = []
+
+
+def end_run(accelerator, *keep) -> None:
+    """Every process leaves the run together. A multi-process run does NOT destroy its gloo process group, and
+    `keep` (the DDP-wrapped model, which holds the group) stays referenced until the process exits.
+
+    Why: torch's ProcessGroupGloo destructor joins its worker threads while holding the GIL, and a worker may
+    still be freeing the tensors of the last collective, which needs the GIL: a deadlock that hit about 1 run in
+    8 on a loaded 2-core machine when `train()` returned and dropped the DDP model (or when
+    `destroy_process_group` dropped the last reference). The CLI leaves multi-process runs through `os._exit`
+    (nothing is torn down); a Python caller's group goes at interpreter exit, long after the workers went idle.
+    The cost: the model stays in memory after a multi-process `train()` returns."""
+    accelerator.wait_for_everyone()
+    if accelerator.num_processes == 1:
+        accelerator.end_training()
+        return
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    _KEPT_ALIVE.extend([accelerator, *keep])
+
+
 def crash_hook(step: int) -> None:
     """Test-only: TETHER_CRASH_AFTER_STEP=N kills the process abruptly after step N (like kill -9)."""
     if os.environ.get("TETHER_CRASH_AFTER_STEP") == str(step):

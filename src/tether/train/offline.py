@@ -29,6 +29,7 @@ from . import checkpoint
 from .common import (
     MetricsLog,
     crash_hook,
+    end_run,
     gathered_means,
     load_policy,
     make_accelerator,
@@ -240,6 +241,5 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             eval_pairs=len(eval_ex), final_model=str(final),
         )
         (run_dir / "results.json").write_text(json.dumps(results, indent=1))
-    accelerator.wait_for_everyone()  # ranks leave together: a rank tearing down gloo early can hang the other
-    accelerator.end_training()
+    end_run(accelerator, scorer)
     return run_dir

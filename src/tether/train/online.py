@@ -32,7 +32,7 @@ from ..models import load_tokenizer
 from ..oracles import Annotator, load_oracle
 from ..sampling import sample_responses
 from . import checkpoint
-from .common import MetricsLog, crash_hook, gathered_means, make_accelerator, prepare_run_dir, save_final, stream_indices
+from .common import MetricsLog, crash_hook, end_run, gathered_means, make_accelerator, prepare_run_dir, save_final, stream_indices
 from .ledger import Ledger
 from .online_config import OnlineConfig
 from .online_policy import OnlinePolicy
@@ -248,8 +248,7 @@ class OnlineRun:
                            oracle_failures=self.ledger.count("oracle_failed"), final_model=str(final),
                            seconds={**{k2: round(v, 2) for k2, v in timing.items()}, "total": round(time.perf_counter() - t0, 2)})
             self._write_results(results)
-        acc.wait_for_everyone()  # ranks leave together: a rank tearing down gloo early can hang the other
-        acc.end_training()
+        end_run(acc)
         return self.run_dir
 
     @staticmethod
