@@ -4,9 +4,13 @@ Run (from the repository root):
 
     .venv/bin/python benchmarks/bench_dpo_step.py                       # everything, ~30 steps per run
     .venv/bin/python benchmarks/bench_dpo_step.py --models tiny --modes live --steps 8 --warmup 2   # quick
+    .venv/bin/python benchmarks/bench_dpo_step.py --models smollm2 --lora 16 --steps 12 --warmup 2 \
+        --out benchmarks/results/dpo_step_smollm2_lora.json     # SmolLM2-135M-Instruct (`make smollm2`), LoRA
     flags: --models tiny,5m --modes live,precomputed --steps 30 --warmup 5 --threads 2 --retries 2 --out PATH
-           --workdir DIR (keep the models, data and per-run logs)
+           --workdir DIR (keep the models, data and per-run logs) --lora R (LoRA rank on both sides; 0 = full)
 
+The parent process never runs a multi-threaded torch op (the matmul peak is measured in a worker), so an
+OMP_WAIT_POLICY=ACTIVE run is not disturbed by a spinning OpenMP pool in the parent.
 On a loaded machine, 2 threads on 2 cores measure the scheduler more than the code (every parallel op waits for
 a descheduled thread: one busy process elsewhere made a 0.4 s step take 6.6 s here); --threads 1, or
 OMP_WAIT_POLICY=PASSIVE in the environment (passed on to the runs), gives steadier numbers there. The
@@ -16,7 +20,12 @@ OMP_WAIT_POLICY=PASSIVE in the environment (passed on to the runs), gives steadi
 Method
 - Models: tiny Llamas from `tether.tiny` (byte-level BPE tokenizer, vocab 2048, trained on the benchmark's own
   words; `tiny_llama`, float32, random init, untied head), saved to a temp dir:
-  tiny = hidden 128 × 2 layers (~1M params), 5m = hidden 256 × 4 layers (~5M params).
+  tiny = hidden 128 × 2 layers (~1M params), 5m = hidden 256 × 4 layers (~5M params). `smollm2` = the pretrained
+  SmolLM2-135M-Instruct from tether's cache (its own tokenizer sizes the data; tied head counted once in P).
+- LoRA (--lora R): rank R, alpha 2R, no dropout, every linear layer except the head, on both sides (TRL through
+  `peft_config`); both then score the reference with the adapter disabled. The nominal backward is 2·P·T (no
+  weight gradients of the frozen base), so step FLOPs = (4 + 2 if live)·P·T. Step 1's loss is log 2 on both
+  sides (LoRA B starts at zero); both seed 42 before PEFT draws lora_A, so later losses agree as well.
 - Data: deterministic standard-format records {"prompt", "chosen", "rejected"}: prompt = 64 tokens, each
   completion = 63 tokens + EOS, so every sequence is ~128 tokens (= max_length, nothing is truncated);
   steps × 8 pairs (one epoch). Both tools consume the SAME batches in the SAME order: TRL with
@@ -65,9 +74,12 @@ import tempfile
 import time
 from pathlib import Path
 
-MODELS = {"tiny": dict(hidden_size=128, num_layers=2), "5m": dict(hidden_size=256, num_layers=4)}
+MODELS = {"tiny": dict(hidden_size=128, num_layers=2), "5m": dict(hidden_size=256, num_layers=4),
+          "smollm2": None}  # None: the pretrained SmolLM2-135M-Instruct (`make smollm2`), with its own tokenizer
+PRETRAINED = {"smollm2": "smollm2-135m-instruct"}
 VOCAB, PAIRS, MAX_LENGTH, PROMPT_TOKENS, COMPLETION_TOKENS = 2048, 8, 128, 64, 63  # completion + EOS = 64
 LR, BETA, SEED = 1e-6, 0.1, 42
+LORA = {"r": 0}  # --lora R: a LoRA adapter (alpha 2R, no dropout, every linear layer but the head) on both sides
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -101,9 +113,17 @@ def build_workdir(work: Path, model_names: list[str], n_pairs: int) -> dict:
     from tether.train.common import stream_indices
 
     words, rng = make_words(), random.Random(1)
-    corpus = [" ".join(rng.choice(words) for _ in range(40)) for _ in range(3000)]
-    corpus += [f"What colour is the {o}? The {o} is {c}, I believe." for o in OBJECTS for c in COLOURS]
-    tok = train_tokenizer(corpus, vocab_size=VOCAB)
+    pretrained = [m for m in model_names if MODELS[m] is None]
+    if pretrained:  # its tokenizer sizes the data; the model directory is tether's cached copy
+        from tether.models import load_tokenizer, resolve_model_path
+
+        if len(model_names) > 1:
+            sys.exit(f"--models {pretrained[0]} runs on its own (its tokenizer differs from the tiny models')")
+        tok = load_tokenizer(PRETRAINED[pretrained[0]])
+    else:
+        corpus = [" ".join(rng.choice(words) for _ in range(40)) for _ in range(3000)]
+        corpus += [f"What colour is the {o}? The {o} is {c}, I believe." for o in OBJECTS for c in COLOURS]
+        tok = train_tokenizer(corpus, vocab_size=VOCAB)
     cache: dict[str, int] = {}
 
     def cost(s: str) -> int:
@@ -127,14 +147,25 @@ def build_workdir(work: Path, model_names: list[str], n_pairs: int) -> dict:
     write_jsonl(permuted, work / "tether.jsonl")
     models = {}
     for name in model_names:
-        model = tiny_llama(tok, **MODELS[name], max_position_embeddings=512, seed=0)
-        model.save_pretrained(work / f"model_{name}")
-        tok.save_pretrained(work / f"model_{name}")
+        if MODELS[name] is None:
+            from tether.models import load_model
+
+            link = work / f"model_{name}"
+            if not link.exists():
+                link.symlink_to(resolve_model_path(PRETRAINED[name]))
+            model = load_model(link)
+        else:
+            model = tiny_llama(tok, **MODELS[name], max_position_embeddings=512, seed=0)
+            model.save_pretrained(work / f"model_{name}")
+            tok.save_pretrained(work / f"model_{name}")
+        head = model.get_output_embeddings().weight
+        tied = head is model.get_input_embeddings().weight
+        total = sum(p.numel() for p in model.parameters())  # a tied head is counted once
         models[name] = {
-            "params_total": sum(p.numel() for p in model.parameters()),
-            "params_nonembedding": sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel(),
-            "lm_head_params": model.get_output_embeddings().weight.numel(),
-            **MODELS[name],
+            # non-embedding parameters + the LM head (a tied head is still a matmul over the vocabulary)
+            "params_total": total, "params_nonembedding": total - (0 if tied else model.get_input_embeddings().weight.numel()),
+            "lm_head_params": head.numel(), "tied_head": tied,
+            **(MODELS[name] or {"hidden_size": model.config.hidden_size, "num_layers": model.config.num_hidden_layers}),
         }
     # tokens per step as tether tokenizes them (the check run shows TRL's tokens are identical)
     from tether.data import load_preference_records, tokenize_records
@@ -152,7 +183,9 @@ def build_workdir(work: Path, model_names: list[str], n_pairs: int) -> dict:
 
 
 def matmul_flops(threads: int, n: int = 1024, repeats: int = 10) -> tuple[float, float]:
-    """float32 n×n matmul FLOP/s, best of `repeats`: per wall-clock second and per process-CPU second."""
+    """float32 n×n matmul FLOP/s, best of `repeats`: per wall-clock second and per process-CPU second. Runs in a
+    worker process: with OMP_WAIT_POLICY=ACTIVE an OpenMP pool in this (parent) process would spin on a core
+    for the whole benchmark."""
     import torch
 
     torch.set_num_threads(threads)
@@ -187,6 +220,7 @@ def run_tether(work: Path, model: str, mode: str, steps: int) -> dict:
         gradient_accumulation_steps=1, max_grad_norm=1.0, weight_decay=0.0, seed=SEED, disable_dropout=True,
         precompute_ref_logps=(mode == "precomputed"), ref_cache_dir=str(out / "refcache"),
         logging_steps=1, eval_steps=0, save_steps=0, report_to="none", progress=False,
+        lora=LORA["r"] > 0, lora_r=max(LORA["r"], 1), lora_alpha=2 * max(LORA["r"], 1), lora_dropout=0.0,
     )
     cfg.validate()
     train(cfg)
@@ -213,7 +247,12 @@ def trl_setup(work: Path, model: str, mode: str, steps: int, rows: list[dict], c
         dataloader_num_workers=0,
     )
     policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return DPOTrainer(model=policy, args=args, train_dataset=Dataset.from_list(rows),
+    peft = None
+    if LORA["r"] > 0:  # TRL then scores the reference with the adapter disabled, as tether does
+        from peft import LoraConfig
+
+        peft = LoraConfig(r=LORA["r"], lora_alpha=2 * LORA["r"], lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    return DPOTrainer(model=policy, args=args, train_dataset=Dataset.from_list(rows), peft_config=peft,
                       processing_class=AutoTokenizer.from_pretrained(path), callbacks=list(callbacks))
 
 
@@ -264,9 +303,15 @@ def worker(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    LORA["r"] = args.lora
     work = Path(args.work)
     fn = {"tether": run_tether, "trl": run_trl}.get(args.worker)
-    res = run_check(work, args.model) if args.worker == "check" else fn(work, args.model, args.mode, args.steps)
+    if args.worker == "matmul":
+        res = dict(zip(("wall", "cpu"), matmul_flops(args.threads)))
+    elif args.worker == "check":
+        res = run_check(work, args.model)
+    else:
+        res = fn(work, args.model, args.mode, args.steps)
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Path(args.result).write_text(json.dumps(res))
 
@@ -280,13 +325,13 @@ def busy_cpu_s() -> float:
     return (sum(f) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
 
 
-def spawn(work: Path, tool: str, model: str, mode: str, steps: int, threads: int) -> dict:
+def spawn(work: Path, tool: str, model: str, mode: str, steps: int, threads: int, lora: int = 0) -> dict:
     result, log = work / f"result_{tool}_{model}_{mode}.json", work / f"log_{tool}_{model}_{mode}.txt"
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1", CUDA_VISIBLE_DEVICES="",
                HF_DATASETS_CACHE=str(work / "hf_datasets"), TETHER_CACHE=str(work / "tether_cache"))
     cmd = [sys.executable, __file__, "--worker", tool, "--model", model, "--mode", mode, "--steps", str(steps),
-           "--work", str(work), "--result", str(result), "--threads", str(threads)]
+           "--work", str(work), "--result", str(result), "--threads", str(threads), "--lora", str(lora)]
     def usage() -> float:  # CPU seconds of this script's finished children
         r = resource.getrusage(resource.RUSAGE_CHILDREN)
         return r.ru_utime + r.ru_stime
@@ -328,9 +373,10 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=2, help="torch threads per run (default 2 = this machine's cores)")
     p.add_argument("--retries", type=int, default=2, help="re-run a measurement disturbed by other processes up to N times")
+    p.add_argument("--lora", type=int, default=0, help="LoRA rank on both sides (alpha 2R, every linear layer); 0 = full fine-tuning")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dpo_step.json"))
     p.add_argument("--workdir", default=None, help="keep models, data and logs here (default: a temp dir)")
-    p.add_argument("--worker", choices=("tether", "trl", "check"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=("tether", "trl", "check", "matmul"), help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
@@ -344,19 +390,28 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_dpo_"))
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(1)  # no OpenMP pool here that could spin (OMP_WAIT_POLICY=ACTIVE) during the runs
     facts = build_workdir(work, models, args.steps * PAIRS)
-    mm_first = matmul_flops(args.threads)
+
+    def matmul() -> tuple[float, float]:
+        r = spawn(work, "matmul", "-", "-", 0, args.threads)
+        return r["wall"], r["cpu"]
+
+    mm_first = matmul()
     import tether
 
     print(f"tether from {Path(tether.__file__).parent} (set PYTHONPATH to benchmark another checkout)")
     print(f"work dir {work}; {facts['pairs']} pairs, sequence lengths {facts['seq_len_min_max']}")
     log2, rows, checks = math.log(2), [], {}
     for model in models:
-        checks[model] = spawn(work, "check", model, "check", 1, args.threads)
+        checks[model] = spawn(work, "check", model, "check", 1, args.threads, args.lora)
         for mode in modes:
-            res = {tool: spawn_quietest(args.retries, work, tool, model, mode, args.steps, args.threads) for tool in ("tether", "trl")}
+            res = {tool: spawn_quietest(args.retries, work, tool, model, mode, args.steps, args.threads, args.lora) for tool in ("tether", "trl")}
             info, T = facts["models"][model], 2 * PAIRS * statistics.mean(facts["step_width"][args.warmup :])
-            flops = (6 + (2 if mode == "live" else 0)) * info["params_nonembedding"] * T
+            # forward 2PT + backward 4PT (2PT with LoRA: no weight gradients of the frozen base) + live reference 2PT
+            flops = ((4 if args.lora else 6) + (2 if mode == "live" else 0)) * info["params_nonembedding"] * T
             Tc = statistics.mean(facts["step_completion_tokens"][args.warmup :])  # tether's LM head sees only these
             P, H = info["params_nonembedding"], info["lm_head_params"]
             row = {"model": model, "mode": mode, "params_total": info["params_total"], "params_nonembedding": P,
@@ -377,7 +432,7 @@ def main() -> None:
             row["loss_last_abs_diff"] = abs(row["tether"]["loss_last"] - row["trl"]["loss_last"])
             rows.append(row)
     # the matmul rate is measured before and after the runs and the better kept (a busy moment only lowers it)
-    mm_last = matmul_flops(args.threads)
+    mm_last = matmul()
     mm, mm_cpu = max(mm_first[0], mm_last[0]), max(mm_first[1], mm_last[1])
     print(f"measured float32 matmul: {mm / 1e9:.1f} GFLOP/s, {mm_cpu / 1e9:.1f} GFLOP per CPU-second "
           f"({args.threads} thread(s), best of 2 × 10 × five 1024² torch.mm)")
@@ -388,25 +443,25 @@ def main() -> None:
 
     print(f"\nseconds per optimizer step, steps {args.warmup + 1}..{args.steps} (8 pairs × 2 rows × ≤{MAX_LENGTH} tokens, "
           f"{args.threads} thread(s)); speed-up = TRL time / tether time = tether steps/s ÷ TRL steps/s")
-    head = (f"{'model':<5} {'mode':<11} | {'tether median':>13} {'min':>7} {'CPU s':>7} | {'TRL median':>10} {'min':>7} "
+    head = (f"{'model':<7} {'mode':<11} | {'tether median':>13} {'min':>7} {'CPU s':>7} | {'TRL median':>10} {'min':>7} "
             f"{'CPU s':>7} | {'speed-up':>8} {'(min)':>6} {'(CPU)':>6} | {'others':>9}")
     print(head + "\n" + "-" * len(head))
     for r in rows:
         t, q = r["tether"], r["trl"]
-        print(f"{r['model']:<5} {r['mode']:<11} | {t['median_step_s']:13.4f} {t['min_step_s']:7.4f} {t['median_step_cpu_s']:7.4f} | "
+        print(f"{r['model']:<7} {r['mode']:<11} | {t['median_step_s']:13.4f} {t['min_step_s']:7.4f} {t['median_step_cpu_s']:7.4f} | "
               f"{q['median_step_s']:10.4f} {q['min_step_s']:7.4f} {q['median_step_cpu_s']:7.4f} | "
               f"{r['speedup_tether_over_trl']:7.2f}x {r['speedup_min']:5.2f}x {r['speedup_cpu']:5.2f}x | "
               f"{t['other_processes_cores']:4.1f}/{q['other_processes_cores']:<4.1f}")
     print("  others = cores kept busy by other processes during the tether/TRL run (0 = quiet machine)")
-    print(f"\npeak RSS per process, and achieved FLOP/s at the median step time: nominal step FLOPs = (6 + 2 if live)·P·T, "
+    print(f"\npeak RSS per process, and achieved FLOP/s at the median step time: nominal step FLOPs = (6, or 4 with LoRA, + 2 if live)·P·T, "
           f"P = non-embedding params incl. lm_head, T = tokens per step; %peak = of the measured matmul {mm / 1e9:.1f} GFLOP/s; "
           f"%CPU = the same ratio per process-CPU second (matmul {mm_cpu / 1e9:.1f} GFLOP per CPU-s), steadier under load")
-    head = (f"{'model':<5} {'mode':<11} {'P':>9} {'T':>6} | {'tether MB':>9} {'TRL MB':>8} | {'tether GFLOP/s':>14} {'%peak':>6} "
+    head = (f"{'model':<7} {'mode':<11} {'P':>9} {'T':>6} | {'tether MB':>9} {'TRL MB':>8} | {'tether GFLOP/s':>14} {'%peak':>6} "
             f"{'%CPU':>6} | {'TRL GFLOP/s':>11} {'%peak':>6} {'%CPU':>6}")
     print(head + "\n" + "-" * len(head))
     for r in rows:
         t, q = r["tether"], r["trl"]
-        print(f"{r['model']:<5} {r['mode']:<11} {r['params_nonembedding']:9,} {r['tokens_per_step']:6.0f} | {t['peak_rss_mb']:9.0f} "
+        print(f"{r['model']:<7} {r['mode']:<11} {r['params_nonembedding']:9,} {r['tokens_per_step']:6.0f} | {t['peak_rss_mb']:9.0f} "
               f"{q['peak_rss_mb']:8.0f} | {t['achieved_gflops']:14.2f} {100 * t['fraction_of_matmul_peak']:5.1f}% "
               f"{100 * t['fraction_of_matmul_peak_cpu_time']:5.1f}% | {q['achieved_gflops']:11.2f} "
               f"{100 * q['fraction_of_matmul_peak']:5.1f}% {100 * q['fraction_of_matmul_peak_cpu_time']:5.1f}%")
@@ -417,18 +472,19 @@ def main() -> None:
           f"{log2:.6f}; step 2 and the last step test gradients, clipping, AdamW and data order)")
     for r in rows:
         t, q = r["tether"], r["trl"]
-        print(f"  {r['model']:<5} {r['mode']:<11} step1 {t['loss_step1']:.7f} / {q['loss_step1']:.7f}   "
+        print(f"  {r['model']:<7} {r['mode']:<11} step1 {t['loss_step1']:.7f} / {q['loss_step1']:.7f}   "
               f"step2 {t['loss_step2']:.7f} / {q['loss_step2']:.7f} (|Δ| {r['loss_step2_abs_diff']:.1e})   "
               f"last {t['loss_last']:.7f} / {q['loss_last']:.7f} (|Δ| {r['loss_last_abs_diff']:.1e})   [tether / TRL]")
     print("per-pair summed completion log-probs of the first batch, initial weights "
           "(tether.logprobs.sequence_logps vs TRL's precomputed reference log-probs):")
     for model, c in checks.items():
-        print(f"  {model:<5} identical tokenization: {c['same_tokens']}; max |Δ| {c['max_abs_diff']:.2e} "
+        print(f"  {model:<7} identical tokenization: {c['same_tokens']}; max |Δ| {c['max_abs_diff']:.2e} "
               f"(relative {c['max_rel_diff']:.1e}) on values ≈ {c['tether_chosen_logps'][0]:.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"settings": {"steps": args.steps, "warmup": args.warmup, "pairs_per_step": PAIRS,
-                                            "max_length": MAX_LENGTH, "lr": LR, "beta": BETA, "threads": args.threads,
+                                            "max_length": MAX_LENGTH, "lr": LR, "beta": BETA, "threads": args.threads, "lora_r": args.lora,
+                                            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                                             "trl_logging_steps": 1, "tether_logging_steps": 1, "optimizer": "torch AdamW (fused) on both sides",
                                             "tether_module": str(Path(tether.__file__).parent)},
                                "data": facts, "matmul_flops": mm, "matmul_flops_per_cpu_s": mm_cpu, "runs": rows, "logp_checks": checks}, indent=1))

@@ -174,6 +174,9 @@ def main() -> None:
     models = args.models.split(",")
     work = Path(args.workdir or Path(os.environ.get("TMPDIR", "/tmp")) / "tether-bench-online")
     work.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    torch.set_num_threads(1)  # no OpenMP pool here that could spin (OMP_WAIT_POLICY=ACTIVE) during the runs
     build_workdir(work, models, PROMPTS_PER_STEP * args.steps)
     rows = []
     print(f"{'model':6} {'tool':22} {'s/step':>8} {'vs TRL':>7}   breakdown per step (sample / annotate / reference / update)")
@@ -192,7 +195,7 @@ def main() -> None:
                          "breakdown_s_per_step": br, "steps": args.steps, "warmup": args.warmup})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": args.threads,
+    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": args.threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                                "new_tokens": args.new_tokens, "prompts_per_step": PROMPTS_PER_STEP,
                                "load_average": os.getloadavg(), "rows": rows}, indent=1))
     print(f"written to {out}")
