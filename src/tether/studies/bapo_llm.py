@@ -64,6 +64,15 @@ class LlmBapoProtocol:
     data_temperature: float = 0.7
 
 
+def protocol_for(model: str, quick: bool = False, seeds: list[int] | None = None) -> LlmBapoProtocol:
+    """The CLI's protocols: two personas and one seed (≈ 35 minutes for SmolLM2 on 2 cores), or with `quick` the
+    `simple` persona only (≈ 20 minutes); `seeds` replaces the seed list."""
+    proto = LlmBapoProtocol(model=model, personas=["simple"]) if quick else LlmBapoProtocol(model=model)
+    if seeds:
+        proto.seeds = list(seeds)
+    return proto
+
+
 def _data(out: Path, protocol: LlmBapoProtocol, model, tok) -> dict[str, Path]:
     """One preference file per persona under out/data (generated once; default answers shared)."""
     data = out / "data"
@@ -97,13 +106,15 @@ def _evaluate(model, base, tok, protocol, base_eval: dict | None) -> dict:
 def run_study(quick: bool = True, out: str | Path = "out/study-bapo-smollm2", protocol: LlmBapoProtocol | None = None,
               threads: int | None = None) -> dict:
     set_threads(threads)
-    protocol = protocol or (LlmBapoProtocol() if quick else LlmBapoProtocol(seeds=[0, 1, 2]))
+    protocol = protocol or protocol_for(LlmBapoProtocol.model, quick=quick)
     out = Path(out)
     t_start = time.perf_counter()
     results = StudyResults(out, "bapo-llm", asdict(protocol))
     base, tok = load_model(protocol.model).eval(), load_tokenizer(protocol.model)
-    files = _data(out, protocol, base, tok)
     base_file = out / "base_eval.json"
+    reused = {"training data": all((out / "data" / f"{p}.jsonl").exists() for p in protocol.personas),
+              "base evaluation": base_file.exists()}
+    files = _data(out, protocol, base, tok)
     if base_file.exists():
         base_eval = json.loads(base_file.read_text())
     else:
@@ -154,6 +165,7 @@ def run_study(quick: bool = True, out: str | Path = "out/study-bapo-smollm2", pr
     results.data["summary"] = summarize_runs(runs, ("persona", "method"), METRICS)
     results.data["claims"] = claims(results.data["summary"], protocol, runs)
     results.data["wall_seconds_this_invocation"] = round(time.perf_counter() - t_start, 1)
+    results.data["reused_this_invocation"] = [k for k, v in reused.items() if v]
     results.save()
     write_text_atomic(out / "report.md", report(results.data))
     return results.data
@@ -236,5 +248,7 @@ def report(data: dict) -> str:
         if d := c.get("difference"):
             nums += f"; BAPO − DPO {d['mean']:+.3f} [{d['ci95_low']:+.3f}, {d['ci95_high']:+.3f}] over {d['over']}"
         lines.append(f"- {'HOLDS' if c['holds'] else 'does NOT hold'}: {c['claim']} ({nums})")
-    lines += ["", f"Wall time of the invocation that wrote this: {data.get('wall_seconds_this_invocation', 0) / 60:.1f} min.", ""]
+    reused = data.get("reused_this_invocation")
+    lines += ["", f"Wall time of the invocation that wrote this: {data.get('wall_seconds_this_invocation', 0) / 60:.1f} min"
+              + (f" ({' and '.join(reused)} reused from an earlier invocation in the same directory)." if reused else "."), ""]
     return "\n".join(lines)
