@@ -70,6 +70,25 @@ def test_sampled_logps_equal_a_full_forward_and_do_not_depend_on_the_batch(model
             assert lp == pytest.approx(full, abs=1e-4)
 
 
+def test_small_models_decode_on_one_thread_and_the_thread_count_is_restored(model_dir, tokenizer, monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # the rule applies under passive waiting (tether's default)
+    model = load_model(model_dir).eval()
+    prompts = [tokenizer(f"What colour is the {w}?\n")["input_ids"] for w in ("sky", "grass")]
+    kw = dict(n=2, max_new_tokens=8, top_k=20, eos_ids=[tokenizer.eos_token_id], pad_id=tokenizer.pad_token_id)
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, a: seen.append(torch.get_num_threads()))
+    one = sample_responses(model, prompts, [1, 2], **kw)
+    torch.set_num_threads(2)
+    try:
+        two = sample_responses(model, prompts, [1, 2], **kw)
+        assert torch.get_num_threads() == 2  # restored after the token loop
+    finally:
+        torch.set_num_threads(1)
+        hook.remove()
+    assert one.ids == two.ids and sum(one.logps, []) == pytest.approx(sum(two.logps, []), abs=1e-5)
+    assert seen[len(seen) // 2] == 2 and set(seen[len(seen) // 2 + 1 :]) == {1}  # prompt pass on 2, tokens on 1
+
+
 def test_filter_logits_top_k_and_top_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     assert torch.isinf(filter_logits(logits, 1.0, 2, 1.0)[0, 2:]).all()
