@@ -3,6 +3,7 @@
 import dataclasses
 import json
 
+import pytest
 import torch
 import yaml
 
@@ -83,3 +84,13 @@ def test_errors_are_one_line_with_exit_code_2(model_dir, data_dir, tmp_path):
         assert len(err_lines) == 1 and message in err_lines[0], res.stderr
         assert "Traceback" not in res.stderr
     assert not (tmp_path / "x").exists()  # nothing half-written
+
+
+def test_study_seeds_option_parses_or_names_the_bad_value(capsys):
+    from tether.cli import build_parser
+
+    args = build_parser().parse_args(["study", "bapo", "--model", "m", "--seeds", "0,1,2"])
+    assert args.seeds == [0, 1, 2]
+    with pytest.raises(SystemExit) as e:
+        main(["study", "bapo", "--model", "m", "--seeds", "0,x"])
+    assert e.value.code == 2 and "'0,x': expected comma-separated integers" in capsys.readouterr().err

@@ -42,6 +42,13 @@ def _run_bpo(args) -> int:
     return run_from_args(args)
 
 
+def _seed_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+
+
 def add_study_parser(subparsers) -> None:
     from .bpo import add_bpo_arguments
 
@@ -59,9 +66,10 @@ def add_study_parser(subparsers) -> None:
     b.add_argument("--model", default=None,
                    help="run the study on this chat model instead of the embedded world (e.g. smollm2-135m-instruct): "
                    "DPO vs BAPO with LoRA on instruction-defined personas, knowledge probe, KL from the base")
-    b.add_argument("--seeds", default=None, type=lambda v: [int(x) for x in v.split(",")],
-                   help="with --model: comma-separated training seeds (default 0; each extra seed adds ~15 minutes for "
-                   "SmolLM2 on 2 cores; with one seed the CIs are over questions and prompts, with several over seeds)")
+    b.add_argument("--seeds", default=None, type=_seed_list,
+                   help="with --model: comma-separated training seeds; unset = seed 0 (each extra seed adds ~24 minutes "
+                   "for SmolLM2 with two personas on 2 cores; with one seed the CIs are over questions and prompts, "
+                   "with several over seeds)")
     b.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the study process")
     b.add_argument("--out", default=None, help="study directory (default: out/study-bapo or out/study-bapo-quick)")
     b.set_defaults(func=_run_bapo)
