@@ -28,4 +28,5 @@ def test_micro_study_writes_every_run_summary_and_claims(model_dir, tmp_path):
     assert {row["method"] for row in data["summary"]} == {"dpo", "bapo"}
     assert len(data["claims"]) == 3 and all(isinstance(c["holds"], bool) for c in data["claims"])
     assert "does NOT hold" in (tmp_path / "s" / "report.md").read_text() or "HOLDS" in (tmp_path / "s" / "report.md").read_text()
+    assert all((tmp_path / "s" / f).stat().st_size > 0 for f in ("tradeoff.png", "mechanism_logps.png"))
     assert run_study(out=tmp_path / "s", protocol=protocol)["runs"] == on_disk["runs"]  # resumes: nothing re-run

@@ -167,6 +167,7 @@ def run_study(quick: bool = True, out: str | Path = "out/study-bapo-smollm2", pr
     results.data["wall_seconds_this_invocation"] = round(time.perf_counter() - t_start, 1)
     results.data["reused_this_invocation"] = [k for k, v in reused.items() if v]
     results.save()
+    figures(results.data, out)
     write_text_atomic(out / "report.md", report(results.data))
     return results.data
 
@@ -214,6 +215,58 @@ def claims(summary: list[dict], protocol: LlmBapoProtocol, runs: list[dict] = ()
     return out
 
 
+def figures(data: dict, out: Path) -> list[Path]:
+    """tradeoff.png: persona score vs knowledge retained per (persona, method) with 95% CIs on both axes and the
+    base's persona score; mechanism_logps.png: log π_θ of chosen, rejected and base answers during training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .report_bapo import _save
+
+    summary, personas = data["summary"], data["protocol"]["personas"]
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for row in summary:
+        i, j = data["protocol"]["methods"].index(row["method"]), personas.index(row["persona"])
+        x, y = row["knowledge_retained"], row["persona_score"]
+        ax.errorbar(x["mean"], y["mean"], xerr=[[x["mean"] - x["ci95_low"]], [x["ci95_high"] - x["mean"]]],
+                    yerr=[[y["mean"] - y["ci95_low"]], [y["ci95_high"] - y["mean"]]], color=f"C{i}", marker="os^D"[j % 4],
+                    capsize=3, linestyle="none", label=f"{row['method']}, {row['persona']}")
+    for j, p in enumerate(personas):
+        ax.axhline(data["base"]["persona_score"][p], color="grey", linestyle=":", linewidth=1)
+        ax.annotate(f"base, {p}", (ax.get_xlim()[0], data["base"]["persona_score"][p]), fontsize=7, color="grey",
+                    va="bottom")
+    ax.set_xlabel("knowledge retained (of the questions the base got right)")
+    ax.set_ylabel("persona score (held-out prompts)")
+    over = "seeds" if len(data["protocol"]["seeds"]) > 1 else "items"
+    ax.set_title(f"personalization vs retention (95% CI over {over})", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    paths = [_save(plt, fig, out / "tradeoff.png")]
+
+    seed = min(data["protocol"]["seeds"])
+    fig, axes = plt.subplots(len(personas), 2, figsize=(10, 3.2 * len(personas)), sharey="row", squeeze=False)
+    for row, p in zip(axes, personas):
+        runs = {r["method"]: r for r in data["runs"] if r["persona"] == p and r["seed"] == seed}
+        for ax, m in zip(row, ("dpo", "bapo")):
+            if m not in runs:
+                continue
+            t = runs[m]["trace"]
+            for key, label in (("logps_chosen", "chosen y_w"), ("logps_rejected", "rejected y_l"), ("logps_base", "base answer y_b")):
+                if any(v is not None for v in t.get(key, [])):
+                    ax.plot(t["step"], t[key], label=label)
+            ax.set_title(f"{m}, {p}, seed {seed}", fontsize=10)
+            ax.grid(alpha=0.3)
+        row[0].set_ylabel("summed log π_θ (batch mean)")
+    for ax in axes[-1]:
+        ax.set_xlabel("step")
+    axes[0][1].legend(fontsize=8)
+    fig.suptitle("log π_θ of chosen, rejected and base answers during training")
+    paths.append(_save(plt, fig, out / "mechanism_logps.png"))
+    return paths
+
+
 def _cell(row, metric):
     s = row.get(metric)
     return "–" if s is None else f"{s['mean']:.3f} [{s['ci95_low']:.3f}, {s['ci95_high']:.3f}]"
@@ -242,7 +295,8 @@ def report(data: dict) -> str:
     for r in data["runs"]:
         lines.append(f"| {r['persona']} | {r['method']} | {r['seed']} | {r['knowledge']:.3f} | {r['knowledge_retained']:.3f} | "
                      f"{r['persona_score']:.3f} | {r['win_rate']:.3f} | {r['kl']:.2f} | {r['seconds']:.0f} |")
-    lines += ["", "Claims:", ""]
+    lines += ["", "![personalization vs retention](tradeoff.png)", "",
+              "![log-probs during training](mechanism_logps.png)", "", "Claims:", ""]
     for c in data["claims"]:
         nums = ", ".join(f"{k} {v:.3f}" for k, v in c["numbers"].items())
         if d := c.get("difference"):
