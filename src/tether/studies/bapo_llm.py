@@ -302,6 +302,8 @@ def report(data: dict) -> str:
         if d := c.get("difference"):
             nums += f"; BAPO − DPO {d['mean']:+.3f} [{d['ci95_low']:+.3f}, {d['ci95_high']:+.3f}] over {d['over']}"
         lines.append(f"- {'HOLDS' if c['holds'] else 'does NOT hold'}: {c['claim']} ({nums})")
+    if data.get("note"):
+        lines += ["", f"Note: {data['note']}"]
     reused = data.get("reused_this_invocation")
     lines += ["", f"Wall time of the invocation that wrote this: {data.get('wall_seconds_this_invocation', 0) / 60:.1f} min"
               + (f" ({' and '.join(reused)} reused from an earlier invocation in the same directory)." if reused else "."), ""]

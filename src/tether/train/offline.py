@@ -85,7 +85,10 @@ def make_reference(cfg: TrainConfig, policy, device) -> LiveReference:
 
 def reference_table(accelerator, cfg, reference, examples, keys, pad_id, desc) -> torch.Tensor:
     """(len(keys), len(examples)) reference log-probs, from the disk cache or computed (sharded across processes)."""
-    fp = f"{reference.weights_fingerprint()}-{data_fingerprint(examples, keys)}"
+    # the thread count, process count and batch size change float summation order (~1e-7): a table computed
+    # under other settings would make "policy == reference" margins at step 0 tiny noise instead of exactly 0
+    fp = (f"{reference.weights_fingerprint()}-{data_fingerprint(examples, keys)}"
+          f"-t{torch.get_num_threads()}p{accelerator.num_processes}b{cfg.eval_batch_size}")
     path = Path(cfg.ref_cache_dir or cache_dir() / "reflogps") / f"{fp}.pt"
     table = load_cached(path)
     if table is not None and table.shape == (len(keys), len(examples)):
