@@ -223,7 +223,7 @@ def figures(data: dict, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .report_bapo import _save
+    from .report_bapo import _save, mechanism_figure
 
     summary, personas = data["summary"], data["protocol"]["personas"]
     fig, ax = plt.subplots(figsize=(6, 4.2))
@@ -245,25 +245,7 @@ def figures(data: dict, out: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     paths = [_save(plt, fig, out / "tradeoff.png")]
 
-    seed = min(data["protocol"]["seeds"])
-    fig, axes = plt.subplots(len(personas), 2, figsize=(10, 3.2 * len(personas)), sharey="row", squeeze=False)
-    for row, p in zip(axes, personas):
-        runs = {r["method"]: r for r in data["runs"] if r["persona"] == p and r["seed"] == seed}
-        for ax, m in zip(row, ("dpo", "bapo")):
-            if m not in runs:
-                continue
-            t = runs[m]["trace"]
-            for key, label in (("logps_chosen", "chosen y_w"), ("logps_rejected", "rejected y_l"), ("logps_base", "base answer y_b")):
-                if any(v is not None for v in t.get(key, [])):
-                    ax.plot(t["step"], t[key], label=label)
-            ax.set_title(f"{m}, {p}, seed {seed}", fontsize=10)
-            ax.grid(alpha=0.3)
-        row[0].set_ylabel("summed log π_θ (batch mean)")
-    for ax in axes[-1]:
-        ax.set_xlabel("step")
-    axes[0][1].legend(fontsize=8)
-    fig.suptitle("log π_θ of chosen, rejected and base answers during training")
-    paths.append(_save(plt, fig, out / "mechanism_logps.png"))
+    paths.append(mechanism_figure(plt, data, "persona", personas, str, "answer", out / "mechanism_logps.png"))
     return paths
 
 

@@ -148,25 +148,33 @@ def figures(data: dict, out: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     paths.append(_save(plt, fig, out / "personalization_vs_forgetting.png"))
 
+    paths.append(mechanism_figure(plt, data, "level", levels, lambda lv: f"heterogeneity {lv}", "response",
+                                  out / "mechanism_logps.png"))
+    return paths
+
+
+def mechanism_figure(plt, data: dict, by: str, values: list, describe, noun: str, path: Path) -> Path:
+    """One row per value of run[by], DPO and BAPO side by side (lowest seed): the summed log π_θ of the chosen,
+    rejected and base {noun}s during training, from each run's trace."""
     seed = min(data["protocol"]["seeds"])
-    fig, axes = plt.subplots(len(levels), 2, figsize=(10, 3.2 * len(levels)), sharey="row", squeeze=False)
-    for row, lv in zip(axes, levels):
-        runs = {r["method"]: r for r in data["runs"] if r["level"] == lv and r["seed"] == seed}
+    fig, axes = plt.subplots(len(values), 2, figsize=(10, 3.2 * len(values)), sharey="row", squeeze=False)
+    for row, value in zip(axes, values):
+        runs = {r["method"]: r for r in data["runs"] if r[by] == value and r["seed"] == seed}
         for ax, m in zip(row, ("dpo", "bapo")):
             if m not in runs:
                 continue
             t = runs[m]["trace"]
-            for key, label in (("logps_chosen", "chosen y_w"), ("logps_rejected", "rejected y_l"), ("logps_base", "base response y_b")):
-                ax.plot(t["step"], t[key], label=label)
-            ax.set_title(f"{m}, heterogeneity {lv}, seed {seed}", fontsize=10)
+            for key, label in (("logps_chosen", "chosen y_w"), ("logps_rejected", "rejected y_l"), ("logps_base", f"base {noun} y_b")):
+                if any(v is not None for v in t.get(key, [])):
+                    ax.plot(t["step"], t[key], label=label)
+            ax.set_title(f"{m}, {describe(value)}, seed {seed}", fontsize=10)
             ax.grid(alpha=0.3)
         row[0].set_ylabel("summed log π_θ (batch mean)")
     for ax in axes[-1]:
         ax.set_xlabel("step")
     axes[0][1].legend(fontsize=8)
-    fig.suptitle("log π_θ of chosen, rejected and base responses during training")
-    paths.append(_save(plt, fig, out / "mechanism_logps.png"))
-    return paths
+    fig.suptitle(f"log π_θ of chosen, rejected and base {noun}s during training")
+    return _save(plt, fig, path)
 
 
 def report(data: dict) -> str:
