@@ -73,10 +73,13 @@ def protocol_for(model: str, quick: bool = False, seeds: list[int] | None = None
     return proto
 
 
+def _data_files(out: Path, protocol: LlmBapoProtocol) -> dict[str, Path]:
+    return {p: out / "data" / f"{p}.jsonl" for p in protocol.personas}
+
+
 def _data(out: Path, protocol: LlmBapoProtocol, model, tok) -> dict[str, Path]:
     """One preference file per persona under out/data (generated once; default answers shared)."""
-    data = out / "data"
-    files = {p: data / f"{p}.jsonl" for p in protocol.personas}
+    files = _data_files(out, protocol)
     if all(f.exists() for f in files.values()):
         return files
     prompts = general_prompts("train")[: protocol.train_prompts]
@@ -112,7 +115,7 @@ def run_study(quick: bool = True, out: str | Path = "out/study-bapo-smollm2", pr
     results = StudyResults(out, "bapo-llm", asdict(protocol))
     base, tok = load_model(protocol.model).eval(), load_tokenizer(protocol.model)
     base_file = out / "base_eval.json"
-    reused = {"training data": all((out / "data" / f"{p}.jsonl").exists() for p in protocol.personas),
+    reused = {"training data": all(f.exists() for f in _data_files(out, protocol).values()),
               "base evaluation": base_file.exists()}
     files = _data(out, protocol, base, tok)
     if base_file.exists():
