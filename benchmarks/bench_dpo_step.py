@@ -41,7 +41,7 @@ Method
 - Each (tool, model, mode) runs in its own subprocess, so peak RSS (ru_maxrss) is per run: it covers everything
   that process did (imports, model loading, tokenization, precompute, training).
 - Timing: tether runs the real loop (`tether.train.train`); the end of every step is time-stamped through the
-  loop's per-step hook `crash_hook` (falling back to the `elapsed_s` column of metrics.jsonl if that hook is
+  loop's per-step hook `crash_point` (falling back to the `elapsed_s` column of metrics.jsonl if that hook is
   gone). TRL: a TrainerCallback stamps time.perf_counter() at on_step_end. Step time = difference of consecutive
   stamps (so it includes data collation and logging); the first --warmup steps are dropped; the median (and the
   minimum) are shown. The process CPU time (time.process_time) is stamped too: CPU seconds per step is less
@@ -208,9 +208,10 @@ def run_tether(work: Path, model: str, mode: str, steps: int) -> dict:
     from tether.train import offline
 
     stamps: list[tuple[float, float]] = []
-    if hasattr(offline, "crash_hook"):
-        original = offline.crash_hook
-        offline.crash_hook = lambda step: (stamps.append((time.perf_counter(), time.process_time())), original(step))
+    if hasattr(offline, "crash_point"):
+        original = offline.crash_point
+        offline.crash_point = lambda name, step: (
+            name == "after_step" and stamps.append((time.perf_counter(), time.process_time())), original(name, step))
     out = work / f"run_tether_{model}_{mode}"
     shutil.rmtree(out, ignore_errors=True)  # tether refuses to overwrite a run (a reused --workdir)
     cfg = TrainConfig(

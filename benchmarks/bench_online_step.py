@@ -62,8 +62,8 @@ def run_tether(work: Path, model: str, mode: str, steps: int, new_tokens: int) -
     from tether.train import online
 
     stamps: list[float] = []
-    original = online.crash_hook
-    online.crash_hook = lambda step: (stamps.append(time.perf_counter()), original(step))
+    original = online.crash_point
+    online.crash_point = lambda name, step: (name == "after_step" and stamps.append(time.perf_counter()), original(name, step))
     out = work / f"run_tether_{model}_{mode}"
     shutil.rmtree(out, ignore_errors=True)
     pf = work / "prompts.jsonl"

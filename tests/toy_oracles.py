@@ -24,3 +24,16 @@ def always_fails(prompts, responses):
 def slow(prompts, responses):
     time.sleep(5)
     return [0.0] * len(responses)
+
+
+def never_returns(prompts, responses):
+    """An annotation service that hangs: only --oracle_timeout can end the call."""
+    time.sleep(10_000)
+    return [0.0] * len(responses)
+
+
+def down_when_told(prompts, responses):
+    """Fails while TOY_ORACLE_DOWN=1 (an annotation service that is down, then back)."""
+    if os.environ.get("TOY_ORACLE_DOWN") == "1":
+        raise RuntimeError("the annotation service is down")
+    return shorter(prompts, responses)

@@ -11,12 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 from accelerate.utils import gather_object
 
 from .data import Example
+from .files import write_text_atomic
 from .generation import generate_ids
 from .models import cache_dir
 
@@ -52,8 +52,8 @@ def attach_base_responses(accelerator, cfg, reference, tokenizer, example_sets: 
     h.update(reference.weights_fingerprint().encode())
     h.update(json.dumps([_decoding(cfg), cfg.base_samples, cfg.seed, prompts]).encode())
     path = Path(cfg.ref_cache_dir or cache_dir() / "reflogps").parent / "base_responses" / f"{h.hexdigest()}.json"
-    if path.is_file():
-        responses = json.loads(path.read_text())
+    responses = _cached_responses(path, len(prompts), cfg.base_samples)
+    if responses is not None:
         log.info("base responses reused from %s", path)
     else:
         mine = list(range(accelerator.process_index, len(prompts), accelerator.num_processes))
@@ -63,16 +63,34 @@ def attach_base_responses(accelerator, cfg, reference, tokenizer, example_sets: 
         for piece in gather_object([part]):
             responses.update({str(k): v for k, v in piece.items()})
         if accelerator.is_main_process:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(responses))
-            os.replace(tmp, path)
+            write_text_atomic(path, json.dumps(responses))
     index = {p: str(i) for i, p in enumerate(prompts)}
     for exs in example_sets:
         for ex in exs:
             room = cfg.max_length - len(ex.prompt_ids)
             for key, ids in zip(keys, responses[index[tuple(ex.prompt_ids)]]):
                 ex.completion_ids[key] = (ids or [tokenizer.eos_token_id])[:room]
+
+
+def _cached_responses(path: Path, n_prompts: int, n: int) -> dict | None:
+    """The cached base responses, or None; a cache file that is torn or of another shape is removed (with a
+    warning) and so generated again."""
+    if not path.is_file():
+        return None
+    try:
+        responses = json.loads(path.read_text(encoding="utf-8"))
+        ok = isinstance(responses, dict) and all(
+            isinstance(responses.get(str(i)), list) and len(responses[str(i)]) == n
+            and all(isinstance(y, list) and all(isinstance(t, int) for t in y) for y in responses[str(i)])
+            for i in range(n_prompts)
+        )
+        if not ok:
+            raise ValueError(f"not {n} token lists for each of {n_prompts} prompts")
+    except ValueError as e:
+        log.warning("cached base responses %s unusable (%s); generating them again", path, e)
+        path.unlink(missing_ok=True)
+        return None
+    return responses
 
 
 def _generate_shard(cfg, reference, tokenizer, prompts, mine, progress) -> dict[int, list[list[int]]]:

@@ -18,10 +18,26 @@ def _options(args: argparse.Namespace, skip=("func", "config", "resume", "verbos
     return {k: v for k, v in vars(args).items() if k not in skip}
 
 
+def _run_config(cls, args: argparse.Namespace):
+    """The run's options: defaults < (with --resume) the run's own config.yaml < --config file < flags. So
+    `tether train --output_dir runs/x --resume` continues a run without repeating its options."""
+    overrides, base = _options(args), None
+    if args.resume:
+        from pathlib import Path
+
+        from .config import read_yaml_mapping
+
+        file_values = read_yaml_mapping(args.config) if args.config else {}
+        out = overrides.get("output_dir") or file_values.get("output_dir") or cls.__dataclass_fields__["output_dir"].default
+        if (Path(out) / "config.yaml").is_file():
+            base = read_yaml_mapping(Path(out) / "config.yaml")
+    return load_config(cls, args.config, overrides, base=base)
+
+
 def _run_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
-    run_dir = train(load_config(TrainConfig, args.config, _options(args)), resume=args.resume)
+    run_dir = train(_run_config(TrainConfig, args), resume=args.resume)
     print(f"run written to {run_dir}")
     return 0
 
@@ -29,7 +45,7 @@ def _run_train(args: argparse.Namespace) -> int:
 def _run_online(args: argparse.Namespace) -> int:
     from .train import OnlineConfig, online_train
 
-    run_dir = online_train(load_config(OnlineConfig, args.config, _options(args)), resume=args.resume)
+    run_dir = online_train(_run_config(OnlineConfig, args), resume=args.resume)
     print(f"run written to {run_dir}")
     return 0
 
@@ -41,7 +57,10 @@ def _add_run_parser(sub, name: str, cls, func, help: str, description: str) -> N
         "file). Works under `accelerate launch` for several processes.",
     )
     p.add_argument("--config", default=None, help="YAML file of options (any option below)")
-    p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its newest checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in output_dir from its newest readable checkpoint, with the options it started "
+                   "with (read from its config.yaml; changing one that alters training is refused); a finished run is "
+                   "left as it is")
     add_dataclass_arguments(p, cls)
     p.set_defaults(func=func)
 

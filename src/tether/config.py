@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .files import write_text_atomic
 
 
 class TetherError(Exception):
@@ -98,31 +101,65 @@ def _coerce(cls, name: str, value: Any, source: str):
     return out if is_list else out[0]
 
 
-def load_config(cls, config_file: str | Path | None = None, overrides: dict[str, Any] | None = None):
-    """Build a validated `cls` from defaults, then the YAML file, then `overrides` (parsed CLI flags)."""
+def read_text(path: str | Path) -> str:
+    """A text file as UTF-8 (a byte-order mark is allowed and dropped); a decode error names the line."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise TetherError(f"{path}:line {line}: not valid UTF-8 (byte {e.start}); save the file as UTF-8") from None
+
+
+def read_yaml_mapping(path: str | Path) -> dict:
+    """A YAML file that must hold a mapping, with one-line errors naming the file and line."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(read_text(path)) or {}
+    except FileNotFoundError:
+        raise TetherError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise TetherError(f"{path}: is a directory, not a YAML config file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise TetherError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise TetherError(f"{path}: a config file must be a mapping of option: value")
+    return data
+
+
+def check_finite(cfg) -> None:
+    """Every number option must be a finite number (nan and inf are refused, naming the option)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise TetherError(f"option '{f.name}' must be a finite number, got {v}")
+
+
+def load_config(cls, config_file: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                base: dict[str, Any] | None = None):
+    """Build a validated `cls` from defaults, then `base` (a resumed run's own config.yaml), then the YAML file,
+    then `overrides` (parsed CLI flags)."""
     values: dict[str, Any] = {}
     names = {f.name for f in dataclasses.fields(cls)}
+    layers = [("run config", base)] if base else []
     if config_file is not None:
-        path = Path(config_file)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise TetherError(f"{path}: config file not found") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise TetherError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
-        if not isinstance(data, dict):
-            raise TetherError(f"{path}: a config file must be a mapping of option: value")
+        layers.append((str(config_file), read_yaml_mapping(config_file)))
+    for source, data in layers:
         for key, value in data.items():
             if key not in names:
-                raise TetherError(f"{path}: unknown option '{key}'; see --help for the list of options")
-            values[key] = _coerce(cls, key, value, str(path))
+                raise TetherError(f"{source}: unknown option '{key}'; see --help for the list of options")
+            values[key] = _coerce(cls, key, value, source)
     for key, value in (overrides or {}).items():
         if key not in names:
             raise TetherError(f"unknown option '--{key}'; see --help for the list of options")
         values[key] = value
     cfg = cls(**values)
+    check_finite(cfg)
     if hasattr(cfg, "validate"):
         cfg.validate()
     return cfg
@@ -133,4 +170,4 @@ def config_to_dict(cfg) -> dict[str, Any]:
 
 
 def save_config(cfg, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .config import TetherError
+from .config import TetherError, read_text
 
 log = logging.getLogger("tether")
 COMPLETION_KEYS = ("chosen", "rejected")
@@ -77,19 +77,18 @@ def read_rows(path: str | Path) -> list[tuple[str, dict]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = []
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise TetherError(f"{path}:line {n}: malformed JSON ({e.msg} at column {e.colno})") from None
-                rows.append((f"{path}:line {n}", row))
+        for n, line in enumerate(read_text(path).split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TetherError(f"{path}:line {n}: malformed JSON ({e.msg} at column {e.colno})") from None
+            rows.append((f"{path}:line {n}", row))
         return rows
     if suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_text(path))
         except json.JSONDecodeError as e:
             raise TetherError(f"{path}:line {e.lineno}: malformed JSON ({e.msg})") from None
         if not isinstance(data, list):
@@ -162,6 +161,11 @@ def parse_record(row: Any, source: str, keys: tuple[str, ...] = COMPLETION_KEYS)
     comps = {k: _check_messages(row[k], source, k) for k in keys}
     if row.get("prompt") is not None:
         prompt = _check_messages(row["prompt"], source, "prompt")
+        for k, msgs in comps.items():
+            roles = sorted({m["role"] for m in msgs} - {"assistant"})
+            if roles:
+                raise TetherError(f"{source}: field '{k}' holds a '{roles[0]}' message; a completion is the assistant's "
+                                  "answer (put the other turns in 'prompt')")
     else:  # implicit prompt: everything before the last assistant turn, identical across completions
         prefixes = []
         for k, msgs in comps.items():

@@ -7,7 +7,7 @@ import dataclasses
 import json
 
 from .config import TetherError, add_dataclass_arguments, load_config, option
-from .files import write_text_atomic
+from .files import check_output_file, write_text_atomic
 from .models import load_model, load_tokenizer
 from .world import PERSONAS, build_world, world_suite
 
@@ -39,6 +39,8 @@ class EvalOptions:
             raise TetherError("option --world_entities: must be at least 4")
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise TetherError("options --batch_size and --max_new_tokens: must be at least 1")
+        if self.out is not None:
+            check_output_file(self.out, "--out")
 
 
 def run_eval(args) -> int:

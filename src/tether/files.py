@@ -1,17 +1,48 @@
-"""Writing files so that a reader never sees half of one: a temp file in the same directory, then rename."""
+"""Writing files so that a reader never sees half of one: a temp file in the same directory, flushed to disk,
+then renamed over the target (a rename within one directory is atomic)."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """`write(tmp)` writes the new content to a temp file beside `path`, which is then renamed to `path`.
+    On any error the temp file is removed and `path` keeps its old content."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def check_output_file(path: str | os.PathLike, option: str) -> None:
+    """Before any work: `path` can be written as a file (not a directory, in a writable directory); else a
+    one-line error naming the option."""
+    from .config import TetherError
+
+    path = Path(path)
+    if path.is_dir():
+        raise TetherError(f"option '{option}': {path} is a directory; give a file path such as {path / 'result.json'}")
+    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise TetherError(f"option '{option}': cannot write {path} ({parent} is not a writable directory)")

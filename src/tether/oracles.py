@@ -4,7 +4,7 @@ One small interface: an `Oracle` scores (prompt, response) pairs, higher is bett
 scores of two responses into a preference label — the higher-scored one wins, or with Bradley–Terry noise
 (τ > 0) response a wins with probability σ((r_a − r_b)/τ) — and makes the call robust: an oracle that raises
 or times out is retried with exponential backoff; a pair it still cannot score is skipped and counted, so a
-flaky oracle never crashes a run.
+flaky oracle never crashes a run (the online loop stops a run whose oracle fails on most pairs for several steps).
 
 Built-in oracles (`load_oracle(spec)`):
   world                  the embedded world's gold general-alignment score
@@ -15,11 +15,11 @@ Built-in oracles (`load_oracle(spec)`):
 
 from __future__ import annotations
 
-import concurrent.futures
 import importlib
 import logging
 import math
 import random
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -148,13 +148,15 @@ class Annotator:
     retries: int = 3
     timeout: float = 60.0  # seconds per oracle call; 0 = no limit
     backoff: float = 1.0  # seconds before the first retry, doubled after each
+    timed_out: bool = False  # whether every attempt of the last call timed out
 
     def scores(self, prompts: Sequence, responses: Sequence[str]) -> list[float] | None:
         """The oracle's scores, retried on failure; None when every attempt failed."""
         return self._call(list(prompts), list(responses))
 
     def _call(self, prompts, responses) -> list[float] | None:
-        delay = self.backoff
+        """Scores, or None when every attempt failed (`self.timed_out` tells whether they all timed out)."""
+        delay, self.timed_out = self.backoff, True
         for attempt in range(self.retries + 1):
             try:
                 scores = self._timed(prompts, responses)
@@ -162,6 +164,7 @@ class Annotator:
                     raise ValueError(f"returned {len(scores)} scores for {len(responses)} responses, or a non-finite one")
                 return scores
             except Exception as e:  # noqa: BLE001 - any oracle failure is retried, then the pair is skipped
+                self.timed_out = self.timed_out and isinstance(e, TimeoutError)
                 log.warning("oracle %s failed (attempt %d of %d): %s", self.oracle.id, attempt + 1, self.retries + 1, e)
                 if attempt < self.retries:
                     time.sleep(delay)
@@ -169,21 +172,34 @@ class Annotator:
         return None
 
     def _timed(self, prompts, responses) -> list[float]:
+        """One oracle call, bounded by `timeout`: the call runs in a daemon thread, and a call that does not
+        return in time is abandoned (the thread cannot be killed, but it never keeps the process alive)."""
         if not self.timeout:
-            return self.oracle.score(prompts, responses)
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-        try:
-            return pool.submit(self.oracle.score, prompts, responses).result(timeout=self.timeout)
-        except concurrent.futures.TimeoutError:
-            raise TimeoutError(f"no answer within {self.timeout:g} s") from None
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+            return [float(s) for s in self.oracle.score(prompts, responses)]
+        box: dict = {}
+
+        def work():
+            try:
+                box["scores"] = [float(s) for s in self.oracle.score(prompts, responses)]
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                box["error"] = e
+
+        thread = threading.Thread(target=work, name="tether-oracle", daemon=True)
+        thread.start()
+        thread.join(self.timeout)
+        if thread.is_alive():
+            raise TimeoutError(f"no answer within {self.timeout:g} s")
+        if "error" in box:
+            raise box["error"]
+        return box["scores"]
 
     def annotate(self, prompts: Sequence, pairs: Sequence[tuple[str, str]], seeds: Sequence[int]) -> list[Annotation]:
         """One Annotation per (prompt, (a, b)); `seeds` (one per pair) make the label noise reproducible."""
         flat = self._call([p for p in prompts for _ in (0, 1)], [r for pair in pairs for r in pair])
         if flat is not None:
             scores = [(flat[2 * i], flat[2 * i + 1]) for i in range(len(pairs))]
+        elif self.timed_out:  # an oracle that does not answer a batch in time is not asked pair by pair
+            scores = [None] * len(pairs)
         else:  # the batch failed: try pair by pair so one bad pair does not sink the others
             scores = [self._call([p, p], list(pair)) for p, pair in zip(prompts, pairs, strict=True)]
         return [self._label(s, seed) for s, seed in zip(scores, seeds, strict=True)]

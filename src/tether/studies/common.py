@@ -8,6 +8,7 @@ from pathlib import Path
 from ..config import TetherError
 from ..evaluate import summarize
 from ..files import write_text_atomic
+from ..train.rundir import MARKER
 
 
 class StudyResults:
@@ -17,9 +18,8 @@ class StudyResults:
 
     def __init__(self, out: Path, study: str, protocol: dict):
         self.path = out / "results.json"
-        out.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            data = json.loads(self.path.read_text())
+        data = _claim_study_dir(out, study)
+        if data is not None:
             if data.get("protocol") != protocol:
                 raise TetherError(
                     f"{self.path}: holds a study with another protocol; use another --out or delete the directory"
@@ -38,6 +38,32 @@ class StudyResults:
     def add(self, run: dict) -> None:
         self.data["runs"].append(run)
         self.save()
+
+
+def _claim_study_dir(out: Path, study: str) -> dict | None:
+    """Check that `out` may hold this study (new, empty, or a study directory tether wrote: its marker, or a
+    results.json of the same study written before markers existed) and mark it; returns its results.json, if any."""
+    if out.exists() and not out.is_dir():
+        raise TetherError(f"option '--out': {out} is a file, not a directory; choose a directory path")
+    data = None
+    if (out / "results.json").exists():
+        try:
+            data = json.loads((out / "results.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise TetherError(f"{out / 'results.json'}: unreadable; use another --out") from None
+        if not isinstance(data, dict):
+            data = None
+    ours = (out / MARKER).is_file() or (data is not None and data.get("study") == study)
+    if out.is_dir() and any(out.iterdir()) and not ours:
+        raise TetherError(f"option '--out': {out} is not empty and is not a tether study directory; tether writes only "
+                          "into new or empty directories or its own: choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / MARKER).is_file():
+            write_text_atomic(out / MARKER, json.dumps({"tether_run": 1, "command": f"study {study}"}) + "\n")
+    except OSError as e:
+        raise TetherError(f"option '--out': cannot write into {out} ({e.strerror or e})") from None
+    return data
 
 
 def set_threads(threads: int | None) -> None:

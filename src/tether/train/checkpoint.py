@@ -3,12 +3,14 @@
 A checkpoint `checkpoints/step-000120/` holds the trainable parameters (all weights, or the LoRA adapter),
 the optimizer and scheduler states, one RNG-state file per process and `state.json` (step, extras such as
 the data position). A half-written checkpoint is never visible under its final name, so `--resume`
-always finds a complete one.
+always finds a complete one; a checkpoint damaged afterwards (a torn or corrupted file) is skipped on resume
+in favour of the previous one (`load_latest`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -16,7 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file, save_file
+
+from .common import crash_point
+
+log = logging.getLogger("tether")
 
 PREFIX = "step-"
 
@@ -40,11 +47,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def latest(run_dir: Path) -> Path | None:
-    ckpts = sorted((run_dir / "checkpoints").glob(f"{PREFIX}*[0-9]"))
-    return ckpts[-1] if ckpts else None
-
-
 def save(accelerator, run_dir: Path, step: int, model, optimizer, scheduler, extra: dict, keep: int, tensors=None) -> Path:
     """Every process calls this; the main one writes the shared state, each writes its own RNG state.
     `tensors` (name -> tensor) replaces the model's trainable parameters as the saved weights."""
@@ -61,6 +63,7 @@ def save(accelerator, run_dir: Path, step: int, model, optimizer, scheduler, ext
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **extra}))
     accelerator.wait_for_everyone()
+    crash_point("mid_checkpoint", step)
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -71,20 +74,71 @@ def save(accelerator, run_dir: Path, step: int, model, optimizer, scheduler, ext
     return final
 
 
-def load(accelerator, path: Path, model, optimizer, scheduler, tensors=None) -> dict:
-    """Restore a checkpoint written by `save` (into `tensors` when given); returns its state.json."""
+def read(path: Path, model, tensors=None) -> dict:
+    """Read and check every file of a checkpoint without applying anything; raises on a missing, torn or
+    mismatched file."""
     params = load_file(path / "trainable.safetensors")
     named = dict(model.named_parameters()) if tensors is None else tensors
     missing = [n for n, p in named.items() if (p.requires_grad or tensors is not None) and n not in params]
     if missing or any(n not in named for n in params):
-        raise RuntimeError(f"{path}: checkpoint does not match the model ({len(missing)} trainable tensors missing)")
-    with torch.no_grad():
-        for name, value in params.items():
-            named[name].copy_(value)
+        raise ValueError(f"does not match the model ({len(missing)} trainable tensors missing)")
+    for name, value in params.items():
+        if value.shape != named[name].shape:
+            raise ValueError(f"tensor {name} has shape {tuple(value.shape)}, the model {tuple(named[name].shape)}")
     optim = torch.load(path / "optim.pt", weights_only=False)
-    optimizer.load_state_dict(optim["optimizer"])
-    scheduler.load_state_dict(optim["scheduler"])
+    state = json.loads((path / "state.json").read_text())
+    if not isinstance(state.get("step"), int):
+        raise ValueError("state.json has no step")
+    for rng_file in path.glob("rng_*.pt"):
+        torch.load(rng_file, weights_only=False)
+    return {"params": params, "named": named, "optim": optim, "state": state}
+
+
+def load(accelerator, path: Path, model, optimizer, scheduler, tensors=None) -> dict:
+    """Restore a checkpoint written by `save` (into `tensors` when given); returns its state.json."""
+    ckpt = read(path, model, tensors)
+    with torch.no_grad():
+        for name, value in ckpt["params"].items():
+            ckpt["named"][name].copy_(value)
+    optimizer.load_state_dict(ckpt["optim"]["optimizer"])
+    scheduler.load_state_dict(ckpt["optim"]["scheduler"])
     rng_file = path / f"rng_{accelerator.process_index}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
-    return json.loads((path / "state.json").read_text())
+    return ckpt["state"]
+
+
+def load_latest(accelerator, run_dir: Path, model, optimizer, scheduler, tensors=None) -> dict | None:
+    """Restore the newest checkpoint that reads whole; a damaged newer one is skipped with a warning. Every
+    process takes the same one (the main process decides). None when there is no readable checkpoint."""
+    ckpts = sorted((run_dir / "checkpoints").glob(f"{PREFIX}*[0-9]"), reverse=True)
+    choice: list = [None]
+    if accelerator.is_main_process:
+        for path in ckpts:
+            try:
+                read(path, model, tensors)
+            except Exception as e:  # noqa: BLE001 - any damage: fall back to the previous checkpoint
+                log.warning("checkpoint %s is damaged (%s: %s); falling back to the previous one",
+                            path, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                continue
+            choice = [path.name]
+            break
+        if ckpts and choice[0] is None:
+            log.warning("%s: no readable checkpoint; the run starts again from step 0", run_dir)
+    if accelerator.num_processes > 1:
+        broadcast_object_list(choice, from_process=0)
+    if choice[0] is None:
+        return None
+    path = run_dir / "checkpoints" / choice[0]
+    state = load(accelerator, path, model, optimizer, scheduler, tensors)
+    log.info("resumed from %s", path)
+    return state
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object file written by tether, or {} when it is missing or unreadable."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

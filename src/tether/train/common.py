@@ -17,7 +17,8 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from transformers import get_scheduler
 
-from ..config import TetherError, save_config
+from ..config import TetherError
+from ..files import write_text_atomic
 from ..models import add_lora, disable_dropout, load_model
 
 log = logging.getLogger("tether")
@@ -31,12 +32,15 @@ def make_accelerator(cfg, run_dir: Path) -> Accelerator:
     trackers = None if cfg.report_to == "none" else cfg.report_to
     if trackers and importlib.util.find_spec(trackers) is None:
         raise TetherError(f"option 'report_to': {trackers} is not installed; run `pip install {trackers}` or use none")
-    acc = Accelerator(
+    return Accelerator(
         cpu=not torch.cuda.is_available(), mixed_precision=mixed, log_with=trackers, project_dir=str(run_dir)
     )
-    if trackers:
-        acc.init_trackers("tether", config={k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool))})
-    return acc
+
+
+def start_trackers(accelerator, cfg) -> None:
+    """Start the metric trackers (after the run directory is claimed: they write into it)."""
+    if cfg.report_to != "none":
+        accelerator.init_trackers("tether", config={k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool))})
 
 
 def load_policy(cfg):
@@ -95,31 +99,45 @@ def _epoch_permutation(n: int, seed: int, epoch: int) -> tuple[int, ...]:
     return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist())
 
 
-def prepare_run_dir(run_dir: Path, cfg, resume: bool, is_main: bool) -> None:
-    """Refuse to overwrite an existing run unless resuming; write the resolved config."""
-    has_run = (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()
-    if has_run and not resume:
-        raise TetherError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another output_dir")
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+def check_finite_step(grad_norm, step: int | None, what: str = "gradient norm") -> None:
+    """Stop a run whose update would be non-finite, before the optimizer applies it (the weights stay finite,
+    the last checkpoint stays the newest). Every process sees the same (all-reduced) norm, so all stop."""
+    value = float(grad_norm)
+    if not math.isfinite(value):
+        where = f"step {step}" if step is not None else "this step"
+        raise TetherError(
+            f"{where}: the {what} is {value}; the update was not applied and the run stops (checkpoints so far "
+            "are kept). Lower learning_rate or beta, or check the data"
+        )
 
 
 class MetricsLog:
-    """Appends one JSON object per logged step to metrics.jsonl (main process only), flushed each time."""
+    """Appends one JSON object per logged step to metrics.jsonl (main process only), flushed each time.
+
+    On resume it keeps only the complete rows of steps up to the checkpoint: a line torn by a crash, or rows a
+    killed run wrote after its checkpoint, are dropped (those steps are run again)."""
 
     def __init__(self, path: Path, enabled: bool, resume_step: int | None = None):
         self.path, self.enabled = path, enabled
-        if enabled and resume_step is not None and path.exists():  # drop lines a killed run wrote after its checkpoint
-            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
-            path.write_text("".join(ln + "\n" for ln in kept))
+        if enabled and resume_step is not None and path.exists():
+            kept = [ln for ln in path.read_text(encoding="utf-8", errors="replace").splitlines()
+                    if (row := _json_row(ln)) is not None and row.get("step", 0) <= resume_step]
+            write_text_atomic(path, "".join(ln + "\n" for ln in kept))
 
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
+        with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
+
+
+def _json_row(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
 
 
 def mean_stats(stats: list[dict[str, torch.Tensor]], prefix: str = "") -> dict[str, float]:
@@ -147,6 +165,7 @@ def save_final(accelerator, model, tokenizer, run_dir: Path, write=None) -> Path
         shutil.rmtree(tmp, ignore_errors=True)
         (write or model.save_pretrained)(tmp)
         tokenizer.save_pretrained(tmp)
+        crash_point("mid_final", 0)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     accelerator.wait_for_everyone()
@@ -175,7 +194,12 @@ def end_run(accelerator, *keep) -> None:
     _KEPT_ALIVE.extend([accelerator, *keep])
 
 
-def crash_hook(step: int) -> None:
-    """Test-only: TETHER_CRASH_AFTER_STEP=N kills the process abruptly after step N (like kill -9)."""
-    if os.environ.get("TETHER_CRASH_AFTER_STEP") == str(step):
+def crash_point(name: str, step: int) -> None:
+    """Fault injection for tests: TETHER_CRASH_AT=NAME:STEP kills the process abruptly (like kill -9, exit code
+    17) when it reaches the named point at that step. Points: after_step, mid_step (after the backward pass,
+    before the optimizer step), mid_checkpoint (checkpoint files written, not yet renamed into place),
+    mid_ledger (half of a step's ledger rows written), mid_final (final model written, not yet renamed)."""
+    if os.environ.get("TETHER_CRASH_AT") == f"{name}:{step}" or (
+        name == "after_step" and os.environ.get("TETHER_CRASH_AFTER_STEP") == str(step)
+    ):
         os._exit(17)

@@ -68,6 +68,11 @@ class CommonConfig:
         for name in ("warmup_steps", "eval_steps", "save_steps", "save_total_limit", "max_grad_norm", "weight_decay", "nll_weight"):
             if getattr(self, name) < 0:
                 raise TetherError(f"option '{name}' must be >= 0, got {getattr(self, name)}")
+        for name in ("adam_beta1", "adam_beta2", "lora_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise TetherError(f"option '{name}' must be in [0, 1), got {getattr(self, name)}")
+        if self.adam_epsilon <= 0:
+            raise TetherError(f"option 'adam_epsilon' must be > 0, got {self.adam_epsilon}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise TetherError(f"option 'label_smoothing' must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing and self.loss != "dpo":
@@ -118,9 +123,17 @@ class TrainConfig(CommonConfig):
             raise TetherError(f"option 'eval_fraction' must be in [0, 1), got {self.eval_fraction}")
         if self.max_steps <= 0 and self.num_epochs <= 0:
             raise TetherError("set 'max_steps' > 0 or 'num_epochs' > 0")
+        if self.max_steps < -1:
+            raise TetherError(f"option 'max_steps' must be -1 (derive from num_epochs) or a number of steps, got {self.max_steps}")
+        if self.anchor_weight < 0:
+            raise TetherError(f"option 'anchor_weight' must be >= 0, got {self.anchor_weight}")
+        if self.base_temperature <= 0:
+            raise TetherError(f"option 'base_temperature' must be > 0, got {self.base_temperature}")
+        if self.base_top_k < 0:
+            raise TetherError(f"option 'base_top_k' must be >= 0, got {self.base_top_k}")
+        if not 0.0 < self.base_top_p <= 1.0:
+            raise TetherError(f"option 'base_top_p' must be in (0, 1], got {self.base_top_p}")
         if self.method == "bapo":
-            if self.anchor_weight < 0:
-                raise TetherError(f"option 'anchor_weight' must be >= 0, got {self.anchor_weight}")
             if self.base_samples < 1 or self.base_max_new_tokens < 1:
                 raise TetherError("options 'base_samples' and 'base_max_new_tokens' must be >= 1")
             if self.base_samples > 1 and self.base_decoding != "sampled":

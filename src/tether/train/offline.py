@@ -20,6 +20,7 @@ from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from ..config import TetherError
+from ..files import write_text_atomic
 from ..data import COMPLETION_KEYS, Example, collate, load_preference_records, tokenize_records
 from ..logprobs import SequenceScorer
 from ..bapo import attach_base_responses, base_keys
@@ -28,18 +29,20 @@ from ..models import cache_dir, load_model, load_tokenizer
 from . import checkpoint
 from .common import (
     MetricsLog,
-    crash_hook,
+    check_finite_step,
+    crash_point,
     end_run,
     gathered_means,
     load_policy,
     make_accelerator,
     make_optimizer,
     mean_stats,
-    prepare_run_dir,
     save_final,
+    start_trackers,
     stream_indices,
     total_steps,
 )
+from .rundir import claim_run_dir
 from .config import TrainConfig
 from .reference import LiveReference, compute_logps_table, data_fingerprint, load_cached, save_cached
 
@@ -90,8 +93,8 @@ def reference_table(accelerator, cfg, reference, examples, keys, pad_id, desc) -
     fp = (f"{reference.weights_fingerprint()}-{data_fingerprint(examples, keys)}"
           f"-t{torch.get_num_threads()}p{accelerator.num_processes}b{cfg.eval_batch_size}")
     path = Path(cfg.ref_cache_dir or cache_dir() / "reflogps") / f"{fp}.pt"
-    table = load_cached(path)
-    if table is not None and table.shape == (len(keys), len(examples)):
+    table = load_cached(path, (len(keys), len(examples)))
+    if table is not None:
         log.info("reference log-probs reused from %s", path)
         return table
     mine = list(range(accelerator.process_index, len(examples), accelerator.num_processes))
@@ -154,16 +157,32 @@ def evaluate(accelerator, cfg, scorer, examples, table, reference, keys, pad_id)
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
-    """Run offline preference optimization as configured; returns the run directory."""
+    """Run offline preference optimization as configured; returns the run directory.
+
+    With `resume`, continues the run in `cfg.output_dir` from its newest readable checkpoint (a finished run is
+    left untouched). Raises TetherError (one line) on bad input, a directory that is not tether's, a run already
+    going on in it, changed options on resume, or a non-finite update."""
     run_dir = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg, run_dir)
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     train_ex, eval_ex, report = load_examples(cfg, tokenizer)  # bad data fails before anything is written
+    claim = claim_run_dir(accelerator, "train", cfg, {"train_file": cfg.train_file, "eval_file": cfg.eval_file}, resume)
+    try:
+        if claim.finished:
+            log.info("%s: the run already finished (step %s); nothing to do", run_dir, claim.marker.get("finished_step"))
+            return run_dir
+        return _train(cfg, accelerator, tokenizer, train_ex, eval_ex, report, claim)
+    finally:
+        claim.release()
+
+
+def _train(cfg, accelerator, tokenizer, train_ex, eval_ex, report, claim) -> Path:
+    run_dir = claim.path
     keys = COMPLETION_KEYS + base_keys(cfg)
-    prepare_run_dir(run_dir, cfg, resume, accelerator.is_main_process)
+    start_trackers(accelerator, cfg)
     if accelerator.is_main_process:
-        (run_dir / "data_report.json").write_text(json.dumps(report, indent=1, default=str))
+        write_text_atomic(run_dir / "data_report.json", json.dumps(report, indent=1, default=str))
     pad_id = tokenizer.pad_token_id
 
     model = load_policy(cfg).to(accelerator.device)
@@ -185,16 +204,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     start, results = 0, {}
-    ckpt = checkpoint.latest(run_dir) if resume else None
-    if ckpt is not None:
-        start = checkpoint.load(accelerator, ckpt, model, optimizer, scheduler)["step"]
-        log.info("resumed from %s", ckpt)
-        results = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").exists() else {}
-    elif eval_ex:
+    state = checkpoint.load_latest(accelerator, run_dir, model, optimizer, scheduler) if claim.resumed else None
+    if state is not None:
+        start = state["step"]
+        results = checkpoint.read_json(run_dir / "results.json")
+    if start == 0 and eval_ex:
         results["initial_eval"] = evaluate(accelerator, cfg, scorer, eval_ex, eval_table, reference, keys, pad_id)
         if accelerator.is_main_process:
-            (run_dir / "results.json").write_text(json.dumps(results, indent=1))
-    metrics = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process, start if ckpt else None)
+            write_text_atomic(run_dir / "results.json", json.dumps(results, indent=1))
+    metrics = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process, start if claim.resumed else None)
 
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=not (cfg.progress and accelerator.is_main_process))
     window: list[dict] = []
@@ -212,7 +230,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                 loss, stats = pair_stats(cfg, sums, counts, ref, len(keys))
                 accelerator.backward(loss / accum)
             step_stats.append(stats)
+        crash_point("mid_step", step + 1)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf"))
+        check_finite_step(grad_norm, step + 1)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -232,7 +252,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         bar.update(1)
         if cfg.save_steps and done % cfg.save_steps == 0 and done < steps:
             checkpoint.save(accelerator, run_dir, done, model, optimizer, scheduler, {"epoch": done * global_batch / len(train_ex)}, cfg.save_total_limit)
-        crash_hook(done)
+        crash_point("after_step", done)
     bar.close()
 
     if eval_ex:
@@ -243,6 +263,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             steps=steps, num_processes=world, global_batch=global_batch, train_pairs=len(train_ex),
             eval_pairs=len(eval_ex), final_model=str(final),
         )
-        (run_dir / "results.json").write_text(json.dumps(results, indent=1))
+        write_text_atomic(run_dir / "results.json", json.dumps(results, indent=1))
+        claim.mark_finished(steps)
     end_run(accelerator, scorer)
     return run_dir

@@ -32,10 +32,14 @@ from ..models import load_tokenizer
 from ..oracles import Annotator, load_oracle
 from ..sampling import sample_responses
 from . import checkpoint
-from .common import MetricsLog, crash_hook, end_run, gathered_means, make_accelerator, prepare_run_dir, save_final, stream_indices
+from ..files import write_text_atomic
+from .common import (
+    MetricsLog, crash_point, end_run, gathered_means, make_accelerator, save_final, start_trackers, stream_indices,
+)
 from .ledger import Ledger
 from .online_config import OnlineConfig
 from .online_policy import OnlinePolicy
+from .rundir import claim_run_dir
 
 log = logging.getLogger("tether")
 
@@ -61,7 +65,14 @@ class OnlineRun:
         budget = cfg.prompts_per_step * cfg.steps
         if budget > len(self.prompts):
             log.warning("%s: %d prompts for a budget of %d; prompts will be reused (with fresh samples)", cfg.prompt_file, len(self.prompts), budget)
-        prepare_run_dir(self.run_dir, cfg, resume, self.acc.is_main_process)
+        self.claim = claim_run_dir(
+            self.acc, "online", cfg, {"prompt_file": cfg.prompt_file, "eval_file": cfg.eval_file}, resume
+        )
+
+    def setup(self) -> None:
+        """Load the models and the ledger (after the run directory is claimed)."""
+        cfg = self.cfg
+        start_trackers(self.acc, cfg)
         self.policy = OnlinePolicy(cfg, self.acc.device)
         self.eos = eos_token_ids(self.policy.model, self.tokenizer)
         self.ledger = Ledger(self.run_dir / "ledger.jsonl", writable=self.acc.is_main_process)
@@ -119,6 +130,10 @@ class OnlineRun:
         if self.cfg.anchor_weight > 0:
             for r, (y, lp) in zip(rows, self._base_answers(indices)):
                 r.update(base_ids=y, base_logp=lp)
+        recorded = self.ledger.partial_rows(step)  # complete records of a step a crash cut short: not asked again
+        for i, r in enumerate(rows):
+            if r["slot"] in recorded:
+                rows[i] = {k: v for k, v in recorded[r["slot"]].items() if k not in ("step", "rows_in_step")}
         pending = [r for r in rows if r["status"] == "pending"]
         if pending:
             notes = self.annotator.annotate([r["prompt"] for r in pending], [tuple(r["responses"]) for r in pending], [seeds[r["slot"] - slots[0]] for r in pending])
@@ -176,16 +191,16 @@ class OnlineRun:
         k = cfg.steps // cfg.phases
         opt, sched = policy.optimizer_state()
         start, results = 0, {}
-        ckpt = checkpoint.latest(self.run_dir) if self.resume else None
-        if ckpt is not None:
-            start = checkpoint.load(acc, ckpt, policy.model, opt, sched, tensors=policy.state_tensors())["step"]
-            log.info("resumed from %s (the ledger holds %d annotated pairs)", ckpt, self.ledger.count())
-            res_file = self.run_dir / "results.json"
-            results = json.loads(res_file.read_text()) if res_file.exists() else {}
+        state = checkpoint.load_latest(acc, self.run_dir, policy.model, opt, sched, tensors=policy.state_tensors()) if self.claim.resumed else None
+        if state is not None:
+            start = state["step"]
+            log.info("the ledger holds %d annotated pairs", self.ledger.count())
+            results = checkpoint.read_json(self.run_dir / "results.json")
         elif self.eval_set:
             results["initial_eval"] = self.evaluate()
             self._write_results(results)
-        metrics = MetricsLog(self.run_dir / "metrics.jsonl", acc.is_main_process, start if self.resume else None)
+        metrics = MetricsLog(self.run_dir / "metrics.jsonl", acc.is_main_process, start if self.claim.resumed else None)
+        failing_steps = 0
         annotations = sum(self._annotated(self.ledger.rows(s) or []) for s in range(start))
         bar = tqdm(total=cfg.steps, initial=start, desc="online", unit="step", disable=not (cfg.progress and acc.is_main_process))
         t0, timing = time.perf_counter(), self.timing
@@ -197,6 +212,9 @@ class OnlineRun:
             replayed = rows is not None
             if not replayed:
                 rows = sorted((r for part in gather_object([self.collect(step, version)]) for r in part), key=lambda r: r["slot"])
+                failing_steps = failing_steps + 1 if self._failure_rate(rows) > cfg.max_oracle_failure_rate else 0
+                if failing_steps >= min(cfg.oracle_failure_patience, cfg.steps - start):
+                    self._stop_for_oracle(step, rows, opt, sched)
                 self.ledger.append(step, rows)
                 acc.wait_for_everyone()  # the ledger is on disk before any process trains on these pairs
             for r in rows:
@@ -215,7 +233,7 @@ class OnlineRun:
                     beh = torch.cat([policy.reference_logps(batch, len(self.keys))[: 2 * n], beh[2 * n :]])
                 timing["reference_s"] += time.perf_counter() - t
                 t = time.perf_counter()
-                stats, grad_norm, lr = policy.step(batch, beh, len(usable), len(self.keys)) if mine else self._idle_step(len(usable))
+                stats, grad_norm, lr = policy.step(batch, beh, len(usable), len(self.keys), step + 1) if mine else self._idle_step(len(usable), step + 1)
                 timing["update_s"] += time.perf_counter() - t
                 row.update(gathered_means({k2: v.tolist() for k2, v in stats.items()}), grad_norm=grad_norm, lr=lr)
             else:
@@ -235,7 +253,7 @@ class OnlineRun:
             bar.update(1)
             if cfg.save_steps and done % cfg.save_steps == 0 and done < cfg.steps:
                 checkpoint.save(acc, self.run_dir, done, policy.model, opt, sched, {}, cfg.save_total_limit, tensors=policy.state_tensors())
-            crash_hook(done)
+            crash_point("after_step", done)
         bar.close()
 
         if self.eval_set:
@@ -248,6 +266,7 @@ class OnlineRun:
                            oracle_failures=self.ledger.count("oracle_failed"), final_model=str(final),
                            seconds={**{k2: round(v, 2) for k2, v in timing.items()}, "total": round(time.perf_counter() - t0, 2)})
             self._write_results(results)
+            self.claim.mark_finished(cfg.steps)
         end_run(acc)
         return self.run_dir
 
@@ -256,16 +275,46 @@ class OnlineRun:
         """Pairs the oracle answered (a tie is an answer too)."""
         return sum(r["status"] in ("ok", "tie") for r in rows)
 
-    def _idle_step(self, n_global: int):
+    def _idle_step(self, n_global: int, step: int):
         """This process has no usable pair this step: it still joins the gradient sum (with zeros)."""
         empty = {"input_ids": torch.zeros((0, 1), dtype=torch.long)}
-        return self.policy.step(empty, None, n_global, len(self.keys))
+        return self.policy.step(empty, None, n_global, len(self.keys), step)
+
+    @staticmethod
+    def _failure_rate(rows: list[dict]) -> float:
+        """Of the pairs sent to the oracle this step, the fraction it failed on."""
+        asked = [r for r in rows if r["status"] != "identical"]
+        return sum(r["status"] == "oracle_failed" for r in asked) / len(asked) if asked else 0.0
+
+    def _stop_for_oracle(self, step: int, rows: list[dict], opt, sched) -> None:
+        """The oracle failed on too many pairs for too long: keep what the run has (a checkpoint at `step`; this
+        step's pairs are not recorded, so a resumed run asks about them again) and stop with an error."""
+        cfg = self.cfg
+        checkpoint.save(self.acc, self.run_dir, step, self.policy.model, opt, sched, {}, cfg.save_total_limit,
+                        tensors=self.policy.state_tensors())
+        raise TetherError(
+            f"step {step + 1}: the oracle {self.annotator.oracle.id} failed on {self._failure_rate(rows):.0%} of the "
+            f"pairs, above max_oracle_failure_rate {cfg.max_oracle_failure_rate:g} for {cfg.oracle_failure_patience} "
+            f"steps in a row; stopped after saving a checkpoint at step {step} — fix the oracle and rerun with --resume"
+        )
 
     def _write_results(self, results: dict) -> None:
         if self.acc.is_main_process:
-            (self.run_dir / "results.json").write_text(json.dumps(results, indent=1))
+            write_text_atomic(self.run_dir / "results.json", json.dumps(results, indent=1))
 
 
 def online_train(cfg: OnlineConfig, resume: bool = False) -> Path:
-    """Run online preference optimization (BPO and its baselines) as configured; returns the run directory."""
-    return OnlineRun(cfg, resume).run()
+    """Run online preference optimization (BPO and its baselines) as configured; returns the run directory.
+
+    With `resume`, continues the run in `cfg.output_dir` (a finished run is left untouched); raises TetherError
+    (one line) on bad input, a directory that is not tether's or is in use, changed options, a non-finite update
+    or an oracle that keeps failing (see `max_oracle_failure_rate`)."""
+    run = OnlineRun(cfg, resume)
+    try:
+        if run.claim.finished:
+            log.info("%s: the run already finished (step %s); nothing to do", run.run_dir, run.claim.marker.get("finished_step"))
+            return run.run_dir
+        run.setup()
+        return run.run()
+    finally:
+        run.claim.release()

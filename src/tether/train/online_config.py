@@ -23,6 +23,11 @@ class OnlineConfig(CommonConfig):
     oracle_retries: int = option(3, "retries of a failing or timed-out oracle call before the pair is skipped")
     oracle_timeout: float = option(60.0, "seconds an oracle call may take; 0 = no limit")
     oracle_backoff: float = option(1.0, "seconds before the first retry (doubled after each)")
+    max_oracle_failure_rate: float = option(
+        0.5, "stop the run (non-zero exit, after a checkpoint) when the oracle fails on more than this fraction of a "
+        "step's pairs for oracle_failure_patience steps in a row; 1 = never stop"
+    )
+    oracle_failure_patience: int = option(3, "consecutive failing steps before the run stops (see max_oracle_failure_rate)")
     # the BPO schedule (METHODS.md §3)
     steps: int = option(100, "T: optimizer steps; the annotation budget is prompts_per_step × steps")
     phases: int = option(2, "F: data-collection phases; π_β ← π_θ every K = steps / phases steps (1 = offline)")
@@ -66,6 +71,10 @@ class OnlineConfig(CommonConfig):
                 raise TetherError(f"option '{name}' must be >= 0, got {getattr(self, name)}")
         if self.steps % self.phases:
             raise TetherError(f"option 'phases' ({self.phases}) must divide 'steps' ({self.steps}) so that K = steps / phases is whole")
+        if not 0.0 <= self.max_oracle_failure_rate <= 1.0:
+            raise TetherError(f"option 'max_oracle_failure_rate' must be in [0, 1], got {self.max_oracle_failure_rate}")
+        if self.oracle_failure_patience < 1:
+            raise TetherError(f"option 'oracle_failure_patience' must be >= 1, got {self.oracle_failure_patience}")
         if not 0.0 < self.top_p <= 1.0:
             raise TetherError(f"option 'top_p' must be in (0, 1], got {self.top_p}")
         if self.reference == "fixed" and not self.ref_model:

@@ -27,7 +27,7 @@ import torch
 
 from ..logprobs import sequence_logps
 from ..models import add_lora, disable_dropout, load_model
-from .common import make_optimizer
+from .common import check_finite_step, make_optimizer
 from .offline import pair_stats
 
 
@@ -182,7 +182,7 @@ class OnlinePolicy:
 
     # ------------------------------------------------------------------------------------------ training
 
-    def step(self, batch, ref: torch.Tensor, n_global: int, n_keys: int = 2) -> tuple[dict[str, torch.Tensor], float, float]:
+    def step(self, batch, ref: torch.Tensor, n_global: int, n_keys: int = 2, step: int | None = None) -> tuple[dict[str, torch.Tensor], float, float]:
         """One optimizer step of every adapter on the same pairs; returns per-pair stats (mean over adapters),
         the mean gradient norm and the learning rate.
 
@@ -205,6 +205,7 @@ class OnlinePolicy:
                 for p, g in zip(params, flat.split([p.numel() for p in params])):
                     p.grad = g.view_as(p)
             norms.append(float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm or float("inf"))))
+            check_finite_step(norms[-1], step)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
+import logging
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ..data import Example, collate
+from ..files import write_atomic
 from ..logprobs import sequence_logps
+
+log = logging.getLogger("tether")
 
 
 def adapter_disabled(model):
@@ -89,14 +92,22 @@ def compute_logps_table(
     return torch.cat(parts, dim=1) if parts else torch.empty(len(keys), 0)
 
 
-def load_cached(path: Path) -> torch.Tensor | None:
-    """The (keys, examples) table saved by `save_cached`, or None."""
-    return torch.load(path, weights_only=True) if path.is_file() else None
+def load_cached(path: Path, shape: tuple[int, int]) -> torch.Tensor | None:
+    """The (keys, examples) table saved by `save_cached`, or None. A cache file that is empty, torn, of another
+    shape or not finite is removed with a warning (and so computed again)."""
+    if not path.is_file():
+        return None
+    try:
+        table = torch.load(path, weights_only=True)
+        if not isinstance(table, torch.Tensor) or tuple(table.shape) != tuple(shape) or not torch.isfinite(table).all():
+            raise ValueError(f"not a finite {shape[0]}x{shape[1]} table")
+    except Exception as e:  # noqa: BLE001 - any damage: rebuild
+        log.warning("cached reference log-probs %s unusable (%s); computing them again", path, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        path.unlink(missing_ok=True)
+        return None
+    return table
 
 
 def save_cached(path: Path, table: torch.Tensor) -> None:
     """Write atomically: a temp file in the same directory, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(table, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: torch.save(table, tmp))

@@ -1,0 +1,224 @@
+"""A run directory is tether's only if tether made it, and one run at a time uses it.
+
+- Marker: `.tether-run` (JSON: command, tether version, content fingerprints of the input files, state) is
+  the first file tether writes into a new or empty directory. A directory that is not empty and has no marker
+  is never written to, whatever `output_dir` says.
+- Lock: `.tether-lock`, held with an OS lock (`flock`) for the life of the run. The OS drops the lock when its
+  process dies, so a lock left by a killed run is never mistaken for a live one; the file holds the pid of the
+  holder for the error message.
+- Resume: the options must be the ones the run started with (apart from those in `SAFE_TO_CHANGE`, which do
+  not alter what is trained) and the input files must have the same content; `config.yaml` is never rewritten.
+  A finished run is reported as finished and left untouched.
+
+Only the main process looks at the directory; its verdict (or its error) is broadcast to every process, so all
+of them stop together with the same one-line error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import fcntl
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from accelerate.utils import broadcast_object_list
+
+from ..config import TetherError, config_to_dict
+from ..files import write_text_atomic
+
+log = logging.getLogger("tether")
+
+MARKER, LOCK = ".tether-run", ".tether-lock"
+# options a resumed run may change: they decide what is logged, saved or how long an oracle call may take,
+# never what is trained
+SAFE_TO_CHANGE = frozenset({
+    "output_dir", "progress", "logging_steps", "save_steps", "save_total_limit", "report_to", "eval_steps",
+    "oracle_timeout", "oracle_retries", "oracle_backoff", "max_oracle_failure_rate", "oracle_failure_patience",
+})
+_HELD: dict[str, int] = {}  # run directory -> file descriptor holding its lock
+
+
+def file_fingerprint(path: str | os.PathLike) -> str:
+    """blake2b of a file's bytes, or of every file (relative name and bytes) under a directory."""
+    path = Path(path)
+    h = hashlib.blake2b(digest_size=16)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(str(f.relative_to(path) if path.is_dir() else "").encode() + b"\0")
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class RunDir:
+    path: Path
+    command: str
+    resumed: bool = False
+    finished: bool = False
+    marker: dict = field(default_factory=dict)
+
+    def mark_finished(self, step: int) -> None:
+        """Main process: record that final/ and results.json are complete."""
+        self.marker.update(state="finished", finished_step=step,
+                           finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        write_text_atomic(self.path / MARKER, json.dumps(self.marker, indent=1) + "\n")
+
+    def release(self) -> None:
+        release_lock(self.path)
+
+
+def release_lock(path: Path) -> None:
+    fd = _HELD.pop(str(Path(path).resolve()), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor drops the flock
+
+
+def _lock(path: Path) -> None:
+    key = str(path.resolve())
+    if key in _HELD:
+        raise TetherError(f"{path}: this process already runs in this directory; use another output_dir")
+    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise TetherError(f"{path}: another tether process (pid {holder}) is running in this directory; "
+                          "wait for it to finish or choose another output_dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _HELD[key] = fd
+
+
+def _read_marker(path: Path) -> dict | None:
+    try:
+        marker = json.loads((path / MARKER).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        raise TetherError(f"{path / MARKER}: unreadable tether run marker; this directory cannot be resumed, "
+                          "choose another output_dir") from None
+    return marker if isinstance(marker, dict) and marker.get("tether_run") == 1 else None
+
+
+def _config_differences(cfg, saved: dict) -> list[str]:
+    """Options (other than SAFE_TO_CHANGE) whose value differs from the run's config.yaml; an option the saved
+    file does not have (added by a newer tether) counts as changed only when it is not at its default."""
+    now, defaults = config_to_dict(cfg), _defaults(cfg)
+    return [k for k in now if k not in SAFE_TO_CHANGE and now[k] != saved.get(k, defaults.get(k))]
+
+
+def _defaults(cfg) -> dict:
+    out = {}
+    for f in dataclasses.fields(cfg):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def _claim(run_dir: Path, command: str, cfg, inputs: dict[str, str | None], resume: bool) -> RunDir:
+    """The main process's checks and first writes (see the module docstring)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TetherError(f"option 'output_dir': {run_dir} is a file, not a directory; choose a directory path")
+    if (run_dir / LOCK).exists():  # a live run first: its directory may not have its marker yet
+        try:
+            _lock(run_dir)
+        except OSError as e:
+            raise TetherError(f"option 'output_dir': cannot write into {run_dir} ({e.strerror or e}); choose a directory "
+                              "you can write to") from None
+    try:
+        return _claim_locked(run_dir, command, cfg, inputs, resume)
+    except BaseException:
+        release_lock(run_dir)
+        raise
+
+
+def _claim_locked(run_dir: Path, command: str, cfg, inputs, resume: bool) -> RunDir:
+    marker = _read_marker(run_dir) if run_dir.is_dir() else None
+    fingerprints = {name: file_fingerprint(p) for name, p in inputs.items() if p}
+    if marker is None:
+        if run_dir.is_dir() and any(p.name != LOCK for p in run_dir.iterdir()):
+            raise TetherError(
+                f"option 'output_dir': {run_dir} is not empty and is not a tether run (no {MARKER} marker); tether "
+                "writes only into new or empty directories or its own runs: choose another output_dir"
+            )
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if str(run_dir.resolve()) not in _HELD:
+                _lock(run_dir)
+            marker = {"tether_run": 1, "command": command, "tether_version": _version(), "state": "running",
+                      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                      "inputs": fingerprints}
+            write_text_atomic(run_dir / MARKER, json.dumps(marker, indent=1) + "\n")
+            write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        except OSError as e:
+            raise TetherError(f"option 'output_dir': cannot write into {run_dir} ({e.strerror or e}); choose a directory "
+                              "you can write to") from None
+        if resume:
+            log.info("%s: nothing to resume; starting a new run", run_dir)
+        return RunDir(run_dir, command, marker=marker)
+
+    if str(run_dir.resolve()) not in _HELD:
+        _lock(run_dir)
+    if marker.get("command") != command:
+        raise TetherError(f"{run_dir}: holds a `tether {marker.get('command')}` run, not a `tether {command}` run; "
+                          "choose another output_dir")
+    if not resume:
+        raise TetherError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another output_dir")
+    if marker.get("state") == "finished":
+        return RunDir(run_dir, command, resumed=True, finished=True, marker=marker)
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        raise TetherError(f"{run_dir / 'config.yaml'}: missing or unreadable, so the run cannot be resumed safely; "
+                          "start a new run in another output_dir") from None
+    changed = _config_differences(cfg, saved)
+    if changed:
+        now = config_to_dict(cfg)
+        name = changed[0]
+        raise TetherError(
+            f"--resume: option '{name}' is {now.get(name)!r} but the run in {run_dir} used {saved.get(name)!r}"
+            + (f" (also changed: {', '.join(changed[1:])})" if changed[1:] else "")
+            + "; a resumed run keeps its options: drop the change, or start a new run in another output_dir"
+        )
+    for name, fp in fingerprints.items():
+        if marker.get("inputs", {}).get(name) not in (None, fp):
+            raise TetherError(f"--resume: {getattr(cfg, name)} ({name}) changed since the run started (its content "
+                              "differs); restore it, or start a new run in another output_dir")
+    return RunDir(run_dir, command, resumed=True, marker=marker)
+
+
+def claim_run_dir(accelerator, command: str, cfg, inputs: dict[str, str | None], resume: bool) -> RunDir:
+    """Check and claim `cfg.output_dir` for a `command` run (main process), and tell every process the outcome.
+    `inputs` names the option of each input file whose content must not change across a resume."""
+    run_dir = Path(cfg.output_dir)
+    outcome: list = [None]
+    if accelerator.is_main_process:
+        try:
+            outcome = [_claim(run_dir, command, cfg, inputs, resume)]
+        except TetherError as e:
+            outcome = [e]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(outcome, from_process=0)
+    if isinstance(outcome[0], TetherError):
+        raise TetherError(str(outcome[0]))
+    return outcome[0]
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("tether")
+    except Exception:  # noqa: BLE001
+        return "unknown"
