@@ -1,4 +1,4 @@
-"""BAPO's base responses y_b (METHODS.md §2): before training, the reference (base) model answers every
+"""BAPO's base responses y_b (docs/methods.md §3): before training, the reference (base) model answers every
 training prompt itself, once; the answers are cached on disk and become extra completions of each example.
 
 Generation works on token ids: y_b is exactly the token sequence the base model produced from the same

@@ -74,7 +74,7 @@ def add_train_parser(sub) -> None:
                     "online preference optimization (BPO and its baselines) from prompts and an oracle",
                     "Online preference optimization: sample pairs from the behavior policy, label them with an "
                     "oracle (recorded in ledger.jsonl before training), one DAP step per batch; BPO uses the "
-                    "behavior policy as the reference (METHODS.md §3).")
+                    "behavior policy as the reference (docs/methods.md §5).")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""Preference losses as pure functions of log-prob tensors (METHODS.md §1–2). No model, no I/O.
+"""Preference losses as pure functions of log-prob tensors (docs/methods.md §1–3). No model, no I/O.
 
 Shapes: every input is (B,) — one entry per preference pair — and every per-pair output is (B,).
 `*_logps` are SUMMED completion log-probs, `*_len` the number of completion tokens.
@@ -46,7 +46,7 @@ def base_anchor(
     form: str = "hinge",
     normalize: str = "sum",
 ) -> torch.Tensor:
-    """BAPO anchor A(x, y_b) (METHODS.md §2) on the base model's own response y_b.
+    """BAPO anchor A(x, y_b) (docs/methods.md §3) on the base model's own response y_b.
 
     hinge:   max(0, log π_ref(y_b|x) − log π_θ(y_b|x))
     squared: (log π_θ(y_b|x) − log π_ref(y_b|x))²
@@ -109,3 +109,41 @@ def preference_loss(
         logps_rejected=policy_rejected.detach(),
     )
     return per_pair.mean(), stats
+
+
+def objective(
+    policy_logps: torch.Tensor,
+    lengths: torch.Tensor,
+    ref_logps: torch.Tensor,
+    n_keys: int,
+    *,
+    loss: str,
+    beta: float,
+    label_smoothing: float,
+    nll_weight: float,
+    anchor_weight: float,
+    anchor_form: str,
+    anchor_normalize: str,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """What both training loops minimise (docs/methods.md, "The objective"):
+
+        L = mean over pairs of [ L_DAP(h) + α·NLL(y_w) + λ · mean_j A(x, y_b^j) ]
+
+    Inputs are KEY-MAJOR rows (n_keys·B,): B chosen rows, B rejected rows, then (BAPO) B rows for each of the
+    n_keys − 2 base responses y_b^j. `policy_logps` / `ref_logps` are summed completion log-probs under π_θ and
+    π_ref, `lengths` completion token counts. Without base rows there is no anchor (λ is not used).
+    Returns (scalar loss, per-pair (B,) stats of `preference_loss`, plus `anchor`, `logps_base`,
+    `anchor_active` with base rows; the per-pair `loss` includes the anchor)."""
+    pol, lens, ref = policy_logps.view(n_keys, -1), lengths.view(n_keys, -1), ref_logps.view(n_keys, -1)
+    total, stats = preference_loss(
+        pol[0], pol[1], ref[0], ref[1], lens[0], lens[1],
+        loss=loss, beta=beta, label_smoothing=label_smoothing, nll_weight=nll_weight,
+    )
+    if n_keys > 2:
+        anchor = base_anchor(pol[2:], ref[2:], lens[2:], anchor_form, anchor_normalize).mean(dim=0)
+        total = total + anchor_weight * anchor.mean()
+        stats["loss"] = stats["loss"] + anchor_weight * anchor.detach()
+        stats["anchor"] = anchor.detach()
+        stats["logps_base"] = pol[2:].detach().mean(dim=0)
+        stats["anchor_active"] = (ref[2:] > pol[2:]).float().mean(dim=0)
+    return total, stats

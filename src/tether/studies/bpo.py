@@ -1,4 +1,4 @@
-"""`tether study bpo`: does anchoring online DAP to the behavior model (BPO, METHODS.md §3) pay off, and is one
+"""`tether study bpo`: does anchoring online DAP to the behavior model (BPO, docs/methods.md §5) pay off, and is one
 extra data-collection phase (F = 2) enough? Reproduces the comparison of Xu et al. (arXiv 2406.12168) on the
 embedded world with one annotation budget (B·T prompts) for every setting.
 

@@ -91,7 +91,7 @@ class TrainConfig(CommonConfig):
     train_file: str = option("", "preference data: .jsonl, .json, .parquet or a datasets directory (required)")
     eval_file: str | None = option(None, "held-out preference data, same formats; null = none (see eval_fraction)")
     eval_fraction: float = option(0.0, "when eval_file is null, hold out this fraction of train_file for evaluation")
-    # BAPO: anchor the policy to the base model's own responses (METHODS.md §2)
+    # BAPO: anchor the policy to the base model's own responses (docs/methods.md §3)
     method: str = option(
         "dap", "dap = the preference loss alone; bapo = loss + anchor_weight · anchor on base responses", choices=("dap", "bapo")
     )

@@ -24,7 +24,7 @@ from ..files import write_text_atomic
 from ..data import COMPLETION_KEYS, Example, collate, load_preference_records, tokenize_records
 from ..logprobs import SequenceScorer
 from ..bapo import attach_base_responses, base_keys
-from ..losses import base_anchor, preference_loss
+from ..losses import objective
 from ..models import cache_dir, load_model, load_tokenizer
 from . import checkpoint
 from .common import (
@@ -37,6 +37,7 @@ from .common import (
     make_accelerator,
     make_optimizer,
     mean_stats,
+    objective_options,
     save_final,
     start_trackers,
     stream_indices,
@@ -110,26 +111,6 @@ def reference_table(accelerator, cfg, reference, examples, keys, pad_id, desc) -
     return table
 
 
-def pair_stats(cfg, sums, counts, ref_sums, n_keys):
-    """Loss and per-pair stats from key-major rows: chosen rows, rejected rows, then (BAPO) base-response rows.
-
-    BAPO: L = L_DAP + λ · mean over the n base responses of A(x, y_b)   (METHODS.md §2)
-    """
-    pol, lens, ref = sums.view(n_keys, -1), counts.view(n_keys, -1), ref_sums.view(n_keys, -1)
-    loss, stats = preference_loss(
-        pol[0], pol[1], ref[0], ref[1], lens[0], lens[1],
-        loss=cfg.loss, beta=cfg.beta, label_smoothing=cfg.label_smoothing, nll_weight=cfg.nll_weight,
-    )
-    if n_keys > 2:
-        anchor = base_anchor(pol[2:], ref[2:], lens[2:], cfg.anchor_form, cfg.anchor_normalize).mean(dim=0)
-        loss = loss + cfg.anchor_weight * anchor.mean()
-        stats["loss"] = stats["loss"] + cfg.anchor_weight * anchor.detach()
-        stats["anchor"] = anchor.detach()
-        stats["logps_base"] = pol[2:].detach().mean(dim=0)
-        stats["anchor_active"] = (ref[2:] > pol[2:]).float().mean(dim=0)
-    return loss, stats
-
-
 def _batch(examples, idx, table, reference, keys, pad_id, device):
     batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id, keys).items()}
     if table is not None:
@@ -150,7 +131,7 @@ def evaluate(accelerator, cfg, scorer, examples, table, reference, keys, pad_id)
         idx = mine[start : start + cfg.eval_batch_size]
         batch, ref = _batch(examples, idx, table, reference, keys, pad_id, accelerator.device)
         sums, counts = scorer(**batch)
-        _, stats = pair_stats(cfg, sums, counts, ref, len(keys))
+        _, stats = objective(sums, counts, ref, len(keys), **objective_options(cfg))
         for k, v in stats.items():
             local.setdefault(k, []).extend(v.tolist())
     return gathered_means(local, prefix="eval_")
@@ -227,7 +208,7 @@ def _train(cfg, accelerator, tokenizer, train_ex, eval_ex, report, claim) -> Pat
             sync = accelerator.no_sync(scorer) if m < accum - 1 else contextlib.nullcontext()
             with sync, accelerator.autocast():
                 sums, counts = scorer(**batch)
-                loss, stats = pair_stats(cfg, sums, counts, ref, len(keys))
+                loss, stats = objective(sums, counts, ref, len(keys), **objective_options(cfg))
                 accelerator.backward(loss / accum)
             step_stats.append(stats)
         crash_point("mid_step", step + 1)

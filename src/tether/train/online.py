@@ -1,4 +1,4 @@
-"""The online preference-optimization loop (BPO, METHODS.md §3) on `accelerate`. Reads top to bottom:
+"""The online preference-optimization loop (BPO, docs/methods.md §5) on `accelerate`. Reads top to bottom:
 prompts → oracle → models → (resume) → steps → final model.
 
     for t in 0 .. T−1:

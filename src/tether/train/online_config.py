@@ -28,7 +28,7 @@ class OnlineConfig(CommonConfig):
         "step's pairs for oracle_failure_patience steps in a row; 1 = never stop"
     )
     oracle_failure_patience: int = option(3, "consecutive failing steps before the run stops (see max_oracle_failure_rate)")
-    # the BPO schedule (METHODS.md §3)
+    # the BPO schedule (docs/methods.md §5)
     steps: int = option(100, "T: optimizer steps; the annotation budget is prompts_per_step × steps")
     phases: int = option(2, "F: data-collection phases; π_β ← π_θ every K = steps / phases steps (1 = offline)")
     prompts_per_step: int = option(16, "B: new prompts per step over all processes (2 responses sampled for each)")
@@ -51,7 +51,7 @@ class OnlineConfig(CommonConfig):
         "exact = average of the B·A products", choices=("linear", "exact"),
     )
     eval_max_new_tokens: int = option(128, "max tokens of a greedy evaluation answer")
-    # BAPO's anchor, for online personalization (METHODS.md §2)
+    # BAPO's anchor, for online personalization (docs/methods.md §3)
     anchor_weight: float = option(
         0.0, "λ of BAPO's anchor on the initial model's own greedy answer to each prompt (anchor_form, _normalize); 0 = off"
     )

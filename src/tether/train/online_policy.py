@@ -27,8 +27,8 @@ import torch
 
 from ..logprobs import sequence_logps
 from ..models import add_lora, disable_dropout, load_model
-from .common import check_finite_step, make_optimizer
-from .offline import pair_stats
+from ..losses import objective
+from .common import check_finite_step, make_optimizer, objective_options
 
 
 def _frozen_copy(model):
@@ -196,7 +196,7 @@ class OnlinePolicy:
             self.model.train()
             if n_local:
                 sums, counts = sequence_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], n_keys)
-                loss, stats = pair_stats(self.cfg, sums, counts, ref, n_keys)
+                loss, stats = objective(sums, counts, ref, n_keys, **objective_options(self.cfg))
                 (loss * (n_local / n_global)).backward()
                 all_stats.append(stats)
             if distributed:
