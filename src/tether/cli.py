@@ -1,4 +1,11 @@
-"""The `tether` command line. Each subcommand's options are a config dataclass (see tether.config)."""
+"""The `tether` command line. Each subcommand's options are a config dataclass (see tether.config).
+
+Fast answers: `tether --help`, `tether SUBCOMMAND --help` and option errors must not wait for torch (several
+seconds to import). The rule that keeps them fast: a module that builds a parser or holds a config dataclass
+(this file, the modules in SUBCOMMAND_MODULES, tether.config, train/config.py, world/settings.py, ...) imports
+no torch, transformers, accelerate, peft or datasets at its top level; the run function imports the heavy
+module it needs, after the options have been validated. tests/test_cli.py checks this for every subcommand.
+"""
 
 from __future__ import annotations
 
@@ -19,17 +26,23 @@ def _options(args: argparse.Namespace, skip=("func", "config", "resume", "verbos
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, train
+    from .train.config import TrainConfig
 
-    run_dir = train(load_config(TrainConfig, args.config, _options(args)), resume=args.resume)
+    cfg = load_config(TrainConfig, args.config, _options(args))  # option errors answer before torch loads
+    from .train.offline import train
+
+    run_dir = train(cfg, resume=args.resume)
     print(f"run written to {run_dir}")
     return 0
 
 
 def _run_online(args: argparse.Namespace) -> int:
-    from .train import OnlineConfig, online_train
+    from .train.online_config import OnlineConfig
 
-    run_dir = online_train(load_config(OnlineConfig, args.config, _options(args)), resume=args.resume)
+    cfg = load_config(OnlineConfig, args.config, _options(args))
+    from .train.online import online_train
+
+    run_dir = online_train(cfg, resume=args.resume)
     print(f"run written to {run_dir}")
     return 0
 
@@ -47,7 +60,8 @@ def _add_run_parser(sub, name: str, cls, func, help: str, description: str) -> N
 
 
 def add_train_parser(sub) -> None:
-    from .train import OnlineConfig, TrainConfig
+    from .train.config import TrainConfig
+    from .train.online_config import OnlineConfig
 
     _add_run_parser(sub, "train", TrainConfig, _run_train, "offline preference optimization (DPO, IPO, SLiC, BAPO) from a preference file",
                     "Offline preference optimization.")
