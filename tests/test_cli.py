@@ -94,3 +94,42 @@ def test_study_seeds_option_parses_or_names_the_bad_value(capsys):
     with pytest.raises(SystemExit) as e:
         main(["study", "bapo", "--model", "m", "--seeds", "0,x"])
     assert e.value.code == 2 and "'0,x': expected comma-separated integers" in capsys.readouterr().err
+
+
+HEAVY = ("torch", "transformers", "accelerate", "peft", "datasets")
+# what `tether ...` imported before exiting, printed by the child process
+_IMPORTED = """
+import sys
+from tether.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+print(sorted(m for m in {heavy!r} if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("argv", [
+    ["--help"], ["train", "--help"], ["online", "--help"], ["world", "build", "--help"], ["world", "export", "--help"],
+    ["eval", "--help"], ["study", "bapo", "--help"], ["study", "bpo", "--help"],
+    ["train", "--no_such_flag", "1"], ["train", "--model", "m"], ["online", "--model", "m", "--steps", "0"],
+])
+def test_help_and_option_errors_do_not_import_torch(argv):
+    """--help and option errors answer without the heavy libraries (see the rule in tether.cli's docstring)."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _IMPORTED.format(heavy=HEAVY), *argv], capture_output=True, text=True, timeout=120)
+    assert res.stdout.strip().splitlines()[-1] == "[]", (argv, res.stdout[-300:], res.stderr[-500:])
+    if len(argv) > 1 and argv[-1] != "--help":
+        assert "error" in res.stderr, res.stderr  # the error itself was reported
+
+
+def test_every_subcommand_parser_is_torch_free():
+    """New subcommands follow the rule too: building the whole parser imports none of the heavy libraries."""
+    import subprocess
+    import sys
+
+    code = f"import sys; from tether.cli import build_parser; build_parser(); print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.stdout.strip() == "[]", res.stdout + res.stderr

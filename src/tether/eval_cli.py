@@ -8,8 +8,9 @@ import json
 
 from .config import TetherError, add_dataclass_arguments, load_config, option
 from .files import check_output_file, write_text_atomic
-from .models import load_model, load_tokenizer
-from .world import PERSONAS, build_world, world_suite
+from .world.styles import PERSONAS
+
+# torch-free at import (models and the suites load inside run_eval): see tether.cli
 
 
 @dataclasses.dataclass
@@ -47,6 +48,9 @@ def run_eval(args) -> int:
     """Evaluate --model on the suite; print the JSON result."""
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalOptions) if hasattr(args, f.name)}
     opts = load_config(EvalOptions, getattr(args, "config", None), overrides)
+    from .models import load_model, load_tokenizer
+    from .world import build_world, world_suite
+
     model, tokenizer = load_model(opts.model), load_tokenizer(opts.model)
     if tokenizer.chat_template is None:
         raise TetherError(f"--model {opts.model}: its tokenizer has no chat template; the suites ask questions as chat messages")

@@ -9,8 +9,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("dpo", "ipo", "slic")
-
 
 def logratio_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected) -> torch.Tensor:
     """h = [log π_θ(y_w|x) − log π_ref(y_w|x)] − [log π_θ(y_l|x) − log π_ref(y_l|x)]   (B,)"""
@@ -91,7 +89,7 @@ def preference_loss(
     elif loss == "slic":
         per_pair = slic_loss(logratio_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected), beta)
     else:
-        raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+        raise ValueError(f"unknown loss {loss!r}; choose one of dpo, ipo, slic")
     stats = {}
     if nll_weight:
         nll = nll_loss(policy_chosen, chosen_len)

@@ -112,4 +112,18 @@ def _smollm2() -> Path:
     return model_dir()
 
 
+def _world() -> Path:
+    from .world.build import ensure_base_model  # the embedded world's base model, built on first use
+
+    return ensure_base_model()
+
+
+def _world_sft() -> Path:
+    from .world.online import ensure_sft_model  # the world's starting policy for online training
+
+    return ensure_sft_model()
+
+
 register_builtin("smollm2-135m-instruct", _smollm2)
+register_builtin("world", _world)
+register_builtin("world-sft", _world_sft)

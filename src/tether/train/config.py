@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import TetherError, option
-from ..losses import LOSSES
+
+LOSSES = ("dpo", "ipo", "slic")  # the names tether.losses.preference_loss accepts (here so --help needs no torch)
 
 
 @dataclass

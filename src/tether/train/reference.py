@@ -56,7 +56,7 @@ class LiveReference:
             if self.use_base_of_adapter and "lora_" in name:
                 continue
             h.update(name.replace("base_model.model.", "").replace(".base_layer", "").encode())
-            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())  # the bytes in place, no copy
         return h.hexdigest()
 
 

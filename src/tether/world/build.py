@@ -9,7 +9,6 @@ directory and renames it into place, so the cache never holds a half-written mod
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -22,55 +21,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import TetherError, option
 from ..models import cache_dir
 from ..tiny import tiny_llama, train_tokenizer
-from .facts import ATTRIBUTES, World, build_world
+from .facts import ATTRIBUTES, World
+from .settings import NOT_FINGERPRINTED, WORLD_VERSION, WorldSettings
 from .styles import HOUSE, PERSONAS, render
-
-WORLD_VERSION = 1  # bump when the world's text or the training recipe changes, to invalidate old caches
-NOT_FINGERPRINTED = {"progress"}
-
-
-@dataclasses.dataclass
-class WorldSettings:
-    """Everything that determines the world and its base model."""
-
-    seed: int = option(0, "seed of the world (names, facts, splits) and of the model's initialisation and batches")
-    n_entities: int = option(150, "number of fictional realms; each has 4 facts")
-    vocab_size: int = option(1024, "size of the BPE vocabulary trained on the world's text")
-    hidden_size: int = option(192, "hidden size of the Llama-style base model")
-    num_layers: int = option(4, "number of transformer layers")
-    num_heads: int = option(4, "number of attention heads")
-    batch_size: int = option(32, "sequences per optimizer step in both stages")
-    pretrain_steps: int = option(700, "optimizer steps of language modelling on the fact statements")
-    sft_steps: int = option(400, "optimizer steps of instruction tuning on house-style answers (loss on answer tokens)")
-    lr: float = option(2e-3, "peak AdamW learning rate (linear warm-up, cosine decay to a tenth of it, in each stage)")
-    progress: bool = option(True, "show a progress bar")
-
-    def validate(self) -> None:
-        """Raise TetherError naming the first option that cannot work."""
-        checks = [
-            ("n_entities", self.n_entities >= 4, "must be at least 4 (4-way multiple choice)"),
-            ("vocab_size", self.vocab_size >= 300, "must be at least 300 (256 bytes + special tokens + merges)"),
-            ("hidden_size", self.hidden_size % self.num_heads == 0, "must be divisible by --num_heads"),
-            ("batch_size", self.batch_size >= 1, "must be at least 1"),
-            ("pretrain_steps", self.pretrain_steps >= 0 and self.sft_steps >= 0, "and --sft_steps must be >= 0"),
-            ("lr", self.lr > 0, "must be positive"),
-        ]
-        for name, ok, what in checks:
-            if not ok:
-                raise TetherError(f"option --{name}: {what}")
-
-    def fingerprint(self) -> str:
-        """Short hash of the settings that change the built model (plus WORLD_VERSION)."""
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_FINGERPRINTED}
-        blob = json.dumps({"version": WORLD_VERSION, **fields}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-    def world(self) -> World:
-        """The world these settings describe."""
-        return build_world(self.seed, self.n_entities)
 
 
 def pretraining_documents(world: World, rng: random.Random) -> list[str]:

@@ -7,9 +7,11 @@ import dataclasses
 import json
 
 from ..config import TetherError, add_dataclass_arguments, load_config, option
-from .build import WorldSettings, ensure_base_model, world_model_dir
 from .export import export_world
+from .settings import WorldSettings
 from .styles import PERSONAS
+
+# torch-free at import (the build is imported inside run_build): see tether.cli
 
 
 @dataclasses.dataclass
@@ -53,6 +55,8 @@ def _options(cls, args) -> object:
 
 def run_build(args) -> int:
     """Build (or find in the cache) the base model and print its directory."""
+    from .build import ensure_base_model, world_model_dir
+
     opts = _options(BuildOptions, args)
     settings = opts.settings()
     cached = (world_model_dir(settings) / "build_report.json").is_file()
