@@ -18,7 +18,7 @@ from accelerate.utils import gather_object
 from transformers import get_scheduler
 
 from ..config import TetherError, save_config
-from ..models import add_lora, disable_dropout, load_model
+from ..models import add_lora, disable_dropout, enable_gradient_checkpointing, load_model
 
 log = logging.getLogger("tether")
 
@@ -40,10 +40,14 @@ def make_accelerator(cfg, run_dir: Path) -> Accelerator:
 
 
 def load_policy(cfg):
-    """The trainable policy: the model (float32), dropout off if asked, wrapped in a fresh LoRA adapter if asked."""
-    model = load_model(cfg.model)
+    """The trainable policy: the model in cfg.torch_dtype, dropout off if asked, gradient checkpointing on if
+    asked, wrapped in a fresh LoRA adapter (float32 weights) if asked. A PEFT adapter directory as cfg.model
+    is merged into its base first, so a new adapter (or full fine-tuning) starts from base + that adapter."""
+    model = load_model(cfg.model, cfg.torch_dtype)
     if cfg.disable_dropout:
         disable_dropout(model)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     if cfg.lora:
         model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, seed=cfg.seed)
         if cfg.disable_dropout:

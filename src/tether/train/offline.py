@@ -73,13 +73,13 @@ def load_examples(cfg: TrainConfig, tokenizer) -> tuple[list[Example], list[Exam
 def make_reference(cfg: TrainConfig, policy, device) -> LiveReference:
     """π_ref as a live scorer: a separate frozen model, the LoRA base (adapter disabled) or the initial policy."""
     if cfg.ref_model:
-        ref = load_model(cfg.ref_model).eval().requires_grad_(False).to(device)
+        ref = load_model(cfg.ref_model, cfg.torch_dtype).eval().requires_grad_(False).to(device)
         return LiveReference(ref, use_base_of_adapter=False)
     if cfg.lora:
         return LiveReference(policy, use_base_of_adapter=True)
     if cfg.precompute_ref_logps:  # the policy IS the reference until the first step
         return LiveReference(policy, use_base_of_adapter=False)
-    ref = load_model(cfg.model).eval().requires_grad_(False).to(device)
+    ref = load_model(cfg.model, cfg.torch_dtype).eval().requires_grad_(False).to(device)
     return LiveReference(ref, use_base_of_adapter=False)
 
 
