@@ -115,7 +115,7 @@ def load_model(name: str | os.PathLike, dtype: str | torch.dtype = torch.float32
     if is_adapter_dir(path):
         return load_merged_adapter(path, dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
+        model = AutoModelForCausalLM.from_pretrained(path.resolve(), dtype=torch_dtype(dtype))  # absolute: an adapter records it
     except Exception as e:  # noqa: BLE001
         raise TetherError(f"{path}: cannot load the model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     return model
@@ -136,8 +136,8 @@ def load_merged_adapter(adapter_dir: Path, dtype: str | torch.dtype = torch.floa
     if target == "auto":
         target = getattr(AutoConfig.from_pretrained(base_dir), "dtype", None) or torch.float32
         target = getattr(torch, target) if isinstance(target, str) else target
-    merged.config.name_or_path = str(adapter_dir)
-    return merged.to(target)
+    merged.config.name_or_path = merged.name_or_path = str(adapter_dir.resolve())  # a new adapter records this as its base
+    return merged.requires_grad_(True).to(target)  # PEFT froze the base; a loaded model is trainable like any other
 
 
 def add_lora(model: PreTrainedModel, r: int, alpha: int, dropout: float, target_modules: list[str] | None, seed: int = 0):

@@ -142,15 +142,18 @@ def gathered_means(local: dict[str, list[float]], prefix: str = "") -> dict[str,
     return {prefix + k: sum(v) / len(v) for k, v in merged.items()}
 
 
-def save_final(accelerator, model, tokenizer, run_dir: Path, write=None) -> Path:
+def save_final(accelerator, model, tokenizer, run_dir: Path, write=None, card: str | None = None) -> Path:
     """Save the final model (full weights or PEFT adapter) and tokenizer atomically to run_dir/final.
-    `write(directory)` replaces `model.save_pretrained(directory)` when the model needs its own way."""
+    `write(directory)` replaces `model.save_pretrained(directory)` when the model needs its own way;
+    `card` (markdown) becomes final/README.md, replacing PEFT's empty template."""
     final = run_dir / "final"
     if accelerator.is_main_process:
         tmp = run_dir / "final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         (write or model.save_pretrained)(tmp)
         tokenizer.save_pretrained(tmp)
+        if card is not None:
+            (tmp / "README.md").write_text(card)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     accelerator.wait_for_everyone()

@@ -26,6 +26,7 @@ from ..bapo import attach_base_responses, base_keys
 from ..losses import base_anchor, preference_loss
 from ..models import cache_dir, load_model, load_tokenizer
 from . import checkpoint
+from .card import data_files, distributed_setup, model_card, versions
 from .common import (
     MetricsLog,
     crash_hook,
@@ -157,6 +158,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     """Run offline preference optimization as configured; returns the run directory."""
     run_dir = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg, run_dir)
+    setup = distributed_setup(accelerator)  # refuses a launch that asked for sharding and did not get it
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     train_ex, eval_ex, report = load_examples(cfg, tokenizer)  # bad data fails before anything is written
@@ -192,8 +194,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         results = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").exists() else {}
     elif eval_ex:
         results["initial_eval"] = evaluate(accelerator, cfg, scorer, eval_ex, eval_table, reference, keys, pad_id)
-        if accelerator.is_main_process:
-            (run_dir / "results.json").write_text(json.dumps(results, indent=1))
+    if accelerator.is_main_process:
+        results.update(versions=versions(), distributed=setup, data_files=data_files(train=cfg.train_file, eval=cfg.eval_file))
+        (run_dir / "results.json").write_text(json.dumps(results, indent=1))
     metrics = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process, start if ckpt else None)
 
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=not (cfg.progress and accelerator.is_main_process))
@@ -237,12 +240,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
     if eval_ex:
         results["final_eval"] = evaluate(accelerator, cfg, scorer, eval_ex, eval_table, reference, keys, pad_id)
-    final = save_final(accelerator, accelerator.unwrap_model(scorer).model, tokenizer, run_dir)
+    results.update(steps=steps, num_processes=world, global_batch=global_batch, train_pairs=len(train_ex), eval_pairs=len(eval_ex))
+    card = model_card(cfg, "offline", run_dir, results) if accelerator.is_main_process else None
+    final = save_final(accelerator, accelerator.unwrap_model(scorer).model, tokenizer, run_dir, card=card)
     if accelerator.is_main_process:
-        results.update(
-            steps=steps, num_processes=world, global_batch=global_batch, train_pairs=len(train_ex),
-            eval_pairs=len(eval_ex), final_model=str(final),
-        )
+        results["final_model"] = str(final)
         (run_dir / "results.json").write_text(json.dumps(results, indent=1))
     end_run(accelerator, scorer)
     return run_dir

@@ -32,6 +32,7 @@ from ..models import load_tokenizer
 from ..oracles import Annotator, load_oracle
 from ..sampling import sample_responses
 from . import checkpoint
+from .card import data_files, distributed_setup, model_card, versions
 from .common import MetricsLog, crash_hook, end_run, gathered_means, make_accelerator, prepare_run_dir, save_final, stream_indices
 from .ledger import Ledger
 from .online_config import OnlineConfig
@@ -47,6 +48,7 @@ class OnlineRun:
         self.cfg, self.resume = cfg, resume
         self.run_dir = Path(cfg.output_dir)
         self.acc = make_accelerator(cfg, self.run_dir)
+        self.setup = distributed_setup(self.acc)  # refuses a launch that asked for sharding and did not get it
         set_seed(cfg.seed)
         self.tokenizer = load_tokenizer(cfg.model)
         # bad input fails here, before anything is written
@@ -184,7 +186,9 @@ class OnlineRun:
             results = json.loads(res_file.read_text()) if res_file.exists() else {}
         elif self.eval_set:
             results["initial_eval"] = self.evaluate()
-            self._write_results(results)
+        if acc.is_main_process:
+            results.update(versions=versions(), distributed=self.setup, data_files=data_files(prompts=cfg.prompt_file, eval=cfg.eval_file))
+        self._write_results(results)
         metrics = MetricsLog(self.run_dir / "metrics.jsonl", acc.is_main_process, start if self.resume else None)
         annotations = sum(self._annotated(self.ledger.rows(s) or []) for s in range(start))
         bar = tqdm(total=cfg.steps, initial=start, desc="online", unit="step", disable=not (cfg.progress and acc.is_main_process))
@@ -240,13 +244,16 @@ class OnlineRun:
 
         if self.eval_set:
             results["final_eval"] = self.evaluate()
-        final = save_final(acc, policy.model, self.tokenizer, self.run_dir, write=policy.write_final)
         if acc.is_main_process:
             results.update(steps=cfg.steps, phases=cfg.phases, num_processes=self.world, prompts_per_step=cfg.prompts_per_step,
                            annotations=self.ledger.count("ok") + self.ledger.count("tie"), ledger_rows=self.ledger.count(),
                            identical_pairs=self.ledger.count("identical"), ties=self.ledger.count("tie"),
-                           oracle_failures=self.ledger.count("oracle_failed"), final_model=str(final),
+                           oracle_failures=self.ledger.count("oracle_failed"),
                            seconds={**{k2: round(v, 2) for k2, v in timing.items()}, "total": round(time.perf_counter() - t0, 2)})
+        card = model_card(cfg, "online", self.run_dir, results) if acc.is_main_process else None
+        final = save_final(acc, policy.model, self.tokenizer, self.run_dir, write=policy.write_final, card=card)
+        if acc.is_main_process:
+            results["final_model"] = str(final)
             self._write_results(results)
         end_run(acc)
         return self.run_dir
