@@ -141,6 +141,9 @@ class SequenceScorer(nn.Module):
         super().__init__()
         self.model = model
         self.n_groups = n_groups  # rows come as this many key-major groups sharing prompts
+        # the layer classes FSDP wraps one by one (accelerate's transformer-based auto-wrap reads this)
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._no_split_modules = getattr(inner, "_no_split_modules", None)
 
     def forward(self, input_ids, attention_mask, completion_mask):
         return sequence_logps(self.model, input_ids, attention_mask, completion_mask, self.n_groups)

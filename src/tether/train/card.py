@@ -1,5 +1,5 @@
-"""What a run directory says about itself: the software versions and the distributed set-up it ran under,
-content fingerprints of its data files, and the model card written to final/README.md."""
+"""What a run directory says about itself: the software versions it ran with, content fingerprints of its
+data files, and the model card written to final/README.md."""
 
 from __future__ import annotations
 
@@ -23,30 +23,6 @@ def versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             out[name] = "not installed"
     return out
-
-
-def distributed_setup(accelerator) -> dict:
-    """The engine the run actually ran under (what accelerate engaged, not what was asked for) and whether
-    the weights were sharded across processes. A launch that asked for FSDP or DeepSpeed but got neither
-    (accelerate falls back to plain data parallel, or to independent processes, without saying so) is refused."""
-    import os
-
-    kind = accelerator.distributed_type.value if hasattr(accelerator.distributed_type, "value") else str(accelerator.distributed_type)
-    sharding = "none"
-    if kind == "FSDP":
-        plugin = accelerator.state.fsdp_plugin
-        sharding = f"fsdp{getattr(plugin, 'fsdp_version', 1)}"
-    elif kind == "DEEPSPEED":
-        plugin = accelerator.state.deepspeed_plugin
-        sharding = f"deepspeed-zero{getattr(plugin, 'zero_stage', '?')}"
-    asked = [name for name, env in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
-             if os.environ.get(env, "false").lower() in ("1", "true")]
-    if asked and sharding == "none":
-        raise TetherError(
-            f"the launch asked for {asked[0]} but accelerate engaged {kind} with {accelerator.num_processes} process(es): "
-            f"the weights would not be sharded (accelerate uses FSDP/DeepSpeed only on GPUs); refusing to train unsharded"
-        )
-    return {"distributed_type": kind, "sharding": sharding, "num_processes": accelerator.num_processes}
 
 
 def file_fingerprint(path: str | Path) -> str:

@@ -21,8 +21,27 @@ from safetensors.torch import load_file, save_file
 PREFIX = "step-"
 
 
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a sharded one (an FSDP2 DTensor; a collective: every process must call it)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def is_sharded(params) -> bool:
+    return any(hasattr(p, "full_tensor") for p in params)
+
+
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """Trainable parameters as whole tensors (gathered when sharded: then every process must call this)."""
+    return {n: full_tensor(p.detach()).contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
+    """param ← value; a sharded param takes its own shard of the whole `value` (no communication)."""
+    if hasattr(param, "full_tensor"):
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None)
+    param.copy_(value)
 
 
 def rng_state() -> dict:
@@ -55,10 +74,18 @@ def save(accelerator, run_dir: Path, step: int, model, optimizer, scheduler, ext
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     torch.save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
+    sharded = is_sharded(model.parameters())
+    if sharded:  # FSDP: each process keeps its own shard of the optimizer state (resume with the same processes)
+        torch.save({"optimizer": optimizer.state_dict()}, tmp / f"optim_shard_{accelerator.process_index}.pt")
+    if accelerator.is_main_process or sharded:
+        if tensors is None:
+            weights = trainable_state(model)
+        else:
+            weights = {n: full_tensor(t.detach()).contiguous().clone() for n, t in tensors.items()}
     if accelerator.is_main_process:
-        weights = trainable_state(model) if tensors is None else {n: t.detach().contiguous().clone() for n, t in tensors.items()}
         save_file(weights, tmp / "trainable.safetensors")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+        optim = {"scheduler": scheduler.state_dict()} if sharded else {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        torch.save(optim, tmp / "optim.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **extra}))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -80,8 +107,13 @@ def load(accelerator, path: Path, model, optimizer, scheduler, tensors=None) -> 
         raise RuntimeError(f"{path}: checkpoint does not match the model ({len(missing)} trainable tensors missing)")
     with torch.no_grad():
         for name, value in params.items():
-            named[name].copy_(value)
+            _copy_into(named[name], value)
     optim = torch.load(path / "optim.pt", weights_only=False)
+    if "optimizer" not in optim:
+        shard = path / f"optim_shard_{accelerator.process_index}.pt"
+        if not shard.is_file():
+            raise RuntimeError(f"{path}: written by a sharded run with other processes (no {shard.name}); resume with the same number of processes")
+        optim = {**optim, **torch.load(shard, weights_only=False)}
     optimizer.load_state_dict(optim["optimizer"])
     scheduler.load_state_dict(optim["scheduler"])
     rng_file = path / f"rng_{accelerator.process_index}.pt"

@@ -39,6 +39,35 @@ def make_accelerator(cfg, run_dir: Path) -> Accelerator:
     return acc
 
 
+def distributed_setup(accelerator, cfg) -> dict:
+    """The engine the run actually ran under (what accelerate engaged, not what was asked for) and whether
+    the weights were sharded across processes. A launch that asked for FSDP or DeepSpeed but got neither
+    (accelerate falls back to plain data parallel, or to independent processes, without saying so) is refused."""
+    kind = accelerator.distributed_type.value if hasattr(accelerator.distributed_type, "value") else str(accelerator.distributed_type)
+    sharding = "none"
+    if kind == "FSDP":
+        plugin = accelerator.state.fsdp_plugin
+        sharding = f"fsdp{getattr(plugin, 'fsdp_version', 1)}"
+    elif kind == "DEEPSPEED":
+        plugin = accelerator.state.deepspeed_plugin
+        sharding = f"deepspeed-zero{getattr(plugin, 'zero_stage', '?')}"
+    asked = [name for name, env in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+             if os.environ.get(env, "false").lower() in ("1", "true")]
+    if asked and sharding == "none":
+        raise TetherError(
+            f"the launch asked for {asked[0]} but accelerate engaged {kind} with {accelerator.num_processes} process(es): "
+            f"the weights would not be sharded (accelerate uses FSDP/DeepSpeed only on GPUs); refusing to train unsharded"
+        )
+    if sharding == "fsdp1":
+        raise TetherError("FSDP version 1 is not supported; use FSDP2 (fsdp_version: 2, as in examples/accelerate/fsdp.yaml)")
+    if sharding.startswith("deepspeed") and (cfg.save_steps or getattr(cfg, "gradient_accumulation_steps", 1) > 1):
+        raise TetherError(
+            "under DeepSpeed tether does not yet write resumable checkpoints nor accumulate gradients itself: "
+            "set save_steps: 0 and gradient_accumulation_steps: 1 (batch_size per process instead)"
+        )
+    return {"distributed_type": kind, "sharding": sharding, "num_processes": accelerator.num_processes}
+
+
 def load_policy(cfg):
     """The trainable policy: the model in cfg.torch_dtype, dropout off if asked, gradient checkpointing on if
     asked, wrapped in a fresh LoRA adapter (float32 weights) if asked. A PEFT adapter directory as cfg.model

@@ -10,6 +10,7 @@ batch 2b sees, and gradients (averaged by DDP) are the same up to floating-point
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -26,8 +27,10 @@ from ..bapo import attach_base_responses, base_keys
 from ..losses import base_anchor, preference_loss
 from ..models import cache_dir, load_model, load_tokenizer
 from . import checkpoint
-from .card import data_files, distributed_setup, model_card, versions
+from .card import data_files, model_card, versions
+from .checkpoint import full_tensor
 from .common import (
+    distributed_setup,
     MetricsLog,
     crash_hook,
     end_run,
@@ -158,7 +161,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     """Run offline preference optimization as configured; returns the run directory."""
     run_dir = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg, run_dir)
-    setup = distributed_setup(accelerator)  # refuses a launch that asked for sharding and did not get it
+    setup = distributed_setup(accelerator, cfg)  # refuses a launch that asked for sharding and did not get it
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     train_ex, eval_ex, report = load_examples(cfg, tokenizer)  # bad data fails before anything is written
@@ -183,8 +186,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     global_batch = b * world * accum
     steps = total_steps(cfg, len(train_ex), global_batch)
     optimizer, scheduler = make_optimizer(model, cfg, steps)
-    scorer = accelerator.prepare(SequenceScorer(model, n_groups=len(keys)))
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    sharded = setup["sharding"] != "none"
+    if sharded:  # FSDP/DeepSpeed shard the parameters and must swap the optimizer's for the sharded ones
+        scorer, optimizer = accelerator.prepare(SequenceScorer(model, n_groups=len(keys)), optimizer)
+    else:
+        scorer = accelerator.prepare(SequenceScorer(model, n_groups=len(keys)))
+    trainable = [p for p in scorer.parameters() if p.requires_grad]
+    setup["parameters_sharded"] = checkpoint.is_sharded(trainable)  # what the engine really did to the weights
 
     start, results = 0, {}
     ckpt = checkpoint.latest(run_dir) if resume else None
@@ -215,7 +223,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                 loss, stats = pair_stats(cfg, sums, counts, ref, len(keys))
                 accelerator.backward(loss / accum)
             step_stats.append(stats)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf"))
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf")))
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -242,7 +250,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         results["final_eval"] = evaluate(accelerator, cfg, scorer, eval_ex, eval_table, reference, keys, pad_id)
     results.update(steps=steps, num_processes=world, global_batch=global_batch, train_pairs=len(train_ex), eval_pairs=len(eval_ex))
     card = model_card(cfg, "offline", run_dir, results) if accelerator.is_main_process else None
-    final = save_final(accelerator, accelerator.unwrap_model(scorer).model, tokenizer, run_dir, card=card)
+    policy = accelerator.unwrap_model(scorer).model
+    write = None
+    if sharded:  # every process takes part in gathering the full weights; the main process writes them
+        if setup["sharding"].startswith("deepspeed"):  # ZeRO-3 consolidation is DeepSpeed's own
+            state = {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(scorer).items()}
+        else:  # FSDP2: gather each DTensor (a copy: FSDP frees its unsharded buffers)
+            state = {k: full_tensor(v).clone() for k, v in policy.state_dict().items()}
+        write = functools.partial(policy.save_pretrained, state_dict=state)
+    final = save_final(accelerator, policy, tokenizer, run_dir, write=write, card=card)
     if accelerator.is_main_process:
         results["final_model"] = str(final)
         (run_dir / "results.json").write_text(json.dumps(results, indent=1))

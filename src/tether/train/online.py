@@ -32,8 +32,8 @@ from ..models import load_tokenizer
 from ..oracles import Annotator, load_oracle
 from ..sampling import sample_responses
 from . import checkpoint
-from .card import data_files, distributed_setup, model_card, versions
-from .common import MetricsLog, crash_hook, end_run, gathered_means, make_accelerator, prepare_run_dir, save_final, stream_indices
+from .card import data_files, model_card, versions
+from .common import MetricsLog, distributed_setup, crash_hook, end_run, gathered_means, make_accelerator, prepare_run_dir, save_final, stream_indices
 from .ledger import Ledger
 from .online_config import OnlineConfig
 from .online_policy import OnlinePolicy
@@ -48,7 +48,12 @@ class OnlineRun:
         self.cfg, self.resume = cfg, resume
         self.run_dir = Path(cfg.output_dir)
         self.acc = make_accelerator(cfg, self.run_dir)
-        self.setup = distributed_setup(self.acc)  # refuses a launch that asked for sharding and did not get it
+        self.setup = distributed_setup(self.acc, cfg)  # refuses a launch that asked for sharding and did not get it
+        if self.setup["sharding"] != "none":
+            raise TetherError(
+                f"tether online does not run under {self.setup['sharding']} yet (its π_β snapshots, adapter ensemble and "
+                f"sampler expect whole weights on every process); launch it with plain data parallel (no --use_fsdp/DeepSpeed)"
+            )
         set_seed(cfg.seed)
         self.tokenizer = load_tokenizer(cfg.model)
         # bad input fails here, before anything is written
