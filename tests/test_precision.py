@@ -79,3 +79,19 @@ def test_full_finetuning_in_bfloat16_saves_bfloat16_and_auto_reads_it_back(model
     assert next(load_model(run / "final", "auto").parameters()).dtype == torch.bfloat16
     assert next(load_model(run / "final", "float32").parameters()).dtype == torch.float32
     assert next(load_model(model_dir, "float16").parameters()).dtype == torch.float16
+
+
+def test_online_and_eval_load_in_the_asked_dtype(model_dir, prompt_file, tmp_path, monkeypatch):  # noqa: F811
+    from tether import eval_cli
+    from tether.cli import main
+    from tether.train.online_policy import OnlinePolicy
+
+    cfg = online_config(model_dir, prompt_file, tmp_path / "o", torch_dtype="bfloat16", lora=True, lora_r=4, lora_alpha=8, ensemble_size=2)
+    policy = OnlinePolicy(cfg, "cpu")
+    dtypes = {("lora_" in n): p.dtype for n, p in policy.model.named_parameters()}
+    assert dtypes == {True: torch.float32, False: torch.bfloat16}  # every adapter (ensemble, behavior, merged) in float32
+    seen = []
+    real = eval_cli.load_model
+    monkeypatch.setattr(eval_cli, "load_model", lambda name, dtype: seen.append(dtype) or real(name, dtype))
+    assert main(["eval", "--model", str(model_dir), "--suite", "knowledge", "--torch_dtype", "bfloat16", "--progress", "false"]) == 0
+    assert seen == ["bfloat16"]
