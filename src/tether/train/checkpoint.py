@@ -30,9 +30,16 @@ def is_sharded(params) -> bool:
     return any(hasattr(p, "full_tensor") for p in params)
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable parameters as whole tensors (gathered when sharded: then every process must call this)."""
-    return {n: full_tensor(p.detach()).contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+def whole_tensors(named, keep: bool = True) -> dict[str, torch.Tensor]:
+    """(name, tensor) pairs as whole CPU tensors. Sharded tensors are gathered one at a time (a collective:
+    every process must call this); a process with keep=False takes part and keeps nothing, so no process ever
+    holds more than one gathered tensor beyond what it keeps."""
+    out = {}
+    for name, t in named:
+        whole = full_tensor(t.detach())
+        if keep:
+            out[name] = whole.cpu().contiguous().clone()  # a copy: FSDP frees its unsharded buffers
+    return out
 
 
 def _copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
@@ -78,10 +85,8 @@ def save(accelerator, run_dir: Path, step: int, model, optimizer, scheduler, ext
     if sharded:  # FSDP: each process keeps its own shard of the optimizer state (resume with the same processes)
         torch.save({"optimizer": optimizer.state_dict()}, tmp / f"optim_shard_{accelerator.process_index}.pt")
     if accelerator.is_main_process or sharded:
-        if tensors is None:
-            weights = trainable_state(model)
-        else:
-            weights = {n: full_tensor(t.detach()).contiguous().clone() for n, t in tensors.items()}
+        named = ((n, p) for n, p in model.named_parameters() if p.requires_grad) if tensors is None else tensors.items()
+        weights = whole_tensors(named, keep=accelerator.is_main_process)
     if accelerator.is_main_process:
         save_file(weights, tmp / "trainable.safetensors")
         optim = {"scheduler": scheduler.state_dict()} if sharded else {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}

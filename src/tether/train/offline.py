@@ -30,9 +30,9 @@ from . import checkpoint
 from .card import data_files, model_card, versions
 from .checkpoint import full_tensor
 from .common import (
-    distributed_setup,
     MetricsLog,
     crash_hook,
+    distributed_setup,
     end_run,
     gathered_means,
     load_policy,
@@ -255,8 +255,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     if sharded:  # every process takes part in gathering the full weights; the main process writes them
         if setup["sharding"].startswith("deepspeed"):  # ZeRO-3 consolidation is DeepSpeed's own
             state = {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(scorer).items()}
-        else:  # FSDP2: gather each DTensor (a copy: FSDP frees its unsharded buffers)
-            state = {k: full_tensor(v).clone() for k, v in policy.state_dict().items()}
+        else:  # FSDP2: gather tensor by tensor; only the main process keeps them (an adapter's tensors only, with LoRA)
+            named = ((k, v) for k, v in policy.state_dict().items() if not cfg.lora or "lora_" in k)
+            state = checkpoint.whole_tensors(named, keep=accelerator.is_main_process)
         write = functools.partial(policy.save_pretrained, state_dict=state)
     final = save_final(accelerator, policy, tokenizer, run_dir, write=write, card=card)
     if accelerator.is_main_process:
