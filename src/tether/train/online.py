@@ -76,6 +76,9 @@ class OnlineRun:
         self.max_new_tokens = min(cfg.max_new_tokens, cfg.max_length - cfg.max_prompt_length)  # sampled and y_b
         self.keys = ("chosen", "rejected", "base") if cfg.anchor_weight > 0 else ("chosen", "rejected")
         self.base_answers: dict[int, tuple[list[int], float]] = {}  # BAPO anchor: prompt -> (y_b, log π_sft(y_b))
+        # the sampler seam (docs/scaling.md): anything with sample_responses' signature and result, e.g. the client
+        # of an inference engine that receives π_β's weights whenever policy.refresh_behavior() runs
+        self.sample = sample_responses
         self.timing = {"sample_s": 0.0, "annotate_s": 0.0, "reference_s": 0.0, "update_s": 0.0}
 
     # ------------------------------------------------------------------------------------------ data
@@ -109,7 +112,7 @@ class OnlineRun:
         seeds = [cfg.seed * 1_000_003 + step * cfg.prompts_per_step + s for s in slots]
         t = time.perf_counter()
         with self.policy.behavior() as model:
-            samples = sample_responses(
+            samples = self.sample(
                 model, [self._ids(i) for i in indices], seeds, n=2, max_new_tokens=self.max_new_tokens, temperature=cfg.temperature,
                 top_k=cfg.top_k, top_p=cfg.top_p, eos_ids=self.eos, pad_id=self.tokenizer.pad_token_id,
             )
