@@ -17,7 +17,7 @@ Method
   every step too (phases = steps), twice: `reference: initial` (the same algorithm and work: one reference
   forward per step) and `reference: behavior` (BPO: log π_β comes from the sampling pass, no reference forward).
   TRL's OnlineDPOConfig defaults to gradient_checkpointing=True, which also turns the key/value cache off during
-  generation (about 16× slower sampling here); the benchmark sets it to False, as tether never checkpoints.
+  generation (about 16× slower sampling here); the benchmark sets it to False, as tether does by default.
 - Timing: wall-clock stamps at the end of every step (TRL: a TrainerCallback; tether: the loop's per-step hook),
   first --warmup steps dropped, median shown. Breakdown (averaged over ALL steps, warm-up included, so TRL's
   "update" also carries its start-up): tether's own per-phase timers (results.json "seconds"); TRL's

@@ -19,7 +19,7 @@ import sys
 from .config import TetherError, add_dataclass_arguments, load_config
 
 # modules that add their own subcommands through `add_parser(subparsers)`
-SUBCOMMAND_MODULES = ("tether.world.cli", "tether.eval_cli", "tether.studies.cli")
+SUBCOMMAND_MODULES = ("tether.world.cli", "tether.eval_cli", "tether.studies.cli", "tether.export_cli")
 
 
 def _options(args: argparse.Namespace, skip=("func", "config", "resume", "verbose", "command")) -> dict:

@@ -27,6 +27,10 @@ class EvalOptions:
     world_seed: int = option(0, "seed of the world the model was built/trained on")
     world_entities: int = option(150, "number of realms of that world")
     split: str = option("test", "which prompts to answer for alignment and persona scores", choices=("test", "train"))
+    torch_dtype: str = option(
+        "float32", "dtype the model weights are loaded in (auto = as stored in its config.json)",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
     batch_size: int = option(32, "sequences per forward pass / generation batch")
     max_new_tokens: int = option(96, "generation budget per answer (the longest styled answer of the world needs 82)")
     out: str | None = option(None, "also write the JSON result to this file")
@@ -51,7 +55,7 @@ def run_eval(args) -> int:
     from .models import load_model, load_tokenizer
     from .world import build_world, world_suite
 
-    model, tokenizer = load_model(opts.model), load_tokenizer(opts.model)
+    model, tokenizer = load_model(opts.model, opts.torch_dtype), load_tokenizer(opts.model)
     if tokenizer.chat_template is None:
         raise TetherError(f"--model {opts.model}: its tokenizer has no chat template; the suites ask questions as chat messages")
     if opts.suite == "knowledge":
@@ -60,7 +64,7 @@ def run_eval(args) -> int:
         return _emit({"suite": "knowledge", "model": str(opts.model), **knowledge_accuracy(model, tokenizer, opts.batch_size)}, opts)
     base = None
     if opts.persona is not None:
-        base = (model, tokenizer) if opts.base_model == opts.model else (load_model(opts.base_model), load_tokenizer(opts.base_model))
+        base = (model, tokenizer) if opts.base_model == opts.model else (load_model(opts.base_model, opts.torch_dtype), load_tokenizer(opts.base_model))
     world = build_world(opts.world_seed, opts.world_entities)
     result = world_suite(
         model, tokenizer, world, persona=opts.persona, base=base, split=opts.split,

@@ -43,6 +43,11 @@ def _backbone_and_head(model: nn.Module):
     return backbone, head
 
 
+def is_checkpointing(model: nn.Module) -> bool:
+    """Whether gradient (activation) checkpointing is on for `model`'s layers (also under a PEFT wrapper)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
 def _prompt_lengths(completion_mask: torch.Tensor, n_groups: int) -> torch.Tensor | None:
     """Per-example prompt length when rows come as n_groups key-major groups sharing prompts, else None."""
     n = completion_mask.size(0)
@@ -108,7 +113,9 @@ def sequence_logps(
     labels = input_ids[:, 1:][target_mask]
     rows = torch.arange(input_ids.size(0), device=input_ids.device).unsqueeze(1).expand_as(target_mask)[target_mask]
     split = _backbone_and_head(model)
-    prompt_len = _prompt_lengths(completion_mask, n_groups) if split is not None else None
+    # gradient checkpointing drops the key/value cache a shared prompt needs: whole sequences then
+    share = split is not None and not (model.training and is_checkpointing(model))
+    prompt_len = _prompt_lengths(completion_mask, n_groups) if share else None
     if prompt_len is not None:
         return shared_prompt_logps(*split, input_ids, attention_mask, completion_mask, prompt_len, n_groups)
     if split is not None:
@@ -134,6 +141,9 @@ class SequenceScorer(nn.Module):
         super().__init__()
         self.model = model
         self.n_groups = n_groups  # rows come as this many key-major groups sharing prompts
+        # the layer classes FSDP wraps one by one (accelerate's transformer-based auto-wrap reads this)
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._no_split_modules = getattr(inner, "_no_split_modules", None)
 
     def forward(self, input_ids, attention_mask, completion_mask):
         return sequence_logps(self.model, input_ids, attention_mask, completion_mask, self.n_groups)

@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: no hub traffic 
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel  # noqa: E402
 
 from .config import TetherError  # noqa: E402
 
@@ -35,15 +35,42 @@ def cache_dir() -> Path:
     return path
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def is_adapter_dir(path: str | os.PathLike) -> bool:
+    """True for a PEFT adapter directory (adapter_config.json, no config.json), e.g. a LoRA run's final/."""
+    path = Path(path)
+    return (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
+
+
+def adapter_base(adapter_dir: Path) -> Path:
+    """The base model directory an adapter was trained on (adapter_config.json's base_model_name_or_path)."""
+    import json
+
+    base = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+    if not base:
+        raise TetherError(f"{adapter_dir}: adapter_config.json names no base model (base_model_name_or_path)")
+    try:
+        return resolve_model_path(base)
+    except TetherError as e:
+        raise TetherError(f"{adapter_dir}: its base model cannot be found ({e})") from None
+
+
 def resolve_model_path(name: str | os.PathLike) -> Path:
-    """A local model directory for `name`, or a one-line TetherError explaining what to pass instead."""
+    """A local model (or PEFT adapter) directory for `name`, or a one-line TetherError explaining what to pass."""
     text = str(name)
     if text in BUILTIN_MODELS:
         return Path(BUILTIN_MODELS[text]())
     path = Path(text).expanduser()
     if path.is_dir():
+        if is_adapter_dir(path):
+            return path
         if not (path / "config.json").is_file():
-            raise TetherError(f"{path}: not a Hugging Face model directory (no config.json); pass a directory written by save_pretrained")
+            raise TetherError(
+                f"{path}: not a Hugging Face model directory (no config.json) nor a PEFT adapter (no adapter_config.json); "
+                f"pass a directory written by save_pretrained"
+            )
         return path
     if path.exists():
         raise TetherError(f"{path}: is a file; pass the model's directory (the one holding config.json)")
@@ -59,6 +86,8 @@ def resolve_model_path(name: str | os.PathLike) -> Path:
 
 def load_tokenizer(name: str | os.PathLike):
     path = resolve_model_path(name)
+    if is_adapter_dir(path) and not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        path = adapter_base(path)  # an adapter saved without its tokenizer uses the base model's
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - any loader failure becomes one clear line
@@ -68,13 +97,47 @@ def load_tokenizer(name: str | os.PathLike):
     return tok
 
 
-def load_model(name: str | os.PathLike, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def torch_dtype(name: str | torch.dtype) -> torch.dtype | str:
+    """A `torch_dtype` option value ("auto", "float32", "bfloat16", "float16") as from_pretrained takes it."""
+    if isinstance(name, torch.dtype) or name == "auto":
+        return name
+    if name not in DTYPES:
+        raise TetherError(f"torch_dtype '{name}': choose one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+def load_model(name: str | os.PathLike, dtype: str | torch.dtype = torch.float32) -> PreTrainedModel:
+    """The model `name` with weights in `dtype` ("auto" = the dtype stored in its config.json).
+
+    A PEFT adapter directory is loaded onto its base model (adapter_config.json's base_model_name_or_path)
+    and merged into it: the result is a plain model equal to base + adapter."""
     path = resolve_model_path(name)
+    if is_adapter_dir(path):
+        return load_merged_adapter(path, dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path.resolve(), dtype=torch_dtype(dtype))  # absolute: an adapter records it
     except Exception as e:  # noqa: BLE001
         raise TetherError(f"{path}: cannot load the model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     return model
+
+
+def load_merged_adapter(adapter_dir: Path, dtype: str | torch.dtype = torch.float32) -> PreTrainedModel:
+    """base + adapter merged into one plain model. The merge runs in float32 (base weights upcast when stored
+    lower), then the merged weights are cast to `dtype` ("auto" = the base model's stored dtype)."""
+    from peft import PeftModel
+
+    base_dir = adapter_base(adapter_dir)
+    base = load_model(base_dir, torch.float32)
+    try:
+        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    except Exception as e:  # noqa: BLE001
+        raise TetherError(f"{adapter_dir}: cannot apply the adapter to {base_dir} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    target = torch_dtype(dtype)
+    if target == "auto":
+        target = getattr(AutoConfig.from_pretrained(base_dir), "dtype", None) or torch.float32
+        target = getattr(torch, target) if isinstance(target, str) else target
+    merged.config.name_or_path = merged.name_or_path = str(adapter_dir.resolve())  # a new adapter records this as its base
+    return merged.requires_grad_(True).to(target)  # PEFT froze the base; a loaded model is trainable like any other
 
 
 def add_lora(model: PreTrainedModel, r: int, alpha: int, dropout: float, target_modules: list[str] | None, seed: int = 0):
@@ -90,9 +153,23 @@ def add_lora(model: PreTrainedModel, r: int, alpha: int, dropout: float, target_
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, cfg)
+        # autocast_adapter_dtype: on a bfloat16/float16 base the adapter weights are kept in float32
+        return get_peft_model(model, cfg, autocast_adapter_dtype=True)
     except ValueError as e:
         raise TetherError(f"lora_target_modules {target_modules}: {str(e).splitlines()[0]}") from None
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each layer's activations in the backward pass instead of keeping them (non-reentrant
+    checkpointing, so a frozen base under a LoRA adapter needs no input-grad hook)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(inner, "supports_gradient_checkpointing", False):
+        raise TetherError(f"gradient_checkpointing: {type(inner).__name__} does not support gradient checkpointing")
+    kwargs = {"use_reentrant": False}
+    if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
+        inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

@@ -21,6 +21,7 @@ import torch
 from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file, save_file
 
+from ..config import TetherError
 from .common import crash_point
 
 log = logging.getLogger("tether")
@@ -28,8 +29,34 @@ log = logging.getLogger("tether")
 PREFIX = "step-"
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a sharded one (an FSDP2 DTensor; a collective: every process must call it)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def is_sharded(params) -> bool:
+    return any(hasattr(p, "full_tensor") for p in params)
+
+
+def whole_tensors(named, keep: bool = True) -> dict[str, torch.Tensor]:
+    """(name, tensor) pairs as whole CPU tensors. Sharded tensors are gathered one at a time (a collective:
+    every process must call this); a process with keep=False takes part and keeps nothing, so no process ever
+    holds more than one gathered tensor beyond what it keeps."""
+    out = {}
+    for name, t in named:
+        whole = full_tensor(t.detach())
+        if keep:
+            out[name] = whole.cpu().contiguous().clone()  # a copy: FSDP frees its unsharded buffers
+    return out
+
+
+def _copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
+    """param ← value; a sharded param takes its own shard of the whole `value` (no communication)."""
+    if hasattr(param, "full_tensor"):
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None)
+    param.copy_(value)
 
 
 def rng_state() -> dict:
@@ -57,10 +84,16 @@ def save(accelerator, run_dir: Path, step: int, model, optimizer, scheduler, ext
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     torch.save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
+    sharded = is_sharded(model.parameters())
+    if sharded:  # FSDP: each process keeps its own shard of the optimizer state (resume with the same processes)
+        torch.save({"optimizer": optimizer.state_dict()}, tmp / f"optim_shard_{accelerator.process_index}.pt")
+    if accelerator.is_main_process or sharded:
+        named = ((n, p) for n, p in model.named_parameters() if p.requires_grad) if tensors is None else tensors.items()
+        weights = whole_tensors(named, keep=accelerator.is_main_process)
     if accelerator.is_main_process:
-        weights = trainable_state(model) if tensors is None else {n: t.detach().contiguous().clone() for n, t in tensors.items()}
         save_file(weights, tmp / "trainable.safetensors")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+        optim = {"scheduler": scheduler.state_dict()} if sharded else {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        torch.save(optim, tmp / "optim.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **extra}))
     accelerator.wait_for_everyone()
     crash_point("mid_checkpoint", step)
@@ -86,6 +119,9 @@ def read(path: Path, model, tensors=None) -> dict:
         if value.shape != named[name].shape:
             raise ValueError(f"tensor {name} has shape {tuple(value.shape)}, the model {tuple(named[name].shape)}")
     optim = torch.load(path / "optim.pt", weights_only=False)
+    if "optimizer" not in optim:  # a sharded run: one optimizer shard per process
+        for shard in sorted(path.glob("optim_shard_*.pt")) or [path / "optim_shard_0.pt"]:
+            torch.load(shard, weights_only=False)
     state = json.loads((path / "state.json").read_text())
     if not isinstance(state.get("step"), int):
         raise ValueError("state.json has no step")
@@ -99,9 +135,16 @@ def load(accelerator, path: Path, model, optimizer, scheduler, tensors=None) -> 
     ckpt = read(path, model, tensors)
     with torch.no_grad():
         for name, value in ckpt["params"].items():
-            ckpt["named"][name].copy_(value)
-    optimizer.load_state_dict(ckpt["optim"]["optimizer"])
-    scheduler.load_state_dict(ckpt["optim"]["scheduler"])
+            _copy_into(ckpt["named"][name], value)
+    optim = ckpt["optim"]
+    if "optimizer" not in optim:
+        shard = path / f"optim_shard_{accelerator.process_index}.pt"
+        if not shard.is_file():
+            raise TetherError(f"{path}: written by a sharded run with other processes (no {shard.name}); resume with "
+                              "the same number of processes")
+        optim = {**optim, **torch.load(shard, weights_only=False)}
+    optimizer.load_state_dict(optim["optimizer"])
+    scheduler.load_state_dict(optim["scheduler"])
     rng_file = path / f"rng_{accelerator.process_index}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))

@@ -19,7 +19,7 @@ from transformers import get_scheduler
 
 from ..config import TetherError
 from ..files import write_text_atomic
-from ..models import add_lora, disable_dropout, load_model
+from ..models import add_lora, disable_dropout, enable_gradient_checkpointing, load_model
 
 log = logging.getLogger("tether")
 
@@ -43,11 +43,44 @@ def start_trackers(accelerator, cfg) -> None:
         accelerator.init_trackers("tether", config={k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool))})
 
 
+def distributed_setup(accelerator, cfg) -> dict:
+    """The engine the run actually ran under (what accelerate engaged, not what was asked for) and whether
+    the weights were sharded across processes. A launch that asked for FSDP or DeepSpeed but got neither
+    (accelerate falls back to plain data parallel, or to independent processes, without saying so) is refused."""
+    kind = accelerator.distributed_type.value if hasattr(accelerator.distributed_type, "value") else str(accelerator.distributed_type)
+    sharding = "none"
+    if kind == "FSDP":
+        plugin = accelerator.state.fsdp_plugin
+        sharding = f"fsdp{getattr(plugin, 'fsdp_version', 1)}"
+    elif kind == "DEEPSPEED":
+        plugin = accelerator.state.deepspeed_plugin
+        sharding = f"deepspeed-zero{getattr(plugin, 'zero_stage', '?')}"
+    asked = [name for name, env in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+             if os.environ.get(env, "false").lower() in ("1", "true")]
+    if asked and sharding == "none":
+        raise TetherError(
+            f"the launch asked for {asked[0]} but accelerate engaged {kind} with {accelerator.num_processes} process(es): "
+            f"the weights would not be sharded (accelerate uses FSDP/DeepSpeed only on GPUs); refusing to train unsharded"
+        )
+    if sharding == "fsdp1":
+        raise TetherError("FSDP version 1 is not supported; use FSDP2 (fsdp_version: 2, as in examples/accelerate/fsdp.yaml)")
+    if sharding.startswith("deepspeed") and (cfg.save_steps or getattr(cfg, "gradient_accumulation_steps", 1) > 1):
+        raise TetherError(
+            "under DeepSpeed tether does not yet write resumable checkpoints nor accumulate gradients itself: "
+            "set save_steps: 0 and gradient_accumulation_steps: 1 (batch_size per process instead)"
+        )
+    return {"distributed_type": kind, "sharding": sharding, "num_processes": accelerator.num_processes}
+
+
 def load_policy(cfg):
-    """The trainable policy: the model (float32), dropout off if asked, wrapped in a fresh LoRA adapter if asked."""
-    model = load_model(cfg.model)
+    """The trainable policy: the model in cfg.torch_dtype, dropout off if asked, gradient checkpointing on if
+    asked, wrapped in a fresh LoRA adapter (float32 weights) if asked. A PEFT adapter directory as cfg.model
+    is merged into its base first, so a new adapter (or full fine-tuning) starts from base + that adapter."""
+    model = load_model(cfg.model, cfg.torch_dtype)
     if cfg.disable_dropout:
         disable_dropout(model)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     if cfg.lora:
         model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, seed=cfg.seed)
         if cfg.disable_dropout:
@@ -162,15 +195,18 @@ def gathered_means(local: dict[str, list[float]], prefix: str = "") -> dict[str,
     return {prefix + k: sum(v) / len(v) for k, v in merged.items()}
 
 
-def save_final(accelerator, model, tokenizer, run_dir: Path, write=None) -> Path:
+def save_final(accelerator, model, tokenizer, run_dir: Path, write=None, card: str | None = None) -> Path:
     """Save the final model (full weights or PEFT adapter) and tokenizer atomically to run_dir/final.
-    `write(directory)` replaces `model.save_pretrained(directory)` when the model needs its own way."""
+    `write(directory)` replaces `model.save_pretrained(directory)` when the model needs its own way;
+    `card` (markdown) becomes final/README.md, replacing PEFT's empty template."""
     final = run_dir / "final"
     if accelerator.is_main_process:
         tmp = run_dir / "final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         (write or model.save_pretrained)(tmp)
         tokenizer.save_pretrained(tmp)
+        if card is not None:
+            (tmp / "README.md").write_text(card)
         crash_point("mid_final", 0)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)

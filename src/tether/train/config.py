@@ -41,6 +41,14 @@ class CommonConfig:
     seed: int = option(42, "seed for data order, adapter init, dropout and sampling")
     disable_dropout: bool = option(True, "set all dropout to 0 so the policy starts equal to the reference")
     mixed_precision: str = option("no", "bf16 autocast on a GPU; ignored with a warning on CPU", choices=("no", "bf16"))
+    torch_dtype: str = option(
+        "float32", "dtype the policy and reference weights are loaded in (auto = as stored in the model's config.json); "
+        "LoRA adapter weights stay float32 on a bfloat16/float16 base", choices=("auto", "float32", "bfloat16", "float16"),
+    )
+    gradient_checkpointing: bool = option(
+        False, "recompute layer activations in the backward pass instead of storing them: less memory, more time "
+        "(the prompt is then not shared between chosen and rejected: one forward over whole sequences)",
+    )
     # LoRA
     lora: bool = option(False, "train a LoRA adapter (PEFT) instead of all weights")
     lora_r: int = option(16, "LoRA rank")

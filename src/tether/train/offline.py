@@ -10,6 +10,7 @@ batch 2b sees, and gradients (averaged by DDP) are the same up to floating-point
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -27,10 +28,13 @@ from ..bapo import attach_base_responses, base_keys
 from ..losses import objective
 from ..models import cache_dir, load_model, load_tokenizer
 from . import checkpoint
+from .card import data_files, model_card, versions
+from .checkpoint import full_tensor
 from .common import (
     MetricsLog,
     check_finite_step,
     crash_point,
+    distributed_setup,
     end_run,
     gathered_means,
     load_policy,
@@ -77,13 +81,13 @@ def load_examples(cfg: TrainConfig, tokenizer) -> tuple[list[Example], list[Exam
 def make_reference(cfg: TrainConfig, policy, device) -> LiveReference:
     """π_ref as a live scorer: a separate frozen model, the LoRA base (adapter disabled) or the initial policy."""
     if cfg.ref_model:
-        ref = load_model(cfg.ref_model).eval().requires_grad_(False).to(device)
+        ref = load_model(cfg.ref_model, cfg.torch_dtype).eval().requires_grad_(False).to(device)
         return LiveReference(ref, use_base_of_adapter=False)
     if cfg.lora:
         return LiveReference(policy, use_base_of_adapter=True)
     if cfg.precompute_ref_logps:  # the policy IS the reference until the first step
         return LiveReference(policy, use_base_of_adapter=False)
-    ref = load_model(cfg.model).eval().requires_grad_(False).to(device)
+    ref = load_model(cfg.model, cfg.torch_dtype).eval().requires_grad_(False).to(device)
     return LiveReference(ref, use_base_of_adapter=False)
 
 
@@ -145,6 +149,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     going on in it, changed options on resume, or a non-finite update."""
     run_dir = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg, run_dir)
+    setup = distributed_setup(accelerator, cfg)  # refuses a launch that asked for sharding and did not get it
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     train_ex, eval_ex, report = load_examples(cfg, tokenizer)  # bad data fails before anything is written
@@ -153,12 +158,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         if claim.finished:
             log.info("%s: the run already finished (step %s); nothing to do", run_dir, claim.marker.get("finished_step"))
             return run_dir
-        return _train(cfg, accelerator, tokenizer, train_ex, eval_ex, report, claim)
+        return _train(cfg, accelerator, setup, tokenizer, train_ex, eval_ex, report, claim)
     finally:
         claim.release()
 
 
-def _train(cfg, accelerator, tokenizer, train_ex, eval_ex, report, claim) -> Path:
+def _train(cfg, accelerator, setup, tokenizer, train_ex, eval_ex, report, claim) -> Path:
     run_dir = claim.path
     keys = COMPLETION_KEYS + base_keys(cfg)
     start_trackers(accelerator, cfg)
@@ -181,8 +186,13 @@ def _train(cfg, accelerator, tokenizer, train_ex, eval_ex, report, claim) -> Pat
     global_batch = b * world * accum
     steps = total_steps(cfg, len(train_ex), global_batch)
     optimizer, scheduler = make_optimizer(model, cfg, steps)
-    scorer = accelerator.prepare(SequenceScorer(model, n_groups=len(keys)))
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    sharded = setup["sharding"] != "none"
+    if sharded:  # FSDP/DeepSpeed shard the parameters and must swap the optimizer's for the sharded ones
+        scorer, optimizer = accelerator.prepare(SequenceScorer(model, n_groups=len(keys)), optimizer)
+    else:
+        scorer = accelerator.prepare(SequenceScorer(model, n_groups=len(keys)))
+    trainable = [p for p in scorer.parameters() if p.requires_grad]
+    setup["parameters_sharded"] = checkpoint.is_sharded(trainable)  # what the engine really did to the weights
 
     start, results = 0, {}
     state = checkpoint.load_latest(accelerator, run_dir, model, optimizer, scheduler) if claim.resumed else None
@@ -191,8 +201,9 @@ def _train(cfg, accelerator, tokenizer, train_ex, eval_ex, report, claim) -> Pat
         results = checkpoint.read_json(run_dir / "results.json")
     if start == 0 and eval_ex:
         results["initial_eval"] = evaluate(accelerator, cfg, scorer, eval_ex, eval_table, reference, keys, pad_id)
-        if accelerator.is_main_process:
-            write_text_atomic(run_dir / "results.json", json.dumps(results, indent=1))
+    if accelerator.is_main_process:
+        results.update(versions=versions(), distributed=setup, data_files=data_files(train=cfg.train_file, eval=cfg.eval_file))
+        write_text_atomic(run_dir / "results.json", json.dumps(results, indent=1))
     metrics = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process, start if claim.resumed else None)
 
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=not (cfg.progress and accelerator.is_main_process))
@@ -212,7 +223,7 @@ def _train(cfg, accelerator, tokenizer, train_ex, eval_ex, report, claim) -> Pat
                 accelerator.backward(loss / accum)
             step_stats.append(stats)
         crash_point("mid_step", step + 1)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf"))
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf")))
         check_finite_step(grad_norm, step + 1)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
@@ -238,12 +249,20 @@ def _train(cfg, accelerator, tokenizer, train_ex, eval_ex, report, claim) -> Pat
 
     if eval_ex:
         results["final_eval"] = evaluate(accelerator, cfg, scorer, eval_ex, eval_table, reference, keys, pad_id)
-    final = save_final(accelerator, accelerator.unwrap_model(scorer).model, tokenizer, run_dir)
+    results.update(steps=steps, num_processes=world, global_batch=global_batch, train_pairs=len(train_ex), eval_pairs=len(eval_ex))
+    card = model_card(cfg, "offline", run_dir, results) if accelerator.is_main_process else None
+    policy = accelerator.unwrap_model(scorer).model
+    write = None
+    if sharded:  # every process takes part in gathering the full weights; the main process writes them
+        if setup["sharding"].startswith("deepspeed"):  # ZeRO-3 consolidation is DeepSpeed's own
+            state = {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(scorer).items()}
+        else:  # FSDP2: gather tensor by tensor; only the main process keeps them (an adapter's tensors only, with LoRA)
+            named = ((k, v) for k, v in policy.state_dict().items() if not cfg.lora or "lora_" in k)
+            state = checkpoint.whole_tensors(named, keep=accelerator.is_main_process)
+        write = functools.partial(policy.save_pretrained, state_dict=state)
+    final = save_final(accelerator, policy, tokenizer, run_dir, write=write, card=card)
     if accelerator.is_main_process:
-        results.update(
-            steps=steps, num_processes=world, global_batch=global_batch, train_pairs=len(train_ex),
-            eval_pairs=len(eval_ex), final_model=str(final),
-        )
+        results["final_model"] = str(final)
         write_text_atomic(run_dir / "results.json", json.dumps(results, indent=1))
         claim.mark_finished(steps)
     end_run(accelerator, scorer)

@@ -33,8 +33,10 @@ from ..oracles import Annotator, load_oracle
 from ..sampling import sample_responses
 from . import checkpoint
 from ..files import write_text_atomic
+from .card import data_files, model_card, versions
 from .common import (
-    MetricsLog, crash_point, end_run, gathered_means, make_accelerator, save_final, start_trackers, stream_indices,
+    MetricsLog, crash_point, distributed_setup, end_run, gathered_means, make_accelerator, save_final, start_trackers,
+    stream_indices,
 )
 from .ledger import Ledger
 from .online_config import OnlineConfig
@@ -51,6 +53,12 @@ class OnlineRun:
         self.cfg, self.resume = cfg, resume
         self.run_dir = Path(cfg.output_dir)
         self.acc = make_accelerator(cfg, self.run_dir)
+        self.setup = distributed_setup(self.acc, cfg)  # refuses a launch that asked for sharding and did not get it
+        if self.setup["sharding"] != "none":
+            raise TetherError(
+                f"tether online does not run under {self.setup['sharding']} yet (its π_β snapshots, adapter ensemble and "
+                f"sampler expect whole weights on every process); launch it with plain data parallel (no --use_fsdp/DeepSpeed)"
+            )
         set_seed(cfg.seed)
         self.tokenizer = load_tokenizer(cfg.model)
         # bad input fails here, before anything is written
@@ -69,7 +77,7 @@ class OnlineRun:
             self.acc, "online", cfg, {"prompt_file": cfg.prompt_file, "eval_file": cfg.eval_file}, resume
         )
 
-    def setup(self) -> None:
+    def load_models(self) -> None:
         """Load the models and the ledger (after the run directory is claimed)."""
         cfg = self.cfg
         start_trackers(self.acc, cfg)
@@ -80,6 +88,9 @@ class OnlineRun:
         self.max_new_tokens = min(cfg.max_new_tokens, cfg.max_length - cfg.max_prompt_length)  # sampled and y_b
         self.keys = ("chosen", "rejected", "base") if cfg.anchor_weight > 0 else ("chosen", "rejected")
         self.base_answers: dict[int, tuple[list[int], float]] = {}  # BAPO anchor: prompt -> (y_b, log π_sft(y_b))
+        # the sampler seam (docs/scaling.md): anything with sample_responses' signature and result, e.g. the client
+        # of an inference engine that receives π_β's weights whenever policy.refresh_behavior() runs
+        self.sample = sample_responses
         self.timing = {"sample_s": 0.0, "annotate_s": 0.0, "reference_s": 0.0, "update_s": 0.0}
 
     # ------------------------------------------------------------------------------------------ data
@@ -113,7 +124,7 @@ class OnlineRun:
         seeds = [cfg.seed * 1_000_003 + step * cfg.prompts_per_step + s for s in slots]
         t = time.perf_counter()
         with self.policy.behavior() as model:
-            samples = sample_responses(
+            samples = self.sample(
                 model, [self._ids(i) for i in indices], seeds, n=2, max_new_tokens=self.max_new_tokens, temperature=cfg.temperature,
                 top_k=cfg.top_k, top_p=cfg.top_p, eos_ids=self.eos, pad_id=self.tokenizer.pad_token_id,
             )
@@ -198,7 +209,9 @@ class OnlineRun:
             results = checkpoint.read_json(self.run_dir / "results.json")
         elif self.eval_set:
             results["initial_eval"] = self.evaluate()
-            self._write_results(results)
+        if acc.is_main_process:
+            results.update(versions=versions(), distributed=self.setup, data_files=data_files(prompts=cfg.prompt_file, eval=cfg.eval_file))
+        self._write_results(results)
         metrics = MetricsLog(self.run_dir / "metrics.jsonl", acc.is_main_process, start if self.claim.resumed else None)
         failing_steps = 0
         annotations = sum(self._annotated(self.ledger.rows(s) or []) for s in range(start))
@@ -258,13 +271,16 @@ class OnlineRun:
 
         if self.eval_set:
             results["final_eval"] = self.evaluate()
-        final = save_final(acc, policy.model, self.tokenizer, self.run_dir, write=policy.write_final)
         if acc.is_main_process:
             results.update(steps=cfg.steps, phases=cfg.phases, num_processes=self.world, prompts_per_step=cfg.prompts_per_step,
                            annotations=self.ledger.count("ok") + self.ledger.count("tie"), ledger_rows=self.ledger.count(),
                            identical_pairs=self.ledger.count("identical"), ties=self.ledger.count("tie"),
-                           oracle_failures=self.ledger.count("oracle_failed"), final_model=str(final),
+                           oracle_failures=self.ledger.count("oracle_failed"),
                            seconds={**{k2: round(v, 2) for k2, v in timing.items()}, "total": round(time.perf_counter() - t0, 2)})
+        card = model_card(cfg, "online", self.run_dir, results) if acc.is_main_process else None
+        final = save_final(acc, policy.model, self.tokenizer, self.run_dir, write=policy.write_final, card=card)
+        if acc.is_main_process:
+            results["final_model"] = str(final)
             self._write_results(results)
             self.claim.mark_finished(cfg.steps)
         end_run(acc)
@@ -314,7 +330,7 @@ def online_train(cfg: OnlineConfig, resume: bool = False) -> Path:
         if run.claim.finished:
             log.info("%s: the run already finished (step %s); nothing to do", run.run_dir, run.claim.marker.get("finished_step"))
             return run.run_dir
-        run.setup()
+        run.load_models()
         return run.run()
     finally:
         run.claim.release()

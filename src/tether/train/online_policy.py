@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from ..logprobs import sequence_logps
-from ..models import add_lora, disable_dropout, load_model
 from ..losses import objective
+from ..models import add_lora, disable_dropout, enable_gradient_checkpointing, load_model
 from .common import check_finite_step, make_optimizer, objective_options
 
 
@@ -54,9 +54,11 @@ class OnlinePolicy:
     def __init__(self, cfg, device):
         self.cfg, self.device = cfg, device
         n, k = cfg.ensemble_size, cfg.steps // cfg.phases
-        model = load_model(cfg.model)
+        model = load_model(cfg.model, cfg.torch_dtype)
         if cfg.disable_dropout:
             disable_dropout(model)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         self.names: list[str | None] = [None]
         self.extra: list[str] = []
         self.behavior_model = self.initial_model = self.ema_model = self.fixed_model = None
@@ -82,7 +84,7 @@ class OnlinePolicy:
             if cfg.reference == "ema":
                 self.ema_model = _frozen_copy(model)
         if cfg.reference == "fixed":
-            self.fixed_model = load_model(cfg.ref_model).eval().requires_grad_(False).to(device)
+            self.fixed_model = load_model(cfg.ref_model, cfg.torch_dtype).eval().requires_grad_(False).to(device)
         self.params = [self._params_of(name) for name in self.names]
         self.optimizers, self.schedulers = [], []
         for name in self.names:

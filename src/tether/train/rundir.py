@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from accelerate.utils import broadcast_object_list
 
 from ..config import TetherError, config_to_dict
 from ..files import write_text_atomic
+from .card import file_fingerprint, versions
 
 log = logging.getLogger("tether")
 
@@ -42,19 +42,6 @@ SAFE_TO_CHANGE = frozenset({
     "oracle_timeout", "oracle_retries", "oracle_backoff", "max_oracle_failure_rate", "oracle_failure_patience",
 })
 _HELD: dict[str, int] = {}  # run directory -> file descriptor holding its lock
-
-
-def file_fingerprint(path: str | os.PathLike) -> str:
-    """blake2b of a file's bytes, or of every file (relative name and bytes) under a directory."""
-    path = Path(path)
-    h = hashlib.blake2b(digest_size=16)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for f in files:
-        h.update(str(f.relative_to(path) if path.is_dir() else "").encode() + b"\0")
-        with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -156,7 +143,7 @@ def _claim_locked(run_dir: Path, command: str, cfg, inputs, resume: bool) -> Run
             run_dir.mkdir(parents=True, exist_ok=True)
             if str(run_dir.resolve()) not in _HELD:
                 _lock(run_dir)
-            marker = {"tether_run": 1, "command": command, "tether_version": _version(), "state": "running",
+            marker = {"tether_run": 1, "command": command, "tether_version": versions()["tether"], "state": "running",
                       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                       "inputs": fingerprints}
             write_text_atomic(run_dir / MARKER, json.dumps(marker, indent=1) + "\n")
@@ -213,12 +200,3 @@ def claim_run_dir(accelerator, command: str, cfg, inputs: dict[str, str | None],
     if isinstance(outcome[0], TetherError):
         raise TetherError(str(outcome[0]))
     return outcome[0]
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("tether")
-    except Exception:  # noqa: BLE001
-        return "unknown"

@@ -1,0 +1,105 @@
+"""What a run directory says about itself: the software versions it ran with, content fingerprints of its
+data files, and the model card written to final/README.md."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import platform
+from pathlib import Path
+
+from ..config import TetherError
+
+PACKAGES = ("tether", "torch", "transformers", "peft", "accelerate", "datasets")
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of tether and the libraries a result depends on (and Python's)."""
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """sha256 of a data file's bytes (of every file, in sorted order, for a `datasets` directory)."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(path).as_posix().encode() if path.is_dir() else b"")
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def data_files(**files: str | None) -> dict[str, dict]:
+    """role -> {path, fingerprint} for each data file given (None skipped)."""
+    return {role: {"path": str(p), "fingerprint": file_fingerprint(p)} for role, p in files.items() if p}
+
+
+def _last_metrics(run_dir: Path) -> dict:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    for line in reversed(path.read_text().splitlines()):
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            continue
+    return {}
+
+
+HYPER = ("loss", "beta", "label_smoothing", "nll_weight", "method", "anchor_weight", "anchor_form", "anchor_normalize",
+         "reference", "steps", "phases", "prompts_per_step", "ensemble_size", "ensemble_merge", "learning_rate",
+         "lr_scheduler", "warmup_steps", "max_steps", "num_epochs", "batch_size", "gradient_accumulation_steps",
+         "max_length", "max_prompt_length", "lora", "lora_r", "lora_alpha", "lora_target_modules", "torch_dtype",
+         "gradient_checkpointing", "seed")
+
+
+def model_card(cfg, kind: str, run_dir: Path, results: dict) -> str:
+    """final/README.md: what the model is, how it was trained, on what, with which result and software."""
+    from ..models import is_adapter_dir, resolve_model_path
+
+    lora = getattr(cfg, "lora", False)
+    try:
+        base_dir = resolve_model_path(cfg.model)
+    except TetherError:
+        base_dir = cfg.model
+    base_note = " (itself a PEFT adapter, merged into its base before training)" if is_adapter_dir(base_dir) else ""
+    meta = {"library_name": "peft" if lora else "transformers", "base_model": str(base_dir), "tags": ["tether", kind, cfg.loss]}
+    lines = ["---", *(f"{k}: {json.dumps(v)}" for k, v in meta.items()), "---", "",
+             f"# {Path(run_dir).name}: {kind} preference optimization with tether", ""]
+    if lora:
+        usage = ("A PEFT LoRA adapter. Load it with `peft.AutoPeftModelForCausalLM.from_pretrained(this_dir)`, give this "
+                 "directory to tether as `--model`, or write a merged plain model with `tether export --merge this_dir --out DIR`.")
+    else:
+        usage = "A full Hugging Face model: `transformers.AutoModelForCausalLM.from_pretrained(this_dir)`."
+    lines += [usage, "", f"- base model: `{cfg.model}` → `{base_dir}`{base_note}"]
+    method = getattr(cfg, "method", "dap")
+    if kind == "online":
+        method = f"online DAP, reference = {cfg.reference}" + (" (BPO)" if cfg.reference == "behavior" else "")
+        if getattr(cfg, "anchor_weight", 0) > 0:
+            method += " + BAPO anchor"
+    lines += [f"- method: {method}; loss: {cfg.loss}", "", "## Hyper-parameters", "", "| option | value |", "|---|---|"]
+    lines += [f"| {k} | {getattr(cfg, k)} |" for k in HYPER if hasattr(cfg, k)]
+    lines += ["", "## Data", "", "| role | file | content fingerprint |", "|---|---|---|"]
+    for role, info in results.get("data_files", {}).items():
+        lines.append(f"| {role} | `{info['path']}` | `{info['fingerprint']}` |")
+    counts = {k: results[k] for k in ("train_pairs", "eval_pairs", "annotations", "identical_pairs", "ties", "oracle_failures") if k in results}
+    lines += ["", "Counts: " + ", ".join(f"{k} = {v}" for k, v in counts.items()) if counts else ""]
+    last = _last_metrics(Path(run_dir))
+    final_eval = results.get("final_eval") or {}
+    lines += ["", "## Final metrics", "", "| metric | value |", "|---|---|"]
+    for k, v in {**{k: v for k, v in last.items() if isinstance(v, (int, float))}, **final_eval}.items():
+        lines.append(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |")
+    setup = results.get("distributed", {})
+    lines += ["", "## Software and set-up", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in {**results.get("versions", {}), **setup}.items()]
+    lines += ["", "Everything else: `config.yaml` (every option), `metrics.jsonl` and `results.json` in the run directory.", ""]
+    return "\n".join(lines)
