@@ -1,4 +1,5 @@
-"""`tether eval --model PATH --suite world [--persona NAME]`: evaluate a model, print (and save) JSON."""
+"""`tether eval --model PATH --suite world [--persona NAME]`: evaluate a model, print (and save) JSON.
+`tether eval --model M --eval_file PAIRS [--ref_model R]`: preference metrics on held-out pairs (pair_eval.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import dataclasses
 import json
 
 from .config import TetherError, add_dataclass_arguments, load_config, option
+from .losses import LOSSES
 from .files import write_text_atomic
 from .models import load_model, load_tokenizer
 from .world import PERSONAS, build_world, world_suite
@@ -16,7 +18,7 @@ from .world import PERSONAS, build_world, world_suite
 class EvalOptions:
     """Options of `tether eval`."""
 
-    model: str = option("world", "model directory (save_pretrained output) or built-in name to evaluate")
+    model: str = option("world", "model directory (save_pretrained output), PEFT adapter directory or built-in name to evaluate")
     suite: str = option(
         "world", "world = the embedded world's suite; knowledge = the general-knowledge probe (399 questions)",
         choices=("world", "knowledge"),
@@ -28,7 +30,20 @@ class EvalOptions:
     split: str = option("test", "which prompts to answer for alignment and persona scores", choices=("test", "train"))
     batch_size: int = option(32, "sequences per forward pass / generation batch")
     max_new_tokens: int = option(96, "generation budget per answer (the longest styled answer of the world needs 82)")
-    out: str | None = option(None, "also write the JSON result to this file")
+    out: str | None = option(None, "also write the JSON result to this file (with --eval_file: the per-pair values go "
+                             "here and stdout gets the aggregate)")
+    # held-out preference pairs instead of a suite
+    eval_file: str | None = option(None, "preference pairs (same formats as `tether train`): report loss, reward accuracy, "
+                                   "margins and log-probs per pair and in aggregate with 95%% CIs, instead of --suite")
+    eval_split: str = option("test", "split of eval_file when it holds splits (PATH:SPLIT works too)")
+    ref_model: str | None = option(None, "reference for the rewards; null = the adapter's base (adapter disabled), or the "
+                                   "run's reference for RUN/final; a full model elsewhere needs it")
+    loss: str = option("dpo", "loss to report: dpo (sigmoid), ipo or slic (hinge)", choices=LOSSES)
+    beta: float = option(0.1, "β of the rewards and the loss")
+    label_smoothing: float = option(0.0, "ε of conservative DPO (dpo only)")
+    nll_weight: float = option(0.0, "α of the NLL term added to the reported loss")
+    max_length: int = option(512, "max tokens of prompt + completion (as in training)")
+    max_prompt_length: int = option(256, "max prompt tokens (as in training)")
     progress: bool = option(True, "show progress bars")
 
     def validate(self) -> None:
@@ -39,12 +54,20 @@ class EvalOptions:
             raise TetherError("option --world_entities: must be at least 4")
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise TetherError("options --batch_size and --max_new_tokens: must be at least 1")
+        if self.loss not in LOSSES:
+            raise TetherError(f"option --loss: unknown loss '{self.loss}'; choose one of {', '.join(LOSSES)}")
+        if not self.beta > 0 or not 0.0 <= self.label_smoothing < 0.5 or self.nll_weight < 0:
+            raise TetherError("options --beta (> 0), --label_smoothing (in [0, 0.5)) and --nll_weight (>= 0) are out of range")
+        if not 0 < self.max_prompt_length < self.max_length:
+            raise TetherError(f"option --max_prompt_length ({self.max_prompt_length}) must be > 0 and < --max_length ({self.max_length})")
 
 
 def run_eval(args) -> int:
     """Evaluate --model on the suite; print the JSON result."""
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalOptions) if hasattr(args, f.name)}
     opts = load_config(EvalOptions, getattr(args, "config", None), overrides)
+    if opts.eval_file:
+        return _emit_pairs(opts)
     model, tokenizer = load_model(opts.model), load_tokenizer(opts.model)
     if tokenizer.chat_template is None:
         raise TetherError(f"--model {opts.model}: its tokenizer has no chat template; the suites ask questions as chat messages")
@@ -64,6 +87,17 @@ def run_eval(args) -> int:
     if opts.persona is not None:
         result["persona"]["base_model"] = str(opts.base_model)
     return _emit(result, opts)
+
+
+def _emit_pairs(opts) -> int:
+    from .pair_eval import evaluate_pairs
+
+    result = evaluate_pairs(opts)
+    if opts.out:
+        write_text_atomic(opts.out, json.dumps(result, indent=1) + "\n")
+        result = {k: v for k, v in result.items() if k != "pairs"} | {"pairs_written_to": str(opts.out)}
+    print(json.dumps(result, indent=2))
+    return 0
 
 
 def _emit(result: dict, opts) -> int:

@@ -49,13 +49,13 @@ log = logging.getLogger("tether")
 def load_examples(cfg: TrainConfig, tokenizer) -> tuple[list[Example], list[Example], dict]:
     """Tokenized train and eval examples, and a report of what was skipped."""
     train_ex, train_rep = tokenize_records(
-        load_preference_records(cfg.train_file), tokenizer, cfg.max_length, cfg.max_prompt_length
+        load_preference_records(cfg.train_file, split=cfg.train_split), tokenizer, cfg.max_length, cfg.max_prompt_length
     )
     report = {"train": vars(train_rep)}
     log.info("%s: %s", cfg.train_file, train_rep.summary())
     if cfg.eval_file:
         eval_ex, eval_rep = tokenize_records(
-            load_preference_records(cfg.eval_file), tokenizer, cfg.max_length, cfg.max_prompt_length
+            load_preference_records(cfg.eval_file, split=cfg.eval_split), tokenizer, cfg.max_length, cfg.max_prompt_length
         )
         report["eval"] = vars(eval_rep)
     elif cfg.eval_fraction > 0:
