@@ -11,7 +11,7 @@ import sys
 from .config import TetherError, add_dataclass_arguments, load_config
 
 # modules that add their own subcommands through `add_parser(subparsers)`
-SUBCOMMAND_MODULES = ("tether.world.cli", "tether.eval_cli", "tether.studies.cli")
+SUBCOMMAND_MODULES = ("tether.world.cli", "tether.eval_cli", "tether.studies.cli", "tether.run_report")
 
 
 def _options(args: argparse.Namespace, skip=("func", "config", "resume", "verbose", "command", "extra_flags", "known_flags", "accepts_extra_flags")) -> dict:

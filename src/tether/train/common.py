@@ -126,6 +126,30 @@ class MetricsLog:
             f.flush()
 
 
+# TRL's (HF Trainer's) names for the scalars tether logs; trackers get them under train/ and eval/ as in TRL
+TRACKER_NAMES = {
+    "reward_accuracy": "rewards/accuracies", "reward_margin": "rewards/margins", "rewards_chosen": "rewards/chosen",
+    "rewards_rejected": "rewards/rejected", "logps_chosen": "logps/chosen", "logps_rejected": "logps/rejected",
+    "logps_base": "logps/base", "lr": "learning_rate", "nll": "nll_loss",
+}
+
+
+def tracker_scalars(row: dict) -> dict:
+    """A metrics row under TRL's TensorBoard/W&B names: train/rewards/margins, eval/logps/chosen, train/learning_rate ..."""
+    out = {}
+    for key, value in row.items():
+        if key == "step" or not isinstance(value, (int, float)):
+            continue
+        split, name = ("eval", key[5:]) if key.startswith("eval_") else ("train", key)
+        out[f"{split}/{TRACKER_NAMES.get(name, name)}"] = value
+    return out
+
+
+def log_to_trackers(accelerator, row: dict, step: int) -> None:
+    if accelerator.trackers:
+        accelerator.log(tracker_scalars(row), step=step)
+
+
 def mean_stats(stats: list[dict[str, torch.Tensor]], prefix: str = "") -> dict[str, float]:
     """Average per-pair statistics (lists of (n,) tensors) into one float per name."""
     if not stats:

@@ -36,11 +36,13 @@ from .common import (
     make_optimizer,
     mean_stats,
     prepare_run_dir,
+    log_to_trackers,
     save_final,
     stream_indices,
     total_steps,
 )
 from .config import TrainConfig
+from ..run_report import write_report_quietly
 from .reference import LiveReference, compute_logps_table, data_fingerprint, load_cached, save_cached
 
 log = logging.getLogger("tether")
@@ -192,6 +194,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         results = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").exists() else {}
     elif eval_ex:
         results["initial_eval"] = evaluate(accelerator, cfg, scorer, eval_ex, eval_table, reference, keys, pad_id)
+        log_to_trackers(accelerator, results["initial_eval"], step=0)
         if accelerator.is_main_process:
             (run_dir / "results.json").write_text(json.dumps(results, indent=1))
     metrics = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process, start if ckpt else None)
@@ -226,7 +229,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                 row.update(evaluate(accelerator, cfg, scorer, eval_ex, eval_table, reference, keys, pad_id))
             row["elapsed_s"] = round(time.perf_counter() - t0, 3)
             metrics.write(row)
-            accelerator.log(row, step=done)
+            log_to_trackers(accelerator, row, step=done)
             bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['reward_accuracy']:.2f}")
             window = []
         bar.update(1)
@@ -237,6 +240,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
     if eval_ex:
         results["final_eval"] = evaluate(accelerator, cfg, scorer, eval_ex, eval_table, reference, keys, pad_id)
+        log_to_trackers(accelerator, results["final_eval"], step=steps)
     final = save_final(accelerator, accelerator.unwrap_model(scorer).model, tokenizer, run_dir)
     if accelerator.is_main_process:
         results.update(
@@ -244,5 +248,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             eval_pairs=len(eval_ex), final_model=str(final),
         )
         (run_dir / "results.json").write_text(json.dumps(results, indent=1))
+        write_report_quietly(run_dir)
     end_run(accelerator, scorer)
     return run_dir

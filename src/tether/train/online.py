@@ -32,7 +32,9 @@ from ..models import load_tokenizer
 from ..oracles import Annotator, load_oracle
 from ..sampling import sample_responses
 from . import checkpoint
-from .common import MetricsLog, crash_hook, end_run, gathered_means, make_accelerator, prepare_run_dir, save_final, stream_indices
+from ..run_report import write_report_quietly
+from .common import (MetricsLog, crash_hook, end_run, gathered_means, log_to_trackers, make_accelerator, prepare_run_dir,
+                     save_final, stream_indices)
 from .ledger import Ledger
 from .online_config import OnlineConfig
 from .online_policy import OnlinePolicy
@@ -184,6 +186,7 @@ class OnlineRun:
             results = json.loads(res_file.read_text()) if res_file.exists() else {}
         elif self.eval_set:
             results["initial_eval"] = self.evaluate()
+            log_to_trackers(acc, results["initial_eval"], step=0)
             self._write_results(results)
         metrics = MetricsLog(self.run_dir / "metrics.jsonl", acc.is_main_process, start if self.resume else None)
         annotations = sum(self._annotated(self.ledger.rows(s) or []) for s in range(start))
@@ -229,7 +232,7 @@ class OnlineRun:
             row["elapsed_s"] = round(time.perf_counter() - t0, 3)
             if done % cfg.logging_steps == 0 or done == cfg.steps or "eval_win_rate" in row:
                 metrics.write(row)
-                acc.log(row, step=done)
+                log_to_trackers(acc, row, step=done)
             if "loss" in row:
                 bar.set_postfix(loss=f"{row['loss']:.4f}", pairs=row["pairs"])
             bar.update(1)
@@ -240,6 +243,7 @@ class OnlineRun:
 
         if self.eval_set:
             results["final_eval"] = self.evaluate()
+            log_to_trackers(acc, results["final_eval"], step=cfg.steps)
         final = save_final(acc, policy.model, self.tokenizer, self.run_dir, write=policy.write_final)
         if acc.is_main_process:
             results.update(steps=cfg.steps, phases=cfg.phases, num_processes=self.world, prompts_per_step=cfg.prompts_per_step,
@@ -248,6 +252,7 @@ class OnlineRun:
                            oracle_failures=self.ledger.count("oracle_failed"), final_model=str(final),
                            seconds={**{k2: round(v, 2) for k2, v in timing.items()}, "total": round(time.perf_counter() - t0, 2)})
             self._write_results(results)
+            write_report_quietly(self.run_dir)
         end_run(acc)
         return self.run_dir
 
