@@ -151,7 +151,7 @@ def run_study(quick: bool = True, out: str | Path = "out/study-bapo", protocol: 
             model=str(base_dir), train_file=str(data / "personas" / persona / "preferences_train.jsonl"),
             output_dir=str(run_dir), method="bapo", beta=protocol.beta, learning_rate=protocol.learning_rate,
             max_steps=protocol.steps, batch_size=protocol.batch_size, seed=seed, warmup_steps=0,
-            lr_scheduler="linear", save_steps=0, progress=False, eval_batch_size=64,
+            lr_scheduler="linear", save_steps=0, progress=False, write_report=False, eval_batch_size=64,
             base_max_new_tokens=protocol.base_max_new_tokens, ref_cache_dir=str(out / "cache" / "reflogps"),
             max_length=256, max_prompt_length=64, **overrides,
         ))

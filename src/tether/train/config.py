@@ -55,6 +55,7 @@ class CommonConfig:
     save_total_limit: int = option(2, "keep only the newest N checkpoints; 0 = keep all")
     report_to: list[str] = option(["none"], "also log metrics to these trackers: tensorboard, wandb or none (a list, as in TRL)")
     progress: bool = option(True, "show a progress bar")
+    write_report: bool = option(True, "write report.md and plots/ at the end of the run (`tether report RUN_DIR` any time)")
 
     def validate(self) -> None:
         """Checks of the shared options; raises a one-line TetherError naming the option."""

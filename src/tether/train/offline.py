@@ -248,6 +248,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             eval_pairs=len(eval_ex), final_model=str(final),
         )
         (run_dir / "results.json").write_text(json.dumps(results, indent=1))
-        write_report_quietly(run_dir)
+        if cfg.write_report:
+            write_report_quietly(run_dir)
     end_run(accelerator, scorer)
     return run_dir

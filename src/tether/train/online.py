@@ -252,7 +252,8 @@ class OnlineRun:
                            oracle_failures=self.ledger.count("oracle_failed"), final_model=str(final),
                            seconds={**{k2: round(v, 2) for k2, v in timing.items()}, "total": round(time.perf_counter() - t0, 2)})
             self._write_results(results)
-            write_report_quietly(self.run_dir)
+            if cfg.write_report:
+                write_report_quietly(self.run_dir)
         end_run(acc)
         return self.run_dir
 
