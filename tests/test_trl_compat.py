@@ -172,8 +172,13 @@ def test_implicit_prompt_in_plain_strings(tmp_path):
     assert (rec.prompt, rec.completions) == ("The sky is", {"chosen": " blue.", "rejected": " green."})
 
 
-def test_max_steps_zero_trains_nothing(model_dir, data_dir, tmp_path):
+def test_max_steps_zero_trains_nothing(model_dir, data_dir, tmp_path, capsys):
+    from tether.cli import main
     from tether.train import train
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "0 = no training step, as in HF/TRL" in " ".join(capsys.readouterr().out.split())
 
     out = train(load_config(TrainConfig, overrides=dict(
         model=str(model_dir), train_file=str(data_dir / "train.jsonl"), eval_file=str(data_dir / "eval.jsonl"),

@@ -109,7 +109,8 @@ def _emit(result: dict, opts) -> int:
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Register `eval` on an argparse subparsers object."""
-    text = "evaluate a model: knowledge accuracy, general alignment, persona score and win rate, with 95 percent bootstrap CIs"
+    text = ("evaluate a model: knowledge accuracy, general alignment, persona score and win rate (--suite), or loss, "
+            "reward accuracy, margins and log-probs on preference pairs (--eval_file), with 95 percent bootstrap CIs")
     p = subparsers.add_parser("eval", help=text, description=text)
     p.add_argument("--config", default=None, help="YAML file of options (flags override it)")
     add_dataclass_arguments(p, EvalOptions)

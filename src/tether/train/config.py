@@ -113,7 +113,7 @@ class TrainConfig(CommonConfig):
     base_top_k: int = option(50, "top-k of base responses (sampled only; 0 = off)")
     base_top_p: float = option(1.0, "top-p of base responses (sampled only; 1 = off)")
     # optimisation
-    num_epochs: float = option(1.0, "passes over the training data (ignored when max_steps > 0)")
+    num_epochs: float = option(1.0, "passes over the training data (used when max_steps is -1)")
     max_steps: int = option(-1, "optimizer steps to run; -1 = derive from num_epochs; 0 = no training step, as in "
                             "HF/TRL (the model is evaluated and saved unchanged)")
     batch_size: int = option(8, "preference pairs per process per micro-batch")
