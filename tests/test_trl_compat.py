@@ -81,6 +81,15 @@ def test_every_unknown_key_is_reported_at_once_with_a_suggestion(tmp_path):
         load_config(TrainConfig, path)
 
 
+def test_launcher_keys_of_the_trl_cli(tmp_path):
+    path = tmp_path / "l.yaml"
+    path.write_text("model: m\ntrain_file: d.jsonl\nnum_processes: 1\n")
+    assert load_config(TrainConfig, path).model == "m"  # what this (single-process) run has
+    path.write_text("model: m\ntrain_file: d.jsonl\nnum_processes: 4\naccelerate_config: zero2\n")
+    with pytest.raises(TetherError, match="accelerate launch --num_processes 4.*accelerate_config: a launcher setting"):
+        load_config(TrainConfig, path)
+
+
 def test_trl_keys_that_do_not_apply_are_unknown_for_online(tmp_path):
     path = tmp_path / "o.yaml"
     path.write_text("model: m\nprompt_file: p.jsonl\ndataset_name: d\n")

@@ -9,6 +9,7 @@ max_steps, ...) need no entry: they are tether options already. README "Coming f
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -82,6 +83,22 @@ def _must_be(key: str, ok: Any, reason: str) -> Callable[[Any], dict]:
     return check
 
 
+def _num_processes(value: Any) -> dict:
+    """`trl dpo` starts the processes itself; tether runs inside `accelerate launch`, so the number must match."""
+    running = int(os.environ.get("WORLD_SIZE", "1"))
+    if value == running:
+        return {}
+    raise Unsupported(f"num_processes: {value!r} is a launcher setting; start tether with `accelerate launch "
+                      f"--num_processes {value} -m tether.cli train ...` (this run has {running})")
+
+
+def _launcher(key: str) -> Callable[[Any], dict]:
+    def refuse(value: Any) -> dict:
+        raise Unsupported(f"{key}: a launcher setting; pass it to `accelerate launch` (e.g. --config_file) instead")
+
+    return refuse
+
+
 def _ignored(value: Any) -> dict:
     return {}
 
@@ -107,6 +124,8 @@ TRL_KEYS: dict[str, Callable[[Any], dict]] = {
     "save_strategy": _save_strategy,
     "bf16": _bf16,
     "fp16": _fp16,
+    "num_processes": _num_processes,
+    "accelerate_config": _launcher("accelerate_config"),
     # accepted at the value that matches what tether does
     "truncation_mode": _must_be("truncation_mode", "keep_start", "tether keeps the start: prompts are cut from the left to max_prompt_length, then completions from the right"),
     "reference_free": _must_be("reference_free", False, "tether always uses a reference"),
