@@ -155,6 +155,8 @@ def test_splits_of_datasetdict_split_files_and_json(tmp_path):
     assert len(load_preference_records(f"{hub}:test")) == 3 and len(load_preference_records(hub)) == 4
     with pytest.raises(TetherError, match="no split 'dev' \\(splits: test, train\\)"):
         load_preference_records(f"{hub}:dev")
+    datasets.Dataset.from_list(test).to_parquet(str(hub / "data" / "test_prefs-00000-of-00001.parquet"))
+    assert len(load_preference_records(f"{hub}:test_prefs")) == 3  # split names with underscores (UltraFeedback's)
     js = tmp_path / "splits.json"
     js.write_text(json.dumps({"train": train, "test": test}))
     assert len(load_preference_records(js, split="test")) == 3

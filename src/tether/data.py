@@ -153,7 +153,7 @@ def _is_saved_dataset(path: Path) -> bool:
 
 def _split_files(path: Path) -> dict[str, list[Path]]:
     """{split: files} of a directory laid out like a downloaded Hub dataset: files named SPLIT.ext or
-    SPLIT-*.ext / SPLIT_*.ext, at the top or in data/ (ext = .jsonl, .json, .parquet)."""
+    SPLIT-*.ext, at the top or in data/ (ext = .jsonl, .json, .parquet)."""
     out: dict[str, list[Path]] = {}
     for folder in (path, path / "data"):
         if not folder.is_dir():
@@ -161,7 +161,7 @@ def _split_files(path: Path) -> dict[str, list[Path]]:
         for f in sorted(folder.iterdir()):
             if f.is_file() and f.suffix.lower() in SPLIT_SUFFIXES:
                 name = f.name[: -len(f.suffix)]
-                split = name.split("-")[0].split("_")[0] if ("-" in name or "_" in name) else name
+                split = name.split("-")[0]  # train-00000-of-00001 -> train; test_prefs-0000 -> test_prefs
                 out.setdefault(split, []).append(f)
     return out
 
