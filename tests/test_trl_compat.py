@@ -60,6 +60,9 @@ def test_trl_names_map_to_tether_options(tmp_path):
     for value, loss in (("sigmoid", "dpo"), ("ipo", "ipo"), ("hinge", "slic")):
         path.write_text(f"model: m\ntrain_file: d.jsonl\nloss_type: {value}\n")
         assert load_config(TrainConfig, path).loss == loss
+    path.write_text("model: m\ntrain_file: d.jsonl\nmax_length: 128\n")  # TRL has no prompt limit: half goes to it
+    assert load_config(TrainConfig, path).max_prompt_length == 64
+    assert load_config(TrainConfig, overrides=dict(model="m", train_file="d")).max_prompt_length == 256
     path.write_text("model: m\ntrain_file: d.jsonl\nreport_to: none\n")
     assert load_config(TrainConfig, path).report_to == ["none"]
 

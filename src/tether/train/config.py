@@ -27,7 +27,8 @@ class CommonConfig:
     anchor_normalize: str = option("sum", "anchor on summed log-probs, or per-token mean", choices=("sum", "mean"))
     # tokenization
     max_length: int = option(512, "max tokens of prompt + completion; completions are cut from the right")
-    max_prompt_length: int = option(256, "max prompt tokens; prompts are cut from the left")
+    max_prompt_length: int | None = option(
+        None, "max prompt tokens; prompts are cut from the left; null = max_length // 2 (256 at the default max_length)")
     # optimisation
     learning_rate: float = option(1e-6, "peak learning rate of AdamW")
     lr_scheduler: str = option("linear", "learning-rate schedule after warm-up", choices=("linear", "cosine", "constant"))
@@ -59,6 +60,8 @@ class CommonConfig:
 
     def validate(self) -> None:
         """Checks of the shared options; raises a one-line TetherError naming the option."""
+        if self.max_prompt_length is None:  # a TRL config sets max_length alone
+            self.max_prompt_length = self.max_length // 2
         if not self.model:
             raise TetherError("option 'model' is required (a local model directory or a built-in name)")
         if self.loss not in LOSSES:
