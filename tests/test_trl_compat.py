@@ -79,6 +79,9 @@ def test_every_unknown_key_is_reported_at_once_with_a_suggestion(tmp_path):
                  "'per_device_train_bach_size' (did you mean 'per_device_train_batch_size'?)", "'zzz'",
                  "loss_type: 'kto_pair' is not supported"):
         assert part in text, part
+    path.write_text("model: m\ntrain_file: d.jsonl\nloss_type: [sigmoid, sft]\nloss_weights: [1.0, 0.5]\n")
+    with pytest.raises(TetherError, match="loss_type: \\['sigmoid', 'sft'\\] is not supported.*loss_weights"):
+        load_config(TrainConfig, path)
     path.write_text("model: m\ntrain_file: d.jsonl\nmodel_name_or_path: other\n")
     with pytest.raises(TetherError, match="'model_name_or_path' and 'model' both set 'model'"):
         load_config(TrainConfig, path)

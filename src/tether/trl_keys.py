@@ -27,7 +27,7 @@ def _one_of(key: str, value: Any, allowed: dict[Any, dict], reason: str) -> dict
         value = value[0]
     if isinstance(value, str):
         value = value.lower()
-    if value in allowed:
+    if not isinstance(value, (list, dict)) and value in allowed:
         return allowed[value]
     raise Unsupported(f"{key}: {value!r} is not supported ({reason})")
 
