@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,plots]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,plots,tensorboard]'
 	touch $(STAMP)
 
 install: $(STAMP)

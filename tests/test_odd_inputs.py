@@ -23,7 +23,7 @@ TRAIN_CASES = [
     ("prompt as long as everything", ["--max_prompt_length", "64", "--max_length", "64"], "option 'max_prompt_length' (64)"),
     ("zero batch", ["--batch_size", "0"], "option 'batch_size' must be > 0"),
     ("eval fraction of 1", ["--eval_fraction", "1"], "option 'eval_fraction' must be in [0, 1)"),
-    ("max_steps below -1", ["--max_steps", "-5"], "option 'max_steps' must be -1"),
+    ("max_steps below -1", ["--max_steps", "-5"], "option 'max_steps' must be >= 0, or -1"),
     ("base top-p of 0", ["--base_top_p", "0"], "option 'base_top_p' must be in (0, 1]"),
     ("missing data file", ["--train_file", "{tmp}/nope.jsonl"], "nope.jsonl: no such file or directory"),
     ("csv data", ["--train_file", "{tmp}/data.csv"], "unknown data format '.csv'"),

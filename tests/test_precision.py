@@ -83,7 +83,6 @@ def test_full_finetuning_in_bfloat16_saves_bfloat16_and_auto_reads_it_back(model
 
 
 def test_online_and_eval_load_in_the_asked_dtype(model_dir, prompt_file, tmp_path, monkeypatch):  # noqa: F811
-    from tether import eval_cli
     from tether.cli import main
     from tether.train.online_policy import OnlinePolicy
 
@@ -91,8 +90,10 @@ def test_online_and_eval_load_in_the_asked_dtype(model_dir, prompt_file, tmp_pat
     policy = OnlinePolicy(cfg, "cpu")
     dtypes = {("lora_" in n): p.dtype for n, p in policy.model.named_parameters()}
     assert dtypes == {True: torch.float32, False: torch.bfloat16}  # every adapter (ensemble, behavior, merged) in float32
+    import tether.models as models
+
     seen = []
-    real = eval_cli.load_model
-    monkeypatch.setattr(eval_cli, "load_model", lambda name, dtype: seen.append(dtype) or real(name, dtype))
+    real = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda name, dtype: seen.append(dtype) or real(name, dtype))  # eval imports it late
     assert main(["eval", "--model", str(model_dir), "--suite", "knowledge", "--torch_dtype", "bfloat16", "--progress", "false"]) == 0
     assert seen == ["bfloat16"]

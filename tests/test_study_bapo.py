@@ -14,7 +14,10 @@ def test_micro_study_writes_results_report_and_figures(tmp_path):
     protocol = BapoProtocol(mode="micro", levels=[1, 2], methods=["dpo", "bapo"], seeds=[0], steps=2, batch_size=4,
                             base_max_new_tokens=8, eval_max_new_tokens=8, world=MICRO_WORLD)
     out = tmp_path / "study"
-    data = run_study(out=out, protocol=protocol)
+    first = run_study(out=out, protocol=protocol, only=[(2, "dpo"), (2, "bapo")])  # make demo's first look
+    assert [(r["level"], r["method"]) for r in first["runs"]] == [(2, "dpo"), (2, "bapo")] and first["claims"] == []
+    assert len(first["summary"]) == 2 and not (out / "report.md").exists()
+    data = run_study(out=out, protocol=protocol)  # the rest
 
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["study"] == "bapo" and on_disk["protocol"]["levels"] == [1, 2]

@@ -19,10 +19,10 @@ import sys
 from .config import TetherError, add_dataclass_arguments, load_config
 
 # modules that add their own subcommands through `add_parser(subparsers)`
-SUBCOMMAND_MODULES = ("tether.world.cli", "tether.eval_cli", "tether.studies.cli", "tether.export_cli")
+SUBCOMMAND_MODULES = ("tether.world.cli", "tether.eval_cli", "tether.studies.cli", "tether.export_cli", "tether.run_report")
 
 
-def _options(args: argparse.Namespace, skip=("func", "config", "resume", "verbose", "command")) -> dict:
+def _options(args: argparse.Namespace, skip=("func", "config", "resume", "verbose", "command", "extra_flags", "known_flags", "accepts_extra_flags")) -> dict:
     return {k: v for k, v in vars(args).items() if k not in skip}
 
 
@@ -39,7 +39,7 @@ def _run_config(cls, args: argparse.Namespace):
         out = overrides.get("output_dir") or file_values.get("output_dir") or cls.__dataclass_fields__["output_dir"].default
         if (Path(out) / "config.yaml").is_file():
             base = read_yaml_mapping(Path(out) / "config.yaml")
-    return load_config(cls, args.config, overrides, base=base)
+    return load_config(cls, args.config, overrides, args.extra_flags, base=base)
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -68,8 +68,11 @@ def _add_run_parser(sub, name: str, cls, func, help: str, description: str) -> N
     p = sub.add_parser(
         name, help=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description=description + " Options come from --config FILE.yaml, then from flags (a flag wins over the "
-        "file). Works under `accelerate launch` for several processes.",
+        "file). TRL's DPOConfig names are accepted in the file and as flags where the meaning agrees "
+        "(model_name_or_path, per_device_train_batch_size, loss_type: sigmoid|ipo|hinge, use_peft, ...; README "
+        "'Coming from TRL'). Works under `accelerate launch` for several processes.",
     )
+    p.set_defaults(accepts_extra_flags=True)
     p.add_argument("--config", default=None, help="YAML file of options (any option below)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in output_dir from its newest readable checkpoint, with the options it started "
@@ -111,12 +114,38 @@ def build_parser() -> argparse.ArgumentParser:
         for attr in dir(module):
             if attr.startswith("add_") and attr.endswith("_parser"):
                 getattr(module, attr)(sub)
+    _remember_flags(parser)
     return parser
+
+
+def _remember_flags(parser: argparse.ArgumentParser) -> None:
+    """Each (sub)parser records its own flags, so an unknown one can be answered with the nearest known name."""
+    flags = [s for a in parser._actions for s in a.option_strings if s.startswith("--")]
+    parser.set_defaults(known_flags=flags)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in set(action.choices.values()):
+                _remember_flags(child)
+
+
+def _check_extra_flags(args: argparse.Namespace, extras: list[str]) -> None:
+    """Flags argparse did not know: `train`/`online` read them as options (TRL's names); elsewhere every one
+    of them is reported at once, each with its nearest known flag."""
+    from .trl_keys import did_you_mean
+
+    if getattr(args, "accepts_extra_flags", False):
+        args.extra_flags = extras
+        return
+    unknown = [t for t in extras if t.startswith("-")] or extras
+    known = getattr(args, "known_flags", [])
+    named = ", ".join(f"'{t.split('=')[0]}'" + did_you_mean(t.split("=")[0], known, "--") for t in unknown)
+    raise TetherError(f"unknown argument(s) {named}; see --help")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    args.extra_flags = None
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -126,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if extras:
+            _check_extra_flags(args, extras)
         rc = args.func(args)
     except TetherError as e:
         print(f"tether: error: {e}", file=sys.stderr)

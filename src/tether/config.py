@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import math
 import types
 import typing
@@ -95,6 +96,11 @@ def _coerce(cls, name: str, value: Any, source: str):
     for item in items:
         if tp is float and isinstance(item, int) and not isinstance(item, bool):
             item = float(item)
+        if tp in (int, float, bool) and isinstance(item, str):  # YAML reads 5e-7 as a string; flags are strings
+            try:
+                item = _parse_bool(item) if tp is bool else tp(item)
+            except (ValueError, argparse.ArgumentTypeError):
+                pass
         if tp in (int, float) and isinstance(item, bool) or not isinstance(item, tp):
             raise TetherError(f"{source}: option '{name}' must be {tp.__name__}, got {item!r}")
         out.append(item)
@@ -140,24 +146,65 @@ def check_finite(cfg) -> None:
                 raise TetherError(f"option '{f.name}' must be a finite number, got {v}")
 
 
-def load_config(cls, config_file: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                base: dict[str, Any] | None = None):
-    """Build a validated `cls` from defaults, then `base` (a resumed run's own config.yaml), then the YAML file,
-    then `overrides` (parsed CLI flags)."""
+def parse_extra_flags(tokens: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """`--key value`, `--key=value`, `--key v1 v2` (a list), `--flag` (true) and `--no_flag` (false), as the
+    TRL/HF command line writes them; values are read as YAML scalars. Returns (options, stray tokens)."""
     values: dict[str, Any] = {}
+    stray: list[str] = []
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if not tok.startswith("--"):
+            stray.append(tok)
+            i += 1
+            continue
+        key, eq, text = tok[2:].partition("=")
+        args = [text] if eq else []
+        i += 1
+        while not eq and i < len(tokens) and not tokens[i].startswith("--"):
+            args.append(tokens[i])
+            i += 1
+        parsed = [yaml.safe_load(a) if a.strip() else a for a in args]
+        if not parsed:
+            key, value = (key[3:], False) if key.startswith("no_") else (key, True)
+        else:
+            value = parsed[0] if len(parsed) == 1 else parsed
+        values[key.replace("-", "_")] = value
+    return values, stray
+
+
+def load_config(cls, config_file: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                extra_flags: list[str] | None = None, base: dict[str, Any] | None = None):
+    """Build a validated `cls` from defaults, then `base` (a resumed run's own config.yaml), then the YAML file,
+    then `extra_flags` (command-line tokens argparse did not know, e.g. TRL's names), then `overrides` (parsed
+    CLI flags). Every number must be finite; then the dataclass's `validate()` runs.
+
+    YAML keys and extra flags may use TRL's `DPOConfig` names (tether.trl_keys). Every unknown or unsupported
+    key of a source is reported at once, each with its nearest known name."""
+    from .trl_keys import translate
+
     names = {f.name for f in dataclasses.fields(cls)}
-    layers = [("run config", base)] if base else []
+    values: dict[str, Any] = {}
+    sources = [("run config", base, "")] if base else []
     if config_file is not None:
-        layers.append((str(config_file), read_yaml_mapping(config_file)))
-    for source, data in layers:
-        for key, value in data.items():
-            if key not in names:
-                raise TetherError(f"{source}: unknown option '{key}'; see --help for the list of options")
-            values[key] = _coerce(cls, key, value, source)
-    for key, value in (overrides or {}).items():
-        if key not in names:
-            raise TetherError(f"unknown option '--{key}'; see --help for the list of options")
-        values[key] = value
+        sources.append((str(config_file), read_yaml_mapping(config_file), ""))
+    if extra_flags:
+        flags, stray = parse_extra_flags(extra_flags)
+        if stray:
+            raise TetherError(f"unexpected argument(s) {' '.join(stray)}; options are written --name value")
+        sources.append(("command line", flags, "--"))
+    for source, data, dash in sources:
+        got, problems, ignored = translate(data, names, lambda k, v, s=source: _coerce(cls, k, v, s), dash)
+        if problems:
+            raise TetherError(f"{source}: " + "; ".join(problems) + "; see --help for the list of options")
+        if ignored:
+            logging.getLogger("tether").info("%s: TRL option(s) %s accepted; they do not change what tether computes",
+                                             source, ", ".join(ignored))
+        values.update(got)
+    bad = [k for k in (overrides or {}) if k not in names]
+    if bad:
+        raise TetherError(f"unknown option(s) {', '.join('--' + k for k in bad)}; see --help for the list of options")
+    values.update(overrides or {})
     cfg = cls(**values)
     check_finite(cfg)
     if hasattr(cfg, "validate"):

@@ -3,7 +3,9 @@
 Formats are TRL's. Standard: {"prompt": str, "chosen": str, "rejected": str}. Conversational: "prompt" is a
 list of {"role", "content"} messages and "chosen"/"rejected" are lists holding the assistant turn; or, with no
 "prompt", "chosen"/"rejected" are whole conversations and the prompt is every message before the last
-assistant turn. Any other field (an "id", say) is kept in `Record.extra`.
+assistant turn. Implicit prompt in the standard format too: with no "prompt", the prompt is the common
+beginning of the chosen and rejected strings (TRL's extract_prompt). Any other field (an "id", say) is kept in
+`Record.extra`. Sources with splits (a saved DatasetDict, split files, `PATH:SPLIT`): see `read_split_rows`.
 
 Tokenization follows TRL: the completion is what tokenizing prompt+completion adds after the longest common
 prefix with the tokenized prompt; standard completions get the EOS token appended. Truncation policy:
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,7 +108,64 @@ def read_rows(path: str | Path) -> list[tuple[str, dict]]:
     raise TetherError(f"{path}: unknown data format '{suffix}'; use .jsonl, .json, .parquet or a datasets directory")
 
 
-def _read_datasets_dir(path: Path) -> list[tuple[str, dict]]:
+SPLIT_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def read_split_rows(path: str | Path, split: str = "train") -> list[tuple[str, dict]]:
+    """`read_rows` for sources that may hold splits: `PATH:SPLIT` names one explicitly (the split must exist),
+    otherwise `split` applies where there are splits — a saved DatasetDict, a .json holding {split: [records]},
+    or a directory of split files (train.jsonl, test.parquet, data/train-00000-of-00001.parquet). A source
+    without splits is read whole unless a split was named in the path."""
+    text, explicit = str(path), False
+    if not Path(text).exists() and ":" in text:
+        head, tail = text.rsplit(":", 1)
+        if Path(head).exists() and tail and "/" not in tail:
+            text, split, explicit = head, tail, True
+    p = Path(text)
+    if p.is_dir() and not _is_saved_dataset(p):
+        files = _split_files(p)
+        if not files:
+            raise TetherError(f"{p}: neither a datasets.save_to_disk directory nor a directory of split files "
+                              f"(e.g. train.jsonl, data/test-00000-of-00001.parquet)")
+        if split not in files:
+            raise TetherError(f"{p}: no split '{split}' (splits: {', '.join(sorted(files))}); name one as {p}:SPLIT")
+        return [row for f in files[split] for row in read_rows(f)]
+    if p.is_dir():
+        return _read_datasets_dir(p, split)
+    if p.suffix.lower() == ".json" and p.is_file():
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            data = None  # read_rows below names the problem
+        if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
+            if split not in data:
+                raise TetherError(f"{p}: no split '{split}' (splits: {', '.join(data)}); name one as {p}:SPLIT")
+            return [(f"{p}: {split} record {i}", row) for i, row in enumerate(data[split])]
+    if explicit:
+        raise TetherError(f"{p}: holds no splits, so ':{split}' cannot be read; pass the path alone")
+    return read_rows(p)
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def _split_files(path: Path) -> dict[str, list[Path]]:
+    """{split: files} of a directory laid out like a downloaded Hub dataset: files named SPLIT.ext or
+    SPLIT-*.ext, at the top or in data/ (ext = .jsonl, .json, .parquet)."""
+    out: dict[str, list[Path]] = {}
+    for folder in (path, path / "data"):
+        if not folder.is_dir():
+            continue
+        for f in sorted(folder.iterdir()):
+            if f.is_file() and f.suffix.lower() in SPLIT_SUFFIXES:
+                name = f.name[: -len(f.suffix)]
+                split = name.split("-")[0]  # train-00000-of-00001 -> train; test_prefs-0000 -> test_prefs
+                out.setdefault(split, []).append(f)
+    return out
+
+
+def _read_datasets_dir(path: Path, split: str = "train") -> list[tuple[str, dict]]:
     import datasets
 
     try:
@@ -113,9 +173,9 @@ def _read_datasets_dir(path: Path) -> list[tuple[str, dict]]:
     except Exception as e:  # noqa: BLE001
         raise TetherError(f"{path}: not a datasets.save_to_disk directory ({str(e).splitlines()[0]})") from None
     if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds:
-            raise TetherError(f"{path}: DatasetDict without a 'train' split (splits: {', '.join(ds)}); save one split")
-        ds = ds["train"]
+        if split not in ds:
+            raise TetherError(f"{path}: DatasetDict without a '{split}' split (splits: {', '.join(ds)}); name one as {path}:SPLIT")
+        ds = ds[split]
     return [(f"{path}: record {i}", row) for i, row in enumerate(ds)]
 
 
@@ -155,6 +215,12 @@ def parse_record(row: Any, source: str, keys: tuple[str, ...] = COMPLETION_KEYS)
     extra = {k: v for k, v in row.items() if k not in ("prompt", *keys)}
     conversational = isinstance(row[keys[0]], list)
     if not conversational:
+        if row.get("prompt") is None:  # implicit prompt: the completions' common beginning, as TRL's extract_prompt
+            texts = [_check_text(row[k], source, k) for k in keys]
+            n = min(len(os.path.commonprefix(texts)), min(map(len, texts)) - 1)  # TRL keeps >= 1 character
+            if n > 0 and texts[0][n - 1] == " ":
+                n -= 1  # the space before the first differing word belongs to the completions
+            row = {**row, "prompt": texts[0][:n], **{k: t[n:] for k, t in zip(keys, texts)}}
         prompt = _check_text(row.get("prompt"), source, "prompt", allow_empty=True)
         comps = {k: _check_text(row[k], source, k) for k in keys}
         return Record(prompt, comps, source, extra)
@@ -184,9 +250,10 @@ def parse_record(row: Any, source: str, keys: tuple[str, ...] = COMPLETION_KEYS)
     return Record(prompt, comps, source, extra)
 
 
-def load_preference_records(path: str | Path, keys: tuple[str, ...] = COMPLETION_KEYS) -> list[Record]:
-    """Read and validate every record of a preference file (see the module docstring for the formats)."""
-    records = [parse_record(row, source, keys) for source, row in read_rows(path)]
+def load_preference_records(path: str | Path, keys: tuple[str, ...] = COMPLETION_KEYS, split: str = "train") -> list[Record]:
+    """Read and validate every record of a preference file (see the module docstring for the formats);
+    `split` picks the split of a source that has several (see `read_split_rows`)."""
+    records = [parse_record(row, source, keys) for source, row in read_split_rows(path, split)]
     if not records:
         raise TetherError(f"{path}: holds no records")
     return records

@@ -1,4 +1,5 @@
-"""`tether eval --model PATH --suite world [--persona NAME]`: evaluate a model, print (and save) JSON."""
+"""`tether eval --model PATH --suite world [--persona NAME]`: evaluate a model, print (and save) JSON.
+`tether eval --model M --eval_file PAIRS [--ref_model R]`: preference metrics on held-out pairs (pair_eval.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 
 from .config import TetherError, add_dataclass_arguments, load_config, option
 from .files import check_output_file, write_text_atomic
+from .train.config import LOSSES
 from .world.styles import PERSONAS
 
 # torch-free at import (models and the suites load inside run_eval): see tether.cli
@@ -17,7 +19,7 @@ from .world.styles import PERSONAS
 class EvalOptions:
     """Options of `tether eval`."""
 
-    model: str = option("world", "model directory (save_pretrained output) or built-in name to evaluate")
+    model: str = option("world", "model directory (save_pretrained output), PEFT adapter directory or built-in name to evaluate")
     suite: str = option(
         "world", "world = the embedded world's suite; knowledge = the general-knowledge probe (399 questions)",
         choices=("world", "knowledge"),
@@ -33,7 +35,20 @@ class EvalOptions:
     )
     batch_size: int = option(32, "sequences per forward pass / generation batch")
     max_new_tokens: int = option(96, "generation budget per answer (the longest styled answer of the world needs 82)")
-    out: str | None = option(None, "also write the JSON result to this file")
+    out: str | None = option(None, "also write the JSON result to this file (with --eval_file: the per-pair values go "
+                             "here and stdout gets the aggregate)")
+    # held-out preference pairs instead of a suite
+    eval_file: str | None = option(None, "preference pairs (same formats as `tether train`): report loss, reward accuracy, "
+                                   "margins and log-probs per pair and in aggregate with 95%% CIs, instead of --suite")
+    eval_split: str = option("test", "split of eval_file when it holds splits (PATH:SPLIT works too)")
+    ref_model: str | None = option(None, "reference for the rewards; null = the adapter's base (adapter disabled), or the "
+                                   "run's reference for RUN/final; a full model elsewhere needs it")
+    loss: str = option("dpo", "loss to report: dpo (sigmoid), ipo or slic (hinge)", choices=LOSSES)
+    beta: float = option(0.1, "β of the rewards and the loss")
+    label_smoothing: float = option(0.0, "ε of conservative DPO (dpo only)")
+    nll_weight: float = option(0.0, "α of the NLL term added to the reported loss")
+    max_length: int = option(512, "max tokens of prompt + completion (as in training)")
+    max_prompt_length: int = option(256, "max prompt tokens (as in training)")
     progress: bool = option(True, "show progress bars")
 
     def validate(self) -> None:
@@ -44,6 +59,12 @@ class EvalOptions:
             raise TetherError("option --world_entities: must be at least 4")
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise TetherError("options --batch_size and --max_new_tokens: must be at least 1")
+        if self.loss not in LOSSES:
+            raise TetherError(f"option --loss: unknown loss '{self.loss}'; choose one of {', '.join(LOSSES)}")
+        if not self.beta > 0 or not 0.0 <= self.label_smoothing < 0.5 or self.nll_weight < 0:
+            raise TetherError("options --beta (> 0), --label_smoothing (in [0, 0.5)) and --nll_weight (>= 0) are out of range")
+        if not 0 < self.max_prompt_length < self.max_length:
+            raise TetherError(f"option --max_prompt_length ({self.max_prompt_length}) must be > 0 and < --max_length ({self.max_length})")
         if self.out is not None:
             check_output_file(self.out, "--out")
 
@@ -52,6 +73,8 @@ def run_eval(args) -> int:
     """Evaluate --model on the suite; print the JSON result."""
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalOptions) if hasattr(args, f.name)}
     opts = load_config(EvalOptions, getattr(args, "config", None), overrides)
+    if opts.eval_file:
+        return _emit_pairs(opts)
     from .models import load_model, load_tokenizer
     from .world import build_world, world_suite
 
@@ -76,6 +99,17 @@ def run_eval(args) -> int:
     return _emit(result, opts)
 
 
+def _emit_pairs(opts) -> int:
+    from .pair_eval import evaluate_pairs
+
+    result = evaluate_pairs(opts)
+    if opts.out:
+        write_text_atomic(opts.out, json.dumps(result, indent=1) + "\n")
+        result = {k: v for k, v in result.items() if k != "pairs"} | {"pairs_written_to": str(opts.out)}
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def _emit(result: dict, opts) -> int:
     if opts.out:
         write_text_atomic(opts.out, json.dumps(result, indent=2) + "\n")
@@ -85,7 +119,8 @@ def _emit(result: dict, opts) -> int:
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Register `eval` on an argparse subparsers object."""
-    text = "evaluate a model: knowledge accuracy, general alignment, persona score and win rate, with 95 percent bootstrap CIs"
+    text = ("evaluate a model: knowledge accuracy, general alignment, persona score and win rate (--suite), or loss, "
+            "reward accuracy, margins and log-probs on preference pairs (--eval_file), with 95 percent bootstrap CIs")
     p = subparsers.add_parser("eval", help=text, description=text)
     p.add_argument("--config", default=None, help="YAML file of options (flags override it)")
     add_dataclass_arguments(p, EvalOptions)

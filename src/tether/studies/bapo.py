@@ -115,12 +115,14 @@ def _mean(values) -> float:
 
 
 def run_study(quick: bool = True, out: str | Path = "out/study-bapo", protocol: BapoProtocol | None = None,
-              threads: int | None = None) -> dict:
+              threads: int | None = None, only: list[tuple[int, str]] | None = None) -> dict:
     """Run (or resume) the study; write results.json, figures and report.md into `out`.
 
     `out` also receives what the study needs but does not report: data/ (the exported world), cache/ (base
     responses and reference log-probs, computed by the first run of each persona) and runs/ (each run's config
     and metrics.jsonl; models are deleted once evaluated). `threads` sets torch's intra-op threads (None: as is).
+    `only` = [(level, method), ...] runs just those settings and returns the summary of the runs done so far,
+    without claims, figures or report (a later call without `only` runs the rest and writes them).
     """
     protocol = protocol or BapoProtocol.for_mode(quick)
     out = Path(out)
@@ -137,7 +139,8 @@ def run_study(quick: bool = True, out: str | Path = "out/study-bapo", protocol: 
         base = {"metrics": metrics, "answers": answers}
         write_text_atomic(base_file, json.dumps(base))
 
-    settings = [(lv, m, s) for lv in protocol.levels for m in protocol.methods for s in protocol.seeds]
+    settings = [(lv, m, s) for lv in protocol.levels for m in protocol.methods for s in protocol.seeds
+                if only is None or (lv, m) in only]
     bar = tqdm(settings, desc="study bapo", unit="run")
     for level, method, seed in bar:
         if results.find(level=level, method=method, seed=seed):
@@ -151,7 +154,7 @@ def run_study(quick: bool = True, out: str | Path = "out/study-bapo", protocol: 
             model=str(base_dir), train_file=str(data / "personas" / persona / "preferences_train.jsonl"),
             output_dir=str(run_dir), method="bapo", beta=protocol.beta, learning_rate=protocol.learning_rate,
             max_steps=protocol.steps, batch_size=protocol.batch_size, seed=seed, warmup_steps=0,
-            lr_scheduler="linear", save_steps=0, progress=False, eval_batch_size=64,
+            lr_scheduler="linear", save_steps=0, progress=False, write_report=False, eval_batch_size=64,
             base_max_new_tokens=protocol.base_max_new_tokens, ref_cache_dir=str(out / "cache" / "reflogps"),
             max_length=256, max_prompt_length=64, **overrides,
         ))
@@ -171,6 +174,8 @@ def run_study(quick: bool = True, out: str | Path = "out/study-bapo", protocol: 
     runs = results.data["runs"]
     results.data["base"] = base["metrics"]
     results.data["summary"] = summarize_runs(runs, ("level", "method"), METRICS)
+    if only is not None:
+        return {**results.data, "claims": []}
     results.data["claims"] = claims(results.data["summary"], protocol)
     results.data["wall_seconds_this_invocation"] = round(time.perf_counter() - t_start, 1)
     results.save()

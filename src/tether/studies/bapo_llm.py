@@ -138,7 +138,7 @@ def run_study(quick: bool = True, out: str | Path = "out/study-bapo-smollm2", pr
             model=protocol.model, train_file=str(files[persona]), output_dir=str(run_dir), method="bapo",
             anchor_weight=weight, beta=protocol.beta, learning_rate=protocol.learning_rate, max_steps=protocol.steps,
             batch_size=protocol.batch_size, seed=seed, lora=True, lora_r=protocol.lora_r, lora_alpha=protocol.lora_alpha,
-            warmup_steps=0, save_steps=0, progress=False, eval_batch_size=16, base_max_new_tokens=protocol.max_new_tokens,
+            warmup_steps=0, save_steps=0, progress=False, write_report=False, eval_batch_size=16, base_max_new_tokens=protocol.max_new_tokens,
             max_length=256, max_prompt_length=96,
         ))
         t0 = time.perf_counter()

@@ -121,7 +121,7 @@ def _run_one(protocol: BpoProtocol, setting: str, loss: str, seed: int, sft: Pat
         learning_rate=protocol.learning_rate, lr_scheduler="linear", warmup_steps=0, seed=seed,
         temperature=protocol.temperature, top_k=protocol.top_k, max_new_tokens=protocol.max_new_tokens,
         eval_max_new_tokens=protocol.max_new_tokens, max_length=192, max_prompt_length=64, save_steps=0,
-        eval_steps=max(1, protocol.steps // protocol.eval_points), eval_batch_size=64, progress=False,
+        eval_steps=max(1, protocol.steps // protocol.eval_points), eval_batch_size=64, progress=False, write_report=False,
     ))
     t0 = time.perf_counter()
     online_train(cfg)

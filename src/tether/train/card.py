@@ -26,8 +26,11 @@ def versions() -> dict[str, str]:
 
 
 def file_fingerprint(path: str | Path) -> str:
-    """sha256 of a data file's bytes (of every file, in sorted order, for a `datasets` directory)."""
+    """sha256 of a data file's bytes (of every file, in sorted order, for a `datasets` directory); a `PATH:SPLIT`
+    source is fingerprinted by its PATH."""
     path = Path(path)
+    if not path.exists() and ":" in str(path) and Path(str(path).rsplit(":", 1)[0]).exists():
+        path = Path(str(path).rsplit(":", 1)[0])
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     h = hashlib.sha256()
     for f in files:

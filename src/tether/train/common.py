@@ -29,9 +29,11 @@ def make_accelerator(cfg, run_dir: Path) -> Accelerator:
     if mixed == "bf16" and not torch.cuda.is_available():
         log.warning("mixed_precision=bf16 ignored: no GPU (bf16 matrix products are very slow on CPU); training in float32")
         mixed = "no"
-    trackers = None if cfg.report_to == "none" else cfg.report_to
-    if trackers and importlib.util.find_spec(trackers) is None:
-        raise TetherError(f"option 'report_to': {trackers} is not installed; run `pip install {trackers}` or use none")
+    trackers = [t for t in cfg.report_to if t != "none"] or None
+    for name in trackers or []:
+        if importlib.util.find_spec(name) is None:
+            hint = "pip install 'tether[tensorboard]'" if name == "tensorboard" else f"pip install {name}"
+            raise TetherError(f"option 'report_to': {name} is not installed; run `{hint}` or use none")
     return Accelerator(
         cpu=not torch.cuda.is_available(), mixed_precision=mixed, log_with=trackers, project_dir=str(run_dir)
     )
@@ -39,7 +41,7 @@ def make_accelerator(cfg, run_dir: Path) -> Accelerator:
 
 def start_trackers(accelerator, cfg) -> None:
     """Start the metric trackers (after the run directory is claimed: they write into it)."""
-    if cfg.report_to != "none":
+    if any(t != "none" for t in cfg.report_to):
         accelerator.init_trackers("tether", config={k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool))})
 
 
@@ -108,12 +110,14 @@ def make_optimizer(model: torch.nn.Module, cfg, total_steps: int):
         fused=fused or None,
     )
     name = "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler
-    sched = get_scheduler(name, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)  # HF's rule for warmup_ratio
+    sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total_steps)
     return opt, sched
 
 
 def total_steps(cfg, n_examples: int, global_batch: int) -> int:
-    if cfg.max_steps > 0:
+    """max_steps when >= 0 (0 = no step, as in HF's Trainer), else ceil(num_epochs · examples / global batch)."""
+    if cfg.max_steps >= 0:
         return cfg.max_steps
     return max(1, math.ceil(cfg.num_epochs * n_examples / global_batch))
 
@@ -177,6 +181,30 @@ def _json_row(line: str) -> dict | None:
     except ValueError:
         return None
     return row if isinstance(row, dict) else None
+
+
+# TRL's (HF Trainer's) names for the scalars tether logs; trackers get them under train/ and eval/ as in TRL
+TRACKER_NAMES = {
+    "reward_accuracy": "rewards/accuracies", "reward_margin": "rewards/margins", "rewards_chosen": "rewards/chosen",
+    "rewards_rejected": "rewards/rejected", "logps_chosen": "logps/chosen", "logps_rejected": "logps/rejected",
+    "logps_base": "logps/base", "lr": "learning_rate", "nll": "nll_loss",
+}
+
+
+def tracker_scalars(row: dict) -> dict:
+    """A metrics row under TRL's TensorBoard/W&B names: train/rewards/margins, eval/logps/chosen, train/learning_rate ..."""
+    out = {}
+    for key, value in row.items():
+        if key == "step" or not isinstance(value, (int, float)):
+            continue
+        split, name = ("eval", key[5:]) if key.startswith("eval_") else ("train", key)
+        out[f"{split}/{TRACKER_NAMES.get(name, name)}"] = value
+    return out
+
+
+def log_to_trackers(accelerator, row: dict, step: int) -> None:
+    if accelerator.trackers:
+        accelerator.log(tracker_scalars(row), step=step)
 
 
 def mean_stats(stats: list[dict[str, torch.Tensor]], prefix: str = "") -> dict[str, float]:

@@ -28,11 +28,13 @@ class CommonConfig:
     anchor_normalize: str = option("sum", "anchor on summed log-probs, or per-token mean", choices=("sum", "mean"))
     # tokenization
     max_length: int = option(512, "max tokens of prompt + completion; completions are cut from the right")
-    max_prompt_length: int = option(256, "max prompt tokens; prompts are cut from the left")
+    max_prompt_length: int | None = option(
+        None, "max prompt tokens; prompts are cut from the left; null = max_length // 2 (256 at the default max_length)")
     # optimisation
     learning_rate: float = option(1e-6, "peak learning rate of AdamW")
     lr_scheduler: str = option("linear", "learning-rate schedule after warm-up", choices=("linear", "cosine", "constant"))
     warmup_steps: int = option(0, "linear warm-up steps from 0 to learning_rate")
+    warmup_ratio: float = option(0.0, "warm-up as a fraction of all steps, used when warmup_steps is 0 (as in TRL)")
     max_grad_norm: float = option(1.0, "clip the global gradient norm to this; 0 = no clipping")
     weight_decay: float = option(0.0, "AdamW weight decay")
     adam_beta1: float = option(0.9, "AdamW β1")
@@ -54,18 +56,21 @@ class CommonConfig:
     lora_r: int = option(16, "LoRA rank")
     lora_alpha: int = option(32, "LoRA alpha (scale = alpha / r)")
     lora_dropout: float = option(0.0, "dropout on the LoRA input")
-    lora_target_modules: list[str] | None = option(None, "module names to adapt, e.g. q_proj v_proj; null = all linear layers")
+    lora_target_modules: list[str] | None = option(None, "module names to adapt, e.g. q_proj v_proj; null or all-linear = all linear layers")
     # bookkeeping
     eval_batch_size: int = option(16, "examples per forward when evaluating or precomputing log-probs")
     logging_steps: int = option(1, "write averaged training metrics every N optimizer steps")
     eval_steps: int = option(0, "evaluate on held-out data every N steps; 0 = only before and after training")
     save_steps: int = option(100, "write a resumable checkpoint every N steps; 0 = none")
     save_total_limit: int = option(2, "keep only the newest N checkpoints; 0 = keep all")
-    report_to: str = option("none", "also log metrics to this tracker", choices=("none", "tensorboard", "wandb"))
+    report_to: list[str] = option(["none"], "also log metrics to these trackers: tensorboard, wandb or none (a list, as in TRL)")
     progress: bool = option(True, "show a progress bar")
+    write_report: bool = option(True, "write report.md and plots/ at the end of the run (`tether report RUN_DIR` any time)")
 
     def validate(self) -> None:
         """Checks of the shared options; raises a one-line TetherError naming the option."""
+        if self.max_prompt_length is None:  # a TRL config sets max_length alone
+            self.max_prompt_length = self.max_length // 2
         if not self.model:
             raise TetherError("option 'model' is required (a local model directory or a built-in name)")
         if self.loss not in LOSSES:
@@ -86,6 +91,16 @@ class CommonConfig:
             raise TetherError(f"option 'label_smoothing' must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing and self.loss != "dpo":
             raise TetherError("option 'label_smoothing' applies to loss 'dpo' only")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise TetherError(f"option 'warmup_ratio' must be in [0, 1), got {self.warmup_ratio}")
+        given = [self.report_to] if isinstance(self.report_to, str) else self.report_to or []
+        trackers = [t.lower() for t in given if t.lower() not in ("none", "no")]
+        for t in trackers:
+            if t not in ("tensorboard", "wandb"):
+                raise TetherError(f"option 'report_to': unknown tracker '{t}'; use tensorboard, wandb or none")
+        self.report_to = trackers or ["none"]
+        if self.lora_target_modules and "all-linear" in self.lora_target_modules:
+            self.lora_target_modules = None  # PEFT's (and TRL's) name for every linear layer but the output head
         if self.max_prompt_length >= self.max_length:
             raise TetherError(
                 f"option 'max_prompt_length' ({self.max_prompt_length}) must be < 'max_length' ({self.max_length})"
@@ -97,8 +112,11 @@ class TrainConfig(CommonConfig):
     ref_model: str | None = option(
         None, "reference model directory; null = the initial policy (with LoRA: the base with the adapter disabled)"
     )
-    train_file: str = option("", "preference data: .jsonl, .json, .parquet or a datasets directory (required)")
+    train_file: str = option("", "preference data: .jsonl, .json, .parquet, a datasets directory, or a directory of "
+                             "split files (train.jsonl, data/train-*.parquet); PATH:SPLIT picks a split (required)")
+    train_split: str = option("train", "split of train_file to train on, when it holds splits")
     eval_file: str | None = option(None, "held-out preference data, same formats; null = none (see eval_fraction)")
+    eval_split: str = option("test", "split of eval_file to evaluate on, when it holds splits (a missing split is an error)")
     eval_fraction: float = option(0.0, "when eval_file is null, hold out this fraction of train_file for evaluation")
     # BAPO: anchor the policy to the base model's own responses (docs/methods.md §3)
     method: str = option(
@@ -112,8 +130,9 @@ class TrainConfig(CommonConfig):
     base_top_k: int = option(50, "top-k of base responses (sampled only; 0 = off)")
     base_top_p: float = option(1.0, "top-p of base responses (sampled only; 1 = off)")
     # optimisation
-    num_epochs: float = option(1.0, "passes over the training data (ignored when max_steps > 0)")
-    max_steps: int = option(-1, "optimizer steps to run; -1 = derive from num_epochs")
+    num_epochs: float = option(1.0, "passes over the training data (used when max_steps is -1)")
+    max_steps: int = option(-1, "optimizer steps to run; -1 = derive from num_epochs; 0 = no training step, as in "
+                            "HF/TRL (the model is evaluated and saved unchanged)")
     batch_size: int = option(8, "preference pairs per process per micro-batch")
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
     # the reference
@@ -130,10 +149,10 @@ class TrainConfig(CommonConfig):
                 raise TetherError(f"option '{name}' must be > 0, got {getattr(self, name)}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise TetherError(f"option 'eval_fraction' must be in [0, 1), got {self.eval_fraction}")
-        if self.max_steps <= 0 and self.num_epochs <= 0:
-            raise TetherError("set 'max_steps' > 0 or 'num_epochs' > 0")
         if self.max_steps < -1:
-            raise TetherError(f"option 'max_steps' must be -1 (derive from num_epochs) or a number of steps, got {self.max_steps}")
+            raise TetherError(f"option 'max_steps' must be >= 0, or -1 to derive it from num_epochs; got {self.max_steps}")
+        if self.max_steps == -1 and self.num_epochs <= 0:
+            raise TetherError("set 'max_steps' >= 0 or 'num_epochs' > 0")
         if self.anchor_weight < 0:
             raise TetherError(f"option 'anchor_weight' must be >= 0, got {self.anchor_weight}")
         if self.base_temperature <= 0:

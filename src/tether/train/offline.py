@@ -41,6 +41,7 @@ from .common import (
     make_accelerator,
     make_optimizer,
     mean_stats,
+    log_to_trackers,
     objective_options,
     save_final,
     start_trackers,
@@ -49,6 +50,7 @@ from .common import (
 )
 from .rundir import claim_run_dir
 from .config import TrainConfig
+from ..run_report import write_report_quietly
 from .reference import LiveReference, compute_logps_table, data_fingerprint, load_cached, save_cached
 
 log = logging.getLogger("tether")
@@ -57,13 +59,13 @@ log = logging.getLogger("tether")
 def load_examples(cfg: TrainConfig, tokenizer) -> tuple[list[Example], list[Example], dict]:
     """Tokenized train and eval examples, and a report of what was skipped."""
     train_ex, train_rep = tokenize_records(
-        load_preference_records(cfg.train_file), tokenizer, cfg.max_length, cfg.max_prompt_length
+        load_preference_records(cfg.train_file, split=cfg.train_split), tokenizer, cfg.max_length, cfg.max_prompt_length
     )
     report = {"train": vars(train_rep)}
     log.info("%s: %s", cfg.train_file, train_rep.summary())
     if cfg.eval_file:
         eval_ex, eval_rep = tokenize_records(
-            load_preference_records(cfg.eval_file), tokenizer, cfg.max_length, cfg.max_prompt_length
+            load_preference_records(cfg.eval_file, split=cfg.eval_split), tokenizer, cfg.max_length, cfg.max_prompt_length
         )
         report["eval"] = vars(eval_rep)
     elif cfg.eval_fraction > 0:
@@ -201,6 +203,7 @@ def _train(cfg, accelerator, setup, tokenizer, train_ex, eval_ex, report, claim)
         results = checkpoint.read_json(run_dir / "results.json")
     if start == 0 and eval_ex:
         results["initial_eval"] = evaluate(accelerator, cfg, scorer, eval_ex, eval_table, reference, keys, pad_id)
+        log_to_trackers(accelerator, results["initial_eval"], step=0)
     if accelerator.is_main_process:
         results.update(versions=versions(), distributed=setup, data_files=data_files(train=cfg.train_file, eval=cfg.eval_file))
         write_text_atomic(run_dir / "results.json", json.dumps(results, indent=1))
@@ -238,7 +241,7 @@ def _train(cfg, accelerator, setup, tokenizer, train_ex, eval_ex, report, claim)
                 row.update(evaluate(accelerator, cfg, scorer, eval_ex, eval_table, reference, keys, pad_id))
             row["elapsed_s"] = round(time.perf_counter() - t0, 3)
             metrics.write(row)
-            accelerator.log(row, step=done)
+            log_to_trackers(accelerator, row, step=done)
             bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['reward_accuracy']:.2f}")
             window = []
         bar.update(1)
@@ -249,6 +252,7 @@ def _train(cfg, accelerator, setup, tokenizer, train_ex, eval_ex, report, claim)
 
     if eval_ex:
         results["final_eval"] = evaluate(accelerator, cfg, scorer, eval_ex, eval_table, reference, keys, pad_id)
+        log_to_trackers(accelerator, results["final_eval"], step=steps)
     results.update(steps=steps, num_processes=world, global_batch=global_batch, train_pairs=len(train_ex), eval_pairs=len(eval_ex))
     card = model_card(cfg, "offline", run_dir, results) if accelerator.is_main_process else None
     policy = accelerator.unwrap_model(scorer).model
@@ -264,6 +268,8 @@ def _train(cfg, accelerator, setup, tokenizer, train_ex, eval_ex, report, claim)
     if accelerator.is_main_process:
         results["final_model"] = str(final)
         write_text_atomic(run_dir / "results.json", json.dumps(results, indent=1))
+        if cfg.write_report:
+            write_report_quietly(run_dir)
         claim.mark_finished(steps)
     end_run(accelerator, scorer)
     return run_dir

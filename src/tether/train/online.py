@@ -33,10 +33,11 @@ from ..oracles import Annotator, load_oracle
 from ..sampling import sample_responses
 from . import checkpoint
 from ..files import write_text_atomic
+from ..run_report import write_report_quietly
 from .card import data_files, model_card, versions
 from .common import (
-    MetricsLog, crash_point, distributed_setup, end_run, gathered_means, make_accelerator, save_final, start_trackers,
-    stream_indices,
+    MetricsLog, crash_point, distributed_setup, end_run, gathered_means, log_to_trackers, make_accelerator, save_final,
+    start_trackers, stream_indices,
 )
 from .ledger import Ledger
 from .online_config import OnlineConfig
@@ -73,6 +74,9 @@ class OnlineRun:
         budget = cfg.prompts_per_step * cfg.steps
         if budget > len(self.prompts):
             log.warning("%s: %d prompts for a budget of %d; prompts will be reused (with fresh samples)", cfg.prompt_file, len(self.prompts), budget)
+        # the sampler seam (docs/scaling.md): anything with sample_responses' signature and result, e.g. the client
+        # of an inference engine that receives π_β's weights whenever policy.refresh_behavior() runs
+        self.sample = sample_responses
         self.claim = claim_run_dir(
             self.acc, "online", cfg, {"prompt_file": cfg.prompt_file, "eval_file": cfg.eval_file}, resume
         )
@@ -88,9 +92,6 @@ class OnlineRun:
         self.max_new_tokens = min(cfg.max_new_tokens, cfg.max_length - cfg.max_prompt_length)  # sampled and y_b
         self.keys = ("chosen", "rejected", "base") if cfg.anchor_weight > 0 else ("chosen", "rejected")
         self.base_answers: dict[int, tuple[list[int], float]] = {}  # BAPO anchor: prompt -> (y_b, log π_sft(y_b))
-        # the sampler seam (docs/scaling.md): anything with sample_responses' signature and result, e.g. the client
-        # of an inference engine that receives π_β's weights whenever policy.refresh_behavior() runs
-        self.sample = sample_responses
         self.timing = {"sample_s": 0.0, "annotate_s": 0.0, "reference_s": 0.0, "update_s": 0.0}
 
     # ------------------------------------------------------------------------------------------ data
@@ -198,6 +199,18 @@ class OnlineRun:
     # ------------------------------------------------------------------------------------------ the loop
 
     def run(self) -> Path:
+        """Load the models and train (a finished run is left untouched); the run directory's lock is released
+        at the end, whatever happens."""
+        try:
+            if self.claim.finished:
+                log.info("%s: the run already finished (step %s); nothing to do", self.run_dir, self.claim.marker.get("finished_step"))
+                return self.run_dir
+            self.load_models()
+            return self._loop()
+        finally:
+            self.claim.release()
+
+    def _loop(self) -> Path:
         cfg, acc, policy = self.cfg, self.acc, self.policy
         k = cfg.steps // cfg.phases
         opt, sched = policy.optimizer_state()
@@ -209,6 +222,7 @@ class OnlineRun:
             results = checkpoint.read_json(self.run_dir / "results.json")
         elif self.eval_set:
             results["initial_eval"] = self.evaluate()
+            log_to_trackers(acc, results["initial_eval"], step=0)
         if acc.is_main_process:
             results.update(versions=versions(), distributed=self.setup, data_files=data_files(prompts=cfg.prompt_file, eval=cfg.eval_file))
         self._write_results(results)
@@ -260,7 +274,7 @@ class OnlineRun:
             row["elapsed_s"] = round(time.perf_counter() - t0, 3)
             if done % cfg.logging_steps == 0 or done == cfg.steps or "eval_win_rate" in row:
                 metrics.write(row)
-                acc.log(row, step=done)
+                log_to_trackers(acc, row, step=done)
             if "loss" in row:
                 bar.set_postfix(loss=f"{row['loss']:.4f}", pairs=row["pairs"])
             bar.update(1)
@@ -271,6 +285,7 @@ class OnlineRun:
 
         if self.eval_set:
             results["final_eval"] = self.evaluate()
+            log_to_trackers(acc, results["final_eval"], step=cfg.steps)
         if acc.is_main_process:
             results.update(steps=cfg.steps, phases=cfg.phases, num_processes=self.world, prompts_per_step=cfg.prompts_per_step,
                            annotations=self.ledger.count("ok") + self.ledger.count("tie"), ledger_rows=self.ledger.count(),
@@ -282,6 +297,8 @@ class OnlineRun:
         if acc.is_main_process:
             results["final_model"] = str(final)
             self._write_results(results)
+            if cfg.write_report:
+                write_report_quietly(self.run_dir)
             self.claim.mark_finished(cfg.steps)
         end_run(acc)
         return self.run_dir
@@ -325,12 +342,4 @@ def online_train(cfg: OnlineConfig, resume: bool = False) -> Path:
     With `resume`, continues the run in `cfg.output_dir` (a finished run is left untouched); raises TetherError
     (one line) on bad input, a directory that is not tether's or is in use, changed options, a non-finite update
     or an oracle that keeps failing (see `max_oracle_failure_rate`)."""
-    run = OnlineRun(cfg, resume)
-    try:
-        if run.claim.finished:
-            log.info("%s: the run already finished (step %s); nothing to do", run.run_dir, run.claim.marker.get("finished_step"))
-            return run.run_dir
-        run.load_models()
-        return run.run()
-    finally:
-        run.claim.release()
+    return OnlineRun(cfg, resume).run()
