@@ -34,7 +34,7 @@ def test_final_has_a_real_model_card_and_the_run_records_versions(lora_run, data
         assert needed in card, needed
     results = json.loads((lora_run / "results.json").read_text())
     assert set(results["versions"]) >= {"tether", "torch", "transformers", "peft", "accelerate", "python"}
-    assert results["distributed"] == {"distributed_type": "NO", "sharding": "none", "num_processes": 1}
+    assert results["distributed"] == {"distributed_type": "NO", "sharding": "none", "num_processes": 1, "parameters_sharded": False}
     assert results["data_files"]["train"]["fingerprint"].startswith("sha256:")
 
 
