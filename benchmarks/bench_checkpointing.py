@@ -137,7 +137,7 @@ def main() -> None:
             row = {"setting": args.child, "seq": args.seq, "did_not_fit_gb": args.mem_limit_gb, "error": str(e).splitlines()[0][:200]}
         print(json.dumps(row))
         return
-    model_dir = build_model(Path(args.workdir))
+    build_model(Path(args.workdir))  # once; each setting loads it in its own process
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     rows = []
     for setting in args.settings.split(","):
