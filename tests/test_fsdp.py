@@ -4,7 +4,7 @@ accelerate 1.15 engages FSDP only on GPUs; on this CPU machine `accelerate launc
 parallel. So the 2-process runs here go through tests/fsdp_engage.py, which sets the accelerator state that a
 GPU launch with `--use_fsdp --fsdp_version 2` sets; from there on it is accelerate's own FSDP2 preparation
 (`fully_shard` on every decoder layer and the root) and tether's loop. Covered: full fine-tuning with gradient
-accumulation, LoRA on sharded weights, BAPO's base responses (generation) and the reference precompute, held-out
+accumulation and gradient checkpointing, LoRA on sharded weights, BAPO's base responses (generation) and the reference precompute, held-out
 evaluation, checkpoint/resume, the consolidated final/ and the refusals (sharding asked but not engaged; online).
 """
 
@@ -44,8 +44,9 @@ def assert_really_sharded(run_dir):
     assert setup == {"distributed_type": "FSDP", "sharding": "fsdp2", "num_processes": 2, "parameters_sharded": True}
 
 
-def test_fsdp2_full_finetuning_with_accumulation_matches_one_process(model_dir, data_dir, tmp_path):
-    one, two = both(model_dir, data_dir, tmp_path, ["--batch_size", "8"], ["--batch_size", "2", "--gradient_accumulation_steps", "2"])
+def test_fsdp2_full_finetuning_with_accumulation_and_checkpointing_matches_one_process(model_dir, data_dir, tmp_path):
+    two_batch = ["--batch_size", "2", "--gradient_accumulation_steps", "2", "--gradient_checkpointing", "true"]
+    one, two = both(model_dir, data_dir, tmp_path, ["--batch_size", "8"], two_batch)
     assert_really_sharded(two)
     assert_params_close(final_params(one), final_params(two), atol=1e-5)  # final/ is consolidated: whole tensors
     assert "model.safetensors" in {p.name for p in (two / "final").iterdir()}

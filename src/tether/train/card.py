@@ -83,14 +83,16 @@ def model_card(cfg, kind: str, run_dir: Path, results: dict) -> str:
                  "directory to tether as `--model`, or write a merged plain model with `tether export --merge this_dir --out DIR`.")
     else:
         usage = "A full Hugging Face model: `transformers.AutoModelForCausalLM.from_pretrained(this_dir)`."
-    lines += [usage, "", f"- base model: `{cfg.model}` → `{base_dir}`{base_note}"]
+    shown = f"`{cfg.model}`" if str(cfg.model) == str(base_dir) else f"`{cfg.model}` → `{base_dir}`"
+    lines += [usage, "", f"- base model: {shown}{base_note}"]
     method = getattr(cfg, "method", "dap")
     if kind == "online":
         method = f"online DAP, reference = {cfg.reference}" + (" (BPO)" if cfg.reference == "behavior" else "")
         if getattr(cfg, "anchor_weight", 0) > 0:
             method += " + BAPO anchor"
     lines += [f"- method: {method}; loss: {cfg.loss}", "", "## Hyper-parameters", "", "| option | value |", "|---|---|"]
-    lines += [f"| {k} | {getattr(cfg, k)} |" for k in HYPER if hasattr(cfg, k)]
+    anchored = getattr(cfg, "method", "") == "bapo" or getattr(cfg, "anchor_weight", 0) > 0 and kind == "online"
+    lines += [f"| {k} | {getattr(cfg, k)} |" for k in HYPER if hasattr(cfg, k) and (anchored or not k.startswith("anchor_"))]
     lines += ["", "## Data", "", "| role | file | content fingerprint |", "|---|---|---|"]
     for role, info in results.get("data_files", {}).items():
         lines.append(f"| {role} | `{info['path']}` | `{info['fingerprint']}` |")
@@ -98,7 +100,8 @@ def model_card(cfg, kind: str, run_dir: Path, results: dict) -> str:
     lines += ["", "Counts: " + ", ".join(f"{k} = {v}" for k, v in counts.items()) if counts else ""]
     last = _last_metrics(Path(run_dir))
     final_eval = results.get("final_eval") or {}
-    lines += ["", "## Final metrics", "", "| metric | value |", "|---|---|"]
+    lines += ["", "## Final metrics", "", "Training metrics of the last logged step (`metrics.jsonl`), then held-out metrics after training.",
+              "", "| metric | value |", "|---|---|"]
     for k, v in {**{k: v for k, v in last.items() if isinstance(v, (int, float))}, **final_eval}.items():
         lines.append(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |")
     setup = results.get("distributed", {})
