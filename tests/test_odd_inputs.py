@@ -38,6 +38,8 @@ TRAIN_CASES = [
     ("config that is a list", ["--config", "{tmp}/list.yaml"], "list.yaml: a config file must be a mapping"),
     ("config that is a directory", ["--config", "{tmp}"], "is a directory, not a YAML config file"),
     ("config with a wrong type", ["--config", "{tmp}/wrongtype.yaml"], "option 'beta' must be float, got 'high'"),
+    ("BAPO's anchor weight without method bapo", ["--anchor_weight", "0.5"], "is BAPO's anchor, but method is dap"),
+    ("negative anchor weight", ["--method", "bapo", "--anchor_weight", "-1"], "option 'anchor_weight' must be >= 0"),
     ("output_dir that is a file", ["--output_dir", "{tmp}/data.csv"], "is a file, not a directory"),
     ("output_dir that cannot be created", ["--output_dir", "/proc/tether-test/run"], "cannot write into /proc/tether-test/run"),
 ]
@@ -48,6 +50,7 @@ ONLINE_CASES = [
     ("failure rate above 1", ["--max_oracle_failure_rate", "1.5"], "option 'max_oracle_failure_rate' must be in [0, 1]"),
     ("zero patience", ["--oracle_failure_patience", "0"], "option 'oracle_failure_patience' must be >= 1"),
     ("top-p of 0", ["--top_p", "0"], "option 'top_p' must be in (0, 1]"),
+    ("BAPO's anchor weight online without method bapo", ["--anchor_weight", "1"], "set method: bapo"),
     ("phases that do not divide steps", ["--steps", "4", "--phases", "3"], "option 'phases' (3) must divide 'steps' (4)"),
     ("EMA rate of 0", ["--reference", "ema", "--ema_rate", "0"], "option 'ema_rate' must be in (0, 1]"),
     ("unknown persona", ["--oracle", "world:persona=nobody"], "option 'oracle'"),
@@ -132,3 +135,17 @@ def test_file_permissions_of_atomic_writes_follow_the_umask(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_bapo_is_switched_on_by_method_alone_with_one_default():
+    from tether.config import load_config
+    from tether.train.config import BAPO_ANCHOR_WEIGHT, TrainConfig
+    from tether.train.online_config import OnlineConfig
+
+    common = {"model": "m", "output_dir": "x"}
+    offline = {**common, "train_file": "t.jsonl"}
+    online = {**common, "prompt_file": "p.jsonl", "oracle": "world"}
+    for cls, need in ((TrainConfig, offline), (OnlineConfig, online)):
+        assert load_config(cls, None, {**need, "method": "bapo"}).anchor_weight == BAPO_ANCHOR_WEIGHT
+        assert load_config(cls, None, need).anchor_weight == 0.0
+        assert load_config(cls, None, {**need, "method": "bapo", "anchor_weight": 0.0}).anchor_weight == 0.0  # λ = 0 is allowed

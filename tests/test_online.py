@@ -295,7 +295,7 @@ def test_reward_model_oracle_from_a_local_directory(model_dir, tokenizer, tmp_pa
 @pytest.mark.parametrize("reference,lora", [("behavior", True), ("initial", True), ("behavior", False)])
 def test_online_bapo_anchor_on_the_initial_models_own_answers(model_dir, prompt_file, tmp_path, reference, lora):
     kw = dict(lora=True, lora_r=4, lora_alpha=8, learning_rate=5e-2) if lora else {}
-    run = online_train(config(model_dir, prompt_file, tmp_path / "anchor", anchor_weight=1.0, reference=reference, phases=1, **kw))
+    run = online_train(config(model_dir, prompt_file, tmp_path / "anchor", method="bapo", anchor_weight=1.0, reference=reference, phases=1, **kw))
     rows = metrics(run)
     assert rows[0]["anchor"] == pytest.approx(0.0, abs=1e-4) and rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert all("logps_base" in r and "anchor_active" in r for r in rows)

@@ -85,13 +85,13 @@ def model_card(cfg, kind: str, run_dir: Path, results: dict) -> str:
         usage = "A full Hugging Face model: `transformers.AutoModelForCausalLM.from_pretrained(this_dir)`."
     shown = f"`{cfg.model}`" if str(cfg.model) == str(base_dir) else f"`{cfg.model}` → `{base_dir}`"
     lines += [usage, "", f"- base model: {shown}{base_note}"]
-    method = getattr(cfg, "method", "dap")
+    method = cfg.method
     if kind == "online":
         method = f"online DAP, reference = {cfg.reference}" + (" (BPO)" if cfg.reference == "behavior" else "")
-        if getattr(cfg, "anchor_weight", 0) > 0:
+        if cfg.method == "bapo":
             method += " + BAPO anchor"
     lines += [f"- method: {method}; loss: {cfg.loss}", "", "## Hyper-parameters", "", "| option | value |", "|---|---|"]
-    anchored = getattr(cfg, "method", "") == "bapo" or getattr(cfg, "anchor_weight", 0) > 0 and kind == "online"
+    anchored = cfg.method == "bapo"
     lines += [f"| {k} | {getattr(cfg, k)} |" for k in HYPER if hasattr(cfg, k) and (anchored or not k.startswith("anchor_"))]
     lines += ["", "## Data", "", "| role | file | content fingerprint |", "|---|---|---|"]
     for role, info in results.get("data_files", {}).items():

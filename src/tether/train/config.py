@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 from ..config import TetherError, option
 
-LOSSES = ("dpo", "ipo", "slic")  # the names tether.losses.preference_loss accepts (here so --help needs no torch)
+LOSSES = ("dpo", "ipo", "slic")
+BAPO_ANCHOR_WEIGHT = 0.1  # λ when method: bapo and anchor_weight is not given (the embedded-world pilot's choice)  # the names tether.losses.preference_loss accepts (here so --help needs no torch)
 
 
 @dataclass
@@ -21,6 +22,15 @@ class CommonConfig:
     beta: float = option(0.1, "β: strength of the tie to the reference (all three losses)")
     label_smoothing: float = option(0.0, "ε of conservative DPO, in [0, 0.5); dpo only")
     nll_weight: float = option(0.0, "α: weight of the NLL (−mean log-prob) of the chosen response added to the loss")
+    # BAPO: anchor the policy to the base model's own responses (docs/methods.md §3); the one switch is `method`
+    method: str = option(
+        "dap", "dap = the preference loss alone; bapo = loss + anchor_weight · anchor on the base model's own responses",
+        choices=("dap", "bapo"),
+    )
+    anchor_weight: float | None = option(
+        None, f"λ: weight of the BAPO anchor (method: bapo only); null = {BAPO_ANCHOR_WEIGHT} with bapo (the "
+        "embedded-world pilot's choice, README \"Studies\"), 0 with dap"
+    )
     anchor_form: str = option(
         "hinge", "hinge = max(0, log π_ref(y_b) − log π_θ(y_b)); squared = (log π_θ(y_b) − log π_ref(y_b))²",
         choices=("hinge", "squared"),
@@ -91,6 +101,13 @@ class CommonConfig:
             raise TetherError(f"option 'label_smoothing' must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing and self.loss != "dpo":
             raise TetherError("option 'label_smoothing' applies to loss 'dpo' only")
+        if self.method == "dap" and self.anchor_weight:
+            raise TetherError(f"option 'anchor_weight' ({self.anchor_weight}) is BAPO's anchor, but method is dap: set "
+                              "method: bapo, or drop anchor_weight")
+        if self.anchor_weight is None:
+            self.anchor_weight = BAPO_ANCHOR_WEIGHT if self.method == "bapo" else 0.0
+        if self.anchor_weight < 0:
+            raise TetherError(f"option 'anchor_weight' must be >= 0, got {self.anchor_weight}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise TetherError(f"option 'warmup_ratio' must be in [0, 1), got {self.warmup_ratio}")
         given = [self.report_to] if isinstance(self.report_to, str) else self.report_to or []
@@ -118,11 +135,7 @@ class TrainConfig(CommonConfig):
     eval_file: str | None = option(None, "held-out preference data, same formats; null = none (see eval_fraction)")
     eval_split: str = option("test", "split of eval_file to evaluate on, when it holds splits (a missing split is an error)")
     eval_fraction: float = option(0.0, "when eval_file is null, hold out this fraction of train_file for evaluation")
-    # BAPO: anchor the policy to the base model's own responses (docs/methods.md §3)
-    method: str = option(
-        "dap", "dap = the preference loss alone; bapo = loss + anchor_weight · anchor on base responses", choices=("dap", "bapo")
-    )
-    anchor_weight: float = option(0.1, "λ: weight of the BAPO anchor (bapo only; 0.1 = the embedded-world pilot's choice, README \"Studies\")")
+    # how the base model writes its responses y_b for BAPO (method: bapo)
     base_decoding: str = option("greedy", "how the base model writes its responses y_b", choices=("greedy", "sampled"))
     base_samples: int = option(1, "base responses per prompt (more than 1 needs base_decoding: sampled)")
     base_max_new_tokens: int = option(128, "max new tokens of a base response")
@@ -153,8 +166,6 @@ class TrainConfig(CommonConfig):
             raise TetherError(f"option 'max_steps' must be >= 0, or -1 to derive it from num_epochs; got {self.max_steps}")
         if self.max_steps == -1 and self.num_epochs <= 0:
             raise TetherError("set 'max_steps' >= 0 or 'num_epochs' > 0")
-        if self.anchor_weight < 0:
-            raise TetherError(f"option 'anchor_weight' must be >= 0, got {self.anchor_weight}")
         if self.base_temperature <= 0:
             raise TetherError(f"option 'base_temperature' must be > 0, got {self.base_temperature}")
         if self.base_top_k < 0:

@@ -90,7 +90,7 @@ class OnlineRun:
         self.ledger = Ledger(self.run_dir / "ledger.jsonl", writable=self.acc.is_main_process)
         self.prompt_ids = {}
         self.max_new_tokens = min(cfg.max_new_tokens, cfg.max_length - cfg.max_prompt_length)  # sampled and y_b
-        self.keys = ("chosen", "rejected", "base") if cfg.anchor_weight > 0 else ("chosen", "rejected")
+        self.keys = ("chosen", "rejected", "base") if cfg.method == "bapo" else ("chosen", "rejected")
         self.base_answers: dict[int, tuple[list[int], float]] = {}  # BAPO anchor: prompt -> (y_b, log π_sft(y_b))
         self.timing = {"sample_s": 0.0, "annotate_s": 0.0, "reference_s": 0.0, "update_s": 0.0}
 
@@ -139,7 +139,7 @@ class OnlineRun:
                 "status": "identical" if ids[0] == ids[1] else "pending", "oracle": self.annotator.oracle.id,
                 "behavior_version": version,
             })
-        if self.cfg.anchor_weight > 0:
+        if self.cfg.method == "bapo":
             for r, (y, lp) in zip(rows, self._base_answers(indices)):
                 r.update(base_ids=y, base_logp=lp)
         recorded = self.ledger.partial_rows(step)  # complete records of a step a crash cut short: not asked again

@@ -51,10 +51,6 @@ class OnlineConfig(CommonConfig):
         "exact = average of the B·A products", choices=("linear", "exact"),
     )
     eval_max_new_tokens: int = option(128, "max tokens of a greedy evaluation answer")
-    # BAPO's anchor, for online personalization (docs/methods.md §3)
-    anchor_weight: float = option(
-        0.0, "λ of BAPO's anchor on the initial model's own greedy answer to each prompt (anchor_form, _normalize); 0 = off"
-    )
 
     def validate(self) -> None:
         """The one place an OnlineConfig is checked; raises a one-line TetherError naming the option."""
@@ -66,7 +62,7 @@ class OnlineConfig(CommonConfig):
         for name in ("steps", "phases", "prompts_per_step", "max_new_tokens", "eval_max_new_tokens", "ensemble_size", "temperature"):
             if getattr(self, name) <= 0:
                 raise TetherError(f"option '{name}' must be > 0, got {getattr(self, name)}")
-        for name in ("eval_prompts", "anchor_weight", "oracle_noise", "oracle_retries", "oracle_timeout", "oracle_backoff", "top_k"):
+        for name in ("eval_prompts", "oracle_noise", "oracle_retries", "oracle_timeout", "oracle_backoff", "top_k"):
             if getattr(self, name) < 0:
                 raise TetherError(f"option '{name}' must be >= 0, got {getattr(self, name)}")
         if self.steps % self.phases:

@@ -79,7 +79,7 @@ class OnlinePolicy:
         if not cfg.lora:
             if k > 1:
                 self.behavior_model = _frozen_copy(model)
-            if cfg.reference == "initial" or cfg.anchor_weight > 0:
+            if cfg.reference == "initial" or cfg.method == "bapo":
                 self.initial_model = _frozen_copy(model)
             if cfg.reference == "ema":
                 self.ema_model = _frozen_copy(model)
