@@ -51,7 +51,8 @@ def timed_build(env: dict) -> tuple[float, float, str]:
 
 def evaluate(model_dir: str) -> dict:
     """Knowledge, alignment and per-persona scores of the model in `model_dir` on the default world."""
-    from tether.evaluate import score_responses, summarize
+    from tether.evaluate import score_responses
+    from tether.stats import summarize
     from tether.generation import generate
     from tether.models import load_model, load_tokenizer
     from tether.world import PERSONAS, WorldSettings, persona_score, world_suite

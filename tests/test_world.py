@@ -9,7 +9,8 @@ import random
 import pytest
 
 from tether.config import TetherError
-from tether.evaluate import bootstrap_ci, multiple_choice_accuracy
+from tether.evaluate import multiple_choice_accuracy
+from tether.stats import bootstrap_ci
 from tether.world import (
     DIMENSIONS,
     HOUSE,

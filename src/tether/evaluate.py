@@ -1,9 +1,8 @@
 """Evaluation primitives that work on any causal LM with a chat template.
 
-- `bootstrap_ci`: percentile-bootstrap confidence interval of a mean.
 - `completion_logps` / `multiple_choice_accuracy`: knowledge as 4-way multiple choice, each option scored by
   its summed completion log-likelihood after the chat-rendered question (the lm-eval-harness convention).
-- `score_responses` / `win_rates`: turn gold-reward scores into summaries and pairwise win rates.
+- `score_responses`: gold-reward scores of responses (summaries and win rates: tether.stats).
 
 The embedded world's suite (tether.world.evaluation) is built from these; so can any other suite.
 Every summary is a plain dict of floats, so results serialise to JSON as they are.
@@ -16,30 +15,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from .data import Example, collate
 from .generation import prompt_ids
-from .logprobs import sequence_logps
-
-
-def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float, float]:
-    """(mean, lo, hi): the sample mean and its (1 − alpha) percentile-bootstrap interval.
-
-    Resamples len(values) items with replacement `n_boot` times from a seeded generator; lo and hi are
-    the alpha/2 and 1 − alpha/2 quantiles of the resampled means. Empty input gives NaNs.
-    """
-    x = np.asarray(values, dtype=np.float64)
-    if x.size == 0:
-        return float("nan"), float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
-    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    return float(x.mean()), float(lo), float(hi)
-
-
-def summarize(values: Sequence[float], seed: int = 0) -> dict:
-    """{"mean", "ci95_low", "ci95_high", "n"} of per-item values (95% percentile bootstrap)."""
-    mean, lo, hi = bootstrap_ci(values, seed=seed)
-    return {"mean": mean, "ci95_low": lo, "ci95_high": hi, "n": len(values)}
+from .logprobs import completion_logps_ids
+from .stats import summarize
 
 
 @torch.no_grad()
@@ -57,25 +35,6 @@ def completion_logps(model, tokenizer, prompts: Sequence, completions: Sequence[
 
 def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-@torch.no_grad()
-def completion_logps_ids(model, prompts: Sequence[list[int]], completions: Sequence[list[int]], pad_id: int, batch_size: int = 32) -> list[float]:
-    """`completion_logps` on token ids. Rows are sorted by length and right-padded, as `sequence_logps` expects."""
-    rows = [Example(list(p), {"completion": list(c)}, "") for p, c in zip(prompts, completions, strict=True)]
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt_ids) + len(rows[i].completion_ids["completion"]))
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out = [0.0] * len(rows)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        batch = collate([rows[i] for i in idx], pad_id, keys=("completion",))
-        sums, _ = sequence_logps(model, *(batch[k].to(device) for k in ("input_ids", "attention_mask", "completion_mask")))
-        for r, i in enumerate(idx):
-            out[i] = float(sums[r])
-    model.train(was_training)
-    return out
 
 
 @torch.no_grad()
@@ -122,8 +81,3 @@ def multiple_choice_accuracy(model, tokenizer, questions: Sequence[dict], batch_
 def score_responses(score: Callable[[object, str], float], prompts: Sequence, responses: Sequence[str]) -> list[float]:
     """score(prompt, response) for each pair."""
     return [float(score(p, r)) for p, r in zip(prompts, responses, strict=True)]
-
-
-def win_rates(scores: Sequence[float], other_scores: Sequence[float]) -> list[float]:
-    """Per item: 1 if scores beat other_scores, 0.5 on a tie, 0 otherwise (mean = win rate, ties split)."""
-    return [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, other_scores, strict=True)]

@@ -10,8 +10,12 @@ the backward pass (autograd saves only the logits it already has and one scalar 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
+
+from .data import Example, collate
 
 
 def gather_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -147,3 +151,23 @@ class SequenceScorer(nn.Module):
 
     def forward(self, input_ids, attention_mask, completion_mask):
         return sequence_logps(self.model, input_ids, attention_mask, completion_mask, self.n_groups)
+
+
+@torch.no_grad()
+def completion_logps_ids(model, prompts: Sequence[list[int]], completions: Sequence[list[int]], pad_id: int, batch_size: int = 32) -> list[float]:
+    """Summed log π(completion | prompt) for each (prompt ids, completion ids) pair, in batches (no gradient).
+    Rows are sorted by length and right-padded, as `sequence_logps` expects."""
+    rows = [Example(list(p), {"completion": list(c)}, "") for p, c in zip(prompts, completions, strict=True)]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt_ids) + len(rows[i].completion_ids["completion"]))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = [0.0] * len(rows)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = collate([rows[i] for i in idx], pad_id, keys=("completion",))
+        sums, _ = sequence_logps(model, *(batch[k].to(device) for k in ("input_ids", "attention_mask", "completion_mask")))
+        for r, i in enumerate(idx):
+            out[i] = float(sums[r])
+    model.train(was_training)
+    return out

@@ -17,7 +17,7 @@ import yaml
 
 from .config import TetherError
 from .data import COMPLETION_KEYS, collate, load_preference_records, tokenize_records
-from .evaluate import summarize
+from .stats import summarize
 from .logprobs import sequence_logps
 from .losses import preference_loss
 from .models import load_model, load_tokenizer

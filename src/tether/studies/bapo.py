@@ -25,7 +25,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..config import load_config
-from ..evaluate import multiple_choice_correct, score_responses, win_rates
+from ..evaluate import multiple_choice_correct, score_responses
+from ..stats import win_rates
 from ..generation import generate
 from ..models import load_model, load_tokenizer
 from ..train import TrainConfig, train

@@ -31,7 +31,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..config import load_config
-from ..evaluate import multiple_choice_correct, sampled_kl, summarize, win_rates
+from ..evaluate import multiple_choice_correct, sampled_kl
+from ..stats import summarize, win_rates
 from ..files import write_text_atomic
 from ..generation import generate
 from ..instructed import general_prompts, get_persona, preference_records

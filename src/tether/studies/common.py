@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ..config import TetherError
-from ..evaluate import summarize
+from ..stats import summarize
 from ..files import write_text_atomic
 from ..train.rundir import MARKER
 

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from ..config import TetherError
 from ..data import Example, collate, load_prompt_records
-from ..evaluate import completion_logps_ids, summarize, win_rates
+from ..logprobs import completion_logps_ids
+from ..stats import summarize, win_rates
 from ..generation import eos_token_ids, generate_ids, prompt_ids
 from ..models import load_tokenizer
 from ..oracles import Annotator, load_oracle

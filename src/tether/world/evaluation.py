@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from functools import partial
 
-from ..evaluate import multiple_choice_correct, score_responses, summarize, win_rates
+from ..evaluate import multiple_choice_correct, score_responses
+from ..stats import summarize, win_rates
 from ..generation import generate
 from .facts import World
 from .rewards import alignment_score, persona_score, style_match
