@@ -18,7 +18,7 @@ from accelerate.utils import gather_object
 from .data import Example
 from .files import write_text_atomic
 from .generation import generate_ids
-from .models import cache_dir
+from .files import cache_dir
 
 log = logging.getLogger("tether")
 

@@ -12,6 +12,14 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def cache_dir() -> Path:
+    """tether's cache directory: $TETHER_CACHE, else ~/.cache/tether."""
+    root = os.environ.get("TETHER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tether")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """`write(tmp)` writes the new content to a temp file beside `path`, which is then renamed to `path`.
     On any error the temp file is removed and `path` keeps its old content."""

@@ -27,14 +27,6 @@ def register_builtin(name: str, resolver: Callable[[], Path]) -> None:
     BUILTIN_MODELS[name] = resolver
 
 
-def cache_dir() -> Path:
-    """tether's cache directory: $TETHER_CACHE, else ~/.cache/tether."""
-    root = os.environ.get("TETHER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tether")
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 

@@ -9,7 +9,7 @@ safetensors in `cache_dir()/models/smollm2-135m-instruct`; every later load read
 Note: the GGUF is Q4_1-quantized, so these are the *dequantized* 4-bit weights, not the original
 bf16 checkpoint. The model is close to, but not bit-identical with, HuggingFaceTB/SmolLM2-135M-Instruct.
 
-Importing this module registers the built-in name with `tether.models.register_builtin`.
+`tether.models` registers the built-in name and imports this module on first use.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from .config import TetherError
-from .models import cache_dir, register_builtin
+from .files import cache_dir
 
 NAME = "smollm2-135m-instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -124,4 +124,3 @@ def model_dir() -> Path:
     return target
 
 
-register_builtin(NAME, model_dir)

@@ -26,7 +26,8 @@ from ..data import COMPLETION_KEYS, Example, collate, load_preference_records, t
 from ..logprobs import SequenceScorer
 from ..bapo import attach_base_responses, base_keys
 from ..losses import objective
-from ..models import cache_dir, load_model, load_tokenizer
+from ..files import cache_dir
+from ..models import load_model, load_tokenizer
 from . import checkpoint
 from .card import data_files, model_card, versions
 from .checkpoint import full_tensor

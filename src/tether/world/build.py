@@ -1,7 +1,7 @@
 """Build the world's base model: tokenizer, pre-training on the facts, instruction tuning in the house style.
 
 The result is an ordinary Hugging Face model directory (save_pretrained) cached under
-`tether.models.cache_dir()/world/<fingerprint>`; the fingerprint hashes every setting that changes the
+`tether.files.cache_dir()/world/<fingerprint>`; the fingerprint hashes every setting that changes the
 model, so a build runs once per setting and is reused afterwards. A build writes into a temporary
 directory and renames it into place, so the cache never holds a half-written model.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..models import cache_dir
+from ..files import cache_dir
 from ..tiny import tiny_llama, train_tokenizer
 from .facts import ATTRIBUTES, World
 from .settings import NOT_FINGERPRINTED, WORLD_VERSION, WorldSettings

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..models import cache_dir, load_model, load_tokenizer
+from ..files import cache_dir
+from ..models import load_model, load_tokenizer
 from .build import WorldSettings, _train_stage, build_cached, chat_examples, ensure_base_model
 from .facts import World
 from .styles import PERSONAS, Style, get_persona, render
