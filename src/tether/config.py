@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import logging
 import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -218,3 +219,14 @@ def config_to_dict(cfg) -> dict[str, Any]:
 
 def save_config(cfg, path: str | Path) -> None:
     write_text_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def check_output_file(path: str | os.PathLike, option: str) -> None:
+    """Before any work: `path` can be written as a file (not a directory, in a writable directory); else a
+    one-line error naming the option."""
+    path = Path(path)
+    if path.is_dir():
+        raise TetherError(f"option '{option}': {path} is a directory; give a file path such as {path / 'result.json'}")
+    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise TetherError(f"option '{option}': cannot write {path} ({parent} is not a writable directory)")

@@ -7,8 +7,8 @@ import argparse
 import dataclasses
 import json
 
-from .config import TetherError, add_dataclass_arguments, load_config, option
-from .files import check_output_file, write_text_atomic
+from .config import TetherError, add_dataclass_arguments, check_output_file, load_config, option
+from .files import write_text_atomic
 from .train.config import LOSSES
 from .world.styles import PERSONAS
 

@@ -42,15 +42,3 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
-
-def check_output_file(path: str | os.PathLike, option: str) -> None:
-    """Before any work: `path` can be written as a file (not a directory, in a writable directory); else a
-    one-line error naming the option."""
-    from .config import TetherError
-
-    path = Path(path)
-    if path.is_dir():
-        raise TetherError(f"option '{option}': {path} is a directory; give a file path such as {path / 'result.json'}")
-    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise TetherError(f"option '{option}': cannot write {path} ({parent} is not a writable directory)")

@@ -7,8 +7,8 @@ message that says so.
 
 from __future__ import annotations
 
+import importlib
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: no hub traffic from anything tether loads
@@ -20,11 +20,20 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from .config import TetherError  # noqa: E402
 
 # name -> function returning a local directory (building or unpacking it on first use)
-BUILTIN_MODELS: dict[str, Callable[[], Path]] = {}
+# The built-in model names and the function that builds (once, into the cache) or finds each one's directory,
+# as "module:function": the module is imported on first use only (the embedded world and SmolLM2 sit above this
+# layer, and SmolLM2 needs an optional extra).
+BUILTIN_MODELS: dict[str, str] = {
+    "world": "tether.world.build:ensure_base_model",
+    "world-sft": "tether.world.online:ensure_sft_model",
+    "smollm2-135m-instruct": "tether.smollm2:model_dir",
+}
 
 
-def register_builtin(name: str, resolver: Callable[[], Path]) -> None:
-    BUILTIN_MODELS[name] = resolver
+def builtin_model_dir(name: str) -> Path:
+    """Build or find the directory of the built-in model `name` (a key of BUILTIN_MODELS)."""
+    module, _, function = BUILTIN_MODELS[name].partition(":")
+    return Path(getattr(importlib.import_module(module), function)())
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -53,7 +62,7 @@ def resolve_model_path(name: str | os.PathLike) -> Path:
     """A local model (or PEFT adapter) directory for `name`, or a one-line TetherError explaining what to pass."""
     text = str(name)
     if text in BUILTIN_MODELS:
-        return Path(BUILTIN_MODELS[text]())
+        return builtin_model_dir(text)
     path = Path(text).expanduser()
     if path.is_dir():
         if is_adapter_dir(path):
@@ -173,26 +182,3 @@ def disable_dropout(model: torch.nn.Module) -> None:
     for attr in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
         if cfg is not None and isinstance(getattr(cfg, attr, None), float):
             setattr(cfg, attr, 0.0)
-
-
-def _smollm2() -> Path:
-    from .smollm2 import model_dir  # imported on first use only (it needs the optional smollm2 extra)
-
-    return model_dir()
-
-
-def _world() -> Path:
-    from .world.build import ensure_base_model  # the embedded world's base model, built on first use
-
-    return ensure_base_model()
-
-
-def _world_sft() -> Path:
-    from .world.online import ensure_sft_model  # the world's starting policy for online training
-
-    return ensure_sft_model()
-
-
-register_builtin("smollm2-135m-instruct", _smollm2)
-register_builtin("world", _world)
-register_builtin("world-sft", _world_sft)
