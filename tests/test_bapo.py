@@ -23,7 +23,7 @@ def test_bapo_with_zero_weight_equals_dpo(model_dir, data_dir, tmp_path):
 
 
 def test_base_responses_are_the_references_greedy_answers_and_cached(model_dir, data_dir, tmp_path, monkeypatch):
-    import tether.bapo as bapo
+    import tether.base_responses as bapo
     from tether.models import load_model
 
     seen = {}

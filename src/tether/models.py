@@ -25,7 +25,7 @@ from .config import TetherError  # noqa: E402
 # layer, and SmolLM2 needs an optional extra).
 BUILTIN_MODELS: dict[str, str] = {
     "world": "tether.world.build:ensure_base_model",
-    "world-sft": "tether.world.online:ensure_sft_model",
+    "world-sft": "tether.world.policies:ensure_sft_model",
     "smollm2-135m-instruct": "tether.smollm2:model_dir",
 }
 

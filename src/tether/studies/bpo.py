@@ -6,7 +6,7 @@ Design (and why):
 - π_sft is NOT the world's base model. The base model is instruction-tuned on house-style answers only and is
   so peaked that at temperature 1, top-k 50 both samples of a prompt are the same answer: the online loop drops
   identical pairs and learns nothing. π_sft = the base model fine-tuned briefly (all weights, 300 steps) on
-  correct answers in uniformly random styles (world/online.py), so samples differ in style (about 60% of pairs
+  correct answers in uniformly random styles (world/policies.py), so samples differ in style (about 60% of pairs
   differ in score) while staying correct.
 - Oracle: the gold persona score of elaborate-casual (heterogeneity 2), `world:persona=elaborate-casual`.
   Prompts: the train-split questions, each used at most once (full budget 32·16 = 512 of 1485). Evaluation:
@@ -77,7 +77,7 @@ class BpoProtocol:
     max_new_tokens: int = 96
     temperature: float = 1.0
     top_k: int = 50
-    models: dict = field(default_factory=dict)  # world.online.OnlineModelSettings overrides (π_sft and π_gold)
+    models: dict = field(default_factory=dict)  # world.policies.OnlineModelSettings overrides (π_sft and π_gold)
 
     @classmethod
     def for_mode(cls, quick: bool) -> BpoProtocol:
@@ -88,7 +88,7 @@ class BpoProtocol:
 
 def _models_and_data(out: Path, protocol: BpoProtocol):
     from ..world.export import prompt_records
-    from ..world.online import OnlineModelSettings, ensure_gold_model, ensure_sft_model
+    from ..world.policies import OnlineModelSettings, ensure_gold_model, ensure_sft_model
 
     settings = OnlineModelSettings(**protocol.models)
     sft = ensure_sft_model(settings)

@@ -11,11 +11,11 @@ def _run_bapo(args) -> int:
     from .report_bapo import summary_table
 
     if args.model:
-        from . import bapo_llm
+        from . import bapo_smollm2
 
-        proto = bapo_llm.protocol_for(args.model, quick=args.quick, seeds=args.seeds)
+        proto = bapo_smollm2.protocol_for(args.model, quick=args.quick, seeds=args.seeds)
         out = args.out or f"out/study-bapo-{Path(args.model).name}{'-quick' if args.quick else ''}"
-        bapo_llm.run_study(out=out, protocol=proto, threads=args.threads)
+        bapo_smollm2.run_study(out=out, protocol=proto, threads=args.threads)
         print((Path(out) / "report.md").read_text())
         print(f"study written to {out} (results.json, report.md)")
         return 0

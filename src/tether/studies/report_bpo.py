@@ -131,7 +131,7 @@ def report(data: dict) -> str:
     lines = [
         f"# BPO study ({p['mode']} mode): online DAP anchored to the behavior model", "",
         f"Embedded world; oracle = gold persona score of **{p['persona']}**; π_sft = world base model fine-tuned on random-style "
-        f"answers (world/online.py); T = {p['steps']} steps × B = {p['prompts_per_step']} prompts (budget {p['steps'] * p['prompts_per_step']} "
+        f"answers (world/policies.py); T = {p['steps']} steps × B = {p['prompts_per_step']} prompts (budget {p['steps'] * p['prompts_per_step']} "
         f"prompts for every setting), lr {p['learning_rate']:g}, β = {p['beta']}, sampling temperature {p['temperature']}, top-k {p['top_k']}. "
         f"Win rate = greedy answers to the test-split questions vs the house-style reference, judged by the oracle (ties ½). "
         f"Cells: mean over seeds [95% percentile-bootstrap CI over seeds].", "",

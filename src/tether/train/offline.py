@@ -24,7 +24,7 @@ from ..config import TetherError
 from ..files import write_text_atomic
 from ..data import COMPLETION_KEYS, Example, collate, load_preference_records, tokenize_records
 from ..logprobs import SequenceScorer
-from ..bapo import attach_base_responses, base_keys
+from ..base_responses import attach_base_responses, base_keys
 from ..losses import objective
 from ..files import cache_dir
 from ..models import load_model, load_tokenizer

@@ -3,7 +3,7 @@
 The built-in model names "world" (`--model world` resolves to the cached
 base model, building it — a few minutes on a laptop CPU, with a progress bar — on first use) and "world-sft"
 (the starting policy for online training: the base model fine-tuned on answers in random styles, so that its
-samples differ; see world/online.py) are registered in tether.models.
+samples differ; see world/policies.py) are registered in tether.models.
 
     from tether.world import build_world, PERSONAS, alignment_score, persona_score
     world = build_world(seed=0)
@@ -19,7 +19,7 @@ _WHERE = {
     **dict.fromkeys(["build_base_model", "ensure_base_model", "world_model_dir"], ".build"),
     **dict.fromkeys(["world_suite"], ".evaluation"),
     **dict.fromkeys(["export_world"], ".export"),
-    **dict.fromkeys(["ensure_gold_model", "ensure_sft_model"], ".online"),
+    **dict.fromkeys(["ensure_gold_model", "ensure_sft_model"], ".policies"),
     **dict.fromkeys(["alignment_components", "alignment_score", "parse_prompt", "persona_score", "style_features"], ".rewards"),
     **dict.fromkeys(["DIMENSIONS", "HOUSE", "PERSONAS", "Persona", "Style", "get_persona", "render"], ".styles"),
 }

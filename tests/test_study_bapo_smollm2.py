@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tether.studies.bapo_llm import METRICS, LlmBapoProtocol, run_study
+from tether.studies.bapo_smollm2 import METRICS, LlmBapoProtocol, run_study
 
 
 def test_micro_study_writes_every_run_summary_and_claims(model_dir, tmp_path):
