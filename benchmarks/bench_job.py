@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import shutil
@@ -181,6 +180,19 @@ def main() -> None:
         phases = {"seconds": {k: round(phases.get(k, 0.0), 2) for k in PHASES}, **r}
         print("tether phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in phases["seconds"].items()) + f"; total {r['wall_s']:.1f}", flush=True)
     runs: dict[str, list[dict]] = {"tether": [], "trl": []}
+    result = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "cores": os.cpu_count(),
+              "settings": {"pairs": args.pairs, "batch": PAIRS_PER_STEP, "lora_r": LORA_R, "max_length": MAX_LENGTH,
+                           "threads": args.threads, "omp_wait_policy_env": os.environ.get("OMP_WAIT_POLICY")},
+              "commands": {"tether": ["python", "-m", "tether.cli", *tether_argv(Path("DATA"), Path("OUT"))],
+                           "trl": trl_command(Path("DATA_DIR/train.jsonl"), Path("OUT"), Path("MODEL"))[1:]},
+              "runs": runs, "tether_phases": phases}
+
+    def save() -> None:  # after every run, so a run cut short keeps what it measured
+        result["load_average"] = os.getloadavg()
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1, default=str))
+
+    save()
     for i in range(args.runs):
         for tool in ("tether", "trl"):
             out = fresh(f"{tool}{i}")
@@ -192,27 +204,20 @@ def main() -> None:
             saved = sorted(x.name for x in (out / "run" / ("final" if tool == "tether" else "")).glob("adapter_*"))
             assert saved, f"{tool}: no saved adapter in {out / 'run'}"
             runs[tool].append(r)
+            save()
             print(f"run {i + 1} {tool:<6} {r['wall_s']:7.1f} s wall, {r['cpu_s']:7.1f} s CPU, {r['peak_rss_mb']:6.0f} MB, "
                   f"others {r['other_processes_cores']:.2f} core", flush=True)
     med = {t: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for t, rs in runs.items()}
     pairwise = [b["wall_s"] / a["wall_s"] for a, b in zip(runs["tether"], runs["trl"])]
-    summary = {"tether_median_s": med["tether"]["wall_s"], "trl_median_s": med["trl"]["wall_s"],
-               "speedup": med["trl"]["wall_s"] / med["tether"]["wall_s"], "speedup_pairwise": pairwise,
-               "tether_peak_rss_mb": med["tether"]["peak_rss_mb"], "trl_peak_rss_mb": med["trl"]["peak_rss_mb"]}
+    result["summary"] = summary = {
+        "tether_median_s": med["tether"]["wall_s"], "trl_median_s": med["trl"]["wall_s"],
+        "speedup": med["trl"]["wall_s"] / med["tether"]["wall_s"], "speedup_pairwise": pairwise,
+        "tether_peak_rss_mb": med["tether"]["peak_rss_mb"], "trl_peak_rss_mb": med["trl"]["peak_rss_mb"]}
+    save()
     print(f"\nmedian of {args.runs}: tether {summary['tether_median_s']:.1f} s, TRL {summary['trl_median_s']:.1f} s: "
           f"tether {summary['speedup']:.2f}x faster (pair by pair {', '.join(f'{x:.2f}' for x in pairwise)}); "
           f"peak RSS {summary['tether_peak_rss_mb']:.0f} / {summary['trl_peak_rss_mb']:.0f} MB")
-    load = os.getloadavg()
-    result = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "cores": os.cpu_count(), "load_average_after": load,
-              "settings": {"pairs": args.pairs, "batch": PAIRS_PER_STEP, "lora_r": LORA_R, "max_length": MAX_LENGTH,
-                           "threads": args.threads, "omp_wait_policy_env": os.environ.get("OMP_WAIT_POLICY")},
-              "commands": {"tether": ["python", "-m", "tether.cli", *tether_argv(Path("DATA"), Path("OUT"))],
-                           "trl": trl_command(Path("DATA_DIR/train.jsonl"), Path("OUT"), Path("MODEL"))[1:]},
-              "summary": summary, "runs": runs, "tether_phases": phases}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1, default=str))
     print(f"wrote {args.out}")
-
 
 if __name__ == "__main__":
     main()

@@ -3,8 +3,8 @@ one busy process.
 
 Run (from the repository root):
 
-    .venv/bin/python benchmarks/omp_wait.py                 # ~4 min on 2 cores
-    flags: --rounds 3 --steps 12 --threads 2 --out PATH --candidates 'NAME=VAR=VALUE[,VAR=VALUE];...'
+    .venv/bin/python benchmarks/omp_wait.py                 # a few minutes on an idle 2-core machine
+    flags: --rounds 3 --steps 12 --threads 2 --out PATH  (candidates: the CANDIDATES table below)
 
 torch's CPU build uses GNU OpenMP (libgomp; MKL runs on it too), so the knobs are OMP_WAIT_POLICY and
 GOMP_SPINCOUNT (KMP_BLOCKTIME is Intel OpenMP's and does nothing here). libgomp: ACTIVE = spin until work
