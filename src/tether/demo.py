@@ -103,7 +103,7 @@ def main() -> None:
     t0 = time.perf_counter()
     run_demo()
     print(f"\n{_clock(t0)} next, a first study table: DPO vs BAPO on the embedded world at heterogeneity 1 (2 of the "
-          f"quick BAPO study's 10 runs; the first time, the world's base model is built first: about 2.5 minutes on "
+          f"quick BAPO study's 10 runs; the first time, the world's base model is built first: about 3.5 minutes on "
           f"an idle 2-core machine, {BUILD_MINUTES_LOADED} under heavy load)\n", flush=True)
     bapo_out = Path("out/demo/study-bapo-quick")
     first = bapo.run_study(quick=True, out=bapo_out, only=[(1, "dpo"), (1, "bapo")])
