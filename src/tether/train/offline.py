@@ -185,8 +185,8 @@ def _train(cfg, accelerator, setup, tokenizer, train_ex, eval_ex, report, claim)
             eval_table = reference_table(accelerator, cfg, reference, eval_ex, keys, pad_id, "reference log-probs (eval)")
         reference = None  # nothing of the reference stays in memory
 
-    world, b, accum = accelerator.num_processes, cfg.batch_size, cfg.gradient_accumulation_steps
-    global_batch = b * world * accum
+    procs, b, accum = accelerator.num_processes, cfg.batch_size, cfg.gradient_accumulation_steps
+    global_batch = b * procs * accum
     steps = total_steps(cfg, len(train_ex), global_batch)
     optimizer, scheduler = make_optimizer(model, cfg, steps)
     sharded = setup["sharding"] != "none"
@@ -218,8 +218,8 @@ def _train(cfg, accelerator, setup, tokenizer, train_ex, eval_ex, report, claim)
         positions = stream_indices(step * global_batch, global_batch, len(train_ex), cfg.seed)
         step_stats = []
         for m in range(accum):
-            lo = (m * world + accelerator.process_index) * b
-            batch, ref = _batch(train_ex, positions[lo : lo + b], train_table, reference, keys, pad_id, accelerator.device)
+            first = (m * procs + accelerator.process_index) * b
+            batch, ref = _batch(train_ex, positions[first : first + b], train_table, reference, keys, pad_id, accelerator.device)
             sync = accelerator.no_sync(scorer) if m < accum - 1 else contextlib.nullcontext()
             with sync, accelerator.autocast():
                 sums, counts = scorer(**batch)
@@ -254,7 +254,7 @@ def _train(cfg, accelerator, setup, tokenizer, train_ex, eval_ex, report, claim)
     if eval_ex:
         results["final_eval"] = evaluate(accelerator, cfg, scorer, eval_ex, eval_table, reference, keys, pad_id)
         log_to_trackers(accelerator, results["final_eval"], step=steps)
-    results.update(steps=steps, num_processes=world, global_batch=global_batch, train_pairs=len(train_ex), eval_pairs=len(eval_ex))
+    results.update(steps=steps, num_processes=procs, global_batch=global_batch, train_pairs=len(train_ex), eval_pairs=len(eval_ex))
     card = model_card(cfg, "offline", run_dir, results) if accelerator.is_main_process else None
     policy = accelerator.unwrap_model(scorer).model
     write = None

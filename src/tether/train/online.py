@@ -69,9 +69,9 @@ class OnlineRun:
         if cfg.eval_prompts:
             self.eval_set = self.eval_set[: cfg.eval_prompts]
         self.annotator = Annotator(load_oracle(cfg.oracle), cfg.oracle_noise, cfg.oracle_retries, cfg.oracle_timeout, cfg.oracle_backoff)
-        self.world, self.rank = self.acc.num_processes, self.acc.process_index
-        if cfg.prompts_per_step % self.world:
-            raise TetherError(f"option 'prompts_per_step' ({cfg.prompts_per_step}) must be a multiple of the {self.world} processes")
+        self.procs, self.rank = self.acc.num_processes, self.acc.process_index
+        if cfg.prompts_per_step % self.procs:
+            raise TetherError(f"option 'prompts_per_step' ({cfg.prompts_per_step}) must be a multiple of the {self.procs} processes")
         budget = cfg.prompts_per_step * cfg.steps
         if budget > len(self.prompts):
             log.warning("%s: %d prompts for a budget of %d; prompts will be reused (with fresh samples)", cfg.prompt_file, len(self.prompts), budget)
@@ -119,7 +119,7 @@ class OnlineRun:
 
     def collect(self, step: int, version: int) -> list[dict]:
         """Sample, drop identical pairs, annotate this process's slots of `step`; one ledger row per slot."""
-        cfg, b = self.cfg, self.cfg.prompts_per_step // self.world
+        cfg, b = self.cfg, self.cfg.prompts_per_step // self.procs
         positions = stream_indices(step * cfg.prompts_per_step, cfg.prompts_per_step, len(self.prompts), cfg.seed)
         slots = list(range(self.rank * b, (self.rank + 1) * b))
         indices = [positions[s] for s in slots]
@@ -160,14 +160,14 @@ class OnlineRun:
         log-probs of those rows under π_β, and under π_sft for y_b)."""
         examples, logps = [], [[], [], []]
         for r in rows:
-            w, lo = r["label"], 1 - r["label"]
-            comps = {"chosen": r["response_ids"][w], "rejected": r["response_ids"][lo]}
+            win, lose = r["label"], 1 - r["label"]
+            comps = {"chosen": r["response_ids"][win], "rejected": r["response_ids"][lose]}
             if "base" in self.keys:
                 comps["base"] = r["base_ids"]
                 logps[2].append(r["base_logp"])
             examples.append(Example(self._ids(r["prompt_index"]), comps, f"step {r['step']} slot {r['slot']}"))
-            logps[0].append(r["behavior_logps"][w])
-            logps[1].append(r["behavior_logps"][lo])
+            logps[0].append(r["behavior_logps"][win])
+            logps[1].append(r["behavior_logps"][lose])
         batch = {k: v.to(self.acc.device) for k, v in collate(examples, self.tokenizer.pad_token_id, self.keys).items()}
         return batch, torch.tensor(sum(logps, []), dtype=torch.float32, device=self.acc.device)
 
@@ -178,7 +178,7 @@ class OnlineRun:
         without label noise (ties count one half), with a 95% bootstrap CI; sharded over processes."""
         if not self.eval_set:
             return {}
-        mine = list(range(self.rank, len(self.eval_set), self.world))
+        mine = list(range(self.rank, len(self.eval_set), self.procs))
         recs = [self.eval_set[i] for i in mine]
         with self.policy.merged() as model:
             ids = generate_ids(model, self.tokenizer, [prompt_ids(self.tokenizer, r.prompt) for r in recs],
@@ -248,20 +248,20 @@ class OnlineRun:
             for r in rows:
                 r["step"] = step
             annotations += self._annotated(rows)
-            b = cfg.prompts_per_step // self.world
+            b = cfg.prompts_per_step // self.procs
             usable = [r for r in rows if r["label"] is not None]
             mine = [r for r in usable if r["slot"] // b == self.rank]
             row = {"step": step + 1, "pairs": len(usable), "annotations": annotations, "behavior_version": version, "replayed": replayed}
             row.update({status: sum(r["status"] == status for r in rows) for status in ("identical", "tie", "oracle_failed")})
             if usable:
-                batch, beh = self.batch(mine) if mine else (None, None)
+                batch, ref_logps = self.batch(mine) if mine else (None, None)
                 t = time.perf_counter()
                 if mine and cfg.reference != "behavior":  # y_b's reference stays log π_sft(y_b), from the ledger
                     n = len(mine)
-                    beh = torch.cat([policy.reference_logps(batch, len(self.keys))[: 2 * n], beh[2 * n :]])
+                    ref_logps = torch.cat([policy.reference_logps(batch, len(self.keys))[: 2 * n], ref_logps[2 * n :]])
                 timing["reference_s"] += time.perf_counter() - t
                 t = time.perf_counter()
-                stats, grad_norm, lr = policy.step(batch, beh, len(usable), len(self.keys), step + 1) if mine else self._idle_step(len(usable), step + 1)
+                stats, grad_norm, lr = policy.step(batch, ref_logps, len(usable), len(self.keys), step + 1) if mine else self._idle_step(len(usable), step + 1)
                 timing["update_s"] += time.perf_counter() - t
                 row.update(gathered_means({k2: v.tolist() for k2, v in stats.items()}), grad_norm=grad_norm, lr=lr)
             else:
@@ -288,7 +288,7 @@ class OnlineRun:
             results["final_eval"] = self.evaluate()
             log_to_trackers(acc, results["final_eval"], step=cfg.steps)
         if acc.is_main_process:
-            results.update(steps=cfg.steps, phases=cfg.phases, num_processes=self.world, prompts_per_step=cfg.prompts_per_step,
+            results.update(steps=cfg.steps, phases=cfg.phases, num_processes=self.procs, prompts_per_step=cfg.prompts_per_step,
                            annotations=self.ledger.count("ok") + self.ledger.count("tie"), ledger_rows=self.ledger.count(),
                            identical_pairs=self.ledger.count("identical"), ties=self.ledger.count("tie"),
                            oracle_failures=self.ledger.count("oracle_failed"),

@@ -60,7 +60,7 @@ class OnlinePolicy:
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         self.names: list[str | None] = [None]
-        self.extra: list[str] = []
+        self.aux_adapters: list[str] = []  # LoRA adapters besides the trained ones: behavior (π_β), ema, merged
         self.behavior_model = self.initial_model = self.ema_model = self.fixed_model = None
         if cfg.lora:
             model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, seed=cfg.seed)
@@ -70,8 +70,8 @@ class OnlinePolicy:
                 model.add_adapter(name, copy.deepcopy(model.peft_config["default"]))
             shape = dict(r=cfg.lora_r * n, lora_alpha=cfg.lora_alpha * n) if cfg.ensemble_merge == "exact" else {}
             merged_cfg = dataclasses.replace(copy.deepcopy(model.peft_config["default"]), **shape)
-            self.extra = [a for a, need in (("behavior", n > 1 or k > 1), ("ema", cfg.reference == "ema"), ("merged", n > 1)) if need]
-            for name in self.extra:
+            self.aux_adapters = [a for a, need in (("behavior", n > 1 or k > 1), ("ema", cfg.reference == "ema"), ("merged", n > 1)) if need]
+            for name in self.aux_adapters:
                 model.add_adapter(name, copy.deepcopy(merged_cfg))
             if cfg.disable_dropout:
                 disable_dropout(model)
@@ -131,13 +131,13 @@ class OnlinePolicy:
 
     def refresh_behavior(self) -> None:
         """π_β ← π_θ (the merged ensemble). Called at every phase start."""
-        if self.cfg.lora and "behavior" in self.extra:
+        if self.cfg.lora and "behavior" in self.aux_adapters:
             self._merge_into("behavior")
         elif self.behavior_model is not None:
             self.behavior_model.load_state_dict(self.model.state_dict())
 
     @contextlib.contextmanager
-    def _as(self, adapter: str | None = None, disabled: bool = False, model=None):
+    def _frozen(self, adapter: str | None = None, disabled: bool = False, model=None):
         """The model to run without gradients: a separate one, the base (adapters off), or an adapter."""
         target = model if model is not None else self.model
         was = target.training
@@ -155,30 +155,30 @@ class OnlinePolicy:
 
     def behavior(self):
         """Context yielding π_β (for sampling and its log-probs)."""
-        if self.cfg.lora and "behavior" in self.extra:
-            return self._as(adapter="behavior")
-        return self._as(model=self.behavior_model)
+        if self.cfg.lora and "behavior" in self.aux_adapters:
+            return self._frozen(adapter="behavior")
+        return self._frozen(model=self.behavior_model)
 
     def merged(self):
         """Context yielding the merged ensemble (what is evaluated and exported)."""
-        if "merged" in self.extra:
+        if "merged" in self.aux_adapters:
             self._merge_into("merged")
-            return self._as(adapter="merged")
-        return self._as(adapter=self.names[0])
+            return self._frozen(adapter="merged")
+        return self._frozen(adapter=self.names[0])
 
     def initial(self):
         """Context yielding π_sft, the policy before training (the base with adapters off, or a frozen copy)."""
-        return self._as(disabled=True) if self.cfg.lora else self._as(model=self.initial_model)
+        return self._frozen(disabled=True) if self.cfg.lora else self._frozen(model=self.initial_model)
 
     def reference_logps(self, batch: dict[str, torch.Tensor], n_keys: int = 2) -> torch.Tensor:
         """Summed log π_ref of every row, for references other than π_β (whose log-probs come from sampling)."""
         ref = self.cfg.reference
         if ref == "fixed":
-            ctx = self._as(model=self.fixed_model)
+            ctx = self._frozen(model=self.fixed_model)
         elif ref == "initial":
             ctx = self.initial()
         else:
-            ctx = self._as(adapter="ema") if self.cfg.lora else self._as(model=self.ema_model)
+            ctx = self._frozen(adapter="ema") if self.cfg.lora else self._frozen(model=self.ema_model)
         with ctx as model:
             return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], n_keys)[0]
 
