@@ -64,6 +64,11 @@ def _parse_optional(inner):
     return parse
 
 
+def field_default(f: dataclasses.Field) -> Any:
+    """A dataclass field's default value (from its default or its default_factory)."""
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
     """Add one `--name` flag per field of dataclass `cls`; defaults stay unset so YAML values can win."""
     hints = typing.get_type_hints(cls)
@@ -71,7 +76,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
         if not f.metadata.get("help"):
             continue
         tp, is_list = _base_type(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = field_default(f)
         conv = _parse_bool if tp is bool else tp
         kwargs: dict[str, Any] = dict(type=_parse_optional(conv), default=argparse.SUPPRESS, dest=f.name)
         if is_list:

@@ -3,6 +3,7 @@ then renamed over the target (a rename within one directory is atomic)."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -42,3 +43,30 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON object file, or {} when it is missing, torn or not an object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def read_json_lines(path: str | os.PathLike) -> list[dict]:
+    """The JSON objects of an append-only .jsonl file; a line that does not parse (torn by a killed writer) or
+    is not an object is skipped. A missing file has no rows."""
+    rows = []
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return rows
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows

@@ -8,14 +8,13 @@ curve is drawn only when its metric is in metrics.jsonl.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import yaml
 
 from .config import TetherError
-from .files import write_text_atomic
+from .files import read_json, read_json_lines, write_text_atomic
 
 log = logging.getLogger("tether")
 
@@ -39,23 +38,7 @@ CURVES = [
 
 def read_metrics(path: Path) -> list[dict]:
     """Rows of metrics.jsonl; an unreadable line (a run killed mid-write) is skipped."""
-    rows = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and "step" in row:
-                rows.append(row)
-    return rows
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except json.JSONDecodeError:
-        return {}
+    return [row for row in read_json_lines(path) if "step" in row]
 
 
 def _series(rows: list[dict], results: dict, key: str) -> tuple[list, list]:
@@ -117,7 +100,7 @@ def _before_after(results: dict) -> list[str]:
 
 
 def _data_section(run_dir: Path, results: dict) -> list[str]:
-    report = _read_json(run_dir / "data_report.json")
+    report = read_json(run_dir / "data_report.json")
     lines = []
     for split, rep in report.items():
         if isinstance(rep, dict) and "records" in rep:
@@ -136,7 +119,7 @@ def write_report(run_dir: str | Path) -> Path:
         raise TetherError(f"{run_dir}: not a tether run directory (no config.yaml)")
     config = (run_dir / "config.yaml").read_text(encoding="utf-8")
     cfg = yaml.safe_load(config) or {}
-    results = _read_json(run_dir / "results.json")
+    results = read_json(run_dir / "results.json")
     rows = read_metrics(run_dir / "metrics.jsonl")
     kind = "online" if "prompt_file" in cfg else "offline"
     done = f"{results['steps']} steps, finished" if "final_model" in results else (

@@ -10,6 +10,7 @@ import platform
 from pathlib import Path
 
 from ..config import TetherError
+from ..files import read_json_lines
 
 PACKAGES = ("tether", "torch", "transformers", "peft", "accelerate", "datasets")
 
@@ -47,15 +48,8 @@ def data_files(**files: str | None) -> dict[str, dict]:
 
 
 def _last_metrics(run_dir: Path) -> dict:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return {}
-    for line in reversed(path.read_text().splitlines()):
-        try:
-            return json.loads(line)
-        except json.JSONDecodeError:
-            continue
-    return {}
+    rows = read_json_lines(run_dir / "metrics.jsonl")
+    return rows[-1] if rows else {}
 
 
 HYPER = ("loss", "beta", "label_smoothing", "nll_weight", "method", "anchor_weight", "anchor_form", "anchor_normalize",

@@ -176,12 +176,3 @@ def load_latest(accelerator, run_dir: Path, model, optimizer, scheduler, tensors
     state = load(accelerator, path, model, optimizer, scheduler, tensors)
     log.info("resumed from %s", path)
     return state
-
-
-def read_json(path: Path) -> dict:
-    """A JSON object file written by tether, or {} when it is missing or unreadable."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}

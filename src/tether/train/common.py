@@ -18,7 +18,7 @@ from accelerate.utils import gather_object
 from transformers import get_scheduler
 
 from ..config import TetherError
-from ..files import write_text_atomic
+from ..files import read_json_lines, write_text_atomic
 from ..models import add_lora, disable_dropout, enable_gradient_checkpointing, load_model
 
 log = logging.getLogger("tether")
@@ -142,14 +142,14 @@ def _epoch_permutation(n: int, seed: int, epoch: int) -> tuple[int, ...]:
     return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist())
 
 
-def check_finite_step(grad_norm, step: int | None, what: str = "gradient norm") -> None:
+def check_finite_step(grad_norm, step: int | None) -> None:
     """Stop a run whose update would be non-finite, before the optimizer applies it (the weights stay finite,
     the last checkpoint stays the newest). Every process sees the same (all-reduced) norm, so all stop."""
     value = float(grad_norm)
     if not math.isfinite(value):
         where = f"step {step}" if step is not None else "this step"
         raise TetherError(
-            f"{where}: the {what} is {value}; the update was not applied and the run stops (checkpoints so far "
+            f"{where}: the gradient norm is {value}; the update was not applied and the run stops (checkpoints so far "
             "are kept). Lower learning_rate or beta, or check the data"
         )
 
@@ -163,9 +163,8 @@ class MetricsLog:
     def __init__(self, path: Path, enabled: bool, resume_step: int | None = None):
         self.path, self.enabled = path, enabled
         if enabled and resume_step is not None and path.exists():
-            kept = [ln for ln in path.read_text(encoding="utf-8", errors="replace").splitlines()
-                    if (row := _json_row(ln)) is not None and row.get("step", 0) <= resume_step]
-            write_text_atomic(path, "".join(ln + "\n" for ln in kept))
+            kept = [row for row in read_json_lines(path) if row.get("step", 0) <= resume_step]
+            write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))
 
     def write(self, row: dict) -> None:
         if not self.enabled:
@@ -173,14 +172,6 @@ class MetricsLog:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
-
-
-def _json_row(line: str) -> dict | None:
-    try:
-        row = json.loads(line)
-    except ValueError:
-        return None
-    return row if isinstance(row, dict) else None
 
 
 # TRL's (HF Trainer's) names for the scalars tether logs; trackers get them under train/ and eval/ as in TRL

@@ -21,7 +21,7 @@ from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from ..config import TetherError
-from ..files import write_text_atomic
+from ..files import read_json, write_text_atomic
 from ..data import COMPLETION_KEYS, Example, collate, load_preference_records, tokenize_records
 from ..logprobs import SequenceScorer
 from ..base_responses import attach_base_responses, base_keys
@@ -159,7 +159,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     claim = claim_run_dir(accelerator, "train", cfg, {"train_file": cfg.train_file, "eval_file": cfg.eval_file}, resume)
     try:
         if claim.finished:
-            log.info("%s: the run already finished (step %s); nothing to do", run_dir, claim.marker.get("finished_step"))
             return run_dir
         return _train(cfg, accelerator, setup, tokenizer, train_ex, eval_ex, report, claim)
     finally:
@@ -201,7 +200,7 @@ def _train(cfg, accelerator, setup, tokenizer, train_ex, eval_ex, report, claim)
     state = checkpoint.load_latest(accelerator, run_dir, model, optimizer, scheduler) if claim.resumed else None
     if state is not None:
         start = state["step"]
-        results = checkpoint.read_json(run_dir / "results.json")
+        results = read_json(run_dir / "results.json")
     if start == 0 and eval_ex:
         results["initial_eval"] = evaluate(accelerator, cfg, scorer, eval_ex, eval_table, reference, keys, pad_id)
         log_to_trackers(accelerator, results["initial_eval"], step=0)

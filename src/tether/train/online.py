@@ -33,7 +33,7 @@ from ..models import load_tokenizer
 from ..oracles import Annotator, load_oracle
 from ..sampling import sample_responses
 from . import checkpoint
-from ..files import write_text_atomic
+from ..files import read_json, write_text_atomic
 from ..run_report import write_report_quietly
 from .card import data_files, model_card, versions
 from .common import (
@@ -204,7 +204,6 @@ class OnlineRun:
         at the end, whatever happens."""
         try:
             if self.claim.finished:
-                log.info("%s: the run already finished (step %s); nothing to do", self.run_dir, self.claim.marker.get("finished_step"))
                 return self.run_dir
             self.load_models()
             return self._loop()
@@ -220,7 +219,7 @@ class OnlineRun:
         if state is not None:
             start = state["step"]
             log.info("the ledger holds %d annotated pairs", self.ledger.count())
-            results = checkpoint.read_json(self.run_dir / "results.json")
+            results = read_json(self.run_dir / "results.json")
         elif self.eval_set:
             results["initial_eval"] = self.evaluate()
             log_to_trackers(acc, results["initial_eval"], step=0)

@@ -25,10 +25,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from accelerate.utils import broadcast_object_list
 
-from ..config import TetherError, config_to_dict
+from ..config import TetherError, config_to_dict, field_default, read_yaml_mapping, save_config
 from ..files import write_text_atomic
 from .card import file_fingerprint, versions
 
@@ -99,18 +98,8 @@ def _read_marker(path: Path) -> dict | None:
 def _config_differences(cfg, saved: dict) -> list[str]:
     """Options (other than SAFE_TO_CHANGE) whose value differs from the run's config.yaml; an option the saved
     file does not have (added by a newer tether) counts as changed only when it is not at its default."""
-    now, defaults = config_to_dict(cfg), _defaults(cfg)
+    now, defaults = config_to_dict(cfg), {f.name: field_default(f) for f in dataclasses.fields(cfg)}
     return [k for k in now if k not in SAFE_TO_CHANGE and now[k] != saved.get(k, defaults.get(k))]
-
-
-def _defaults(cfg) -> dict:
-    out = {}
-    for f in dataclasses.fields(cfg):
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            out[f.name] = f.default_factory()
-    return out
 
 
 def _claim(run_dir: Path, command: str, cfg, inputs: dict[str, str | None], resume: bool) -> RunDir:
@@ -147,7 +136,7 @@ def _claim_locked(run_dir: Path, command: str, cfg, inputs, resume: bool) -> Run
                       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                       "inputs": fingerprints}
             write_text_atomic(run_dir / MARKER, json.dumps(marker, indent=1) + "\n")
-            write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+            save_config(cfg, run_dir / "config.yaml")
         except OSError as e:
             raise TetherError(f"option 'output_dir': cannot write into {run_dir} ({e.strerror or e}); choose a directory "
                               "you can write to") from None
@@ -163,10 +152,11 @@ def _claim_locked(run_dir: Path, command: str, cfg, inputs, resume: bool) -> Run
     if not resume:
         raise TetherError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another output_dir")
     if marker.get("state") == "finished":
+        log.info("%s: the run already finished (step %s); nothing to do", run_dir, marker.get("finished_step"))
         return RunDir(run_dir, command, resumed=True, finished=True, marker=marker)
     try:
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
+        saved = read_yaml_mapping(run_dir / "config.yaml")
+    except TetherError:
         raise TetherError(f"{run_dir / 'config.yaml'}: missing or unreadable, so the run cannot be resumed safely; "
                           "start a new run in another output_dir") from None
     changed = _config_differences(cfg, saved)
