@@ -22,6 +22,8 @@ TRAIN_CASES = [
     ("zero adam epsilon", ["--adam_epsilon", "0"], "option 'adam_epsilon' must be > 0"),
     ("prompt as long as everything", ["--max_prompt_length", "64", "--max_length", "64"], "option 'max_prompt_length' (64)"),
     ("zero batch", ["--batch_size", "0"], "option 'batch_size' must be > 0"),
+    ("warm-up ratio of 1", ["--warmup_ratio", "1"], "option 'warmup_ratio' must be in [0, 1)"),
+    ("nan warm-up ratio", ["--warmup_ratio", "nan"], "option 'warmup_ratio' must be a finite number"),
     ("eval fraction of 1", ["--eval_fraction", "1"], "option 'eval_fraction' must be in [0, 1)"),
     ("max_steps below -1", ["--max_steps", "-5"], "option 'max_steps' must be >= 0, or -1"),
     ("base top-p of 0", ["--base_top_p", "0"], "option 'base_top_p' must be in (0, 1]"),
@@ -121,6 +123,17 @@ def test_a_byte_order_mark_is_accepted_in_data_and_config(files, model_dir, data
                "--max_steps", "1", "--batch_size", "4", "--max_length", "64", "--max_prompt_length", "32", "--progress", "false"])
     assert rc == 0, capsys.readouterr().err
     assert (out / "final").is_dir() and "beta: 0.2" in (out / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("extra, answer", [
+    (["--beta", "0"], "options --beta (> 0), --label_smoothing"),
+    (["--label_smoothing", "0.5"], "options --beta (> 0), --label_smoothing"),
+    (["--beta", "inf"], "option 'beta' must be a finite number"),
+    (["--max_prompt_length", "600"], "option --max_prompt_length (600) must be > 0 and < --max_length (512)"),
+])
+def test_odd_eval_pair_options(extra, answer, files, capsys):
+    rc, lines = _run(capsys, ["eval", "--model", str(files / "no-model"), "--eval_file", str(files / "empty.jsonl"), *extra])
+    assert rc == 2 and len(lines) == 1 and answer in lines[0], lines
 
 
 def test_eval_out_naming_a_directory_is_refused_before_any_work(files, capsys):
