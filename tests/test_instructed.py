@@ -2,7 +2,7 @@
 
 import pytest
 
-from tether.instructed import PERSONAS, general_prompts, get_persona, preference_records, syllables
+from tether.instructed import PERSONAS, general_prompts, get_instructed_persona, instructed_preference_records, syllables
 
 EXAMPLES = {  # (in the persona's style, not in it)
     "concise": ("Plants make sugar from light.",
@@ -22,7 +22,7 @@ EXAMPLES = {  # (in the persona's style, not in it)
 
 @pytest.mark.parametrize("name", sorted(PERSONAS))
 def test_scores_rank_styled_above_unstyled(name):
-    persona = get_persona(name)
+    persona = get_instructed_persona(name)
     styled, plain = EXAMPLES[name]
     assert 0.0 <= persona.score(plain) < persona.score(styled) <= 1.0
 
@@ -31,7 +31,7 @@ def test_scores_of_empty_text_and_syllables():
     assert all(p.score("") == 0.0 for p in PERSONAS.values() if p.name != "concise")
     assert [syllables(w) for w in ("cat", "water", "make", "table", "photosynthesis")] == [1, 2, 1, 2, 5]
     with pytest.raises(ValueError, match="unknown instructed persona"):
-        get_persona("pirate")
+        get_instructed_persona("pirate")
 
 
 def test_general_prompts_split_without_overlap():
@@ -44,7 +44,7 @@ def test_preference_records_from_the_model_itself(model_dir, tokenizer):
     from tether.models import load_model
 
     prompts = general_prompts("test")[:3]
-    rows = preference_records(load_model(model_dir), tokenizer, get_persona("concise"), prompts, max_new_tokens=6)
+    rows = instructed_preference_records(load_model(model_dir), tokenizer, get_instructed_persona("concise"), prompts, max_new_tokens=6)
     for r in rows:  # the tiny toy model may answer identically with and without the instruction: then no record
         assert r["prompt"] in prompts and r["chosen"] != r["rejected"] and r["persona"] == "concise"
 

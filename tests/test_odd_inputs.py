@@ -152,7 +152,7 @@ def test_file_permissions_of_atomic_writes_follow_the_umask(tmp_path):
 
 def test_bapo_is_switched_on_by_method_alone_with_one_default():
     from tether.config import load_config
-    from tether.train.config import BAPO_ANCHOR_WEIGHT, TrainConfig
+    from tether.train.train_config import BAPO_ANCHOR_WEIGHT, TrainConfig
     from tether.train.online_config import OnlineConfig
 
     common = {"model": "m", "output_dir": "x"}

@@ -2,7 +2,7 @@
 
 Fast answers: `tether --help`, `tether SUBCOMMAND --help` and option errors must not wait for torch (several
 seconds to import). The rule that keeps them fast: a module that builds a parser or holds a config dataclass
-(this file, the modules in SUBCOMMAND_MODULES, tether.config, train/config.py, world/settings.py, ...) imports
+(this file, the modules in SUBCOMMAND_MODULES, tether.config, train/train_config.py, world/settings.py, ...) imports
 no torch, transformers, accelerate, peft or datasets at its top level; the run function imports the heavy
 module it needs, after the options have been validated. tests/test_cli.py checks this for every subcommand.
 """
@@ -43,7 +43,7 @@ def _run_config(cls, args: argparse.Namespace):
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .train.config import TrainConfig
+    from .train.train_config import TrainConfig
 
     cfg = _run_config(TrainConfig, args)  # option errors answer before torch loads
     from .train.offline import train
@@ -83,7 +83,7 @@ def _add_run_parser(sub, name: str, cls, func, help: str, description: str) -> N
 
 
 def add_train_parser(sub) -> None:
-    from .train.config import TrainConfig
+    from .train.train_config import TrainConfig
     from .train.online_config import OnlineConfig
 
     _add_run_parser(sub, "train", TrainConfig, _run_train, "offline preference optimization (DPO, IPO, SLiC, BAPO) from a preference file",

@@ -9,7 +9,7 @@ import json
 
 from .config import TetherError, add_dataclass_arguments, check_output_file, load_config, option
 from .files import write_text_atomic
-from .train.config import LOSSES
+from .train.train_config import LOSSES
 from .world.styles import PERSONAS
 
 # torch-free at import (models and the suites load inside run_eval): see tether.cli

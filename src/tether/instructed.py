@@ -114,14 +114,14 @@ def general_prompts(split: str | None = None) -> list[list[dict]]:
     return [p for s, p in rows if split is None or s == split]
 
 
-def get_persona(name: str) -> InstructedPersona:
+def get_instructed_persona(name: str) -> InstructedPersona:
     try:
         return PERSONAS[name]
     except KeyError:
         raise ValueError(f"unknown instructed persona {name!r}; choose one of: {', '.join(PERSONAS)}") from None
 
 
-def preference_records(
+def instructed_preference_records(
     model, tokenizer, persona: InstructedPersona, prompts: Sequence[list[dict]], *, default: Sequence[str] | None = None,
     **decoding,
 ) -> list[dict]:

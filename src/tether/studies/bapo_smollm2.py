@@ -35,7 +35,7 @@ from ..evaluate import multiple_choice_correct, sampled_kl
 from ..stats import summarize, win_rates
 from ..files import write_text_atomic
 from ..generation import generate
-from ..instructed import general_prompts, get_persona, preference_records
+from ..instructed import general_prompts, get_instructed_persona, instructed_preference_records
 from ..models import load_model, load_tokenizer
 from ..probes import knowledge_questions
 from ..train import TrainConfig, train
@@ -88,7 +88,7 @@ def _data(out: Path, protocol: LlmBapoProtocol, model, tok) -> dict[str, Path]:
               batch_size=16, progress=True)
     default = generate(model, tok, prompts, seed=1, **kw)
     for name, path in files.items():
-        rows = preference_records(model, tok, get_persona(name), prompts, default=default, seed=2, **kw)
+        rows = instructed_preference_records(model, tok, get_instructed_persona(name), prompts, default=default, seed=2, **kw)
         write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
     return files
 
@@ -98,7 +98,7 @@ def _evaluate(model, base, tok, protocol, base_eval: dict | None) -> dict:
     correct = multiple_choice_correct(model, tok, knowledge_questions(), batch_size=32)
     answers = generate(model, tok, prompts, max_new_tokens=protocol.max_new_tokens, batch_size=16)
     out = {"knowledge": sum(correct) / len(correct), "correct": correct, "answers": answers,
-           "persona_scores": {p: [get_persona(p).score(a) for a in answers] for p in protocol.personas}}
+           "persona_scores": {p: [get_instructed_persona(p).score(a) for a in answers] for p in protocol.personas}}
     if base_eval is not None:
         out["kept"] = [float(c) for c, b in zip(correct, base_eval["correct"]) if b]
         out["knowledge_retained"] = sum(out["kept"]) / len(out["kept"])

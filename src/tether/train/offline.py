@@ -50,7 +50,7 @@ from .common import (
     total_steps,
 )
 from .rundir import claim_run_dir
-from .config import TrainConfig
+from .train_config import TrainConfig
 from ..run_report import write_report_quietly
 from .reference import LiveReference, compute_logps_table, data_fingerprint, load_cached, save_cached
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import TetherError, option
-from .config import CommonConfig
+from .train_config import CommonConfig
 
 REFERENCES = ("behavior", "initial", "fixed", "ema")
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from ..config import TetherError, option
 
-LOSSES = ("dpo", "ipo", "slic")
-BAPO_ANCHOR_WEIGHT = 0.1  # λ when method: bapo and anchor_weight is not given (the embedded-world pilot's choice)  # the names tether.losses.preference_loss accepts (here so --help needs no torch)
+LOSSES = ("dpo", "ipo", "slic")  # the names tether.losses.preference_loss accepts (here so --help needs no torch)
+BAPO_ANCHOR_WEIGHT = 0.1  # λ when method: bapo and anchor_weight is not given (the embedded-world pilot's choice)
 
 
 @dataclass
