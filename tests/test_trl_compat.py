@@ -2,15 +2,17 @@
 data splits (`PATH:SPLIT`, DatasetDict, split files), implicit prompts in plain strings, max_steps 0."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import run_cli
 from tether.config import TetherError, load_config
-from tether.data import load_preference_records
+from tether.data import load_preference_records, split_source
 from tether.demo import toy_preferences, write_jsonl
 from tether.train import OnlineConfig, TrainConfig
+from tether.train.card import file_fingerprint
 
 # A DPO YAML as TRL's docs write one (trl/scripts/dpo.py's LoRA example as a config file, plus the keys a TRL
 # user carries over); only model_name_or_path and dataset_name point at local things.
@@ -170,6 +172,11 @@ def test_splits_of_datasetdict_split_files_and_json(tmp_path):
     assert len(load_preference_records(flat, split="test")) == 4  # no splits: the file is the data
     with pytest.raises(TetherError, match="holds no splits"):
         load_preference_records(f"{flat}:test")
+    # one parser of PATH:SPLIT serves the reader and the run's data fingerprint
+    assert split_source(f"{hub}:test") == (hub, "test") and split_source(hub) == (hub, None)
+    assert split_source(f"{hub}:a/b") == (Path(f"{hub}:a/b"), None)  # a path, not a split name
+    assert split_source(tmp_path / "missing:test") == (tmp_path / "missing:test", None)
+    assert file_fingerprint(f"{hub}:test") == file_fingerprint(hub) != file_fingerprint(dd)
 
 
 def test_eval_file_datasetdict_without_test_split_is_refused(model_dir, tmp_path):

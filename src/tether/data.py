@@ -111,17 +111,24 @@ def read_rows(path: str | Path) -> list[tuple[str, dict]]:
 SPLIT_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
+def split_source(path: str | Path) -> tuple[Path, str | None]:
+    """(PATH, SPLIT) of a `PATH:SPLIT` source (PATH exists, SPLIT is a plain name); (path, None) otherwise."""
+    text = str(path)
+    if not Path(text).exists() and ":" in text:
+        head, tail = text.rsplit(":", 1)
+        if Path(head).exists() and tail and "/" not in tail:
+            return Path(head), tail
+    return Path(text), None
+
+
 def read_split_rows(path: str | Path, split: str = "train") -> list[tuple[str, dict]]:
     """`read_rows` for sources that may hold splits: `PATH:SPLIT` names one explicitly (the split must exist),
     otherwise `split` applies where there are splits — a saved DatasetDict, a .json holding {split: [records]},
     or a directory of split files (train.jsonl, test.parquet, data/train-00000-of-00001.parquet). A source
     without splits is read whole unless a split was named in the path."""
-    text, explicit = str(path), False
-    if not Path(text).exists() and ":" in text:
-        head, tail = text.rsplit(":", 1)
-        if Path(head).exists() and tail and "/" not in tail:
-            text, split, explicit = head, tail, True
-    p = Path(text)
+    p, named = split_source(path)
+    explicit = named is not None
+    split = named or split
     if p.is_dir() and not _is_saved_dataset(p):
         files = _split_files(p)
         if not files:

@@ -10,6 +10,7 @@ import platform
 from pathlib import Path
 
 from ..config import TetherError
+from ..data import split_source
 from ..files import read_json_lines
 
 PACKAGES = ("tether", "torch", "transformers", "peft", "accelerate", "datasets")
@@ -29,9 +30,7 @@ def versions() -> dict[str, str]:
 def file_fingerprint(path: str | Path) -> str:
     """sha256 of a data file's bytes (of every file, in sorted order, for a `datasets` directory); a `PATH:SPLIT`
     source is fingerprinted by its PATH."""
-    path = Path(path)
-    if not path.exists() and ":" in str(path) and Path(str(path).rsplit(":", 1)[0]).exists():
-        path = Path(str(path).rsplit(":", 1)[0])
+    path, _ = split_source(path)
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     h = hashlib.sha256()
     for f in files:
