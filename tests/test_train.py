@@ -44,6 +44,39 @@ def test_precomputed_reference_equals_live(model_dir, data_dir, tmp_path):
     pre = train(config(model_dir, data_dir, tmp_path / "pre", precompute_ref_logps=True))
     live = train(config(model_dir, data_dir, tmp_path / "live", precompute_ref_logps=False))
     assert_params_close(final_params(pre), final_params(live), atol=1e-6)
+    assert reference_label(pre) == "initial, log-probs precomputed" and reference_label(live) == "initial (a frozen copy)"
+    assert "- reference: initial, log-probs precomputed" in (pre / "final" / "README.md").read_text()
+
+
+def reference_label(run_dir):
+    return json.loads((run_dir / "results.json").read_text())["reference"]
+
+
+def test_one_reference_object_for_every_mode(model_dir, tokenizer, tmp_path):
+    from tether.data import COMPLETION_KEYS, collate, load_preference_records, tokenize_records
+    from tether.demo import toy_preferences, write_jsonl
+    from tether.models import add_lora, load_model
+    from tether.train.reference import RecordedReference, model_reference
+
+    policy = add_lora(load_model(model_dir), 4, 8, 0.0, None, seed=1)
+    for module in policy.modules():  # a non-zero adapter, so the policy differs from its base
+        if hasattr(module, "lora_B") and "default" in module.lora_B:
+            torch.nn.init.normal_(module.lora_B["default"].weight, std=0.5)
+    base = model_reference("base", load_model(model_dir))
+    off = model_reference("off", policy, adapter_off=True)
+    on = model_reference("on", policy)
+    rows = toy_preferences(3, seed=4)
+    examples, _ = tokenize_records(load_preference_records(write_jsonl(rows, tmp_path / "three.jsonl")), tokenizer, 64, 32)
+    batch = collate(examples, tokenizer.pad_token_id, COMPLETION_KEYS)
+    policy.train()
+    got = off.logps(batch, 2)
+    assert policy.training and not got.requires_grad  # scored in eval mode without gradients, training mode restored
+    torch.testing.assert_close(got, base.logps(batch, 2), atol=1e-5, rtol=0)  # the adapter disabled = the base
+    assert not torch.allclose(on.logps(batch, 2), got, atol=1e-3)
+    assert off.weights_fingerprint() == base.weights_fingerprint() != on.weights_fingerprint()
+    assert RecordedReference("behavior").logps(batch, 2, got) is got
+    with pytest.raises(ValueError, match="must be given"):
+        RecordedReference("behavior").logps(batch, 2)
 
 
 def test_lora_disabled_adapter_reference_equals_copied_reference(model_dir, data_dir, tmp_path):

@@ -122,17 +122,24 @@ def load_model(name: str | os.PathLike, dtype: str | torch.dtype = torch.float32
     return model
 
 
-def load_merged_adapter(adapter_dir: Path, dtype: str | torch.dtype = torch.float32) -> PreTrainedModel:
-    """base + adapter merged into one plain model. The merge runs in float32 (base weights upcast when stored
-    lower), then the merged weights are cast to `dtype` ("auto" = the base model's stored dtype)."""
+def load_adapter(adapter_dir: Path, dtype: str | torch.dtype = torch.float32):
+    """The PEFT model of an adapter directory on its base model (loaded in `dtype`), not merged: with the
+    adapter disabled it is the base."""
     from peft import PeftModel
 
     base_dir = adapter_base(adapter_dir)
-    base = load_model(base_dir, torch.float32)
+    base = load_model(base_dir, dtype)
     try:
-        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+        return PeftModel.from_pretrained(base, adapter_dir)
     except Exception as e:  # noqa: BLE001
         raise TetherError(f"{adapter_dir}: cannot apply the adapter to {base_dir} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def load_merged_adapter(adapter_dir: Path, dtype: str | torch.dtype = torch.float32) -> PreTrainedModel:
+    """base + adapter merged into one plain model. The merge runs in float32 (base weights upcast when stored
+    lower), then the merged weights are cast to `dtype` ("auto" = the base model's stored dtype)."""
+    base_dir = adapter_base(adapter_dir)
+    merged = load_adapter(adapter_dir, torch.float32).merge_and_unload()
     target = torch_dtype(dtype)
     if target == "auto":
         target = getattr(AutoConfig.from_pretrained(base_dir), "dtype", None) or torch.float32

@@ -8,7 +8,6 @@ the same model, reference, loss and β.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -20,7 +19,8 @@ from .data import COMPLETION_KEYS, collate, load_preference_records, tokenize_re
 from .stats import summarize
 from .logprobs import sequence_logps
 from .losses import preference_loss
-from .models import load_model, load_tokenizer
+from .models import adapter_base, is_adapter_dir, load_adapter, load_model, load_tokenizer
+from .train.reference import model_reference
 
 log = logging.getLogger("tether")
 PER_PAIR = ("loss", "reward_accuracy", "reward_margin", "rewards_chosen", "rewards_rejected", "logps_chosen",
@@ -29,32 +29,25 @@ PER_PAIR = ("loss", "reward_accuracy", "reward_margin", "rewards_chosen", "rewar
 
 def load_policy_and_reference(model: str, ref_model: str | None):
     """(policy, reference, tokenizer, description). An adapter directory (adapter_config.json) is loaded on its
-    base, which is also the reference unless `ref_model` is given; a full model needs `ref_model`, except
-    a tether run's final/ model, whose reference is the run's (config.yaml beside it)."""
+    base, which is also the reference (the adapter disabled) unless `ref_model` is given; a full model needs
+    `ref_model`, except a tether run's final/ model, whose reference is the run's (config.yaml beside it)."""
     path = Path(model)
-    adapter = path / "adapter_config.json"
-    if adapter.is_file():
-        from peft import PeftModel
-
-        base = json.loads(adapter.read_text()).get("base_model_name_or_path")
-        if not base:
-            raise TetherError(f"{adapter}: no base_model_name_or_path; cannot tell which model the adapter belongs to")
-        policy = PeftModel.from_pretrained(load_model(base), str(path)).eval()
-        tokenizer = load_tokenizer(base)
-        if (path / "tokenizer_config.json").is_file():  # the run saved its tokenizer beside the adapter
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-        ref = load_model(ref_model).eval() if ref_model else None
-        return policy, ref, tokenizer, {"model": str(path), "base_model": str(base), "ref_model": ref_model or f"{base} (adapter disabled)"}
+    if is_adapter_dir(path):
+        policy = load_adapter(path).eval()
+        base = adapter_base(path)
+        if ref_model:
+            reference = model_reference(str(ref_model), load_model(ref_model).eval())
+        else:
+            reference = model_reference(f"{base} (adapter disabled)", policy, adapter_off=True)
+        return policy, reference, load_tokenizer(path), {"model": str(path), "base_model": str(base), "ref_model": reference.label}
     run_cfg = path.parent / "config.yaml"
     if ref_model is None and path.name == "final" and run_cfg.is_file():
         cfg = yaml.safe_load(run_cfg.read_text()) or {}
         ref_model = cfg.get("ref_model") or cfg.get("model")
     if ref_model is None:
         raise TetherError(f"--model {model}: a full model needs --ref_model (the reference its rewards are measured against)")
-    return load_model(model).eval(), load_model(ref_model).eval(), load_tokenizer(model), {"model": str(model), "ref_model": str(ref_model)}
+    reference = model_reference(str(ref_model), load_model(ref_model).eval())
+    return load_model(model).eval(), reference, load_tokenizer(model), {"model": str(model), "ref_model": str(ref_model)}
 
 
 @torch.no_grad()
@@ -71,11 +64,7 @@ def evaluate_pairs(opts) -> dict:
         batch = collate(chunk, tokenizer.pad_token_id, COMPLETION_KEYS)
         args = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"], 2)
         pol, lens = sequence_logps(policy, *args)
-        if ref is None:
-            with policy.disable_adapter():
-                ref_sums, _ = sequence_logps(policy, *args)
-        else:
-            ref_sums, _ = sequence_logps(ref, *args)
+        ref_sums = ref.logps(batch, 2)
         n = len(chunk)
         _, stats = preference_loss(pol[:n], pol[n:], ref_sums[:n], ref_sums[n:], lens[:n], lens[n:], loss=opts.loss,
                                    beta=opts.beta, label_smoothing=opts.label_smoothing, nll_weight=opts.nll_weight)

@@ -80,10 +80,13 @@ def model_card(cfg, kind: str, run_dir: Path, results: dict) -> str:
     lines += [usage, "", f"- base model: {shown}{base_note}"]
     method = cfg.method
     if kind == "online":
-        method = f"online DAP, reference = {cfg.reference}" + (" (BPO)" if cfg.reference == "behavior" else "")
+        method = f"online DAP, reference = {results.get('reference')}"
         if cfg.method == "bapo":
             method += " + BAPO anchor"
-    lines += [f"- method: {method}; loss: {cfg.loss}", "", "## Hyper-parameters", "", "| option | value |", "|---|---|"]
+    lines += [f"- method: {method}; loss: {cfg.loss}"]
+    if kind != "online" and results.get("reference"):
+        lines += [f"- reference: {results['reference']}"]
+    lines += ["", "## Hyper-parameters", "", "| option | value |", "|---|---|"]
     anchored = cfg.method == "bapo"
     lines += [f"| {k} | {getattr(cfg, k)} |" for k in HYPER if hasattr(cfg, k) and (anchored or not k.startswith("anchor_"))]
     lines += ["", "## Data", "", "| role | file | content fingerprint |", "|---|---|---|"]

@@ -27,7 +27,7 @@ from ..logprobs import SequenceScorer
 from ..base_responses import attach_base_responses, base_keys
 from ..losses import objective
 from ..files import cache_dir
-from ..models import load_model, load_tokenizer
+from ..models import load_tokenizer
 from . import checkpoint
 from .card import data_files, model_card, versions
 from .checkpoint import full_tensor
@@ -52,7 +52,7 @@ from .common import (
 from .rundir import claim_run_dir
 from .train_config import TrainConfig
 from ..run_report import write_report_quietly
-from .reference import LiveReference, compute_logps_table, data_fingerprint, load_cached, save_cached
+from .reference import cached_reference, compute_logps_table, data_fingerprint, load_cached, offline_reference, save_cached
 
 log = logging.getLogger("tether")
 
@@ -81,19 +81,6 @@ def load_examples(cfg: TrainConfig, tokenizer) -> tuple[list[Example], list[Exam
     return train_ex, eval_ex, report
 
 
-def make_reference(cfg: TrainConfig, policy, device) -> LiveReference:
-    """π_ref as a live scorer: a separate frozen model, the LoRA base (adapter disabled) or the initial policy."""
-    if cfg.ref_model:
-        ref = load_model(cfg.ref_model, cfg.torch_dtype).eval().requires_grad_(False).to(device)
-        return LiveReference(ref, use_base_of_adapter=False)
-    if cfg.lora:
-        return LiveReference(policy, use_base_of_adapter=True)
-    if cfg.precompute_ref_logps:  # the policy IS the reference until the first step
-        return LiveReference(policy, use_base_of_adapter=False)
-    ref = load_model(cfg.model, cfg.torch_dtype).eval().requires_grad_(False).to(device)
-    return LiveReference(ref, use_base_of_adapter=False)
-
-
 def reference_table(accelerator, cfg, reference, examples, keys, pad_id, desc) -> torch.Tensor:
     """(len(keys), len(examples)) reference log-probs, from the disk cache or computed (sharded across processes)."""
     # the thread count, process count and batch size change float summation order (~1e-7): a table computed
@@ -119,12 +106,10 @@ def reference_table(accelerator, cfg, reference, examples, keys, pad_id, desc) -
 
 
 def _batch(examples, idx, table, reference, keys, pad_id, device):
+    """The collated examples `idx` and their reference log-probs (from `table` when they were precomputed)."""
     batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id, keys).items()}
-    if table is not None:
-        ref = table[:, idx].reshape(-1).to(device)  # key-major, like the rows of the batch
-    else:
-        ref = reference.logps(batch, len(keys))[0]
-    return batch, ref
+    recorded = table[:, idx].reshape(-1).to(device) if table is not None else None  # key-major, like the batch rows
+    return batch, reference.logps(batch, len(keys), recorded)
 
 
 @torch.no_grad()
@@ -174,7 +159,7 @@ def _train(cfg, accelerator, setup, tokenizer, train_ex, eval_ex, report, claim)
     pad_id = tokenizer.pad_token_id
 
     model = load_policy(cfg).to(accelerator.device)
-    reference = make_reference(cfg, model, accelerator.device)
+    reference = offline_reference(cfg, model, accelerator.device)
     if keys != COMPLETION_KEYS:
         attach_base_responses(accelerator, cfg, reference, tokenizer, [train_ex, eval_ex])
     train_table = eval_table = None
@@ -182,7 +167,7 @@ def _train(cfg, accelerator, setup, tokenizer, train_ex, eval_ex, report, claim)
         train_table = reference_table(accelerator, cfg, reference, train_ex, keys, pad_id, "reference log-probs (train)")
         if eval_ex:
             eval_table = reference_table(accelerator, cfg, reference, eval_ex, keys, pad_id, "reference log-probs (eval)")
-        reference = None  # nothing of the reference stays in memory
+        reference = cached_reference(reference)  # nothing of the reference model stays in memory
 
     procs, b, accum = accelerator.num_processes, cfg.batch_size, cfg.gradient_accumulation_steps
     global_batch = b * procs * accum
@@ -205,7 +190,7 @@ def _train(cfg, accelerator, setup, tokenizer, train_ex, eval_ex, report, claim)
         results["initial_eval"] = evaluate(accelerator, cfg, scorer, eval_ex, eval_table, reference, keys, pad_id)
         log_to_trackers(accelerator, results["initial_eval"], step=0)
     if accelerator.is_main_process:
-        results.update(versions=versions(), distributed=setup, data_files=data_files(train=cfg.train_file, eval=cfg.eval_file))
+        results.update(reference=reference.label, versions=versions(), distributed=setup, data_files=data_files(train=cfg.train_file, eval=cfg.eval_file))
         write_text_atomic(run_dir / "results.json", json.dumps(results, indent=1))
     metrics = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process, start if claim.resumed else None)
 

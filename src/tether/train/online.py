@@ -43,6 +43,7 @@ from .common import (
 from .ledger import Ledger
 from .online_config import OnlineConfig
 from .online_policy import OnlinePolicy
+from .reference import online_reference, online_twins
 from .rundir import claim_run_dir
 
 log = logging.getLogger("tether")
@@ -86,7 +87,9 @@ class OnlineRun:
         """Load the models and the ledger (after the run directory is claimed)."""
         cfg = self.cfg
         start_trackers(self.acc, cfg)
-        self.policy = OnlinePolicy(cfg, self.acc.device)
+        keep_initial, followers = online_twins(cfg)
+        self.policy = OnlinePolicy(cfg, self.acc.device, keep_initial or cfg.method == "bapo", followers)  # BAPO: y_b from π_sft
+        self.reference = online_reference(cfg, self.policy, self.acc.device)
         self.eos = eos_token_ids(self.policy.model, self.tokenizer)
         self.ledger = Ledger(self.run_dir / "ledger.jsonl", writable=self.acc.is_main_process)
         self.prompt_ids = {}
@@ -224,7 +227,7 @@ class OnlineRun:
             results["initial_eval"] = self.evaluate()
             log_to_trackers(acc, results["initial_eval"], step=0)
         if acc.is_main_process:
-            results.update(versions=versions(), distributed=self.setup, data_files=data_files(prompts=cfg.prompt_file, eval=cfg.eval_file))
+            results.update(reference=self.reference.label, versions=versions(), distributed=self.setup, data_files=data_files(prompts=cfg.prompt_file, eval=cfg.eval_file))
         self._write_results(results)
         metrics = MetricsLog(self.run_dir / "metrics.jsonl", acc.is_main_process, start if self.claim.resumed else None)
         failing_steps = 0
@@ -253,11 +256,11 @@ class OnlineRun:
             row = {"step": step + 1, "pairs": len(usable), "annotations": annotations, "behavior_version": version, "replayed": replayed}
             row.update({status: sum(r["status"] == status for r in rows) for status in ("identical", "tie", "oracle_failed")})
             if usable:
-                batch, ref_logps = self.batch(mine) if mine else (None, None)
+                batch, recorded = self.batch(mine) if mine else (None, None)
                 t = time.perf_counter()
-                if mine and cfg.reference != "behavior":  # y_b's reference stays log π_sft(y_b), from the ledger
+                if mine:  # y_b's reference stays log π_sft(y_b), from the ledger
                     n = len(mine)
-                    ref_logps = torch.cat([policy.reference_logps(batch, len(self.keys))[: 2 * n], ref_logps[2 * n :]])
+                    ref_logps = torch.cat([self.reference.logps(batch, len(self.keys), recorded)[: 2 * n], recorded[2 * n :]])
                 timing["reference_s"] += time.perf_counter() - t
                 t = time.perf_counter()
                 stats, grad_norm, lr = policy.step(batch, ref_logps, len(usable), len(self.keys), step + 1) if mine else self._idle_step(len(usable), step + 1)
@@ -267,6 +270,7 @@ class OnlineRun:
                 lr = policy.learning_rate()
                 policy.skip_step()
                 row.update(lr=lr, skipped=True)
+            self.reference.update()
             done = step + 1
             row.update({k2: round(v, 3) for k2, v in timing.items()})
             if cfg.eval_steps and done % cfg.eval_steps == 0 and done < cfg.steps:

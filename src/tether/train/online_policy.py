@@ -1,8 +1,8 @@
 """The models of an online run: the trained policy π_θ, the behavior snapshot π_β and the reference π_ref.
 
 Full fine-tuning: π_θ is the model; π_β is a frozen copy taken at each phase start (only when K > 1 — with
-K = 1 the policy at sampling time IS π_β); `initial` and `ema` references are frozen copies, `fixed` a
-separate model.
+K = 1 the policy at sampling time IS π_β); π_sft and the followers a reference asks for (an `ema` reference)
+are frozen copies.
 
 LoRA: π_θ is n adapters on one base ("default", "e1", …, each from its own seed, each with its own AdamW and
 schedule, each taking one step per batch on the same pairs). π_β is one more adapter, "behavior", holding the
@@ -10,8 +10,11 @@ merged ensemble at the phase start — an adapter copy, never a model copy:
     linear  A_β = mean_i A_i, B_β = Σ_i B_i           → ΔW_β = (s/n)(Σ_i B_i)(Σ_j A_j)
             (PEFT add_weighted_adapter "linear" with weights 1/n, as in the paper's code; cross terms included)
     exact   A_β = [A_1; …; A_n], B_β = [B_1 … B_n]/n  → ΔW_β = (s/n) Σ_i B_i A_i      (rank n·r, alpha n·alpha)
-With n = 1 both are a plain copy. The `initial` reference is the base with adapters disabled; `ema` is one
-more adapter; the evaluated and exported model is the merged ensemble ("merged" adapter when n > 1).
+With n = 1 both are a plain copy. π_sft is the base with adapters disabled; a follower is one more adapter;
+the evaluated and exported model is the merged ensemble ("merged" adapter when n > 1).
+
+Which reference the loss uses is not this module's business: `reference.online_reference` builds it on the
+policy (`initial`, `twin`, `follow`), and `reference.online_twins` says what the policy must keep for it.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from ..logprobs import sequence_logps
 from ..losses import objective
 from ..models import add_lora, disable_dropout, enable_gradient_checkpointing, load_model
 from .common import check_finite_step, make_optimizer, objective_options
+from .reference import frozen
 
 
 def _frozen_copy(model):
@@ -51,7 +55,11 @@ class StateList:
 
 
 class OnlinePolicy:
-    def __init__(self, cfg, device):
+    """π_θ (n adapters, or the model), π_β, and what a reference needs: π_sft when `keep_initial` (a frozen copy
+    with full fine-tuning; with LoRA the base is always at hand), and one frozen copy per name in `followers`
+    that `follow` moves toward π_θ."""
+
+    def __init__(self, cfg, device, keep_initial: bool = False, followers: tuple[str, ...] = ()):
         self.cfg, self.device = cfg, device
         n, k = cfg.ensemble_size, cfg.steps // cfg.phases
         model = load_model(cfg.model, cfg.torch_dtype)
@@ -61,7 +69,8 @@ class OnlinePolicy:
             enable_gradient_checkpointing(model)
         self.names: list[str | None] = [None]
         self.aux_adapters: list[str] = []  # LoRA adapters besides the trained ones: behavior (π_β), ema, merged
-        self.behavior_model = self.initial_model = self.ema_model = self.fixed_model = None
+        self.behavior_model = self.initial_model = None
+        self.followers: dict[str, torch.nn.Module] = {}  # full fine-tuning: name -> frozen copy
         if cfg.lora:
             model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, seed=cfg.seed)
             self.names = ["default"] + [f"e{i}" for i in range(1, n)]
@@ -70,7 +79,8 @@ class OnlinePolicy:
                 model.add_adapter(name, copy.deepcopy(model.peft_config["default"]))
             shape = dict(r=cfg.lora_r * n, lora_alpha=cfg.lora_alpha * n) if cfg.ensemble_merge == "exact" else {}
             merged_cfg = dataclasses.replace(copy.deepcopy(model.peft_config["default"]), **shape)
-            self.aux_adapters = [a for a, need in (("behavior", n > 1 or k > 1), ("ema", cfg.reference == "ema"), ("merged", n > 1)) if need]
+            needed = [("behavior", n > 1 or k > 1), *((f, True) for f in followers), ("merged", n > 1)]
+            self.aux_adapters = [a for a, need in needed if need]
             for name in self.aux_adapters:
                 model.add_adapter(name, copy.deepcopy(merged_cfg))
             if cfg.disable_dropout:
@@ -79,12 +89,9 @@ class OnlinePolicy:
         if not cfg.lora:
             if k > 1:
                 self.behavior_model = _frozen_copy(model)
-            if cfg.reference == "initial" or cfg.method == "bapo":
+            if keep_initial:
                 self.initial_model = _frozen_copy(model)
-            if cfg.reference == "ema":
-                self.ema_model = _frozen_copy(model)
-        if cfg.reference == "fixed":
-            self.fixed_model = load_model(cfg.ref_model, cfg.torch_dtype).eval().requires_grad_(False).to(device)
+            self.followers = {f: _frozen_copy(model) for f in followers}
         self.params = [self._params_of(name) for name in self.names]
         self.optimizers, self.schedulers = [], []
         for name in self.names:
@@ -93,8 +100,9 @@ class OnlinePolicy:
             self.optimizers.append(opt)
             self.schedulers.append(sched)
         self._activate(self.names[0])
-        if cfg.reference == "ema" and cfg.lora:
-            self._merge_into("ema")
+        if cfg.lora:
+            for f in followers:
+                self._merge_into(f)
 
     # ------------------------------------------------------------------------------------------ adapters
 
@@ -139,19 +147,14 @@ class OnlinePolicy:
     @contextlib.contextmanager
     def _frozen(self, adapter: str | None = None, disabled: bool = False, model=None):
         """The model to run without gradients: a separate one, the base (adapters off), or an adapter."""
-        target = model if model is not None else self.model
-        was = target.training
-        target.eval()
-        ctx = self.model.disable_adapter() if disabled else contextlib.nullcontext()
         try:
             if adapter is not None:
                 self._activate(adapter, trainable=False)
-            with ctx, torch.no_grad():
+            with frozen(model if model is not None else self.model, adapter_off=disabled) as target:
                 yield target
         finally:
             if adapter is not None:
                 self._activate(self.names[0])
-            target.train(was)
 
     def behavior(self):
         """Context yielding π_β (for sampling and its log-probs)."""
@@ -170,17 +173,18 @@ class OnlinePolicy:
         """Context yielding π_sft, the policy before training (the base with adapters off, or a frozen copy)."""
         return self._frozen(disabled=True) if self.cfg.lora else self._frozen(model=self.initial_model)
 
-    def reference_logps(self, batch: dict[str, torch.Tensor], n_keys: int = 2) -> torch.Tensor:
-        """Summed log π_ref of every row, for references other than π_β (whose log-probs come from sampling)."""
-        ref = self.cfg.reference
-        if ref == "fixed":
-            ctx = self._frozen(model=self.fixed_model)
-        elif ref == "initial":
-            ctx = self.initial()
+    def twin(self, name: str):
+        """Context yielding the follower `name` (an adapter with LoRA, a frozen copy otherwise)."""
+        return self._frozen(adapter=name) if self.cfg.lora else self._frozen(model=self.followers[name])
+
+    @torch.no_grad()
+    def follow(self, name: str, rate: float) -> None:
+        """follower ← (1 − rate)·follower + rate·π_θ (the merged ensemble with LoRA)."""
+        if self.cfg.lora:
+            self._merge_into(name, rate)
         else:
-            ctx = self._frozen(adapter="ema") if self.cfg.lora else self._frozen(model=self.ema_model)
-        with ctx as model:
-            return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], n_keys)[0]
+            for e, p in zip(self.followers[name].parameters(), self.model.parameters()):
+                e.lerp_(p, rate)
 
     # ------------------------------------------------------------------------------------------ training
 
@@ -212,8 +216,6 @@ class OnlinePolicy:
             sched.step()
             opt.zero_grad(set_to_none=True)
         self._activate(self.names[0])
-        if self.cfg.reference == "ema":
-            self._update_ema()
         merged = {k: torch.stack([s[k] for s in all_stats]).mean(dim=0) for k in all_stats[0]} if all_stats else {}
         return merged, sum(norms) / len(norms), self.schedulers[0].get_last_lr()[0]
 
@@ -223,17 +225,6 @@ class OnlinePolicy:
             warnings.simplefilter("ignore", UserWarning)
             for sched in self.schedulers:
                 sched.step()
-        if self.cfg.reference == "ema":
-            self._update_ema()
-
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        rate = self.cfg.ema_rate
-        if self.cfg.lora:
-            self._merge_into("ema", rate)
-        else:
-            for e, p in zip(self.ema_model.parameters(), self.model.parameters()):
-                e.lerp_(p, rate)
 
     def learning_rate(self) -> float:
         return self.schedulers[0].get_last_lr()[0]
@@ -245,7 +236,7 @@ class OnlinePolicy:
         if self.cfg.lora:
             return {n: p for n, p in self.model.named_parameters() if "lora_" in n}
         out = {f"policy.{n}": p for n, p in self.model.named_parameters()}
-        for prefix, twin in (("behavior", self.behavior_model), ("ema", self.ema_model)):
+        for prefix, twin in (("behavior", self.behavior_model), *self.followers.items()):
             if twin is not None:
                 out.update({f"{prefix}.{n}": p for n, p in twin.named_parameters()})
         return out

@@ -1,11 +1,23 @@
-"""The reference policy π_ref: a separate frozen model, the LoRA base with the adapter disabled, or
-log-probs precomputed once and cached on disk (keyed by a fingerprint of model weights + tokenized data)."""
+"""The reference policy π_ref of the loss: one `Reference` object for every reference mode of both loops.
+
+    initial   π_sft, the policy before training: the LoRA base with the adapter disabled, the policy itself
+              until its first step (offline, when the log-probs are precomputed), or a frozen copy
+    fixed     a separate frozen model (`ref_model`)
+    behavior  π_β, the behavior policy of BPO (docs/methods.md §5): its log-probs are recorded when it samples
+    ema       an exponential moving average of π_θ, moved after every step (online)
+    cached    (offline) any of the above, its log-probs computed once before training and cached on disk
+              (keyed by a fingerprint of the model weights + tokenized data)
+
+`offline_reference` and `online_reference` are the only places that read the `reference` / `ref_model`
+options; both loops call `Reference.logps` for a batch, `Reference.update` after every optimizer step, and
+write `Reference.label` into results.json (the model card shows it)."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -14,50 +26,123 @@ from tqdm.auto import tqdm
 from ..data import Example, collate
 from ..files import write_atomic
 from ..logprobs import sequence_logps
+from ..models import load_model
 
 log = logging.getLogger("tether")
 
 
-def adapter_disabled(model):
-    """Context in which a PEFT model behaves as its base model (no-op for a plain model)."""
-    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+@contextlib.contextmanager
+def frozen(model, adapter_off: bool = False):
+    """`model` in eval mode (no dropout) without gradients, with its PEFT adapters disabled when `adapter_off`
+    (no-op for a plain model); its training mode is restored afterwards."""
+    ctx = model.disable_adapter() if adapter_off and hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    was_training = model.training
+    model.eval()
+    try:
+        with ctx, torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
 
 
-class LiveReference:
-    """Scores batches with a reference model on the fly.
+def frozen_model(name: str, dtype, device):
+    """A model loaded to serve as a reference: eval mode, no gradients, on `device`."""
+    return load_model(name, dtype).eval().requires_grad_(False).to(device)
 
-    `model` is either a separate frozen model, or the (unwrapped) PEFT policy itself, in which case the
-    adapter is disabled during the forward, so no second copy of the weights exists.
-    """
 
-    def __init__(self, model, use_base_of_adapter: bool):
-        self.model = model
-        self.use_base_of_adapter = use_base_of_adapter
+class Reference:
+    """π_ref: `logps(batch, n_keys, recorded)` gives the summed log π_ref of every row of a collated batch
+    (key-major); `recorded` holds log-probs of those rows known before the step (π_β's from sampling, a cached
+    table), which a reference that scores live does not need. `label` says what π_ref is."""
 
-    @contextlib.contextmanager
+    def __init__(self, label: str):
+        self.label = label
+
+    def logps(self, batch: dict[str, torch.Tensor], n_keys: int, recorded: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def update(self) -> None:
+        """After every optimizer step (or skipped step): only a moving reference (ema) changes."""
+
+
+class RecordedReference(Reference):
+    """A reference whose log-probs were recorded before they are needed: π_β's at sampling time (online), or a
+    table precomputed once and cached (offline)."""
+
+    def logps(self, batch, n_keys, recorded=None):
+        if recorded is None:
+            raise ValueError(f"the {self.label} reference scores nothing itself: its log-probs must be given")
+        return recorded
+
+
+class LiveReference(Reference):
+    """Scores batches with a model on the fly. `open()` is a context yielding the model in eval mode without
+    gradients (for `generating` too); `model` and `adapter_off` say whose weights the fingerprint of a cache
+    key covers (the base's alone when the reference is the policy with its adapter disabled); `follow`, when
+    given, moves the reference after every step (ema)."""
+
+    def __init__(self, label: str, open: Callable, model=None, adapter_off: bool = False, follow: Callable | None = None):
+        super().__init__(label)
+        self.open, self.model, self.adapter_off, self.follow = open, model, adapter_off, follow
+
     def generating(self):
-        """The reference model in eval mode (no dropout), with the adapter disabled when it is the LoRA base."""
-        ctx = adapter_disabled(self.model) if self.use_base_of_adapter else contextlib.nullcontext()
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with ctx, torch.no_grad():
-                yield self.model
-        finally:
-            self.model.train(was_training)
+        return self.open()
 
-    def logps(self, batch: dict[str, torch.Tensor], n_groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        with self.generating() as model:
-            return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], n_groups)
+    def logps(self, batch, n_keys, recorded=None):
+        with self.open() as model:
+            return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], n_keys)[0]
+
+    def update(self) -> None:
+        if self.follow is not None:
+            self.follow()
 
     def weights_fingerprint(self) -> str:
         h = hashlib.blake2b(digest_size=16)
         for name, tensor in sorted(self.model.state_dict().items()):
-            if self.use_base_of_adapter and "lora_" in name:
+            if self.adapter_off and "lora_" in name:
                 continue
             h.update(name.replace("base_model.model.", "").replace(".base_layer", "").encode())
             h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())  # the bytes in place, no copy
         return h.hexdigest()
+
+
+def model_reference(label: str, model, adapter_off: bool = False) -> LiveReference:
+    """A live reference that is `model` (with its adapters disabled when `adapter_off`)."""
+    return LiveReference(label, lambda: frozen(model, adapter_off), model, adapter_off)
+
+
+def offline_reference(cfg, policy, device) -> LiveReference:
+    """π_ref of an offline run, as a live scorer (precomputing turns it into a cached one, `cached_reference`):
+    a separate frozen model, the LoRA base (adapter disabled) or the initial policy."""
+    if cfg.ref_model:
+        return model_reference(f"fixed ({cfg.ref_model})", frozen_model(cfg.ref_model, cfg.torch_dtype, device))
+    if cfg.lora:
+        return model_reference("initial (the base with the adapter disabled)", policy, adapter_off=True)
+    if cfg.precompute_ref_logps:  # the policy IS the reference until the first step
+        return model_reference("initial", policy)
+    return model_reference("initial (a frozen copy)", frozen_model(cfg.model, cfg.torch_dtype, device))
+
+
+def cached_reference(live: Reference) -> RecordedReference:
+    """`live` once its log-probs are precomputed for every example: nothing of its model is needed any more."""
+    return RecordedReference(f"{live.label}, log-probs precomputed")
+
+
+def online_twins(cfg) -> tuple[bool, tuple[str, ...]]:
+    """What the online policy keeps for the reference besides π_θ and π_β: (π_sft?, names of frozen copies
+    that follow π_θ)."""
+    return cfg.reference == "initial", ("ema",) if cfg.reference == "ema" else ()
+
+
+def online_reference(cfg, policy, device) -> Reference:
+    """π_ref of an online run, built on `policy` (an OnlinePolicy made with `online_twins(cfg)`)."""
+    if cfg.reference == "behavior":
+        return RecordedReference("behavior (BPO)")
+    if cfg.reference == "fixed":
+        return model_reference("fixed", frozen_model(cfg.ref_model, cfg.torch_dtype, device))
+    if cfg.reference == "initial":
+        return LiveReference("initial", policy.initial)
+    return LiveReference("ema", lambda: policy.twin("ema"), follow=lambda: policy.follow("ema", cfg.ema_rate))
 
 
 def data_fingerprint(examples: list[Example], keys: tuple[str, ...]) -> str:
@@ -85,7 +170,7 @@ def compute_logps_table(
     for start in range(0, len(indices), batch_size):
         chunk = indices[start : start + batch_size]
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in chunk], pad_id, keys).items()}
-        sums, _ = reference.logps(batch, len(keys))
+        sums = reference.logps(batch, len(keys))
         parts.append(sums.view(len(keys), len(chunk)).cpu())
         bar.update(len(chunk))
     bar.close()
