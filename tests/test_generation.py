@@ -64,3 +64,15 @@ def test_output_is_cut_at_eos(lm):
     assert generate(model, tok, ["x"], max_new_tokens=8) == ["a"]
     calls.clear()
     assert generate_ids(model, tok, [prompt_ids(tok, "x")], max_new_tokens=8) == [[first, tok.eos_token_id]]
+
+
+def test_base_answers_are_generate_ids_per_prompt(lm):
+    from tether.base_responses import base_answers
+
+    model, tok = lm
+    ids = [prompt_ids(tok, p) for p in PROMPTS]
+    greedy = base_answers(model, tok, ids, max_new_tokens=8, batch_size=2)
+    assert greedy == [[y] for y in generate_ids(model, tok, ids, max_new_tokens=8)]
+    sampled = base_answers(model, tok, ids, samples=3, seed=5, max_new_tokens=8, do_sample=True, top_k=20)
+    assert [len(s) for s in sampled] == [3] * len(PROMPTS) and len({tuple(y) for s in sampled for y in s}) > len(PROMPTS)
+    assert sampled == base_answers(model, tok, ids, samples=3, seed=5, max_new_tokens=8, do_sample=True, top_k=20)

@@ -1,5 +1,7 @@
-"""BAPO's base responses y_b (docs/methods.md §3): before training, the reference (base) model answers every
-training prompt itself, once; the answers are cached on disk and become extra completions of each example.
+"""BAPO's base responses y_b (docs/methods.md §3), written by `base_answers` for both loops. Offline, before
+training, the reference (base) model answers every training prompt itself, once; the answers are cached on disk
+and become extra completions of each example (`attach_base_responses`). Online, π_sft answers each prompt the
+first time it is drawn (greedy; the loop keeps the answers and the ledger records them).
 
 Generation works on token ids: y_b is exactly the token sequence the base model produced from the same
 (truncated) prompt tokens the policy is trained on, ending with its EOS token (or cut at
@@ -57,8 +59,10 @@ def attach_base_responses(accelerator, cfg, reference, tokenizer, example_sets: 
         log.info("base responses reused from %s", path)
     else:
         mine = list(range(accelerator.process_index, len(prompts), accelerator.num_processes))
-        with reference.generating():
-            part = _generate_shard(cfg, reference, tokenizer, prompts, mine, accelerator.is_main_process)
+        with reference.generating() as model:
+            answers = base_answers(model, tokenizer, [prompts[i] for i in mine], samples=cfg.base_samples, seed=cfg.seed,
+                                   batch_size=cfg.eval_batch_size, progress=accelerator.is_main_process and cfg.progress, **_decoding(cfg))
+        part = dict(zip(mine, answers))
         responses = {}
         for piece in gather_object([part]):
             responses.update({str(k): v for k, v in piece.items()})
@@ -93,12 +97,10 @@ def _cached_responses(path: Path, n_prompts: int, n: int) -> dict | None:
     return responses
 
 
-def _generate_shard(cfg, reference, tokenizer, prompts, mine, progress) -> dict[int, list[list[int]]]:
-    """Responses for this process's prompts: all prompts × n samples in batches."""
-    flat = [list(prompts[i]) for i in mine for _ in range(cfg.base_samples)]
-    ids = generate_ids(
-        reference.model, tokenizer, flat, seed=cfg.seed, batch_size=cfg.eval_batch_size,
-        progress=progress and cfg.progress, desc="base responses", **_decoding(cfg),
-    )
-    n = cfg.base_samples
-    return {i: ids[j * n : (j + 1) * n] for j, i in enumerate(mine)}
+def base_answers(model, tokenizer, prompts, *, samples: int = 1, seed: int | None = None, batch_size: int = 32,
+                 progress: bool = False, **decoding) -> list[list[list[int]]]:
+    """y_b: `samples` answers of `model` to each prompt (token ids), each up to and including its EOS token;
+    `decoding` as `generation.generate_ids` takes it (greedy unless do_sample)."""
+    flat = [list(p) for p in prompts for _ in range(samples)]
+    ids = generate_ids(model, tokenizer, flat, seed=seed, batch_size=batch_size, progress=progress, desc="base responses", **decoding)
+    return [ids[j * samples : (j + 1) * samples] for j in range(len(prompts))]

@@ -32,6 +32,7 @@ from ..generation import eos_token_ids, generate_ids, prompt_ids
 from ..models import load_tokenizer
 from ..oracles import Annotator, load_oracle
 from ..sampling import sample_responses
+from ..base_responses import base_answers
 from . import checkpoint
 from ..files import read_json, write_text_atomic
 from ..run_report import write_report_quietly
@@ -112,7 +113,7 @@ class OnlineRun:
         if todo:
             prompts = [self._ids(i) for i in todo]
             with self.policy.initial() as model:
-                ys = generate_ids(model, self.tokenizer, prompts, max_new_tokens=self.max_new_tokens, batch_size=self.cfg.eval_batch_size)
+                ys = [y for (y,) in base_answers(model, self.tokenizer, prompts, max_new_tokens=self.max_new_tokens, batch_size=self.cfg.eval_batch_size)]
                 logps = completion_logps_ids(model, prompts, ys, self.tokenizer.pad_token_id, self.cfg.eval_batch_size)
             self.base_answers.update({i: (y, lp) for i, y, lp in zip(todo, ys, logps)})
         return [self.base_answers[i] for i in indices]
