@@ -94,26 +94,9 @@ def generate_ids(
     return out
 
 
-def generate(
-    model,
-    tokenizer,
-    prompts: Sequence,
-    *,
-    max_new_tokens: int = 64,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    batch_size: int = 32,
-    seed: int | None = None,
-    progress: bool = False,
-) -> list[str]:
+def generate(model, tokenizer, prompts: Sequence, **decoding) -> list[str]:
     """Completions of `prompts` (strings or chat messages) as text: special tokens stripped, cut at the
-    end of sequence. Decoding options as in `generate_ids`."""
-    ids = generate_ids(
-        model, tokenizer, [prompt_ids(tokenizer, p) for p in prompts],
-        max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-        batch_size=batch_size, seed=seed, progress=progress,
-    )  # fmt: skip
+    end of sequence. `decoding`: the keyword options of `generate_ids` (greedy by default)."""
+    ids = generate_ids(model, tokenizer, [prompt_ids(tokenizer, p) for p in prompts], **decoding)
     eos_ids = eos_token_ids(model, tokenizer)
     return [tokenizer.decode([t for t in row if t not in eos_ids], skip_special_tokens=True).strip() for row in ids]
