@@ -30,8 +30,8 @@ import torch
 
 from ..logprobs import sequence_logps
 from ..losses import objective
-from ..models import add_lora, disable_dropout, enable_gradient_checkpointing, load_model
-from .common import check_finite_step, make_optimizer, objective_options
+from ..models import disable_dropout
+from .common import check_finite_step, load_policy, make_optimizer, objective_options
 from .reference import frozen
 
 
@@ -62,17 +62,12 @@ class OnlinePolicy:
     def __init__(self, cfg, device, keep_initial: bool = False, followers: tuple[str, ...] = ()):
         self.cfg, self.device = cfg, device
         n, k = cfg.ensemble_size, cfg.steps // cfg.phases
-        model = load_model(cfg.model, cfg.torch_dtype)
-        if cfg.disable_dropout:
-            disable_dropout(model)
-        if cfg.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
+        model = load_policy(cfg)  # with LoRA: the "default" adapter
         self.names: list[str | None] = [None]
         self.aux_adapters: list[str] = []  # LoRA adapters besides the trained ones: behavior (π_β), ema, merged
         self.behavior_model = self.initial_model = None
         self.followers: dict[str, torch.nn.Module] = {}  # full fine-tuning: name -> frozen copy
         if cfg.lora:
-            model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, seed=cfg.seed)
             self.names = ["default"] + [f"e{i}" for i in range(1, n)]
             for i, name in enumerate(self.names[1:], 1):
                 torch.manual_seed(cfg.seed + i)
