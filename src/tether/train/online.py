@@ -96,7 +96,7 @@ class OnlineRun:
         self.prompt_ids = {}
         self.max_new_tokens = min(cfg.max_new_tokens, cfg.max_length - cfg.max_prompt_length)  # sampled and y_b
         self.keys = ("chosen", "rejected", "base") if cfg.method == "bapo" else ("chosen", "rejected")
-        self.base_answers: dict[int, tuple[list[int], float]] = {}  # BAPO anchor: prompt -> (y_b, log π_sft(y_b))
+        self.base_cache: dict[int, tuple[list[int], float]] = {}  # BAPO anchor: prompt -> (y_b, log π_sft(y_b))
         self.timing = {"sample_s": 0.0, "annotate_s": 0.0, "reference_s": 0.0, "update_s": 0.0}
 
     # ------------------------------------------------------------------------------------------ data
@@ -109,14 +109,14 @@ class OnlineRun:
 
     def _base_answers(self, indices: list[int]) -> list[tuple[list[int], float]]:
         """BAPO's anchor: the initial model's greedy answer y_b to each prompt and log π_sft(y_b), once per prompt."""
-        todo = sorted({i for i in indices if i not in self.base_answers})
+        todo = sorted({i for i in indices if i not in self.base_cache})
         if todo:
             prompts = [self._ids(i) for i in todo]
             with self.policy.initial() as model:
                 ys = [y for (y,) in base_answers(model, self.tokenizer, prompts, max_new_tokens=self.max_new_tokens, batch_size=self.cfg.eval_batch_size)]
                 logps = completion_logps_ids(model, prompts, ys, self.tokenizer.pad_token_id, self.cfg.eval_batch_size)
-            self.base_answers.update({i: (y, lp) for i, y, lp in zip(todo, ys, logps)})
-        return [self.base_answers[i] for i in indices]
+            self.base_cache.update({i: (y, lp) for i, y, lp in zip(todo, ys, logps)})
+        return [self.base_cache[i] for i in indices]
 
     def _text(self, ids: list[int]) -> str:
         return self.tokenizer.decode([t for t in ids if t not in self.eos], skip_special_tokens=True).strip()
