@@ -15,6 +15,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
+from .models import forward_is_collective
+
 
 def prompt_ids(tokenizer, prompt) -> list[int]:
     """Token ids of one prompt. Chat messages get the chat template (which adds its own special tokens);
@@ -63,7 +65,9 @@ def generate_ids(
     end-of-sequence token, or `max_new_tokens` ids when none came.
 
     Greedy unless `do_sample`; when sampling, `top_k` = 0 and `top_p` = 1 mean no truncation. `seed`
-    makes sampling reproducible without disturbing the caller's random state.
+    makes sampling reproducible without disturbing the caller's random state. With weights sharded over
+    processes (FSDP2) every process must call this with the same number of prompts: the batches then decode in
+    step (transformers' `synced_gpus`), each process's results the same as alone.
     """
     eos_ids = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
@@ -75,6 +79,7 @@ def generate_ids(
         **(dict(temperature=temperature, top_k=top_k, top_p=top_p) if do_sample else {}),
     )
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    synced = forward_is_collective(model)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -85,7 +90,7 @@ def generate_ids(
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, unit="batch"):
             idx = order[start : start + batch_size]
             ids, mask = _left_pad([list(prompts[i]) for i in idx], pad_id, device)
-            gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, synced_gpus=synced)
             for row, i in enumerate(idx):
                 new = gen[row, ids.size(1) :].tolist()
                 cut = next((k + 1 for k, t in enumerate(new) if t in eos_ids), len(new))

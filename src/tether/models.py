@@ -189,3 +189,36 @@ def disable_dropout(model: torch.nn.Module) -> None:
     for attr in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
         if cfg is not None and isinstance(getattr(cfg, attr, None), float):
             setattr(cfg, attr, 0.0)
+
+
+def is_sharded(params) -> bool:
+    """Whether any of these parameters is a shard of a tensor spread over processes (an FSDP2 DTensor)."""
+    return any(hasattr(p, "full_tensor") for p in params)
+
+
+def forward_is_collective(model) -> bool:
+    """Whether a forward call of `model` is a collective (its weights are sharded over several processes, FSDP2):
+    then every process must make the same forward calls — the same number of batches and decoding steps."""
+    dist = torch.distributed
+    return is_sharded(model.parameters()) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def any_process(flag: bool, device) -> bool:
+    """True on every process when `flag` is true on at least one (a collective)."""
+    t = torch.tensor([int(flag)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def reshard(model) -> None:
+    """Put `model`'s FSDP2 units back to their shards (no communication). A unit that does not reshard after its
+    forward (accelerate's embedding/output tail) leaves whole tensors as its parameters after a forward without
+    backward (generation, scoring): a parameter-wise copy, EMA step or checkpoint must see the shards. No-op
+    for a model that is not sharded."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .logprobs import gather_logps
+from .models import any_process, forward_is_collective
 
 
 DECODE_PARALLEL_FLOPS = 1e9  # per decoding step (2 · parameters · rows); below it, PASSIVE waiting decodes on 1 thread
@@ -85,7 +86,10 @@ def sample_responses(
     """n sampled completions of every prompt (token ids) and their log-probs under `model`.
 
     prompts: token ids per prompt; seeds: one integer per prompt (sample j of prompt i uses seed
-    seeds[i] · 1000 + j). Generation stops at an EOS token or after max_new_tokens tokens.
+    seeds[i] · 1000 + j). Generation stops at an EOS token or after max_new_tokens tokens. With weights sharded
+    over processes (FSDP2) every process calls this with the same number of prompts, and they decode step by step
+    together until every row of every process is done (a finished process feeds padding; its results are the
+    same as alone).
     """
     device = next(model.parameters()).device
     b = len(prompts)
@@ -110,6 +114,7 @@ def sample_responses(
 
     tokens, done = [], torch.zeros(b * n, dtype=torch.bool, device=device)
     total = torch.zeros(b * n, dtype=torch.float32, device=device)
+    synced = forward_is_collective(model)
     small = 2 * sum(p.numel() for p in model.parameters()) * b * n < DECODE_PARALLEL_FLOPS
     passive = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
     with at_most_threads(1 if small and passive else torch.get_num_threads()):
@@ -121,7 +126,8 @@ def sample_responses(
             total += torch.where(done, 0.0, gather_logps(logits, token))
             tokens.append(token)
             done |= torch.isin(token, eos)
-            if bool(done.all()):
+            unfinished = not bool(done.all())
+            if not (any_process(unfinished, device) if synced else unfinished):
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             position = position + 1

@@ -22,6 +22,7 @@ from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file, save_file
 
 from ..config import TetherError
+from ..models import is_sharded
 from .common import crash_point
 
 log = logging.getLogger("tether")
@@ -32,10 +33,6 @@ PREFIX = "step-"
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor behind a sharded one (an FSDP2 DTensor; a collective: every process must call it)."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def is_sharded(params) -> bool:
-    return any(hasattr(p, "full_tensor") for p in params)
 
 
 def whole_tensors(named, keep: bool = True) -> dict[str, torch.Tensor]:
@@ -50,13 +47,19 @@ def whole_tensors(named, keep: bool = True) -> dict[str, torch.Tensor]:
     return out
 
 
-def _copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
-    """param ← value; a sharded param takes its own shard of the whole `value` (no communication)."""
+def shard_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The whole tensor `value` laid out as `param` is: this process's shard of it when `param` is sharded
+    (no communication: every process holds the whole `value`), else `value` itself."""
     if hasattr(param, "full_tensor"):
         from torch.distributed.tensor import distribute_tensor
 
-        value = distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None)
-    param.copy_(value)
+        return distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None)
+    return value
+
+
+def _copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
+    """param ← value; a sharded param takes its own shard of the whole `value` (no communication)."""
+    param.copy_(shard_like(value, param))
 
 
 def rng_state() -> dict:
