@@ -5,7 +5,8 @@ parallel. So the 2-process runs here go through tests/fsdp_engage.py, which sets
 GPU launch with `--use_fsdp --fsdp_version 2` sets; from there on it is accelerate's own FSDP2 preparation
 (`fully_shard` on every decoder layer and the root) and tether's loop. Covered: full fine-tuning with gradient
 accumulation and gradient checkpointing, LoRA on sharded weights, BAPO's base responses (generation) and the reference precompute, held-out
-evaluation, checkpoint/resume, the consolidated final/ and the refusals (sharding asked but not engaged; online).
+evaluation, checkpoint/resume, the consolidated final/ and the refusal when sharding is asked but not engaged.
+`tether online` under FSDP2: tests/test_fsdp_online.py.
 """
 
 import json
@@ -88,16 +89,6 @@ def test_a_launch_that_asks_for_fsdp_and_gets_none_refuses(model_dir, data_dir, 
     assert res.returncode != 0
     assert "asked for FSDP but accelerate engaged MULTI_CPU with 2 process(es)" in res.stderr
     assert not (tmp_path / "x" / "metrics.jsonl").exists()
-
-
-def test_online_refuses_to_run_sharded(model_dir, tmp_path):
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"What colour is the {w}?\n"}) + "\n" for w in ("sky", "sea", "sun", "ink")))
-    env = {"PYTHONPATH": f"{TESTS}:{Path(__file__).parents[1] / 'src'}"}
-    res = run_cli("online", "--model", str(model_dir), "--prompt_file", str(prompts), "--oracle", "callable:toy_oracles:shorter",
-                  "--steps", "1", "--phases", "1", "--prompts_per_step", "2", "--output_dir", str(tmp_path / "o"), "--progress", "false",
-                  launcher=FSDP2, env=env)
-    assert res.returncode != 0 and "tether online does not run under fsdp2 yet" in res.stderr
 
 
 def test_shipped_fsdp_config_is_an_fsdp2_accelerate_config():

@@ -11,10 +11,16 @@ Sharding: step t takes prompt stream positions [t·B, (t+1)·B); process r sampl
 [r·B/P, (r+1)·B/P). Sampling is seeded per stream position, and the loss is normalised by the number of usable
 pairs over all processes, so P processes give the same update as one. A resumed run replays the ledger's
 pairs for every step it already annotated: the oracle is never asked twice about the same pair.
+
+Under FSDP2 (weights sharded over the processes) every forward call is a collective, so every process makes
+the same calls: sampling decodes in step until all processes are done, BAPO's base answers and the evaluation
+split their prompts evenly (padded with a repeat whose result is dropped), and a process without usable pairs
+in a step trains on one of another's with weight 0.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -22,6 +28,7 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object, set_seed
+from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from tqdm.auto import tqdm
 
 from ..config import TetherError
@@ -29,7 +36,7 @@ from ..data import Example, collate, load_prompt_records
 from ..logprobs import completion_logps_ids
 from ..stats import summarize, win_rates
 from ..generation import eos_token_ids, generate_ids, prompt_ids
-from ..models import load_tokenizer
+from ..models import load_tokenizer, reshard
 from ..oracles import Annotator, load_oracle
 from ..sampling import sample_responses
 from ..base_responses import base_answers
@@ -44,7 +51,7 @@ from .common import (
 from .ledger import Ledger
 from .online_config import OnlineConfig
 from .online_policy import OnlinePolicy
-from .reference import online_reference, online_twins
+from .reference import frozen, online_reference, online_twins
 from .rundir import claim_run_dir
 
 log = logging.getLogger("tether")
@@ -58,11 +65,12 @@ class OnlineRun:
         self.run_dir = Path(cfg.output_dir)
         self.acc = make_accelerator(cfg, self.run_dir)
         self.setup = distributed_setup(self.acc, cfg)  # refuses a launch that asked for sharding and did not get it
-        if self.setup["sharding"] != "none":
+        if self.setup["sharding"].startswith("deepspeed"):
             raise TetherError(
-                f"tether online does not run under {self.setup['sharding']} yet (its π_β snapshots, adapter ensemble and "
-                f"sampler expect whole weights on every process); launch it with plain data parallel (no --use_fsdp/DeepSpeed)"
+                f"tether online does not run under {self.setup['sharding']} (its π_β snapshots, adapter ensemble and "
+                f"sampler are written for whole weights or FSDP2 shards); launch it with FSDP2 or plain data parallel"
             )
+        self.sharded = self.setup["sharding"] == "fsdp2"
         set_seed(cfg.seed)
         self.tokenizer = load_tokenizer(cfg.model)
         # bad input fails here, before anything is written
@@ -89,7 +97,8 @@ class OnlineRun:
         cfg = self.cfg
         start_trackers(self.acc, cfg)
         keep_initial, followers = online_twins(cfg)
-        self.policy = OnlinePolicy(cfg, self.acc.device, keep_initial or cfg.method == "bapo", followers)  # BAPO: y_b from π_sft
+        self.policy = OnlinePolicy(cfg, self.acc.device, keep_initial or cfg.method == "bapo", followers, self._shard if self.sharded else None)  # BAPO: y_b from π_sft
+        self.setup["parameters_sharded"] = self.policy.sharded  # what the engine really did to the weights
         self.reference = online_reference(cfg, self.policy, self.acc.device)
         self.eos = eos_token_ids(self.policy.model, self.tokenizer)
         self.ledger = Ledger(self.run_dir / "ledger.jsonl", writable=self.acc.is_main_process)
@@ -99,6 +108,19 @@ class OnlineRun:
         self.base_cache: dict[int, tuple[list[int], float]] = {}  # BAPO anchor: prompt -> (y_b, log π_sft(y_b))
         self.timing = {"sample_s": 0.0, "annotate_s": 0.0, "reference_s": 0.0, "update_s": 0.0}
 
+    def _shard(self, model):
+        """accelerate's FSDP2 preparation (`fully_shard` on each decoder layer, the embedding/output tail and the
+        root), applied in place to the transformers model — under the PEFT wrapper with LoRA, so that every weight
+        sits in a unit whose own forward gathers it: the log-prob path calls the backbone and the head directly.
+        FSDP2 takes the first unit to run a forward as the root, so one token goes through the real root here
+        (a resumed run's first forward may be a reference log-prob, which starts below the root)."""
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        fsdp2_prepare_model(self.acc, inner)
+        with frozen(inner):  # eval mode: no dropout, nothing drawn from the random state
+            inner(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.acc.device))
+        reshard(inner)
+        return model
+
     # ------------------------------------------------------------------------------------------ data
 
     def _ids(self, index: int) -> list[int]:
@@ -107,15 +129,28 @@ class OnlineRun:
             self.prompt_ids[index] = ids[-self.cfg.max_prompt_length :]
         return self.prompt_ids[index]
 
-    def _base_answers(self, indices: list[int]) -> list[tuple[list[int], float]]:
-        """BAPO's anchor: the initial model's greedy answer y_b to each prompt and log π_sft(y_b), once per prompt."""
-        todo = sorted({i for i in indices if i not in self.base_cache})
+    def _share(self, items: list) -> tuple[list, int]:
+        """This process's round-robin share of `items` (the same list on every process) and how many of its
+        entries are real: when sharded, shares are padded to equal length with items[0] (results dropped)."""
+        mine = items[self.rank :: self.procs]
+        real = len(mine)
+        if self.sharded and items:
+            mine += [items[0]] * (-(-len(items) // self.procs) - real)
+        return mine, real
+
+    def _base_answers(self, step_prompts: list[int], indices: list[int]) -> list[tuple[list[int], float]]:
+        """BAPO's anchor: the initial model's greedy answer y_b to each prompt and log π_sft(y_b), once per prompt.
+        The step's new prompts (all processes') are split over the processes and the answers shared."""
+        todo = sorted({i for i in step_prompts if i not in self.base_cache})
         if todo:
-            prompts = [self._ids(i) for i in todo]
+            mine, real = self._share(todo)
+            prompts = [self._ids(i) for i in mine]
             with self.policy.initial() as model:
                 ys = [y for (y,) in base_answers(model, self.tokenizer, prompts, max_new_tokens=self.max_new_tokens, batch_size=self.cfg.eval_batch_size)]
                 logps = completion_logps_ids(model, prompts, ys, self.tokenizer.pad_token_id, self.cfg.eval_batch_size)
-            self.base_cache.update({i: (y, lp) for i, y, lp in zip(todo, ys, logps)})
+            found = {i: (y, lp) for i, y, lp in list(zip(mine, ys, logps))[:real]}
+            for part in gather_object([found]) if self.procs > 1 else [found]:
+                self.base_cache.update(part)
         return [self.base_cache[i] for i in indices]
 
     def _text(self, ids: list[int]) -> str:
@@ -145,7 +180,7 @@ class OnlineRun:
                 "behavior_version": version,
             })
         if self.cfg.method == "bapo":
-            for r, (y, lp) in zip(rows, self._base_answers(indices)):
+            for r, (y, lp) in zip(rows, self._base_answers(positions, indices)):
                 r.update(base_ids=y, base_logp=lp)
         recorded = self.ledger.partial_rows(step)  # complete records of a step a crash cut short: not asked again
         for i, r in enumerate(rows):
@@ -182,12 +217,13 @@ class OnlineRun:
         without label noise (ties count one half), with a 95% bootstrap CI; sharded over processes."""
         if not self.eval_set:
             return {}
-        mine = list(range(self.rank, len(self.eval_set), self.procs))
-        recs = [self.eval_set[i] for i in mine]
+        mine, real = self._share(list(range(len(self.eval_set))))
         with self.policy.merged() as model:
-            ids = generate_ids(model, self.tokenizer, [prompt_ids(self.tokenizer, r.prompt) for r in recs],
+            ids = generate_ids(model, self.tokenizer, [prompt_ids(self.tokenizer, self.eval_set[i].prompt) for i in mine],
                                max_new_tokens=self.cfg.eval_max_new_tokens, batch_size=self.cfg.eval_batch_size)
-        answers = [self._text(x) for x in ids]
+        mine = mine[:real]
+        recs = [self.eval_set[i] for i in mine]
+        answers = [self._text(x) for x in ids[:real]]
         prompts = [r.prompt for r in recs]
         mine_scores = self.annotator.scores(prompts, answers)
         ref_scores = self.annotator.scores(prompts, [r.completions["reference"] for r in recs])
@@ -257,14 +293,16 @@ class OnlineRun:
             row = {"step": step + 1, "pairs": len(usable), "annotations": annotations, "behavior_version": version, "replayed": replayed}
             row.update({status: sum(r["status"] == status for r in rows) for status in ("identical", "tie", "oracle_failed")})
             if usable:
-                batch, recorded = self.batch(mine) if mine else (None, None)
+                local = mine or (usable[:1] if self.sharded else [])  # sharded: every process runs the same calls
+                batch, recorded = self.batch(local) if local else (None, None)
                 t = time.perf_counter()
-                if mine:  # y_b's reference stays log π_sft(y_b), from the ledger
-                    n = len(mine)
+                if local:  # y_b's reference stays log π_sft(y_b), from the ledger
+                    n = len(local)
                     ref_logps = torch.cat([self.reference.logps(batch, len(self.keys), recorded)[: 2 * n], recorded[2 * n :]])
                 timing["reference_s"] += time.perf_counter() - t
                 t = time.perf_counter()
-                stats, grad_norm, lr = policy.step(batch, ref_logps, len(usable), len(self.keys), step + 1) if mine else self._idle_step(len(usable), step + 1)
+                stats, grad_norm, lr = (policy.step(batch, ref_logps, len(usable), len(self.keys), step + 1, n_local=len(mine)) if local
+                                        else self._idle_step(len(usable), step + 1))
                 timing["update_s"] += time.perf_counter() - t
                 row.update(gathered_means({k2: v.tolist() for k2, v in stats.items()}), grad_norm=grad_norm, lr=lr)
             else:
@@ -298,7 +336,8 @@ class OnlineRun:
                            oracle_failures=self.ledger.count("oracle_failed"),
                            seconds={**{k2: round(v, 2) for k2, v in timing.items()}, "total": round(time.perf_counter() - t0, 2)})
         card = model_card(cfg, "online", self.run_dir, results) if acc.is_main_process else None
-        final = save_final(acc, policy.model, self.tokenizer, self.run_dir, write=policy.write_final, card=card)
+        state = policy.final_state(keep=acc.is_main_process)  # every process: merging and gathering are collectives
+        final = save_final(acc, policy.model, self.tokenizer, self.run_dir, write=functools.partial(policy.write_final, state=state), card=card)
         if acc.is_main_process:
             results["final_model"] = str(final)
             self._write_results(results)

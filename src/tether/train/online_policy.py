@@ -13,6 +13,11 @@ merged ensemble at the phase start — an adapter copy, never a model copy:
 With n = 1 both are a plain copy. π_sft is the base with adapters disabled; a follower is one more adapter;
 the evaluated and exported model is the merged ensemble ("merged" adapter when n > 1).
 
+Sharded weights (FSDP2, `shard` given): the policy and every frozen copy are sharded the same way, so a
+snapshot or an EMA step is an elementwise op on each process's own shards; merging adapters needs whole LoRA
+factors, which every process gathers (they are small), merges, and keeps its own shard of. Every process makes
+the same forward calls (the loop pads an idle process with a zero-weight pair).
+
 Which reference the loss uses is not this module's business: `reference.online_reference` builds it on the
 policy (`initial`, `twin`, `follow`), and `reference.online_twins` says what the policy must keep for it.
 """
@@ -30,7 +35,8 @@ import torch
 
 from ..logprobs import sequence_logps
 from ..losses import objective
-from ..models import disable_dropout
+from ..models import disable_dropout, is_sharded, reshard
+from .checkpoint import full_tensor, shard_like, whole_tensors
 from .common import check_finite_step, load_policy, make_optimizer, objective_options
 from .reference import frozen
 
@@ -57,9 +63,10 @@ class StateList:
 class OnlinePolicy:
     """π_θ (n adapters, or the model), π_β, and what a reference needs: π_sft when `keep_initial` (a frozen copy
     with full fine-tuning; with LoRA the base is always at hand), and one frozen copy per name in `followers`
-    that `follow` moves toward π_θ."""
+    that `follow` moves toward π_θ. `shard(model)`, when given, shards a model in place across the processes
+    (accelerate's FSDP2 preparation); it is applied to π_θ and to every frozen copy before the optimizers exist."""
 
-    def __init__(self, cfg, device, keep_initial: bool = False, followers: tuple[str, ...] = ()):
+    def __init__(self, cfg, device, keep_initial: bool = False, followers: tuple[str, ...] = (), shard=None):
         self.cfg, self.device = cfg, device
         n, k = cfg.ensemble_size, cfg.steps // cfg.phases
         model = load_policy(cfg)  # with LoRA: the "default" adapter
@@ -87,6 +94,11 @@ class OnlinePolicy:
             if keep_initial:
                 self.initial_model = _frozen_copy(model)
             self.followers = {f: _frozen_copy(model) for f in followers}
+        if shard is not None:
+            self.model = shard(self.model)
+            self.behavior_model, self.initial_model = (m if m is None else shard(m) for m in (self.behavior_model, self.initial_model))
+            self.followers = {f: shard(m) for f, m in self.followers.items()}
+        self.sharded = is_sharded(self.model.parameters())
         self.params = [self._params_of(name) for name in self.names]
         self.optimizers, self.schedulers = [], []
         for name in self.names:
@@ -115,9 +127,10 @@ class OnlinePolicy:
 
     @torch.no_grad()
     def merged_factors(self, module) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) of the merged ensemble in one LoRA layer (see the module docstring)."""
-        a = [module.lora_A[n].weight for n in self.names]
-        b = [module.lora_B[n].weight for n in self.names]
+        """(A, B) of the merged ensemble in one LoRA layer (see the module docstring), as whole tensors (gathered
+        when sharded: a collective)."""
+        a = [full_tensor(module.lora_A[n].weight) for n in self.names]
+        b = [full_tensor(module.lora_B[n].weight) for n in self.names]
         if self.cfg.ensemble_merge == "exact":
             return torch.cat(a, dim=0), torch.cat(b, dim=1) / len(b)
         return torch.stack(a).mean(dim=0), torch.stack(b).sum(dim=0)
@@ -127,8 +140,8 @@ class OnlinePolicy:
         """target ← (1 − rate)·target + rate·merged ensemble, factor by factor (rate 1 = a copy)."""
         for module in self.lora_layers():
             a, b = self.merged_factors(module)
-            module.lora_A[target].weight.lerp_(a, rate)
-            module.lora_B[target].weight.lerp_(b, rate)
+            for factor, value in ((module.lora_A[target].weight, a), (module.lora_B[target].weight, b)):
+                factor.lerp_(shard_like(value, factor), rate)
 
     # ------------------------------------------------------------------------------------------ the models
 
@@ -137,17 +150,21 @@ class OnlinePolicy:
         if self.cfg.lora and "behavior" in self.aux_adapters:
             self._merge_into("behavior")
         elif self.behavior_model is not None:
-            self.behavior_model.load_state_dict(self.model.state_dict())
+            with torch.no_grad():  # parameter by parameter: shard by shard when sharded
+                for b, p in zip(self.behavior_model.parameters(), self.model.parameters(), strict=True):
+                    b.copy_(p)
 
     @contextlib.contextmanager
     def _frozen(self, adapter: str | None = None, disabled: bool = False, model=None):
         """The model to run without gradients: a separate one, the base (adapters off), or an adapter."""
+        target = model if model is not None else self.model
         try:
             if adapter is not None:
                 self._activate(adapter, trainable=False)
-            with frozen(model if model is not None else self.model, adapter_off=disabled) as target:
+            with frozen(target, adapter_off=disabled):
                 yield target
         finally:
+            reshard(target)  # sharded: parameter-wise ops after this see the shards
             if adapter is not None:
                 self._activate(self.names[0])
 
@@ -183,29 +200,36 @@ class OnlinePolicy:
 
     # ------------------------------------------------------------------------------------------ training
 
-    def step(self, batch, ref: torch.Tensor, n_global: int, n_keys: int = 2, step: int | None = None) -> tuple[dict[str, torch.Tensor], float, float]:
+    def step(self, batch, ref: torch.Tensor, n_global: int, n_keys: int = 2, step: int | None = None,
+             n_local: int | None = None) -> tuple[dict[str, torch.Tensor], float, float]:
         """One optimizer step of every adapter on the same pairs; returns per-pair stats (mean over adapters),
         the mean gradient norm and the learning rate.
 
         Each process holds n_local of the n_global usable pairs; the loss is Σ(local pair losses) / n_global
-        and gradients are summed over processes, so any split of the pairs gives the same update."""
-        n_local = batch["input_ids"].size(0) // n_keys
+        and gradients are summed over processes, so any split of the pairs gives the same update. A batch with
+        `n_local` = 0 (a sharded process without pairs of its own) is run with weight 0: the forward and backward
+        calls are collectives then."""
+        rows = batch["input_ids"].size(0) // n_keys
+        n_local = rows if n_local is None else n_local
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        # FSDP2 averages the gradient over processes; the update wants their sum (as the all-reduce below)
+        scale = torch.distributed.get_world_size() if self.sharded else 1
         all_stats, norms = [], []
         for name, params, opt, sched in zip(self.names, self.params, self.optimizers, self.schedulers):
             self._activate(name)
             self.model.train()
-            if n_local:
+            if rows:
                 sums, counts = sequence_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], n_keys)
                 loss, stats = objective(sums, counts, ref, n_keys, **objective_options(self.cfg))
-                (loss * (n_local / n_global)).backward()
-                all_stats.append(stats)
-            if distributed:
+                (loss * (n_local / n_global * scale)).backward()
+                if n_local:
+                    all_stats.append(stats)
+            if distributed and not self.sharded:
                 flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
                 torch.distributed.all_reduce(flat)
                 for p, g in zip(params, flat.split([p.numel() for p in params])):
                     p.grad = g.view_as(p)
-            norms.append(float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm or float("inf"))))
+            norms.append(float(full_tensor(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm or float("inf")))))
             check_finite_step(norms[-1], step)
             opt.step()
             sched.step()
@@ -239,15 +263,26 @@ class OnlinePolicy:
     def optimizer_state(self) -> tuple[StateList, StateList]:
         return StateList(self.optimizers), StateList(self.schedulers)
 
-    def write_final(self, directory: Path) -> None:
-        """Write the merged policy in Hugging Face format into `directory` (a PEFT adapter with LoRA)."""
-        if not self.cfg.lora:
-            self.model.save_pretrained(directory)
-        elif len(self.names) == 1:
-            self.model.save_pretrained(directory, selected_adapters=["default"])
-        else:
+    def final_state(self, keep: bool) -> dict[str, torch.Tensor] | None:
+        """Every process calls this before `write_final`: merges the ensemble (with LoRA, n > 1) and, when the
+        weights are sharded, gathers them whole (the adapters' tensors with LoRA), kept by `keep` only; None when
+        they are not sharded (then `write_final` reads the model itself)."""
+        if len(self.names) > 1:
             self._merge_into("merged")
-            self.model.save_pretrained(directory, selected_adapters=["merged"])
+        if not self.sharded:
+            return None
+        return whole_tensors(((k, v) for k, v in self.model.state_dict().items() if not self.cfg.lora or "lora_" in k), keep=keep)
+
+    def write_final(self, directory: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the merged policy in Hugging Face format into `directory` (a PEFT adapter with LoRA), from
+        `state` (`final_state`'s, when sharded) or the model."""
+        given = {} if state is None else {"state_dict": state}
+        if not self.cfg.lora:
+            self.model.save_pretrained(directory, **given)
+        elif len(self.names) == 1:
+            self.model.save_pretrained(directory, selected_adapters=["default"], **given)
+        else:
+            self.model.save_pretrained(directory, selected_adapters=["merged"], **given)
             for f in (directory / "merged").iterdir():  # PEFT writes a non-default adapter into a subdirectory
                 os.replace(f, directory / f.name)
             (directory / "merged").rmdir()
