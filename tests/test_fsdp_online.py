@@ -7,7 +7,8 @@ possible: every response is sampled from its own generator seeded by its positio
 same pairs are drawn whatever the split (the ledgers are compared too). Covered: full fine-tuning with a π_β
 snapshot (K > 1), BAPO's base answers from a frozen π_sft copy, evaluation generation with an odd number of
 prompts, a checkpoint written under sharding; LoRA ensembles (n = 2 exact merge with an EMA reference; n = 2
-linear merge with π_β, BAPO and evaluation); and a kill/resume under FSDP2 (slow).
+linear merge with π_β, BAPO and evaluation); gradient checkpointing (against 2-process data parallel: see that
+test); a process without usable pairs in a step (a live sharded π_sft reference); and a kill/resume (slow).
 """
 
 import json
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from test_fsdp import FSDP2, assert_really_sharded
+from test_fsdp import FSDP2, LAUNCH, assert_really_sharded
 from test_train import assert_params_close, final_params
 from tether.demo import toy_preferences, write_jsonl
 
@@ -76,6 +77,32 @@ def test_fsdp2_online_lora_ensemble_matches_one_process(model_dir, prompt_file, 
     assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
     r1, r2 = (json.loads((d / "results.json").read_text()) for d in (one, two))
     assert r1.get("final_eval") == r2.get("final_eval")
+
+
+def test_fsdp2_online_lora_with_gradient_checkpointing_equals_two_process_data_parallel(model_dir, prompt_file, tmp_path):
+    # with checkpointing each pair's sequences run whole, and 2 x 2 pairs vs 1 x 4 pairs change the float summation
+    # order: a 1-process run ends ~1.6e-5 away (Adam amplifies it on near-zero gradients), and so does plain data
+    # parallel with 2 processes. The sharded run must equal that 2-process run: the same pairs, the same splits.
+    common = args(model_dir, prompt_file, "--lora", "true", "--lora_r", "4", "--lora_alpha", "8", "--ensemble_size", "2",
+                  "--method", "bapo", "--gradient_checkpointing", "true")
+    ddp = run_cli(*common, "--output_dir", str(tmp_path / "ddp"), launcher=LAUNCH + ["-m", "tether.cli"], env=ENV)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    two = run_cli(*common, "--output_dir", str(tmp_path / "two"), launcher=FSDP2, env=ENV)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert_really_sharded(tmp_path / "two")
+    assert ledger(tmp_path / "ddp") == ledger(tmp_path / "two")
+    assert_params_close(final_params(tmp_path / "ddp"), final_params(tmp_path / "two"), atol=1e-6)
+
+
+def test_fsdp2_online_a_process_without_pairs_joins_with_weight_zero(model_dir, prompt_file, tmp_path):
+    # one prompt per process and an oracle that ties on some prompts: in some steps one process has no usable pair
+    # and must still make the reference's and the policy's forward and backward calls (π_sft a live sharded copy)
+    one, two = both(model_dir, prompt_file, tmp_path, "--oracle", "callable:toy_oracles:shorter_ties_on_s", "--prompts_per_step", "2",
+                    "--steps", "6", "--phases", "3", "--reference", "initial")
+    rows = [json.loads(line) for line in (two / "ledger.jsonl").read_text().splitlines()]
+    usable = {(r["step"], r["slot"]): r["label"] is not None for r in rows}
+    assert any(usable[(s, 0)] != usable[(s, 1)] for s in range(6))  # the idle-process path ran
+    assert_params_close(final_params(one), final_params(two), atol=1e-5)
 
 
 @pytest.mark.slow

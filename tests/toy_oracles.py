@@ -37,3 +37,8 @@ def down_when_told(prompts, responses):
     if os.environ.get("TOY_ORACLE_DOWN") == "1":
         raise RuntimeError("the annotation service is down")
     return shorter(prompts, responses)
+
+
+def shorter_ties_on_s(prompts, responses):
+    """Prefers shorter responses, but has no preference (a tie) about things whose name starts with an s."""
+    return [0.0 if "the s" in p else -float(len(r)) for p, r in zip(prompts, responses)]
