@@ -92,7 +92,7 @@ class BpoProtocol:
     extra_losses: list[str] = field(default_factory=list)  # IPO/SLiC, at extra_settings on extra_seeds
     extra_settings: list[str] = field(default_factory=lambda: ["offline", "bpo-f2"])
     extra_seeds: list[int] = field(default_factory=list)
-    steps: int = 32  # T
+    steps: int = 128  # T
     prompts_per_step: int = 8  # B; budget = B·T annotations (pairs) for every setting
     learning_rate: float = 3e-4  # from the pilot (module docstring, PILOT)
     beta: float = 0.3  # from the pilot
@@ -113,8 +113,8 @@ class BpoProtocol:
 
     @classmethod
     def for_mode(cls, quick: bool, world_seed: int = 0) -> BpoProtocol:
-        if quick:  # a quarter of the budget, one seed, DPO only: a smoke run in ≤ 15 minutes, not the study's result
-            return cls(world_seed=world_seed)
+        if quick:  # T = 16, one seed, four settings (no π_gold to build): a smoke run in ≤ 15 minutes, not the study's result
+            return cls(world_seed=world_seed, steps=16, settings=["offline", "bpo-f2", "bpo-ft", "on-policy"], eval_points=2)
         # IPO/SLiC (extra_losses) do not fit the 90-minute budget on the shared 2-core machine (module docstring)
         return cls(mode="full", seeds=[0, 1, 2, 3, 4], steps=128, world_seed=world_seed)
 
@@ -317,7 +317,7 @@ def add_bpo_arguments(parser) -> None:
     import os
 
     parser.add_argument("--quick", action="store_true",
-                        help="1 seed, T = 32 (full: seeds 0-4, T = 128); DPO, same B, learning rate and β")
+                        help="1 seed, T = 16, offline / BPO F=2 / F=T / on-policy (full: seeds 0-4, T = 128, also F=4 and π_ref=π_gold); DPO, same B, learning rate and β")
     parser.add_argument("--pilot", action="store_true", help="rerun the pilot that chose β and the learning rate (tuning seed 100)")
     parser.add_argument("--world_seed", type=int, default=0, help="seed of the embedded world: its facts, its base model and its splits")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of each study process")
