@@ -143,3 +143,18 @@ def test_workers_share_the_runs_and_gather_them_in_job_order(tmp_path):
     shard0 = json.loads((tmp_path / "study" / "shards" / "0" / "results.json").read_text())
     assert [r["setting"] for r in shard0["runs"]] == ["offline", "on-policy"]  # round-robin
     assert json.loads((tmp_path / "study" / "results.json").read_text())["claims"]
+
+
+def test_rare_pole_shares_read_the_ledger_by_quarter(tmp_path):
+    from tether.studies.bpo import rare_pole_shares
+    from tether.world.styles import HOUSE, get_persona, render
+
+    protocol = BpoProtocol(steps=4)
+    world = protocol.model_settings().world_settings().world()
+    q = world.questions("train")[0]
+    persona, house = (render(world, q.entity, q.attribute, s) for s in (get_persona("elaborate-casual").style, HOUSE))
+    casual = render(world, q.entity, q.attribute, get_persona("casual").style)
+    rows = [{"step": 0, "responses": [persona, house]}, {"step": 1, "responses": [house, house]},
+            {"step": 2, "responses": [casual, house]}, {"step": 3, "responses": [house, house]}]
+    (tmp_path / "ledger.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert rare_pole_shares(tmp_path / "ledger.jsonl", protocol) == {"length": [0.5, 0.0, 0.0, 0.0], "tone": [0.5, 0.0, 0.5, 0.0]}

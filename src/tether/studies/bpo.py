@@ -187,9 +187,31 @@ def _run_one(protocol: BpoProtocol, setting: str, loss: str, seed: int, sft: Pat
         "seconds": round(time.perf_counter() - t0, 1), "loop_seconds": res["seconds"],
         "evals": {"step": [s for s, _, _ in evals], "annotations": [a for _, a, _ in evals],
                   "win_rate": [e["eval_win_rate"] for _, _, e in evals]},
+        "rare_poles": rare_pole_shares(run_dir / "ledger.jsonl", protocol),
         # one entry per optimizer step (None where a step had no usable pair)
         "trace": {name: [r.get(key) for r in rows if "pairs" in r] for name, key in STEP_FIELDS.items()},
     }
+
+
+def rare_pole_shares(ledger: Path, protocol: BpoProtocol, parts: int = 4) -> dict:
+    """Of the responses π_β sampled in each quarter of the run (from the run's ledger.jsonl), the share that carry
+    each of the persona's non-house poles (style feature > 0.5, world/rewards.py; a response stating no fact sits
+    at 0.5): does the policy ever produce the answers the oracle prefers, and does it keep producing them?"""
+    from ..world.rewards import style_features
+    from ..world.styles import DIMENSIONS, get_persona
+
+    world = protocol.model_settings().world_settings().world()
+    rare = [d for d, pole in get_persona(protocol.persona).style.poles().items() if pole != DIMENSIONS[d][0]]
+    counts = [[0, dict.fromkeys(rare, 0)] for _ in range(parts)]
+    for line in ledger.read_text().splitlines():
+        row = json.loads(line)
+        part = counts[min(parts - 1, row["step"] * parts // protocol.steps)]
+        for text in row["responses"]:
+            feats = style_features(world, text)
+            part[0] += 1
+            for d in rare:
+                part[1][d] += feats[d] > 0.5
+    return {d: [round(c[1][d] / c[0], 4) if c[0] else None for c in counts] for d in rare}
 
 
 def run_study(quick: bool = True, out: str | Path = "out/study-bpo", protocol: BpoProtocol | None = None,

@@ -221,6 +221,26 @@ def claim_lines(data: dict) -> list[str]:
     return lines
 
 
+def _rare_pole_table(data: dict) -> list[str]:
+    """Share of π_β's sampled responses with each of the persona's non-house poles, per quarter of the run."""
+    runs = [r for r in data["runs"] if r.get("rare_poles")]
+    if not runs:
+        return []
+    dims = list(runs[0]["rare_poles"])
+    lines = ["## Does π_β ever write what the oracle prefers?", "",
+             "Share (%) of the responses π_β sampled that carry each of the persona's non-house poles, per quarter of the "
+             "run (quarters of the steps; mean over seeds). Under π_sft about 10% carry each.", "",
+             "| setting | loss | " + " | ".join(f"{d}: Q1 / Q2 / Q3 / Q4" for d in dims) + " |", "|---|---|" + "---|" * len(dims)]
+    for setting in LABELS:
+        for loss in ("dpo", "ipo", "slic"):
+            mine = [r for r in runs if r["setting"] == setting and r["loss"] == loss]
+            if mine:
+                cells = [" / ".join(f"{100 * sum(r['rare_poles'][d][q] or 0 for r in mine) / len(mine):.1f}" for q in range(len(mine[0]["rare_poles"][d])))
+                         for d in dims]
+                lines.append(f"| {LABELS[setting]} | {loss} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def report(data: dict) -> str:
     p, s, runs = data["protocol"], data["summary"], data["runs"]
     expected = len(p["seeds"]) * len(p["settings"]) * len(p["losses"]) + len(p["extra_seeds"]) * len(p["extra_settings"]) * len(p["extra_losses"])
@@ -264,6 +284,7 @@ def report(data: dict) -> str:
             lines.append(f"| {r['beta']:g} | {r['learning_rate']:g} | {100 * r['final_win_rate']:.1f} | {_num(r['final_loss'])} | "
                          f"{_num(r['final_margin'])} | {r['seconds']:.0f} |")
         lines.append("")
+    lines += _rare_pole_table(data)
     lines += ["## Cost", "", "| setting | loss | annotations | ties | identical pairs dropped | seconds per run |", "|---|---|---|---|---|---|"]
     for row in s:
         lines.append(f"| {LABELS[row['setting']]} | {row['loss']} | {fmt(row.get('annotations'), 1, 0)} | {fmt(row.get('ties'), 1, 0)} | "
