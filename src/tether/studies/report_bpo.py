@@ -130,9 +130,14 @@ def _losses(data: dict) -> list[str]:
 
 
 def _curve(runs: list[dict], x: str, y: str, source: str) -> tuple[list, list]:
-    """Mean over runs of runs[source][y] against the mean of runs[source][x], point by point."""
+    """Mean over runs of runs[source][y] against the mean of runs[source][x], point by point (a step without
+    usable pairs, None, is left out of its point's mean; a point with no value at all is NaN)."""
     n = min(len(r[source][y]) for r in runs)
-    mean = lambda key, i: sum(r[source][key][i] or 0 for r in runs) / len(runs)  # noqa: E731
+
+    def mean(key, i):
+        vals = [r[source][key][i] for r in runs if r[source][key][i] is not None]
+        return sum(vals) / len(vals) if vals else float("nan")
+
     return [mean(x, i) for i in range(n)], [mean(y, i) for i in range(n)]
 
 
@@ -229,7 +234,7 @@ def _rare_pole_table(data: dict) -> list[str]:
     dims = list(runs[0]["rare_poles"])
     lines = ["## Does π_β ever write what the oracle prefers?", "",
              "Share (%) of the responses π_β sampled that carry each of the persona's non-house poles, per quarter of the "
-             "run (quarters of the steps; mean over seeds). Under π_sft about 10% carry each.", "",
+             "run (quarters of the steps; mean over seeds). Each is in 10% of π_sft's fine-tuning answers.", "",
              "| setting | loss | " + " | ".join(f"{d}: Q1 / Q2 / Q3 / Q4" for d in dims) + " |", "|---|---|" + "---|" * len(dims)]
     for setting in LABELS:
         for loss in ("dpo", "ipo", "slic"):
@@ -255,8 +260,8 @@ def report(data: dict) -> str:
         f"{p['prompts_per_step']} prompts (budget {p['steps'] * p['prompts_per_step']} annotations for every setting), lr "
         f"{p['learning_rate']:g}, β = {p['beta']}, sampling temperature {p['temperature']}, top-k {p['top_k']}. Win rate = greedy "
         f"answers to the test-split questions vs the house-style reference, judged by the oracle (ties ½).", "",
-        f"Runs: {len(runs)} of {expected} (seeds done: {seeds_done}; main seeds {p['seeds']}, {'/'.join(p['extra_losses']) or 'no extra losses'} "
-        f"on seeds {p['extra_seeds']})." + (" **The study is incomplete: read the numbers as partial.**" if len(runs) < expected else ""), "",
+        f"Runs: {len(runs)} of {expected} (seeds done: {seeds_done}; main seeds {p['seeds']}"
+        + (f"; {'/'.join(p['extra_losses'])} on seeds {p['extra_seeds']})." if p["extra_losses"] and p["extra_seeds"] else "; no IPO/SLiC runs).") + (" **The study is incomplete: read the numbers as partial.**" if len(runs) < expected else ""), "",
         "## Prechecks: can this regime show the effect?", "",
         f"- offline DPO, mean training loss over the last tenth of the steps: **{_num(pre.get('offline_dpo_final_loss'))}** "
         f"(log 2 = {LOG2:.3f}); reward margin β·h {_num(pre.get('offline_dpo_final_margin'))}",
@@ -270,7 +275,7 @@ def report(data: dict) -> str:
         lines.append(f"π_sft's own win rate: {100 * runs[0]['initial_win_rate']:.1f}%.")
     lines += ["", "## Claims (paired per-seed differences, 95% t-intervals)", "", *claim_lines(data)]
     if data.get("notes"):
-        lines += ["## What we see", "", *data["notes"], ""]
+        lines += ["## What we see", "", *[x for note in data["notes"] for x in (note, "")]]
     pilot = data.get("pilot")
     if pilot:
         ch = pilot["chosen"]
