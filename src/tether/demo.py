@@ -111,7 +111,7 @@ def main() -> None:
     print(bapo_table({**first, "protocol": {**first["protocol"], "methods": ["dpo", "bapo"]}}))
     print(f"\n{_clock(t0)} first look done. The rest: the quick BAPO study's other 8 runs (about {REST_MINUTES['bapo']} "
           f"min on 2 cores) and the quick BPO study (about {REST_MINUTES['bpo']} min, plus {REST_MINUTES['bpo_build']} the "
-          f"first time, to build its two models): about {sum(REST_MINUTES.values())} minutes more from a clean cache. "
+          f"first time, to build its skewed π_sft): about {sum(REST_MINUTES.values())} minutes more from a clean cache. "
           f"Ctrl-C stops; `make demo` again resumes.\n", flush=True)
     for name, study, table in (("BAPO", bapo, bapo_table), ("BPO", bpo, bpo_table)):
         out = Path(f"out/demo/study-{name.lower()}-quick")
@@ -122,7 +122,7 @@ def main() -> None:
 
 
 # minutes the rest of `make demo` takes on the 2-core machine under other load (BENCHMARKS.md "make demo")
-REST_MINUTES = {"bapo": 11, "bpo": 13, "bpo_build": 9}
+REST_MINUTES = {"bapo": 11, "bpo": 8, "bpo_build": 4}
 BUILD_MINUTES_LOADED = "10 minutes"
 
 

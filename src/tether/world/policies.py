@@ -5,8 +5,14 @@ peaked — at temperature 1, top-k 50 both samples of a prompt are almost always
 online loop drops every identical pair, and nothing is learned. Online DAP needs a π_sft whose samples differ.
 
     π_sft   the base model fine-tuned (all weights) on correct answers to the train-split questions rendered in
-            uniformly random styles (all 16 of world/styles.py), a fresh style per example; sampling it at
-            temperature 1 gives answers of many styles, so pairs differ and the persona oracle separates them.
+            random styles, a fresh style per example; sampling it at temperature 1 gives answers of many styles,
+            so pairs differ and the persona oracle separates them. Two recipes:
+              uniform (v1, `rare_persona` empty): every style of the 16 equally likely;
+              skewed (v2, `rare_persona` = NAME): each dimension on which NAME differs from the house style takes
+                NAME's pole with probability `rare_prob` (the other pole otherwise), every other dimension is a
+                fair coin. With rare_prob 0.1 and a heterogeneity-2 persona, 1% of π_sft's data has both of the
+                persona's poles and 81% neither: the oracle's preferred answers are rare under π_sft, so offline
+                pairs mostly compare two poor answers (BPO study v2).
     π_gold  π_sft fine-tuned further on the target persona's answers (train split): a stronger fixed model
             for the "π_ref = π_gold" ablation of the BPO paper.
 
@@ -28,11 +34,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..config import TetherError
 from ..files import cache_dir
 from ..models import load_model, load_tokenizer
 from .build import WorldSettings, _train_stage, build_cached, chat_examples, ensure_base_model
 from .facts import World
-from .styles import PERSONAS, Style, get_persona, render
+from .styles import DIMENSIONS, PERSONAS, Style, get_persona, render
 
 ONLINE_VERSION = 1  # bump when the recipe below changes
 
@@ -48,22 +55,53 @@ class OnlineModelSettings:
     batch_size: int = 32
     lr: float = 5e-4  # peak AdamW learning rate (warm-up 30 steps, cosine to a tenth)
     styles_per_question: int = 8  # random-style renderings of each train question in π_sft's data
+    rare_persona: str = ""  # skewed recipe (v2): this persona's non-house poles are rare in π_sft's data; "" = uniform (v1)
+    rare_prob: float = 0.1  # skewed recipe: probability of each of rare_persona's non-house poles
 
     def world_settings(self) -> WorldSettings:
         return WorldSettings(**{**self.world, "progress": False})
 
+    def validate(self) -> None:
+        """Raise TetherError naming the first setting that cannot work."""
+        if self.rare_persona and self.rare_persona not in PERSONAS:
+            raise TetherError(f"setting 'rare_persona': unknown persona {self.rare_persona!r}; choose one of: {', '.join(PERSONAS)}")
+        if self.rare_persona and get_persona(self.rare_persona).heterogeneity == 0:
+            raise TetherError("setting 'rare_persona': the house persona has no non-house pole to make rare")
+        if not 0.0 <= self.rare_prob <= 1.0:
+            raise TetherError(f"setting 'rare_prob' must be in [0, 1], got {self.rare_prob}")
+
     def fingerprint(self, stage: str) -> str:
+        fields = dataclasses.asdict(self)
+        if not self.rare_persona:  # the uniform recipe (v1) keeps the fingerprint it had before the skewed one existed
+            del fields["rare_persona"], fields["rare_prob"]
         blob = json.dumps({"version": ONLINE_VERSION, "stage": stage, "base": self.world_settings().fingerprint(),
-                           **dataclasses.asdict(self)}, sort_keys=True)
+                           **fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def random_style_answers(world: World, per_question: int, seed: int) -> list[tuple[str, str]]:
-    """(question, answer) with `per_question` uniformly random styles (of the 16) per train question."""
+def random_style_answers(world: World, per_question: int, seed: int, rare_persona: str = "", rare_prob: float = 0.1) -> list[tuple[str, str]]:
+    """(question, answer) with `per_question` random styles per train question: uniformly random (of the 16)
+    without `rare_persona`, else the skewed draw of `skewed_style` (module docstring)."""
     rng = random.Random(f"{world.seed}/online-sft/{seed}")
-    styles = [p.style for p in PERSONAS.values()]
-    return [(q.text, render(world, q.entity, q.attribute, rng.choice(styles), rng))
+    if not rare_persona:  # v1: its random stream stays as it was
+        styles = [p.style for p in PERSONAS.values()]
+        draw = lambda: rng.choice(styles)  # noqa: E731
+    else:
+        rare = get_persona(rare_persona).style
+        draw = lambda: skewed_style(rare, rare_prob, rng)  # noqa: E731
+    return [(q.text, render(world, q.entity, q.attribute, draw(), rng))
             for q in world.questions("train") for _ in range(per_question)]
+
+
+def skewed_style(rare: Style, rare_prob: float, rng: random.Random) -> Style:
+    """A style whose dimensions are drawn independently: where `rare` differs from the house style, rare's pole
+    with probability `rare_prob`; elsewhere either pole with probability 1/2."""
+    poles = {}
+    for dim, (house, other) in DIMENSIONS.items():
+        target = getattr(rare, dim)
+        p = rare_prob if target != house else 0.5
+        poles[dim] = other if rng.random() < p else house
+    return Style(**poles)
 
 
 def persona_answers(world: World, style: Style, seed: int) -> list[tuple[str, str]]:
@@ -91,9 +129,10 @@ def _finetune(start: Path, answers, steps: int, settings: OnlineModelSettings, o
 def ensure_sft_model(settings: OnlineModelSettings | None = None, progress: bool = True) -> Path:
     """π_sft: the world base model fine-tuned on random-style answers (built once, then cached)."""
     settings = settings or OnlineModelSettings()
+    settings.validate()
     base = ensure_base_model(dataclasses.replace(settings.world_settings(), progress=progress))
     world = settings.world_settings().world()
-    answers = random_style_answers(world, settings.styles_per_question, settings.seed)
+    answers = random_style_answers(world, settings.styles_per_question, settings.seed, settings.rare_persona, settings.rare_prob)
     target = cache_dir() / "world-online" / f"sft-{settings.fingerprint('sft')}"
     return build_cached(target, lambda tmp: _finetune(base, answers, settings.sft_steps, settings, tmp, "sft", progress))
 
