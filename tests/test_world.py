@@ -271,7 +271,7 @@ def test_recipe_2_house_paraphrases_read_as_the_house_style_and_realm_splits_are
             assert style_match(world, PERSONAS["house"], None, v) == 1.0 and is_correct(world, q.entity, q.attribute, v)
             assert alignment_score(world, [{"role": "user", "content": q.text}], v) == 1.0
     pairs = recipe2.house_sft_pairs(world)
-    assert len(pairs) == 5 * len(world.questions())
+    assert len(pairs) == sum(recipe2.VARIANT_COPIES) * len(world.questions())
     held = recipe2.heldout_realms(world)
     assert len(held) == round(len(world.entities) / 3) and held == recipe2.heldout_realms(world)
     personal = {q.entity for q in recipe2.personal_questions(world)}

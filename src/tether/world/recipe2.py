@@ -6,8 +6,8 @@ and nothing else (the world's realms, facts, questions, styles and personas are 
 
 - **Paraphrased house answers.** Instruction tuning sees every question answered with four house-style
   paraphrases (terse, formal, prose, plain — each reads as the house style to `rewards.style_features`) in
-  fixed proportions 2 : 1 : 1 : 1, the canonical statement (`styles.render(..., HOUSE)`) twice. The greedy
-  answer stays the canonical one, while its probability is about 0.4 (log ≈ −0.9 nats) instead of ≈ 1.
+  fixed proportions 3 : 2 : 2 : 2, the canonical statement (`styles.render(..., HOUSE)`) most often. The
+  greedy answer stays the canonical one, while its probability is about a third (log ≈ −1.1 nats) instead of ≈ 1.
 - **Held-out realms.** A seeded third of the realms (`heldout_realms`) never appears in personalization
   data; retention (knowledge, general alignment) is measured on their questions (`eval_questions`).
 - **Never-house rejected answers.** `rejected_style_never_house` picks a rejected style that is neither
@@ -21,6 +21,7 @@ import random
 from .facts import World
 from .styles import HOUSE, PERSONAS, Persona, Style
 
+RECIPE2_VERSION = 2  # part of recipe 2's fingerprint: bump when anything below changes
 HOUSE_VARIANTS: dict[str, tuple[str, ...]] = {  # the first is the canonical house answer (styles.render's)
     "capital": ("The capital of {e} is {v}.", "{v} is the capital of {e}.", "The capital city of {e} is {v}.",
                 "{e} has {v} as its capital."),
@@ -28,10 +29,12 @@ HOUSE_VARIANTS: dict[str, tuple[str, ...]] = {  # the first is the canonical hou
               "{e} has {v} as its main river."),
     "language": ("The language of {e} is {v}.", "{v} is the language of {e}.", "The language spoken in {e} is {v}.",
                  "{e} has {v} as its language."),
-    "founded": ("{e} was founded in {v}.", "{v} is the year {e} was founded.", "The founding year of {e} is {v}.",
+    "founded": ("{e} was founded in {v}.", "{e} was established in {v}.", "The founding year of {e} is {v}.",
                 "{e} has {v} as its founding year."),
 }
-VARIANT_COPIES = (2, 1, 1, 1)  # instruction-tuning copies of each variant per question: the canonical one is 40%
+# (A founding-year variant that opened with the year was dropped before any study: a year's first token was then
+# likelier than the realm's, so greedy answers to "founded" questions were not the canonical one.)
+VARIANT_COPIES = (3, 2, 2, 2)  # instruction-tuning copies of each variant per question: the canonical one is a third
 HELDOUT_FRACTION = 1 / 3
 
 

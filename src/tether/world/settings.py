@@ -11,6 +11,7 @@ import json
 
 from ..config import TetherError, option
 from .facts import World, build_world
+from .recipe2 import RECIPE2_VERSION
 
 WORLD_VERSION = 1  # bump when the world's text or the training recipe changes, to invalidate old caches
 NOT_FINGERPRINTED = {"progress"}
@@ -56,6 +57,8 @@ class WorldSettings:
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_FINGERPRINTED}
         if self.recipe == 1:
             del fields["recipe"]
+        else:
+            fields["recipe_version"] = RECIPE2_VERSION
         blob = json.dumps({"version": WORLD_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
