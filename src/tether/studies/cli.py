@@ -69,7 +69,7 @@ def add_study_parser(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     b.add_argument("--quick", action="store_true",
-                   help="1 seed and 3 values of λ (full: seeds 0-4, 6 values of λ, 2 of α); same levels, steps and learning rate. "
+                   help="seed 0 only (full: seeds 0-4); otherwise the full protocol. "
                    "With --model: one persona (simple) instead of two")
     b.add_argument("--world_seed", type=_world_seed, default=0,
                    help="seed of the embedded world (realms, facts, splits) and of its base model (not with --model)")
