@@ -181,11 +181,35 @@ def figures(data: dict, out: Path) -> list[Path]:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     paths.append(_save(plt, fig, out / "dpo_by_heterogeneity.png"))
-    paths.append(mechanism_figure(plt, data, out / "mechanism_logps.png"))
+    paths.append(lambda_mechanism_figure(plt, data, out / "mechanism_logps.png"))
     return paths
 
 
-def mechanism_figure(plt, data: dict, path: Path) -> Path:
+def mechanism_figure(plt, data: dict, by: str, values: list, describe, noun: str, path: Path) -> Path:
+    """One row per value of run[by], DPO and BAPO side by side (lowest seed): the summed log π_θ of the chosen,
+    rejected and base {noun}s during training, from each run's trace."""
+    seed = min(data["protocol"]["seeds"])
+    fig, axes = plt.subplots(len(values), 2, figsize=(10, 3.2 * len(values)), sharey="row", squeeze=False)
+    for row, value in zip(axes, values):
+        runs = {r["method"]: r for r in data["runs"] if r[by] == value and r["seed"] == seed}
+        for ax, m in zip(row, ("dpo", "bapo")):
+            if m not in runs:
+                continue
+            t = runs[m]["trace"]
+            for key, label in (("logps_chosen", "chosen y_w"), ("logps_rejected", "rejected y_l"), ("logps_base", f"base {noun} y_b")):
+                if any(v is not None for v in t.get(key, [])):
+                    ax.plot(t["step"], t[key], label=label)
+            ax.set_title(f"{m}, {describe(value)}, seed {seed}", fontsize=10)
+            ax.grid(alpha=0.3)
+        row[0].set_ylabel("summed log π_θ (batch mean)")
+    for ax in axes[-1]:
+        ax.set_xlabel("step")
+    axes[0][1].legend(fontsize=8)
+    fig.suptitle(f"log π_θ of chosen, rejected and base {noun}s during training")
+    return _save(plt, fig, path)
+
+
+def lambda_mechanism_figure(plt, data: dict, path: Path) -> Path:
     """Summed log π_θ of the chosen, rejected and base responses during training (frontier level, lowest seed):
     DPO and BAPO at each λ."""
     p = data["protocol"]
@@ -222,7 +246,6 @@ def _seedvals(d: dict, digits: int = 3) -> str:
 
 def report(data: dict) -> str:
     p, runs, pre = data["protocol"], data["runs"], data["precheck"]
-    world = data.get("world", {})
     lines = [
         f"# BAPO study v2 ({p['mode']} mode, world seed {p['world_seed']})",
         "",
@@ -235,12 +258,13 @@ def report(data: dict) -> str:
         "",
         "## Protocol",
         "",
-        f"World recipe 2 (`world/recipe2.py`), seed {p['world_seed']}{world.get('note', '')}: personalization data from "
+        f"World recipe 2 (`world/recipe2.py`), seed {p['world_seed']}: personalization data from "
         "two thirds of the realms, every measure on one question per fact of the other third (held-out realms); "
         "rejected answers are never the house answer. "
         f"{p['steps']} steps × batch {p['batch_size']}, constant learning rate {p['learning_rate']:g}, β = {p['beta']}, "
         f"evaluated every {p['eval_every']} steps; seeds {p['seeds']} (seed s trains on persona s mod 2 of its level: "
-        + "; ".join(f"h = {lv}: " + ", ".join(f"`{x}`" for x in _personas(lv)) for lv in p["levels"])
+        + "; ".join(f"h = {lv}: " + ", ".join(f"`{x}`" for x in sorted({r['persona'] for r in runs if r['level'] == lv}))
+                   for lv in p["levels"])
         + f"). DPO at every level; at h = {p['frontier_level']} also IPO, SLiC (by steps), DPO + NLL (α ∈ "
         f"{p['nll_weights']}), BAPO (λ ∈ {p['anchor_weights']}, anchor {', '.join(p['anchor_forms'])} on summed "
         "log-probs of greedy base responses). Gain = 100 · (style match − the base model's style match), on the same "
@@ -281,12 +305,6 @@ def report(data: dict) -> str:
     lines += ["", f"Wall time of the invocation that finished the study: {data['wall_seconds_this_invocation']} s "
               f"(sum of run times {sum(r['seconds'] for r in runs):.0f} s).", ""]
     return "\n".join(lines)
-
-
-def _personas(level: int) -> tuple[str, ...]:
-    from .bapo import PERSONAS_BY_LEVEL
-
-    return PERSONAS_BY_LEVEL[level]
 
 
 def point_table(runs: list[dict]) -> list[str]:
