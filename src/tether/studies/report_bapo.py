@@ -352,7 +352,8 @@ def why_no_gain(data: dict) -> list[str]:
 
 
 def summary_table(data: dict) -> str:
-    """A plain-text summary for the terminal: per arm and step, mean gain and retention (greedy), then the verdicts."""
+    """A plain-text summary for the terminal: per arm at every 10th step, mean gain and retention (greedy and
+    sampled), then the verdicts."""
     pre = data.get("precheck", {})
     lines = [f"BAPO study v2, {data['protocol']['mode']} mode, world seed {data['protocol']['world_seed']}: "
              f"{len(data['runs'])} runs, seeds {data['protocol']['seeds']}",
@@ -360,7 +361,7 @@ def summary_table(data: dict) -> str:
              f"prompts; median log π_ref(y_b) {pre.get('median_logp_base', float('nan')):.3f} nats",
              f"{'h':>2}  {'arm':<18}{'step':>5}{'gain':>8}{'retention':>11}{'gain(T=1)':>11}{'ret.(T=1)':>11}"]
     g, s = mean_points(data["runs"], "greedy"), mean_points(data["runs"], "sampled")
-    for k in sorted(g, key=lambda k: (k[0], k[1], k[2] or 0, k[4])):
+    for k in sorted((k for k in g if k[4] % 10 == 0 or k[4] == data["protocol"]["steps"]), key=lambda k: (k[0], k[1], k[2] or 0, k[4])):
         lines.append(f"{k[0]:>2}  {_label(k[1], k[2], k[3]):<18}{k[4]:>5}{g[k][0]:>8.1f}{g[k][1]:>11.3f}{s[k][0]:>11.1f}{s[k][1]:>11.3f}")
     lines += [f"claim {i}: {'holds' if c['holds'] else 'does not hold'} — {c['claim']}" for i, c in enumerate(data.get("claims", []), 1)]
     return "\n".join(lines)
