@@ -347,8 +347,12 @@ def why_no_gain(data: dict) -> list[str]:
         g = max(v[0] for k, v in bapo.items() if k[2] == lam)
         gs = max(v[0] for k, v in sampled.items() if k[0] == p["frontier_level"] and k[1] == "bapo" and k[2] == lam)
         lines.append(f"| {lam:g} | {g:+.1f} | {gs:+.1f} | {ends('logps_base')} | {ends('logps_chosen')} | {ends('logps_rejected')} |")
+    mine = [r for r in runs if r["method"] == "bapo" and r["level"] == p["frontier_level"] and r["trace"]["logps_base"][-1] is not None]
+    gap = sum(r["trace"]["logps_base"][-1] - r["trace"]["logps_chosen"][-1] for r in mine) / max(1, len(mine))
     return lines + ["", "While the anchor holds log π_θ(y_b) at its base value, the house answer keeps its probability; "
-                    "the greedy answer changes only once another answer overtakes it.", ""]
+                    "the greedy answer changes only once another answer overtakes it. At the last step the persona's "
+                    f"answer y_w is still {gap:.1f} nats less likely than y_b (mean over BAPO's runs, batch means): "
+                    "the DPO term is satisfied by pushing y_l down, long before y_w catches up.", ""]
 
 
 def summary_table(data: dict) -> str:
