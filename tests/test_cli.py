@@ -96,6 +96,19 @@ def test_study_seeds_option_parses_or_names_the_bad_value(capsys):
     assert e.value.code == 2 and "'0,x': expected comma-separated integers" in capsys.readouterr().err
 
 
+def test_study_world_seed_option_parses_or_names_the_bad_value(capsys):
+    from tether.cli import build_parser
+
+    assert build_parser().parse_args(["study", "bapo", "--world_seed", "3"]).world_seed == 3
+    for bad in ("-1", "x", "1.5"):
+        with pytest.raises(SystemExit) as e:
+            main(["study", "bapo", "--world_seed", bad])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"argument --world_seed: '{bad}': expected an integer >= 0" in err, err
+    assert main(["study", "bapo", "--model", "m", "--world_seed", "2"]) == 2  # the embedded world's option only
+    assert "option --world_seed: applies to the embedded world" in capsys.readouterr().err
+
+
 HEAVY = ("torch", "transformers", "accelerate", "peft", "datasets")
 # what `tether ...` imported before exiting, printed by the child process
 _IMPORTED = """

@@ -247,3 +247,56 @@ def test_world_is_a_builtin_model_name():
     from tether.models import BUILTIN_MODELS
 
     assert "world" in BUILTIN_MODELS
+
+
+def test_recipe_1_fingerprint_is_unchanged_and_recipe_2_is_another_model():
+    from tether.world.settings import WorldSettings
+
+    assert WorldSettings().fingerprint() == "63a6877a9780"  # the v1 world's cache key before recipes existed
+    assert WorldSettings(recipe=2).fingerprint() != WorldSettings().fingerprint()
+    assert WorldSettings(recipe=2, seed=1).fingerprint() != WorldSettings(recipe=2).fingerprint()
+    with pytest.raises(TetherError, match="--recipe"):
+        WorldSettings(recipe=3).validate()
+
+
+def test_recipe_2_house_paraphrases_read_as_the_house_style_and_realm_splits_are_disjoint(world):
+    from tether.world import recipe2
+    from tether.world.rewards import alignment_score, is_correct
+    from tether.world.styles import HOUSE, PERSONAS, render
+
+    for q in world.questions()[:40]:
+        variants = recipe2.house_variants(world, q.entity, q.attribute)
+        assert variants[0] == render(world, q.entity, q.attribute, HOUSE) and len(set(variants)) == 4
+        for v in variants:
+            assert style_match(world, PERSONAS["house"], None, v) == 1.0 and is_correct(world, q.entity, q.attribute, v)
+            assert alignment_score(world, [{"role": "user", "content": q.text}], v) == 1.0
+    pairs = recipe2.house_sft_pairs(world)
+    assert len(pairs) == sum(recipe2.VARIANT_COPIES) * len(world.questions())
+    held = recipe2.heldout_realms(world)
+    assert len(held) == round(len(world.entities) / 3) and held == recipe2.heldout_realms(world)
+    personal = {q.entity for q in recipe2.personal_questions(world)}
+    evaluated = recipe2.eval_questions(world)
+    assert personal.isdisjoint(held) and personal | held == set(world.entities)
+    assert {q.entity for q in evaluated} == held and len(evaluated) == 4 * len(held)  # one question per fact
+    assert {q.id.rsplit("/", 1)[1] for q in evaluated} == {"0", "1", "2"}  # every phrasing is used
+
+
+def test_never_house_export_never_rejects_the_house_answer(world, tmp_path):
+    from tether.world import export_world, recipe2
+    from tether.world.styles import HOUSE, render
+
+    summary = export_world(world, tmp_path / "d", personas=["casual", "list-technical"], rejected="never-house", recipe=2)
+    assert summary["recipe"] == 2 and summary["rejected"] == "never-house"
+    held = recipe2.heldout_realms(world)
+    for persona in ("casual", "list-technical"):
+        for split in ("train", "test"):
+            rows = [json.loads(x) for x in (tmp_path / "d" / "personas" / persona / f"preferences_{split}.jsonl").read_text().splitlines()]
+            assert rows and all((r["id"].split("/")[0] in held) == (split == "test") for r in rows)
+            for r in rows:
+                entity, attribute, _ = r["id"].split("/")
+                house = render(world, entity, attribute, HOUSE)
+                assert r["rejected"][0]["content"] != house and r["chosen"][0]["content"] != r["rejected"][0]["content"]
+    rng = random.Random(0)
+    from tether.world.styles import PERSONAS
+
+    assert all(recipe2.rejected_style_never_house(PERSONAS["casual"], rng) not in (HOUSE, PERSONAS["casual"].style) for _ in range(200))

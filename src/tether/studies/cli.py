@@ -6,10 +6,14 @@ import argparse
 import os
 from pathlib import Path
 
+from ..config import TetherError
+
 
 def _run_bapo(args) -> int:
     from .report_bapo import summary_table
 
+    if args.model and args.world_seed:
+        raise TetherError("option --world_seed: applies to the embedded world, not to --model")
     if args.model:
         from . import bapo_smollm2
 
@@ -20,16 +24,11 @@ def _run_bapo(args) -> int:
         print(f"study written to {out} (results.json, report.md)")
         return 0
 
-    from .bapo import run_pilot, run_study
-
-    if args.pilot:
-        out = args.out or "out/study-bapo-pilot"
-        run_pilot(out, threads=args.threads)
-        print((Path(out) / "pilot.md").read_text())
-        return 0
+    from .bapo import BapoProtocol, run_study
 
     out = args.out or ("out/study-bapo-quick" if args.quick else "out/study-bapo")
-    data = run_study(quick=args.quick, out=out, threads=args.threads)
+    protocol = BapoProtocol.for_mode(args.quick, world_seed=args.world_seed)
+    data = run_study(quick=args.quick, out=out, threads=args.threads, protocol=protocol)
     print((Path(out) / "report.md").read_text())
     print(summary_table(data))
     print(f"study written to {out} (results.json, report.md, figures)")
@@ -40,6 +39,16 @@ def _run_bpo(args) -> int:
     from .bpo import run_from_args
 
     return run_from_args(args)
+
+
+def _world_seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 0, e.g. 0")
+    return value
 
 
 def _seed_list(text: str) -> list[int]:
@@ -60,9 +69,10 @@ def add_study_parser(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     b.add_argument("--quick", action="store_true",
-                   help="1 seed, heterogeneity 1 and 3 (full: seeds 0-2, heterogeneity 1-3); same steps and learning rate. "
+                   help="seed 0 only (full: seeds 0-4); otherwise the full protocol. "
                    "With --model: one persona (simple) instead of two")
-    b.add_argument("--pilot", action="store_true", help="rerun the pilot that chose the learning rate and default λ")
+    b.add_argument("--world_seed", type=_world_seed, default=0,
+                   help="seed of the embedded world (realms, facts, splits) and of its base model (not with --model)")
     b.add_argument("--model", default=None,
                    help="run the study on this chat model instead of the embedded world (e.g. smollm2-135m-instruct): "
                    "DPO vs BAPO with LoRA on instruction-defined personas, knowledge probe, KL from the base")

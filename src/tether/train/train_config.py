@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from ..config import TetherError, option
 
 LOSSES = ("dpo", "ipo", "slic")  # the names tether.losses.preference_loss accepts (here so --help needs no torch)
-BAPO_ANCHOR_WEIGHT = 0.1  # λ when method: bapo and anchor_weight is not given (the embedded-world pilot's choice)
+BAPO_ANCHOR_WEIGHT = 0.1  # λ when method: bapo and anchor_weight is not given (the first embedded-world study's pilot choice)
 
 
 @dataclass
@@ -29,7 +29,7 @@ class CommonConfig:
     )
     anchor_weight: float | None = option(
         None, f"λ: weight of the BAPO anchor (method: bapo only); null = {BAPO_ANCHOR_WEIGHT} with bapo (the "
-        "embedded-world pilot's choice, README \"Studies\"), 0 with dap"
+        "first embedded-world study's pilot choice; README \"BAPO\"), 0 with dap"
     )
     anchor_form: str = option(
         "hinge", "hinge = max(0, log π_ref(y_b) − log π_θ(y_b)); squared = (log π_θ(y_b) − log π_ref(y_b))²",

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..files import cache_dir
 from ..tiny import tiny_llama, train_tokenizer
+from . import recipe2
 from .facts import ATTRIBUTES, World
 from .settings import NOT_FINGERPRINTED, WORLD_VERSION, WorldSettings
 from .styles import HOUSE, PERSONAS, render
@@ -38,13 +39,16 @@ def pretraining_documents(world: World, rng: random.Random) -> list[str]:
     return docs
 
 
-def tokenizer_corpus(world: World) -> list[str]:
-    """Text the tokenizer is trained on: statements, questions, and every persona's style on a few realms."""
+def tokenizer_corpus(world: World, recipe: int = 1) -> list[str]:
+    """Text the tokenizer is trained on: statements, questions, and every persona's style on a few realms
+    (recipe 2: and the house paraphrases on the same realms)."""
     rng = random.Random(world.seed)
     texts = pretraining_documents(world, rng) + [q.text for q in world.questions()]
     for e in world.entities[:10]:
         for persona in PERSONAS.values():
             texts += [render(world, e, a.name, persona.style, rng) for a in ATTRIBUTES]
+        if recipe == 2:
+            texts += [v for a in ATTRIBUTES for v in recipe2.house_variants(world, e, a.name)]
     return texts
 
 
@@ -61,8 +65,11 @@ def chat_examples(tokenizer, pairs) -> list[tuple[list[int], int]]:
     return out
 
 
-def sft_examples(world: World, tokenizer) -> list[tuple[list[int], int]]:
-    """(token ids of prompt + house answer, number of prompt tokens) for every question of the world."""
+def sft_examples(world: World, tokenizer, recipe: int = 1) -> list[tuple[list[int], int]]:
+    """(token ids of prompt + house answer, number of prompt tokens) for every question of the world
+    (recipe 2: each question with its four house paraphrases, recipe2.house_sft_pairs)."""
+    if recipe == 2:
+        return chat_examples(tokenizer, recipe2.house_sft_pairs(world))
     return chat_examples(tokenizer, [(q.text, render(world, q.entity, q.attribute, HOUSE)) for q in world.questions()])
 
 
@@ -120,7 +127,7 @@ def build_base_model(settings: WorldSettings, out_dir: str | os.PathLike) -> dic
     start = time.time()
     world = settings.world()
     rng = random.Random(settings.seed)
-    tokenizer = train_tokenizer(tokenizer_corpus(world), vocab_size=settings.vocab_size)
+    tokenizer = train_tokenizer(tokenizer_corpus(world, settings.recipe), vocab_size=settings.vocab_size)
     model = tiny_llama(
         tokenizer,
         hidden_size=settings.hidden_size,
@@ -132,7 +139,7 @@ def build_base_model(settings: WorldSettings, out_dir: str | os.PathLike) -> dic
     )
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     docs = [([bos, *tokenizer(d, add_special_tokens=False)["input_ids"], eos], 0) for d in pretraining_documents(world, rng)]
-    sft = sft_examples(world, tokenizer)
+    sft = sft_examples(world, tokenizer, settings.recipe)
     torch.manual_seed(settings.seed)
     with tqdm(total=settings.pretrain_steps + settings.sft_steps, desc="world build", disable=not settings.progress) as bar:
         pretrain_loss = _train_stage(model, docs, settings.pretrain_steps, settings, rng, bar, "pretrain")
@@ -145,6 +152,7 @@ def build_base_model(settings: WorldSettings, out_dir: str | os.PathLike) -> dic
         "fingerprint": settings.fingerprint(),
         "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k not in NOT_FINGERPRINTED},
         "world_version": WORLD_VERSION,
+        "recipe": settings.recipe,
         "parameters": sum(p.numel() for p in model.parameters()),
         "pretrain_final_loss": pretrain_loss,
         "sft_final_loss": sft_loss,

@@ -7,8 +7,8 @@ import dataclasses
 import json
 
 from ..config import TetherError, add_dataclass_arguments, load_config, option
-from .export import export_world
-from .settings import WorldSettings
+from .export import REJECTED, export_world
+from .settings import RECIPES, WorldSettings
 from .styles import PERSONAS
 
 # torch-free at import (the build is imported inside run_build): see tether.cli
@@ -34,7 +34,10 @@ class ExportOptions:
     seed: int = option(0, "seed of the world (must match the base model's `world build --seed`)")
     n_entities: int = option(150, "number of realms (must match the base model's `world build --n_entities`)")
     personas: list[str] | None = option(None, "personas to export (default: all 15 non-house personas)")
-    rejected: str = option("mixed", "style of rejected answers: house, or mixed (half house, half another style)", choices=("house", "mixed"))
+    rejected: str = option("mixed", "style of rejected answers: house, mixed (half house, half another style), or never-house "
+                           "(a style that is neither the persona's nor the house's)", choices=REJECTED)
+    recipe: int = option(1, "world recipe (must match the base model's `world build --recipe`); 2: train = personalization "
+                         "realms, test = held-out realms", choices=RECIPES)
     overwrite: bool = option(False, "replace --out if it already holds files")
 
     def validate(self) -> None:
@@ -71,7 +74,7 @@ def run_export(args) -> int:
     """Write the world's datasets and print a one-line summary."""
     opts = _options(ExportOptions, args)
     world = WorldSettings(seed=opts.seed, n_entities=opts.n_entities).world()
-    summary = export_world(world, opts.out, opts.personas, opts.rejected, opts.overwrite)
+    summary = export_world(world, opts.out, opts.personas, opts.rejected, opts.overwrite, opts.recipe)
     print(f"wrote {len(summary['files'])} files for {len(summary['personas'])} personas to {opts.out}")
     return 0
 

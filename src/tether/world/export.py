@@ -11,8 +11,11 @@ OUT/
 
 A prompt is [{"role": "user", "content": question}]; a completion/chosen/rejected is
 [{"role": "assistant", "content": answer}]. Chosen is the persona's style, rejected the house style or
-(with rejected="mixed", for half the pairs) another style that differs from the persona; both state the
-fact correctly. Everything is seeded per record, so the files are byte-identical for the same settings.
+(with rejected="mixed", for half the pairs) another style that differs from the persona, or (rejected=
+"never-house") a style that is neither the persona's nor the house's; both state the fact correctly.
+With recipe 2 (world/recipe2.py) "train" holds every question about the personalization realms and "test"
+one question per fact of the held-out realms; with recipe 1 they are the world's question splits.
+Everything is seeded per record, so the files are byte-identical for the same settings.
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..config import TetherError
+from . import recipe2
 from .facts import World
 from .styles import DIMENSIONS, HOUSE, PERSONAS, Persona, render
 
 SPLITS = ("train", "test")
+REJECTED = ("house", "mixed", "never-house")
 
 
 def _write_jsonl(path: Path, records: Iterable[dict]) -> int:
@@ -51,16 +56,26 @@ def _assistant(text: str) -> list[dict]:
 
 def rejected_style(persona: Persona, rng: random.Random, mode: str):
     """The style of a rejected answer: the house style, or (mode "mixed", half the time) a random style
-    other than the persona's (the house style too when the persona is the house)."""
+    other than the persona's (the house style too when the persona is the house); mode "never-house": a random
+    style that is neither."""
+    if mode == "never-house":
+        return recipe2.rejected_style_never_house(persona, rng)
     if persona.style != HOUSE and (mode == "house" or rng.random() < 0.5):
         return HOUSE
     return rng.choice([p.style for p in PERSONAS.values() if p.style != persona.style])
 
 
-def preference_records(world: World, persona: Persona, split: str, rejected: str = "mixed") -> list[dict]:
+def split_questions(world: World, split: str, recipe: int = 1) -> list:
+    """The questions of `split`: the world's split (recipe 1), or personalization realms / held-out realms (recipe 2)."""
+    if recipe == 2:
+        return recipe2.personal_questions(world) if split == "train" else recipe2.eval_questions(world)
+    return world.questions(split)
+
+
+def preference_records(world: World, persona: Persona, split: str, rejected: str = "mixed", recipe: int = 1) -> list[dict]:
     """One preference pair per question of `split` for `persona`."""
     out = []
-    for q in world.questions(split):
+    for q in split_questions(world, split, recipe):
         rng = random.Random(f"{world.seed}/pref/{persona.name}/{q.id}")
         chosen = render(world, q.entity, q.attribute, persona.style, rng)
         other = render(world, q.entity, q.attribute, rejected_style(persona, rng, rejected), rng)
@@ -68,11 +83,11 @@ def preference_records(world: World, persona: Persona, split: str, rejected: str
     return out
 
 
-def prompt_records(world: World, split: str, persona: Persona | None = None) -> list[dict]:
+def prompt_records(world: World, split: str, persona: Persona | None = None, recipe: int = 1) -> list[dict]:
     """{"id", "prompt", "reference"} per question; the reference is in the persona's (or house) style."""
     style = persona.style if persona else HOUSE
     out = []
-    for q in world.questions(split):
+    for q in split_questions(world, split, recipe):
         rng = random.Random(f"{world.seed}/ref/{persona.name if persona else 'house'}/{q.id}")
         record = {"id": q.id, "prompt": _user(q.text), "reference": render(world, q.entity, q.attribute, style, rng)}
         out.append(({"id": q.id, "persona": persona.name} | record) if persona else record)
@@ -92,7 +107,8 @@ def world_summary(world: World, personas: list[Persona]) -> dict:
     }
 
 
-def export_world(world: World, out: str | Path, personas: list[str] | None = None, rejected: str = "mixed", overwrite: bool = False) -> dict:
+def export_world(world: World, out: str | Path, personas: list[str] | None = None, rejected: str = "mixed", overwrite: bool = False,
+                 recipe: int = 1) -> dict:
     """Write every dataset of `world` into directory `out` (see the module docstring); returns world.json's content.
 
     `personas` defaults to every persona except the house. Files are written into a temporary directory
@@ -114,15 +130,16 @@ def export_world(world: World, out: str | Path, personas: list[str] | None = Non
         counts["facts.jsonl"] = _write_jsonl(tmp / "facts.jsonl", facts)
         counts["knowledge_mc.jsonl"] = _write_jsonl(tmp / "knowledge_mc.jsonl", world.multiple_choice())
         for split in SPLITS:
-            prompts = prompt_records(world, split)
+            prompts = prompt_records(world, split, recipe=recipe)
             sft = [{"id": r["id"], "prompt": r["prompt"], "completion": _assistant(r["reference"])} for r in prompts]
             counts[f"sft_{split}.jsonl"] = _write_jsonl(tmp / f"sft_{split}.jsonl", sft)
             counts[f"prompts_{split}.jsonl"] = _write_jsonl(tmp / f"prompts_{split}.jsonl", prompts)
             for p in chosen:
-                for kind, records in (("preferences", preference_records(world, p, split, rejected)), ("prompts", prompt_records(world, split, p))):
+                for kind, records in (("preferences", preference_records(world, p, split, rejected, recipe)),
+                                      ("prompts", prompt_records(world, split, p, recipe))):
                     name = f"personas/{p.name}/{kind}_{split}.jsonl"
                     counts[name] = _write_jsonl(tmp / name, records)
-        summary = world_summary(world, chosen) | {"rejected": rejected, "files": counts}
+        summary = world_summary(world, chosen) | {"recipe": recipe, "rejected": rejected, "files": counts}
         (tmp / "world.json").write_text(json.dumps(summary, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)

@@ -11,9 +11,11 @@ import json
 
 from ..config import TetherError, option
 from .facts import World, build_world
+from .recipe2 import RECIPE2_VERSION
 
 WORLD_VERSION = 1  # bump when the world's text or the training recipe changes, to invalidate old caches
 NOT_FINGERPRINTED = {"progress"}
+RECIPES = (1, 2)
 
 
 @dataclasses.dataclass
@@ -30,6 +32,8 @@ class WorldSettings:
     pretrain_steps: int = option(700, "optimizer steps of language modelling on the fact statements")
     sft_steps: int = option(400, "optimizer steps of instruction tuning on house-style answers (loss on answer tokens)")
     lr: float = option(2e-3, "peak AdamW learning rate (linear warm-up, cosine decay to a tenth of it, in each stage)")
+    recipe: int = option(1, "world recipe: 1, or 2 (house answers in four paraphrases so the base model is not "
+                         "deterministic, held-out realms; world/recipe2.py)", choices=RECIPES)
     progress: bool = option(True, "show a progress bar")
 
     def validate(self) -> None:
@@ -41,14 +45,20 @@ class WorldSettings:
             ("batch_size", self.batch_size >= 1, "must be at least 1"),
             ("pretrain_steps", self.pretrain_steps >= 0 and self.sft_steps >= 0, "and --sft_steps must be >= 0"),
             ("lr", self.lr > 0, "must be positive"),
+            ("recipe", self.recipe in RECIPES, f"must be one of {', '.join(map(str, RECIPES))}"),
         ]
         for name, ok, what in checks:
             if not ok:
                 raise TetherError(f"option --{name}: {what}")
 
     def fingerprint(self) -> str:
-        """Short hash of the settings that change the built model (plus WORLD_VERSION)."""
+        """Short hash of the settings that change the built model (plus WORLD_VERSION). Recipe 1 hashes exactly
+        what it hashed before recipes existed (no "recipe" key), so its cached models keep their fingerprints."""
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_FINGERPRINTED}
+        if self.recipe == 1:
+            del fields["recipe"]
+        else:
+            fields["recipe_version"] = RECIPE2_VERSION
         blob = json.dumps({"version": WORLD_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
