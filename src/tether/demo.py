@@ -110,9 +110,7 @@ def main() -> None:
     print(bapo_table(first))  # the claims need every arm (and 5 seeds): the quick study's table below states them
     print(f"\n{_clock(t0)} first look done. The rest: the quick BAPO study's other 4 runs (about {REST_MINUTES['bapo']} "
           f"min on 2 cores) and the quick BPO study (about {REST_MINUTES['bpo']} min, plus {REST_MINUTES['bpo_build']} the "
-REST_MINUTES = {"bapo": 7, "bpo": 8, "bpo_build": 14}  # bpo_build: the recipe-1 world (~10) and its skewed π_sft (~4)
-BUILD_MINUTES_LOADED = ("about 3.5 minutes on an idle 2-core machine (the same 1,100 steps as recipe 1's), "
-                        "11-15 under heavy load")
+          f"first time, to build the recipe-1 world and its skewed π_sft): about {sum(REST_MINUTES.values())} minutes more from a clean cache. "
           f"Ctrl-C stops; `make demo` again resumes.\n", flush=True)
     for name, study, table in (("BAPO", bapo, bapo_table), ("BPO", bpo, bpo_table)):
         out = Path(f"out/demo/study-{name.lower()}-quick")
