@@ -1,28 +1,41 @@
-"""`tether study bapo --model smollm2-135m-instruct`: DPO vs BAPO with LoRA on a real instruction-tuned model.
+"""`tether study bapo --model smollm2-135m-instruct`: DPO vs BAPO with LoRA on a real instruction-tuned model,
+compared on their trade-off frontiers (protocol version 2).
 
 Personalization data comes from the model itself (`tether.instructed`): for each training prompt (no
 instruction), chosen = the model's answer WITH the persona's instruction, rejected = its answer without (both
-sampled at temperature 0.7, top-k 50, seeded). BAPO's base responses y_b are the model's greedy answers.
-Every run fine-tunes a fresh LoRA adapter with the same steps, batch and learning rate; then, on held-out
-prompts and the shipped knowledge probe:
+sampled at temperature 0.7, top-k 50, seeded). The persona is `simple` (explain to a ten-year-old; Flesch reading
+ease); version 1's `concise` is dropped: at 48 new tokens its instructed answer scored higher in only 46% of
+the pairs, so its data carried almost no signal. BAPO's base responses y_b are the model's greedy answers.
 
-    knowledge            cloze multiple-choice accuracy on the 399-question probe; retained = fraction of the
-                         questions the base model got right that the tuned model still gets right
-    persona score        the persona's programmatic style score of greedy answers (no instruction in the prompt)
-    win rate vs base     the tuned answer's persona score beats the base's answer's (ties half)
-    KL from the base     Monte-Carlo KL(π_θ ‖ π_base) in nats per response, one sample per held-out prompt
+Each method sweeps its own knob with a fresh LoRA adapter per run, constant learning rate, no warm-up (so step k
+of a run is a k-step run):
+    DPO     one run per seed, evaluated at each of `dpo_eval_steps`: a frontier by steps
+    BAPO    one run per λ of `anchor_weights` (hinge anchor) per seed, evaluated at the last step: a frontier
+            across λ (λ → ∞ is the base model, λ = 0 is DPO). The grid spans the crossover of the anchor's
+            per-pair gradient (λ) with DPO's (β·σ(−β·h) = 0.05 at the start) by about a decade each side.
+Every evaluation point measures, on the shipped 399-question knowledge probe and on 50 held-out prompts:
+    knowledge          multiple-choice accuracy (raw)
+    retained           the fraction of the questions the base model got right that are still right
+    churn              questions flipped right → wrong and wrong → right relative to the base model
+    persona score      the persona's score of the greedy answers (no instruction in the prompt); gain = score − base's
+    win rate vs base   the answer's persona score beats the base's answer's on the same prompt (ties half)
 
-Summary per (persona, method): mean and 95% percentile-bootstrap CI, over seeds when several ran, else over the
-items (questions or prompts) of the one run. Claims (the BAPO paper's, on this model): (1) BAPO retains more
-knowledge than DPO; (2) BAPO stays closer to the base (lower KL) than DPO; (3) BAPO's persona score is within
-0.05 of DPO's. Each holds or not on the means, per persona, reported with the paired difference BAPO − DPO and
-its CI (paired over items for one seed, over seeds otherwise), so a reader sees whether the gap is resolved.
+Verdicts (`claims`, rules fixed in code before any run of this protocol): curves of (gain, retained) per seed,
+each starting at the base model (0, 1); a method's retention at a matched gain g is read where its curve first
+reaches g (linear between the two points around it). Per seed one number, then a Student-t interval over seeds
+on the paired (same seed) differences.
+    1. At a persona gain of `target_gain`, BAPO retains more knowledge than DPO: d = BAPO − DPO retention; holds
+       when every seed has d, there are ≥ MIN_SEEDS seeds, and the 95% t-interval of d lies above 0.
+    2. BAPO reaches a persona gain within 0.05 of DPO's best while retaining ≥ 0.95: d = (BAPO's highest gain over
+       its points with retained ≥ 0.95, the base's 0 included) − (DPO's highest gain); holds when ≥ MIN_SEEDS
+       seeds and the 95% t-interval of d lies above −0.05.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,80 +44,119 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..config import load_config
-from ..evaluate import multiple_choice_correct, sampled_kl
-from ..stats import summarize, win_rates
+from ..evaluate import multiple_choice_correct
 from ..files import write_text_atomic
 from ..generation import generate
 from ..instructed import general_prompts, get_instructed_persona, instructed_preference_records
-from ..models import load_model, load_tokenizer
+from ..models import load_adapter, load_model, load_tokenizer
 from ..probes import knowledge_questions
+from ..stats import t_interval, win_rates
 from ..train import TrainConfig, train
-from .common import StudyResults, set_threads, summarize_runs
+from .common import StudyResults, set_threads
+from .report_bapo import at_gain
 
 log = logging.getLogger("tether")
-METHODS = {"dpo": 0.0, "bapo": None}  # anchor weight (None = the protocol's λ)
-METRICS = ("knowledge", "knowledge_retained", "persona_score", "win_rate", "kl")
+MIN_SEEDS = 2  # the protocol's floor; two seeds give a t-interval with 1 degree of freedom (t = 12.7): wide
+MIN_RETAINED = 0.95
+WITHIN = 0.05
 
 
 @dataclass
 class LlmBapoProtocol:
+    """Set before any run of version 2. Learning rate, β, LoRA shape, data and step size are version 1's (set once,
+    without a pilot); the schedule is constant so DPO's checkpoints are its frontier by steps. 20 steps: at
+    version 1's 30 steps with a decaying rate DPO had already moved the persona score +0.43, far past BAPO's."""
+
+    version: int = 2
     model: str = "smollm2-135m-instruct"
-    personas: list[str] = field(default_factory=lambda: ["concise", "simple"])
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    seeds: list[int] = field(default_factory=lambda: [0])
+    persona: str = "simple"
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
     train_prompts: int = 150
     eval_prompts: int = 50
-    steps: int = 30
+    steps: int = 20
+    dpo_eval_steps: list[int] = field(default_factory=lambda: [5, 10, 20])
     batch_size: int = 8
     learning_rate: float = 2e-4
     beta: float = 0.1
-    anchor_weight: float = 1.0
+    anchor_weights: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
+    target_gain: float = 0.10  # persona-score points over the base's, where retention is compared (claim 1)
     lora_r: int = 16
     lora_alpha: int = 32
     max_new_tokens: int = 48
     data_temperature: float = 0.7
 
+    def arms(self) -> list[tuple[str, float]]:
+        """(method, λ) of every run, seeds aside; DPO runs as BAPO with λ = 0 (the same objective, and log π_θ(y_b)
+        is logged for it too)."""
+        return [("dpo", 0.0)] + [("bapo", lam) for lam in self.anchor_weights]
+
 
 def protocol_for(model: str, quick: bool = False, seeds: list[int] | None = None) -> LlmBapoProtocol:
-    """The CLI's protocols: two personas and one seed (≈ 35 minutes for SmolLM2 on 2 cores), or with `quick` the
-    `simple` persona only (≈ 20 minutes); `seeds` replaces the seed list."""
-    proto = LlmBapoProtocol(model=model, personas=["simple"]) if quick else LlmBapoProtocol(model=model)
+    """The CLI's protocols: seeds 0 and 1 (≈ 45 minutes for SmolLM2 on 2 cores), or with `quick` seed 0 only;
+    `seeds` replaces the seed list."""
+    proto = LlmBapoProtocol(model=model, seeds=[0] if quick else [0, 1])
     if seeds:
         proto.seeds = list(seeds)
     return proto
 
 
-def _data_files(out: Path, protocol: LlmBapoProtocol) -> dict[str, Path]:
-    return {p: out / "data" / f"{p}.jsonl" for p in protocol.personas}
-
-
-def _data(out: Path, protocol: LlmBapoProtocol, model, tok) -> dict[str, Path]:
-    """One preference file per persona under out/data (generated once; default answers shared)."""
-    files = _data_files(out, protocol)
-    if all(f.exists() for f in files.values()):
-        return files
+def _data(out: Path, protocol: LlmBapoProtocol, model, tok) -> Path:
+    """The persona's preference file under out/data (generated once)."""
+    path = out / "data" / f"{protocol.persona}.jsonl"
+    if path.exists():
+        return path
     prompts = general_prompts("train")[: protocol.train_prompts]
     kw = dict(max_new_tokens=protocol.max_new_tokens, do_sample=True, temperature=protocol.data_temperature, top_k=50,
               batch_size=16, progress=True)
     default = generate(model, tok, prompts, seed=1, **kw)
-    for name, path in files.items():
-        rows = instructed_preference_records(model, tok, get_instructed_persona(name), prompts, default=default, seed=2, **kw)
-        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
-    return files
+    rows = instructed_preference_records(model, tok, get_instructed_persona(protocol.persona), prompts, default=default, seed=2, **kw)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
-def _evaluate(model, base, tok, protocol, base_eval: dict | None) -> dict:
+def _measure(model, tok, protocol: LlmBapoProtocol) -> dict:
     prompts = general_prompts("test")[: protocol.eval_prompts]
     correct = multiple_choice_correct(model, tok, knowledge_questions(), batch_size=32)
     answers = generate(model, tok, prompts, max_new_tokens=protocol.max_new_tokens, batch_size=16)
-    out = {"knowledge": sum(correct) / len(correct), "correct": correct, "answers": answers,
-           "persona_scores": {p: [get_instructed_persona(p).score(a) for a in answers] for p in protocol.personas}}
-    if base_eval is not None:
-        out["kept"] = [float(c) for c, b in zip(correct, base_eval["correct"]) if b]
-        out["knowledge_retained"] = sum(out["kept"]) / len(out["kept"])
-        out["kls"] = sampled_kl(model, base, tok, prompts, max_new_tokens=protocol.max_new_tokens)
-        out["kl"] = sum(out["kls"]) / len(out["kls"])
-    return out
+    score = get_instructed_persona(protocol.persona).score
+    return {"correct": "".join("1" if c else "0" for c in correct), "persona_scores": [score(a) for a in answers],
+            "answers": answers}
+
+
+def point(step: int, m: dict, base: dict) -> dict:
+    """One evaluation point relative to the base model's measurement."""
+    right, base_right = [c == "1" for c in m["correct"]], [c == "1" for c in base["correct"]]
+    kept = sum(r and b for r, b in zip(right, base_right, strict=True))
+    persona, base_persona = _mean(m["persona_scores"]), _mean(base["persona_scores"])
+    return {
+        "step": step, "knowledge": _mean(right), "retained": kept / max(1, sum(base_right)),
+        "right_to_wrong": sum(b and not r for r, b in zip(right, base_right)),
+        "wrong_to_right": sum(r and not b for r, b in zip(right, base_right)),
+        "persona_score": persona, "gain": persona - base_persona,
+        "win_rate": _mean(win_rates(m["persona_scores"], base["persona_scores"])),
+        "correct": m["correct"], "sample": m["answers"][0],
+    }
+
+
+def _mean(values) -> float:
+    values = [float(v) for v in values]
+    return sum(values) / len(values) if values else 0.0
+
+
+def _evaluate_run(run_dir: Path, steps: list[int], protocol: LlmBapoProtocol, tok, base: dict) -> list[dict]:
+    """A point per evaluated step: the final adapter, or a checkpoint's LoRA tensors loaded into it."""
+    from safetensors.torch import load_file
+
+    model = load_adapter(run_dir / "final").eval()
+    final = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    points = []
+    for step in steps:
+        weights = final if step == protocol.steps else load_file(run_dir / "checkpoints" / f"step-{step:06d}" / "trainable.safetensors")
+        result = model.load_state_dict(weights, strict=False)
+        if result.unexpected_keys or set(weights) != set(final):
+            raise RuntimeError(f"{run_dir}: checkpoint of step {step} does not match the adapter")
+        points.append(point(step, _measure(model, tok, protocol), base))
+    return points
 
 
 def run_study(quick: bool = True, out: str | Path = "out/study-bapo-smollm2", protocol: LlmBapoProtocol | None = None,
@@ -114,61 +166,49 @@ def run_study(quick: bool = True, out: str | Path = "out/study-bapo-smollm2", pr
     out = Path(out)
     t_start = time.perf_counter()
     results = StudyResults(out, "bapo-llm", asdict(protocol))
-    base, tok = load_model(protocol.model).eval(), load_tokenizer(protocol.model)
+    base_model, tok = load_model(protocol.model).eval(), load_tokenizer(protocol.model)
     base_file = out / "base_eval.json"
-    reused = {"training data": all(f.exists() for f in _data_files(out, protocol).values()),
-              "base evaluation": base_file.exists()}
-    files = _data(out, protocol, base, tok)
+    reused = {"training data": (out / "data" / f"{protocol.persona}.jsonl").exists(), "base evaluation": base_file.exists()}
+    t0 = time.perf_counter()
+    data_file = _data(out, protocol, base_model, tok)
+    data_seconds = time.perf_counter() - t0
     if base_file.exists():
-        base_eval = json.loads(base_file.read_text())
+        base = json.loads(base_file.read_text())
     else:
         t0 = time.perf_counter()
-        base_eval = _evaluate(base, None, tok, protocol, None)
-        base_eval["seconds"] = round(time.perf_counter() - t0, 1)
-        write_text_atomic(base_file, json.dumps(base_eval))
-    results.data["data"] = {p: _data_stats(f, p) for p, f in files.items()}
+        base = {**_measure(base_model, tok, protocol), "seconds": round(time.perf_counter() - t0, 1)}
+        write_text_atomic(base_file, json.dumps(base))
+    del base_model
+    results.data["data"] = _data_stats(data_file)
+    results.data["base"] = {"knowledge": _mean(c == "1" for c in base["correct"]), "persona_score": _mean(base["persona_scores"]),
+                            "seconds": base.get("seconds"), "sample": base["answers"][0]}
 
-    settings = [(p, m, s) for p in protocol.personas for m in protocol.methods for s in protocol.seeds]
-    for persona, method, seed in tqdm(settings, desc="study bapo (LLM)", unit="run"):
-        if results.find(persona=persona, method=method, seed=seed):
+    todo = [(arm, s) for s in protocol.seeds for arm in protocol.arms()]  # seed by seed: a cut run has whole seeds
+    bar = tqdm(todo, desc="study bapo (LLM)", unit="run")
+    for (method, lam), seed in bar:
+        if results.find(method=method, anchor_weight=lam, seed=seed):
             continue
-        run_dir = out / "runs" / f"{persona}-{method}-s{seed}"
-        shutil.rmtree(run_dir, ignore_errors=True)
-        weight = METHODS[method] if METHODS[method] is not None else protocol.anchor_weight
-        cfg = load_config(TrainConfig, None, dict(
-            model=protocol.model, train_file=str(files[persona]), output_dir=str(run_dir), method="bapo",
-            anchor_weight=weight, beta=protocol.beta, learning_rate=protocol.learning_rate, max_steps=protocol.steps,
-            batch_size=protocol.batch_size, seed=seed, lora=True, lora_r=protocol.lora_r, lora_alpha=protocol.lora_alpha,
-            warmup_steps=0, save_steps=0, progress=False, write_report=False, eval_batch_size=16, base_max_new_tokens=protocol.max_new_tokens,
-            max_length=256, max_prompt_length=96,
-        ))
+        name = f"{method}-s{seed}" if method == "dpo" else f"bapo-lam{lam:g}-s{seed}"
+        bar.set_postfix_str(name)
+        run_dir = out / "runs" / name
+        shutil.rmtree(run_dir, ignore_errors=True)  # a run killed midway starts over
+        eval_steps = sorted(set(protocol.dpo_eval_steps) | {protocol.steps}) if method == "dpo" else [protocol.steps]
         t0 = time.perf_counter()
-        train(cfg)
+        train(_train_config(protocol, data_file, run_dir, out, lam, seed, save_every=_save_every(eval_steps)))
         t_train = time.perf_counter() - t0
-        from peft import PeftModel
-
-        tuned = PeftModel.from_pretrained(load_model(protocol.model), run_dir / "final").eval()
-        ev = _evaluate(tuned, base, tok, protocol, base_eval)
-        shutil.rmtree(run_dir / "final")
-        mine, theirs = ev["persona_scores"][persona], base_eval["persona_scores"][persona]
-        wins = win_rates(mine, theirs)
+        points = _evaluate_run(run_dir, eval_steps, protocol, tok, base)
+        shutil.rmtree(run_dir / "final")  # the study keeps metrics, not models
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         trace = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         results.add({
-            "persona": persona, "method": method, "seed": seed, "knowledge": ev["knowledge"],
-            "knowledge_retained": ev["knowledge_retained"], "persona_score": sum(mine) / len(mine),
-            "base_persona_score": sum(theirs) / len(theirs), "win_rate": sum(wins) / len(wins), "kl": ev["kl"],
-            "items": {"knowledge": [float(c) for c in ev["correct"]], "knowledge_retained": ev["kept"],
-                      "persona_score": mine, "win_rate": wins, "kl": ev["kls"]}, "train_seconds": round(t_train, 1), "seconds": round(time.perf_counter() - t0, 1),
-            "sample": {"prompt": general_prompts("test")[0][0]["content"], "response": ev["answers"][0]},
+            "method": method, "anchor_weight": lam, "seed": seed, "points": points,
+            "train_seconds": round(t_train, 1), "seconds": round(time.perf_counter() - t0, 1),
             "trace": {k: [row.get(k) for row in trace] for k in ("step", "loss", "logps_chosen", "logps_rejected", "logps_base")},
         })
 
-    runs = results.data["runs"]
-    results.data["base"] = {"knowledge": base_eval["knowledge"], "seconds": base_eval.get("seconds"),
-                            "persona_score": {p: sum(v) / len(v) for p, v in base_eval["persona_scores"].items()}}
-    results.data["summary"] = summarize_runs(runs, ("persona", "method"), METRICS)
-    results.data["claims"] = claims(results.data["summary"], protocol, runs)
+    results.data["claims"] = claims(results.data)
     results.data["wall_seconds_this_invocation"] = round(time.perf_counter() - t_start, 1)
+    results.data["data_seconds_this_invocation"] = round(data_seconds, 1)
     results.data["reused_this_invocation"] = [k for k, v in reused.items() if v]
     results.save()
     figures(results.data, out)
@@ -176,121 +216,179 @@ def run_study(quick: bool = True, out: str | Path = "out/study-bapo-smollm2", pr
     return results.data
 
 
-def _data_stats(path: Path, persona: str) -> dict:
+def _save_every(steps: list[int]) -> int:
+    """A checkpoint interval that hits every evaluated step before the last (0: none needed)."""
+    inner = [s for s in steps[:-1]]
+    return math.gcd(*inner) if inner else 0
+
+
+def _train_config(protocol: LlmBapoProtocol, data_file: Path, run_dir: Path, out: Path, lam: float, seed: int, save_every: int):
+    return load_config(TrainConfig, None, dict(
+        model=protocol.model, train_file=str(data_file), output_dir=str(run_dir), method="bapo", anchor_weight=lam,
+        beta=protocol.beta, learning_rate=protocol.learning_rate, lr_scheduler="constant", warmup_steps=0,
+        max_steps=protocol.steps, batch_size=protocol.batch_size, seed=seed, lora=True, lora_r=protocol.lora_r,
+        lora_alpha=protocol.lora_alpha, save_steps=save_every, save_total_limit=0, progress=False, write_report=False,
+        eval_batch_size=16, base_max_new_tokens=protocol.max_new_tokens, ref_cache_dir=str(out / "cache" / "reflogps"),
+        max_length=256, max_prompt_length=96,
+    ))
+
+
+def _data_stats(path: Path) -> dict:
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     chosen, rejected = [r["chosen_score"] for r in rows], [r["rejected_score"] for r in rows]
-    return {"pairs": len(rows), "chosen_score": summarize(chosen)["mean"] if rows else None,
-            "rejected_score": summarize(rejected)["mean"] if rows else None,
+    return {"pairs": len(rows), "chosen_score": _mean(chosen), "rejected_score": _mean(rejected),
             "chosen_scores_higher": sum(c > r for c, r in zip(chosen, rejected)) / max(1, len(rows))}
 
 
-def _mean(summary, persona, method, metric):
-    row = next((r for r in summary if r["persona"] == persona and r["method"] == method), None)
-    return row[metric]["mean"] if row and metric in row else None
+# ---------------------------------------------------------------- verdicts (from results.json alone)
+
+def curve(runs: list[dict], method: str, seed: int, key: str = "retained") -> list[tuple[float, float]]:
+    """(gain, key) from the base model (0, base value) along DPO's steps, or across BAPO's λ from the largest."""
+    start = {"retained": 1.0, "right_to_wrong": 0.0, "wrong_to_right": 0.0}[key]
+    mine = [r for r in runs if r["method"] == method and r["seed"] == seed]
+    if method == "dpo":
+        pts = [p for r in mine for p in r["points"]]
+    else:
+        pts = [r["points"][-1] for r in sorted(mine, key=lambda r: -r["anchor_weight"])]
+    return [(0.0, start)] + [(p["gain"], p[key]) for p in pts]
 
 
-def paired_difference(runs: list[dict], persona: str, metric: str) -> dict | None:
-    """BAPO − DPO on `metric` for one persona: mean and bootstrap CI of per-item differences (questions or
-    prompts are the same for both methods) when each ran one seed, else of per-seed differences."""
-    by = {m: {r["seed"]: r for r in runs if r["persona"] == persona and r["method"] == m} for m in ("bapo", "dpo")}
-    seeds = sorted(set(by["bapo"]) & set(by["dpo"]))
-    if not seeds:
-        return None
-    if len(seeds) == 1 and all(metric in r.get("items", {}) for r in (by["bapo"][seeds[0]], by["dpo"][seeds[0]])):
-        a, b = by["bapo"][seeds[0]]["items"][metric], by["dpo"][seeds[0]]["items"][metric]
-        return {**summarize([x - y for x, y in zip(a, b, strict=True)]), "over": "items"}
-    return {**summarize([by["bapo"][s][metric] - by["dpo"][s][metric] for s in seeds]), "over": "seeds"}
+def best_gain(runs, method, seed, min_retained: float | None = None) -> float | None:
+    pts = curve(runs, method, seed) if any(r["method"] == method and r["seed"] == seed for r in runs) else []
+    ok = [g for g, r in pts if min_retained is None or r >= min_retained]
+    return max(ok) if ok else None
 
 
-def claims(summary: list[dict], protocol: LlmBapoProtocol, runs: list[dict] = ()) -> list[dict]:
-    out = []
-    for p in protocol.personas:
-        g = lambda m, k: _mean(summary, p, m, k)  # noqa: E731
-        if None in (g("dpo", "knowledge_retained"), g("bapo", "knowledge_retained")):
-            continue
-        for metric, text, holds in (
-            ("knowledge_retained", "BAPO retains more knowledge than DPO", lambda b, d: b > d),
-            ("kl", "BAPO stays closer to the base (lower KL) than DPO", lambda b, d: b < d),
-            ("persona_score", "BAPO's persona score is within 0.05 of DPO's", lambda b, d: b >= d - 0.05),
-        ):
-            out.append({"claim": f"{p}: {text}", "holds": holds(g("bapo", metric), g("dpo", metric)),
-                        "numbers": {"bapo": g("bapo", metric), "dpo": g("dpo", metric)},
-                        "difference": paired_difference(list(runs), p, metric)})
-    return out
+def _interval(values: list[float]) -> dict:
+    t = t_interval(values)
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in t.items()}
+
+
+def _verdict(per_seed: dict, threshold: float) -> dict:
+    values = [v for v in per_seed.values() if v is not None]
+    ci = _interval(values)
+    holds = len(values) == len(per_seed) and len(values) >= MIN_SEEDS and ci["ci95_low"] is not None and ci["ci95_low"] > threshold
+    return {"holds": bool(holds), "interval": ci, "per_seed": {str(s): v for s, v in per_seed.items()},
+            "seeds_without_value": [s for s, v in per_seed.items() if v is None]}
+
+
+def claims(data: dict) -> list[dict]:
+    p, runs = data["protocol"], data["runs"]
+    seeds, g = sorted({r["seed"] for r in runs}), p["target_gain"]
+    ret = {m: {s: at_gain(curve(runs, m, s), g) for s in seeds} for m in ("bapo", "dpo")}
+    d1 = {s: None if None in (ret["bapo"][s], ret["dpo"][s]) else ret["bapo"][s] - ret["dpo"][s] for s in seeds}
+    bg = {s: best_gain(runs, "bapo", s, MIN_RETAINED) for s in seeds}
+    dg = {s: best_gain(runs, "dpo", s) for s in seeds}
+    d2 = {s: None if None in (bg[s], dg[s]) else bg[s] - dg[s] for s in seeds}
+    return [
+        {"claim": f"at a persona gain of +{g:g} over the base, BAPO retains more knowledge than DPO",
+         **_verdict(d1, 0.0), "bapo_retained": ret["bapo"], "dpo_retained": ret["dpo"]},
+        {"claim": f"BAPO reaches a persona gain within {WITHIN:g} of DPO's best while retaining ≥ {MIN_RETAINED}",
+         **_verdict(d2, -WITHIN), "bapo_best_gain_retaining": bg, "dpo_best_gain": dg},
+    ]
+
+
+# ---------------------------------------------------------------- figures and report
+
+def _arm_label(run_or_arm) -> str:
+    method, lam = (run_or_arm["method"], run_or_arm["anchor_weight"]) if isinstance(run_or_arm, dict) else run_or_arm
+    return "DPO" if method == "dpo" else f"BAPO λ={lam:g}"
 
 
 def figures(data: dict, out: Path) -> list[Path]:
-    """tradeoff.png: persona score vs knowledge retained per (persona, method) with 95% CIs on both axes and the
-    base's persona score; mechanism_logps.png: log π_θ of chosen, rejected and base answers during training."""
+    """frontier.png: knowledge retained against persona gain, DPO by steps and BAPO across λ, every seed (thin)
+    and their mean (thick); churn.png: right→wrong and wrong→right flips along the same curves;
+    mechanism_logps.png: log π_θ of chosen, rejected and base answers during training (lowest seed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .report_bapo import _save, mechanism_figure
+    from .report_bapo import _save, lambda_mechanism_figure
 
-    summary, personas = data["summary"], data["protocol"]["personas"]
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for row in summary:
-        i, j = data["protocol"]["methods"].index(row["method"]), personas.index(row["persona"])
-        x, y = row["knowledge_retained"], row["persona_score"]
-        ax.errorbar(x["mean"], y["mean"], xerr=[[x["mean"] - x["ci95_low"]], [x["ci95_high"] - x["mean"]]],
-                    yerr=[[y["mean"] - y["ci95_low"]], [y["ci95_high"] - y["mean"]]], color=f"C{i}", marker="os^D"[j % 4],
-                    capsize=3, linestyle="none", label=f"{row['method']}, {row['persona']}")
-    for j, p in enumerate(personas):
-        ax.axhline(data["base"]["persona_score"][p], color="grey", linestyle=":", linewidth=1)
-        ax.annotate(f"base, {p}", (ax.get_xlim()[0], data["base"]["persona_score"][p]), fontsize=7, color="grey",
-                    va="bottom")
-    ax.set_xlabel("knowledge retained (of the questions the base got right)")
-    ax.set_ylabel("persona score (held-out prompts)")
-    over = "seeds" if len(data["protocol"]["seeds"]) > 1 else "items"
-    ax.set_title(f"personalization vs retention (95% CI over {over})", fontsize=10)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    paths = [_save(plt, fig, out / "tradeoff.png")]
-
-    paths.append(mechanism_figure(plt, data, "persona", personas, str, "answer", out / "mechanism_logps.png"))
+    p, runs = data["protocol"], data["runs"]
+    seeds = sorted({r["seed"] for r in runs})
+    paths = []
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
+    for ax, key, label in zip(axes, ("retained", "right_to_wrong", "wrong_to_right"),
+                              ("knowledge retained (of the base's right answers)", "questions right → wrong", "questions wrong → right")):
+        for i, (method, name) in enumerate((("dpo", "DPO (by steps)"), ("bapo", "BAPO (across λ, largest first)"))):
+            per_seed = [curve(runs, method, s, key) for s in seeds if any(r["method"] == method and r["seed"] == s for r in runs)]
+            for c in per_seed:
+                ax.plot(*zip(*c), color=f"C{i}", lw=0.7, alpha=0.5)
+            if per_seed and len({len(c) for c in per_seed}) == 1:
+                mean = [tuple(sum(v) / len(v) for v in zip(*pts)) for pts in zip(*per_seed)]
+                ax.plot(*zip(*mean), color=f"C{i}", lw=2.2, marker="o", label=f"{name}, mean of {len(per_seed)} seeds")
+        ax.axvline(p["target_gain"], color="grey", lw=0.8, ls=":")
+        ax.set_xlabel(f"persona gain ({p['persona']} score over the base's)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{p['model']}: knowledge against personalization (thin: each seed)", fontsize=10)
+    paths.append(_save(plt, fig, out / "frontier.png"))
+    seed = min(seeds) if seeds else 0
+    mine = sorted((r for r in runs if r["seed"] == seed), key=lambda r: (r["method"] != "dpo", -r["anchor_weight"]))
+    paths.append(lambda_mechanism_figure(plt, [(_arm_label(r), r["trace"]) for r in mine], f"seed {seed}: log π_θ during training",
+                                         out / "mechanism_logps.png"))
     return paths
 
 
-def _cell(row, metric):
-    s = row.get(metric)
-    return "–" if s is None else f"{s['mean']:.3f} [{s['ci95_low']:.3f}, {s['ci95_high']:.3f}]"
+def _num(v, digits: int = 3, sign: bool = False) -> str:
+    return "–" if v is None else f"{v:{'+' if sign else ''}.{digits}f}"
+
+
+def _ci(c: dict, digits: int = 3) -> str:
+    i = c["interval"]
+    if i.get("mean") is None:
+        return "no value"
+    if i.get("ci95_low") is None:
+        return f"{i['mean']:+.{digits}f} (one seed: no interval)"
+    return f"{i['mean']:+.{digits}f} [{i['ci95_low']:+.{digits}f}, {i['ci95_high']:+.{digits}f}] (n = {i['n']})"
 
 
 def report(data: dict) -> str:
-    pr, base = data["protocol"], data["base"]
+    p, base, d = data["protocol"], data["base"], data["data"]
+    seeds = sorted({r["seed"] for r in data["runs"]})
     lines = [
-        f"# BAPO on {pr['model']} (LoRA r {pr['lora_r']})", "",
-        f"Protocol: personas {', '.join(pr['personas'])}; methods {', '.join(pr['methods'])}; seeds {pr['seeds']}; "
-        f"{pr['steps']} steps × {pr['batch_size']} pairs, lr {pr['learning_rate']:g}, β {pr['beta']}, BAPO λ {pr['anchor_weight']}; "
-        f"{pr['train_prompts']} training prompts, {pr['eval_prompts']} held-out prompts, the 399-question knowledge probe.", "",
-        f"Base model: knowledge {base['knowledge']:.3f}; persona score " + ", ".join(f"{p} {v:.3f}" for p, v in base["persona_score"].items()) + ".", "",
-        "Training data (the model's own answers with vs without the instruction):", "",
-        "| persona | pairs | chosen score | rejected score | chosen scores higher |", "|---|---|---|---|---|",
+        f"# BAPO vs DPO on {p['model']}: frontiers (protocol version {p['version']})", "",
+        f"Persona `{p['persona']}`; LoRA r {p['lora_r']} (α {p['lora_alpha']}), {p['batch_size']} pairs per step, constant lr "
+        f"{p['learning_rate']:g}, β {p['beta']}; DPO evaluated at steps {', '.join(map(str, sorted(set(p['dpo_eval_steps']) | {p['steps']})))}; "
+        f"BAPO (hinge anchor) at λ ∈ {{{', '.join(f'{x:g}' for x in p['anchor_weights'])}}}, evaluated at step {p['steps']}; "
+        f"seeds {seeds}; {p['train_prompts']} training prompts, {p['eval_prompts']} held-out prompts, the 399-question knowledge probe.", "",
+        f"Base model: knowledge {base['knowledge']:.3f}; {p['persona']} score {base['persona_score']:.3f}. "
+        f"Training data (the model's own answers with vs without the instruction): {d['pairs']} pairs, chosen score "
+        f"{d['chosen_score']:.3f}, rejected {d['rejected_score']:.3f}, chosen higher in {100 * d['chosen_scores_higher']:.0f}% of pairs.", "",
+        "![frontiers](frontier.png)", "",
+        "Verdicts (rules fixed in code before the runs; per seed one number, Student-t 95% interval over seeds of the "
+        "paired difference):", "",
     ]
-    for p, d in data.get("data", {}).items():
-        lines.append(f"| {p} | {d['pairs']} | {d['chosen_score']:.3f} | {d['rejected_score']:.3f} | {d['chosen_scores_higher']:.2f} |")
-    over = "seeds" if len(pr["seeds"]) > 1 else "items (the 399 questions; the held-out prompts) of the one seed"
-    lines += ["", f"Results: mean [95% bootstrap CI over {over}]", "",
-              "| persona | method | knowledge | knowledge retained | persona score | win rate vs base | KL from base (nats) |",
-              "|---|---|---|---|---|---|---|"]
-    for row in data["summary"]:
-        lines.append(f"| {row['persona']} | {row['method']} | " + " | ".join(_cell(row, m) for m in METRICS) + " |")
-    lines += ["", "Every run:", "", "| persona | method | seed | knowledge | retained | persona | win | KL | seconds |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in data["runs"]:
-        lines.append(f"| {r['persona']} | {r['method']} | {r['seed']} | {r['knowledge']:.3f} | {r['knowledge_retained']:.3f} | "
-                     f"{r['persona_score']:.3f} | {r['win_rate']:.3f} | {r['kl']:.2f} | {r['seconds']:.0f} |")
-    lines += ["", "![personalization vs retention](tradeoff.png)", "",
-              "![log-probs during training](mechanism_logps.png)", "", "Claims:", ""]
     for c in data["claims"]:
-        nums = ", ".join(f"{k} {v:.3f}" for k, v in c["numbers"].items())
-        if d := c.get("difference"):
-            nums += f"; BAPO − DPO {d['mean']:+.3f} [{d['ci95_low']:+.3f}, {d['ci95_high']:+.3f}] over {d['over']}"
-        lines.append(f"- {'HOLDS' if c['holds'] else 'does NOT hold'}: {c['claim']} ({nums})")
-    if data.get("note"):
-        lines += ["", f"Note: {data['note']}"]
+        state = "HOLDS" if c["holds"] else "does NOT hold"
+        lines.append(f"- **{state}**: {c['claim']} — difference {_ci(c)}; per seed "
+                     + ", ".join(f"{s}: {_num(v, sign=True)}" for s, v in c["per_seed"].items()))
+    if len(seeds) < 5:
+        lines += ["", f"{len(seeds)} seed(s): an interval over so few seeds is wide (with 2 seeds t = 12.7), and a "
+                  "verdict rests on them alone; `--seeds 0,1,2,3,4` runs five."]
+    lines += ["", "Every evaluation point (gain = persona score − the base's; churn counts questions of the 399):", "",
+              "| seed | method | step | persona score | gain | win vs base | knowledge | retained | right→wrong | wrong→right |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(data["runs"], key=lambda r: (r["seed"], r["method"] != "dpo", -r["anchor_weight"])):
+        for pt in r["points"]:
+            lines.append(f"| {r['seed']} | {_arm_label(r)} | {pt['step']} | {pt['persona_score']:.3f} | {pt['gain']:+.3f} | "
+                         f"{pt['win_rate']:.2f} | {pt['knowledge']:.3f} | {pt['retained']:.3f} | {pt['right_to_wrong']} | {pt['wrong_to_right']} |")
+    lines += ["", "Retention at matched persona gain (interpolated on each seed's curve; – = the curve never reaches it):", "",
+              "| gain | " + " | ".join(f"DPO s{s} | BAPO s{s}" for s in seeds) + " |", "|---|" + "---|---|" * len(seeds)]
+    for g in sorted({0.05, p["target_gain"], 0.2, 0.3}):
+        lines.append(f"| +{g:g} | " + " | ".join(f"{_num(at_gain(curve(data['runs'], 'dpo', s), g))} | "
+                                                f"{_num(at_gain(curve(data['runs'], 'bapo', s), g))}" for s in seeds) + " |")
+    lines += ["", "![log-probs during training](mechanism_logps.png)", "",
+              f"Sample (first held-out prompt): base — {base['sample']!r}"]
+    for r in data["runs"]:
+        if r["seed"] == min(seeds):
+            lines.append(f"- {_arm_label(r)}, step {r['points'][-1]['step']}: {r['points'][-1]['sample']!r}")
     reused = data.get("reused_this_invocation")
     lines += ["", f"Wall time of the invocation that wrote this: {data.get('wall_seconds_this_invocation', 0) / 60:.1f} min"
-              + (f" ({' and '.join(reused)} reused from an earlier invocation in the same directory)." if reused else "."), ""]
+              + (f" ({' and '.join(reused)} reused from an earlier invocation in the same directory)." if reused else
+                 f" (training data {data.get('data_seconds_this_invocation', 0) / 60:.1f} min, base evaluation "
+                 f"{(base.get('seconds') or 0) / 60:.1f} min)."), ""]
     return "\n".join(lines)

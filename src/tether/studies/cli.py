@@ -69,17 +69,16 @@ def add_study_parser(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     b.add_argument("--quick", action="store_true",
-                   help="seed 0 only (full: seeds 0-4); otherwise the full protocol. "
-                   "With --model: one persona (simple) instead of two")
+                   help="seed 0 only (full: seeds 0-4 on the embedded world; with --model: seeds 0 and 1)")
     b.add_argument("--world_seed", type=_world_seed, default=0,
                    help="seed of the embedded world (realms, facts, splits) and of its base model (not with --model)")
     b.add_argument("--model", default=None,
                    help="run the study on this chat model instead of the embedded world (e.g. smollm2-135m-instruct): "
-                   "DPO vs BAPO with LoRA on instruction-defined personas, knowledge probe, KL from the base")
+                   "DPO (by steps) vs BAPO (across λ) with LoRA on the instruction-defined persona `simple`, "
+                   "knowledge probe with churn; a local model directory or a built-in name")
     b.add_argument("--seeds", default=None, type=_seed_list,
-                   help="with --model: comma-separated training seeds; unset = seed 0 (each extra seed adds ~24 minutes "
-                   "for SmolLM2 with two personas on 2 cores; with one seed the CIs are over questions and prompts, "
-                   "with several over seeds)")
+                   help="with --model: comma-separated training seeds, replacing 0,1 (each seed adds ~20 minutes for "
+                   "SmolLM2 on 2 cores: 4 trainings, 6 evaluations; verdicts need at least 2 seeds)")
     b.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the study process")
     b.add_argument("--out", default=None, help="study directory (default: out/study-bapo or out/study-bapo-quick)")
     b.set_defaults(func=_run_bapo)

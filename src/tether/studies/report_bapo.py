@@ -181,54 +181,29 @@ def figures(data: dict, out: Path) -> list[Path]:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     paths.append(_save(plt, fig, out / "dpo_by_heterogeneity.png"))
-    paths.append(lambda_mechanism_figure(plt, data, out / "mechanism_logps.png"))
+    seed = min(p["seeds"])
+    mine = [r for r in runs if r["level"] == p["frontier_level"] and r["seed"] == seed and r["method"] in ("dpo", "bapo")]
+    mine.sort(key=lambda r: (r["method"] != "dpo", -(r["knob"] or 0)))
+    paths.append(lambda_mechanism_figure(plt, [(_label(r["method"], r["knob"], r.get("anchor_form")), r["trace"]) for r in mine],
+                                         f"h = {p['frontier_level']}, seed {seed}: log π_θ during training", out / "mechanism_logps.png"))
     return paths
 
 
-def mechanism_figure(plt, data: dict, by: str, values: list, describe, noun: str, path: Path) -> Path:
-    """One row per value of run[by], DPO and BAPO side by side (lowest seed): the summed log π_θ of the chosen,
-    rejected and base {noun}s during training, from each run's trace."""
-    seed = min(data["protocol"]["seeds"])
-    fig, axes = plt.subplots(len(values), 2, figsize=(10, 3.2 * len(values)), sharey="row", squeeze=False)
-    for row, value in zip(axes, values):
-        runs = {r["method"]: r for r in data["runs"] if r[by] == value and r["seed"] == seed}
-        for ax, m in zip(row, ("dpo", "bapo")):
-            if m not in runs:
-                continue
-            t = runs[m]["trace"]
-            for key, label in (("logps_chosen", "chosen y_w"), ("logps_rejected", "rejected y_l"), ("logps_base", f"base {noun} y_b")):
-                if any(v is not None for v in t.get(key, [])):
-                    ax.plot(t["step"], t[key], label=label)
-            ax.set_title(f"{m}, {describe(value)}, seed {seed}", fontsize=10)
-            ax.grid(alpha=0.3)
-        row[0].set_ylabel("summed log π_θ (batch mean)")
-    for ax in axes[-1]:
-        ax.set_xlabel("step")
-    axes[0][1].legend(fontsize=8)
-    fig.suptitle(f"log π_θ of chosen, rejected and base {noun}s during training")
-    return _save(plt, fig, path)
-
-
-def lambda_mechanism_figure(plt, data: dict, path: Path) -> Path:
-    """Summed log π_θ of the chosen, rejected and base responses during training (frontier level, lowest seed):
-    DPO and BAPO at each λ."""
-    p = data["protocol"]
-    seed = min(p["seeds"])
-    runs = [r for r in data["runs"] if r["level"] == p["frontier_level"] and r["seed"] == seed and r["method"] in ("dpo", "bapo")]
-    runs.sort(key=lambda r: (r["method"] != "dpo", -(r["knob"] or 0)))
-    cols = max(1, len(runs))
+def lambda_mechanism_figure(plt, traces: list[tuple[str, dict]], title: str, path: Path) -> Path:
+    """One panel per (label, run trace): the summed log π_θ of the chosen, rejected and base responses during
+    training."""
+    cols = max(1, len(traces))
     fig, axes = plt.subplots(1, cols, figsize=(3.2 * cols, 3.4), sharey=True, squeeze=False)
-    for ax, r in zip(axes[0], runs):
-        t = r["trace"]
-        for key, label in (("logps_chosen", "chosen y_w"), ("logps_rejected", "rejected y_l"), ("logps_base", "base y_b")):
+    for ax, (label, t) in zip(axes[0], traces):
+        for key, name in (("logps_chosen", "chosen y_w"), ("logps_rejected", "rejected y_l"), ("logps_base", "base y_b")):
             if any(v is not None for v in t.get(key, [])):
-                ax.plot(t["step"], t[key], label=label)
-        ax.set_title(_label(r["method"], r["knob"], r.get("anchor_form")), fontsize=9)
+                ax.plot(t["step"], t[key], label=name)
+        ax.set_title(label, fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("summed log π_θ (batch mean)")
     axes[0][-1].legend(fontsize=7)
-    fig.suptitle(f"h = {p['frontier_level']}, seed {seed}: log π_θ during training", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     return _save(plt, fig, path)
 
 
