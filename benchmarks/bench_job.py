@@ -115,7 +115,9 @@ def phase_worker(argv: list[str], result: Path, launched: float) -> None:
     spans = {"import": time.time() - launched}
 
     def timed(name: str, phase: str) -> None:
-        original = getattr(offline, name)
+        original = getattr(offline, name, None)
+        if original is None:  # the phases name the functions train() calls: keep this list in step with offline.py
+            raise SystemExit(f"bench_job: tether.train.offline has no {name!r}; update the phase list")
 
         def wrapper(*a, **k):
             t = time.perf_counter()
@@ -126,7 +128,7 @@ def phase_worker(argv: list[str], result: Path, launched: float) -> None:
         setattr(offline, name, wrapper)
 
     for name, phase in (("make_accelerator", "setup"), ("load_tokenizer", "load"), ("load_policy", "load"),
-                        ("load_examples", "tokenize"), ("prepare_run_dir", "tokenize"),
+                        ("load_examples", "tokenize"), ("claim_run_dir", "tokenize"),
                         ("reference_table", "reference"), ("save_final", "save")):
         timed(name, phase)
     train = offline.train
