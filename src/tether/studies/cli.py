@@ -77,7 +77,7 @@ def add_study_parser(subparsers) -> None:
                    "DPO (by steps) vs BAPO (across λ) with LoRA on the instruction-defined persona `simple`, "
                    "knowledge probe with churn; a local model directory or a built-in name")
     b.add_argument("--seeds", default=None, type=_seed_list,
-                   help="with --model: comma-separated training seeds, replacing 0,1 (each seed adds ~20 minutes for "
+                   help="with --model: comma-separated training seeds, replacing 0,1 (each seed adds ~27 minutes for "
                    "SmolLM2 on 2 cores: 4 trainings, 6 evaluations; verdicts need at least 2 seeds)")
     b.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the study process")
     b.add_argument("--out", default=None, help="study directory (default: out/study-bapo or out/study-bapo-quick)")
