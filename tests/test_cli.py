@@ -2,6 +2,9 @@
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -146,3 +149,15 @@ def test_every_subcommand_parser_is_torch_free():
     code = f"import sys; from tether.cli import build_parser; build_parser(); print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.stdout.strip() == "[]", res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, ("PASSIVE", "1000")),  # tether's default: a bounded spin, then sleep
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, ("ACTIVE", None)),  # an explicit policy wins and gets no spin bound
+    ({"GOMP_SPINCOUNT": "50"}, ("PASSIVE", "50")),  # an explicit spin bound wins
+])
+def test_openmp_waiting_default_and_overrides(env, expected):
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    code = "import os, json, tether; print(json.dumps([os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT')]))"
+    out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, check=True)
+    assert tuple(json.loads(out.stdout)) == expected

@@ -9,7 +9,7 @@ The log-probability of each sampled response under the model itself (temperature
 summed on the way, from the same logits: online training needs log π_β(y) of every sampled pair, and this
 gives it without a second forward pass.
 
-Under OMP_WAIT_POLICY=PASSIVE (tether's default) the token-by-token loop runs on ONE torch thread when a
+Under OMP_WAIT_POLICY=PASSIVE (tether's default, with a bounded spin) the token-by-token loop runs on ONE torch thread when a
 decoding step is small (under DECODE_PARALLEL_FLOPS, e.g. models of a few million parameters): each step is then
 many operations of a few microseconds, and waking a sleeping OpenMP thread for each costs more than it saves
 (2 threads → 1: tiny 0.127 → 0.062 s, 5m 0.289 → 0.230 s per 16 × 32 tokens; with ACTIVE waiting 2 threads
