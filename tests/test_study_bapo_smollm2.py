@@ -77,17 +77,17 @@ def test_verdict_rules_on_hand_made_frontiers():
     assert curve(data["runs"], "bapo", 0) == [(0.0, 1.0), (0.05, 0.99), (0.15, 0.97), (0.3, 0.9)]
     c1, c2 = claims(data)
     # seed 0 at gain 0.1: DPO 0.95 + (0.8 − 0.95)·(0.05/0.15) = 0.90; BAPO 0.99 + (0.97 − 0.99)·0.5 = 0.98
-    assert c1["per_seed"]["0"] == pytest.approx(0.08)
+    assert c1["per_seed"][0] == pytest.approx(0.08)
     # seed 1: DPO reaches 0.1 exactly at its first point (0.9); BAPO 1.0 + (0.98 − 1.0)·(0.08/0.18)
-    assert c1["per_seed"]["1"] == pytest.approx(1.0 - 0.02 * 0.08 / 0.18 - 0.9)
+    assert c1["per_seed"][1] == pytest.approx(1.0 - 0.02 * 0.08 / 0.18 - 0.9)
     assert c1["holds"] is True and c1["interval"]["n"] == 2
     # claim 2: BAPO's best gain retaining ≥ 0.95 minus DPO's best: 0.15 − 0.4 and 0.2 − 0.5
-    assert c2["per_seed"] == {"0": pytest.approx(-0.25), "1": pytest.approx(-0.3)} and c2["holds"] is False
+    assert c2["per_seed"] == {0: pytest.approx(-0.25), 1: pytest.approx(-0.3)} and c2["holds"] is False
 
     # a seed whose BAPO never reaches the target gain gives no value, and the claim cannot hold
     bapo[1] = {1.0: (0.01, 1.0), 0.1: (0.05, 0.99), 0.01: (0.08, 0.98)}
     c1 = claims(_results(bapo, dpo))[0]
-    assert c1["per_seed"]["1"] is None and c1["seeds_without_value"] == [1] and c1["holds"] is False
+    assert c1["per_seed"][1] is None and c1["seeds_without_value"] == [1] and c1["holds"] is False
     # one seed is below the protocol's floor of two
     c1 = claims(_results({0: bapo[0]}, {0: dpo[0]}))[0]
-    assert c1["per_seed"]["0"] == pytest.approx(0.08) and c1["holds"] is False
+    assert c1["per_seed"][0] == pytest.approx(0.08) and c1["holds"] is False

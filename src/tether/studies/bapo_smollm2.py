@@ -50,10 +50,10 @@ from ..generation import generate
 from ..instructed import general_prompts, get_instructed_persona, instructed_preference_records
 from ..models import load_adapter, load_model, load_tokenizer
 from ..probes import knowledge_questions
-from ..stats import t_interval, win_rates
+from ..stats import win_rates
 from ..train import TrainConfig, train
 from .common import StudyResults, set_threads
-from .report_bapo import at_gain
+from .report_bapo import at_gain, verdict
 
 log = logging.getLogger("tether")
 MIN_SEEDS = 2  # the protocol's floor; two seeds give a t-interval with 1 degree of freedom (t = 12.7): wide
@@ -259,19 +259,6 @@ def best_gain(runs, method, seed, min_retained: float | None = None) -> float | 
     return max(ok) if ok else None
 
 
-def _interval(values: list[float]) -> dict:
-    t = t_interval(values)
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in t.items()}
-
-
-def _verdict(per_seed: dict, threshold: float) -> dict:
-    values = [v for v in per_seed.values() if v is not None]
-    ci = _interval(values)
-    holds = len(values) == len(per_seed) and len(values) >= MIN_SEEDS and ci["ci95_low"] is not None and ci["ci95_low"] > threshold
-    return {"holds": bool(holds), "interval": ci, "per_seed": {str(s): v for s, v in per_seed.items()},
-            "seeds_without_value": [s for s, v in per_seed.items() if v is None]}
-
-
 def claims(data: dict) -> list[dict]:
     p, runs = data["protocol"], data["runs"]
     seeds, g = sorted({r["seed"] for r in runs}), p["target_gain"]
@@ -282,9 +269,9 @@ def claims(data: dict) -> list[dict]:
     d2 = {s: None if None in (bg[s], dg[s]) else bg[s] - dg[s] for s in seeds}
     return [
         {"claim": f"at a persona gain of +{g:g} over the base, BAPO retains more knowledge than DPO",
-         **_verdict(d1, 0.0), "bapo_retained": ret["bapo"], "dpo_retained": ret["dpo"]},
+         **verdict(d1, 0.0, MIN_SEEDS), "bapo_retained": ret["bapo"], "dpo_retained": ret["dpo"]},
         {"claim": f"BAPO reaches a persona gain within {WITHIN:g} of DPO's best while retaining ≥ {MIN_RETAINED}",
-         **_verdict(d2, -WITHIN), "bapo_best_gain_retaining": bg, "dpo_best_gain": dg},
+         **verdict(d2, -WITHIN, MIN_SEEDS), "bapo_best_gain_retaining": bg, "dpo_best_gain": dg},
     ]
 
 

@@ -76,11 +76,11 @@ def _interval(values: list[float]) -> dict:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in t.items()}
 
 
-def _verdict(per_seed: dict, threshold: float) -> dict:
-    """holds when every seed has a value, there are ≥ MIN_SEEDS, and the t-interval's lower end is > threshold."""
+def verdict(per_seed: dict, threshold: float, min_seeds: int = MIN_SEEDS) -> dict:
+    """holds when every seed has a value, there are ≥ min_seeds, and the t-interval's lower end is > threshold."""
     values = [v for v in per_seed.values() if v is not None]
     ci = _interval(values)
-    holds = len(values) == len(per_seed) and len(values) >= MIN_SEEDS and ci["ci95_low"] is not None and ci["ci95_low"] > threshold
+    holds = len(values) == len(per_seed) and len(values) >= min_seeds and ci["ci95_low"] is not None and ci["ci95_low"] > threshold
     missing = [s for s, v in per_seed.items() if v is None]
     return {"holds": bool(holds), "interval": ci, "per_seed": per_seed, "seeds_without_value": missing}
 
@@ -96,20 +96,20 @@ def claim_values(data: dict, decoding: str) -> list[dict]:
     d1 = {s: None if forget[hi][s] is None or forget[lo][s] is None else forget[hi][s] - forget[lo][s] for s in seeds}
     out.append({"claim": f"DPO's forgetting at matched personalization (+{g:g} style points) grows with heterogeneity "
                          f"(h = {hi} minus h = {lo})",
-                **_verdict(d1, 0.0), "forgetting": {f"h{lv}": forget[lv] for lv in levels}})
+                **verdict(d1, 0.0), "forgetting": {f"h{lv}": forget[lv] for lv in levels}})
 
     bapo = {s: retention_at(runs, fl, "bapo", s, decoding, g) for s in seeds}
     base_ret = {m: {s: retention_at(runs, fl, m, s, decoding, g) for s in seeds} for m in BASELINES if m in p["methods"]}
     best = {s: max((v[s] for v in base_ret.values() if v[s] is not None), default=None) for s in seeds}
     d2 = {s: None if bapo[s] is None or best[s] is None else bapo[s] - best[s] for s in seeds}
     out.append({"claim": f"at +{g:g} style points (h = {fl}), BAPO's retention minus the best baseline's is > 0",
-                **_verdict(d2, 0.0), "bapo_retention": bapo, "baseline_retention": base_ret, "best_baseline_retention": best})
+                **verdict(d2, 0.0), "bapo_retention": bapo, "baseline_retention": base_ret, "best_baseline_retention": best})
 
     bg = {s: best_gain(runs, fl, "bapo", s, decoding, MIN_RETENTION) for s in seeds}
     dg = {s: best_gain(runs, fl, "dpo", s, decoding) for s in seeds}
     d3 = {s: None if bg[s] is None or dg[s] is None else bg[s] - dg[s] for s in seeds}
     out.append({"claim": f"BAPO reaches a gain within {WITHIN_POINTS:g} points of DPO's best (h = {fl}) while retaining "
-                         f"≥ {MIN_RETENTION}", **_verdict(d3, -WITHIN_POINTS), "bapo_best_gain_retaining": bg, "dpo_best_gain": dg})
+                         f"≥ {MIN_RETENTION}", **verdict(d3, -WITHIN_POINTS), "bapo_best_gain_retaining": bg, "dpo_best_gain": dg})
     return out
 
 
