@@ -92,7 +92,7 @@ class LlmBapoProtocol:
 
 
 def protocol_for(model: str, quick: bool = False, seeds: list[int] | None = None) -> LlmBapoProtocol:
-    """The CLI's protocols: seeds 0 and 1 (≈ 58 minutes for SmolLM2 on 2 cores), or with `quick` seed 0 only (≈ 33);
+    """The CLI's protocols: seeds 0 and 1 (≈ 58 minutes for SmolLM2 on 2 cores), or with `quick` seed 0 only (≈ 33, estimated);
     `seeds` replaces the seed list."""
     proto = LlmBapoProtocol(model=model, seeds=[0] if quick else [0, 1])
     if seeds:
