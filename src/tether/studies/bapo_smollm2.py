@@ -282,9 +282,16 @@ def _arm_label(run_or_arm) -> str:
     return "DPO" if method == "dpo" else f"BAPO λ={lam:g}"
 
 
+def _plot_curve(ax, pts, label=None, **style) -> None:
+    """A curve from the base model: its first segment dashed (nothing was measured between the base and the first
+    point: fewer steps, or a λ between ∞ and the largest), the rest solid."""
+    ax.plot(*zip(*pts[:2]), ls="--", **{k: v for k, v in style.items() if k != "marker"})
+    ax.plot(*zip(*pts[1:]), label=label, **style)
+
+
 def figures(data: dict, out: Path) -> list[Path]:
     """frontier.png: knowledge retained against persona gain, DPO by steps and BAPO across λ, every seed (thin)
-    and their mean (thick); churn.png: right→wrong and wrong→right flips along the same curves;
+    and their mean (thick), the unmeasured segment from the base dashed; churn.png: right→wrong and wrong→right flips along the same curves;
     mechanism_logps.png: log π_θ of chosen, rejected and base answers during training (lowest seed)."""
     import matplotlib
 
@@ -302,10 +309,10 @@ def figures(data: dict, out: Path) -> list[Path]:
         for i, (method, name) in enumerate((("dpo", "DPO (by steps)"), ("bapo", "BAPO (across λ, largest first)"))):
             per_seed = [curve(runs, method, s, key) for s in seeds if any(r["method"] == method and r["seed"] == s for r in runs)]
             for c in per_seed:
-                ax.plot(*zip(*c), color=f"C{i}", lw=0.7, alpha=0.5)
+                _plot_curve(ax, c, color=f"C{i}", lw=0.7, alpha=0.5)
             if per_seed and len({len(c) for c in per_seed}) == 1:
                 mean = [tuple(sum(v) / len(v) for v in zip(*pts)) for pts in zip(*per_seed)]
-                ax.plot(*zip(*mean), color=f"C{i}", lw=2.2, marker="o", label=f"{name}, mean of {len(per_seed)} seeds")
+                _plot_curve(ax, mean, color=f"C{i}", lw=2.2, marker="o", label=f"{name}, mean of {len(per_seed)} seeds")
         ax.axvline(p["target_gain"], color="grey", lw=0.8, ls=":")
         ax.set_xlabel(f"persona gain ({p['persona']} score over the base's)")
         ax.set_ylabel(label)
