@@ -218,7 +218,7 @@ def run_study(quick: bool = True, out: str | Path = "out/study-bapo-smollm2", pr
 
 def _save_every(steps: list[int]) -> int:
     """A checkpoint interval that hits every evaluated step before the last (0: none needed)."""
-    inner = [s for s in steps[:-1]]
+    inner = steps[:-1]
     return math.gcd(*inner) if inner else 0
 
 
@@ -277,9 +277,8 @@ def claims(data: dict) -> list[dict]:
 
 # ---------------------------------------------------------------- figures and report
 
-def _arm_label(run_or_arm) -> str:
-    method, lam = (run_or_arm["method"], run_or_arm["anchor_weight"]) if isinstance(run_or_arm, dict) else run_or_arm
-    return "DPO" if method == "dpo" else f"BAPO λ={lam:g}"
+def _arm_label(run: dict) -> str:
+    return "DPO" if run["method"] == "dpo" else f"BAPO λ={run['anchor_weight']:g}"
 
 
 def _plot_curve(ax, pts, label=None, **style) -> None:
@@ -291,14 +290,14 @@ def _plot_curve(ax, pts, label=None, **style) -> None:
 
 def figures(data: dict, out: Path) -> list[Path]:
     """frontier.png: knowledge retained against persona gain, DPO by steps and BAPO across λ, every seed (thin)
-    and their mean (thick), the unmeasured segment from the base dashed; churn.png: right→wrong and wrong→right flips along the same curves;
-    mechanism_logps.png: log π_θ of chosen, rejected and base answers during training (lowest seed)."""
+    and their mean (thick), the unmeasured segment from the base dashed, beside right→wrong and wrong→right flips
+    along the same curves; mechanism_logps.png: log π_θ of chosen, rejected and base answers during training (lowest seed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .report_bapo import _save, lambda_mechanism_figure
+    from .report_bapo import _save, trace_figure
 
     p, runs = data["protocol"], data["runs"]
     seeds = sorted({r["seed"] for r in runs})
@@ -322,7 +321,7 @@ def figures(data: dict, out: Path) -> list[Path]:
     paths.append(_save(plt, fig, out / "frontier.png"))
     seed = min(seeds) if seeds else 0
     mine = sorted((r for r in runs if r["seed"] == seed), key=lambda r: (r["method"] != "dpo", -r["anchor_weight"]))
-    paths.append(lambda_mechanism_figure(plt, [(_arm_label(r), r["trace"]) for r in mine], f"seed {seed}: log π_θ during training",
+    paths.append(trace_figure(plt, [(_arm_label(r), r["trace"]) for r in mine], f"seed {seed}: log π_θ during training",
                                          out / "mechanism_logps.png"))
     return paths
 
@@ -349,7 +348,7 @@ def report(data: dict) -> str:
         f"{p['learning_rate']:g}, β {p['beta']}; DPO evaluated at steps {', '.join(map(str, sorted(set(p['dpo_eval_steps']) | {p['steps']})))}; "
         f"BAPO (hinge anchor) at λ ∈ {{{', '.join(f'{x:g}' for x in p['anchor_weights'])}}}, evaluated at step {p['steps']}; "
         f"seeds {seeds}; {p['train_prompts']} training prompts, {p['eval_prompts']} held-out prompts, the 399-question knowledge probe.", "",
-        f"Base model: knowledge {base['knowledge']:.3f}; {p['persona']} score {base['persona_score']:.3f}. "
+        f"Pre-check — base model: knowledge {base['knowledge']:.3f}; {p['persona']} score {base['persona_score']:.3f}. "
         f"Training data (the model's own answers with vs without the instruction): {d['pairs']} pairs, chosen score "
         f"{d['chosen_score']:.3f}, rejected {d['rejected_score']:.3f}, chosen higher in {100 * d['chosen_scores_higher']:.0f}% of pairs.", "",
         "![frontiers](frontier.png)", "",

@@ -184,12 +184,12 @@ def figures(data: dict, out: Path) -> list[Path]:
     seed = min(p["seeds"])
     mine = [r for r in runs if r["level"] == p["frontier_level"] and r["seed"] == seed and r["method"] in ("dpo", "bapo")]
     mine.sort(key=lambda r: (r["method"] != "dpo", -(r["knob"] or 0)))
-    paths.append(lambda_mechanism_figure(plt, [(_label(r["method"], r["knob"], r.get("anchor_form")), r["trace"]) for r in mine],
+    paths.append(trace_figure(plt, [(_label(r["method"], r["knob"], r.get("anchor_form")), r["trace"]) for r in mine],
                                          f"h = {p['frontier_level']}, seed {seed}: log π_θ during training", out / "mechanism_logps.png"))
     return paths
 
 
-def lambda_mechanism_figure(plt, traces: list[tuple[str, dict]], title: str, path: Path) -> Path:
+def trace_figure(plt, traces: list[tuple[str, dict]], title: str, path: Path) -> Path:
     """One panel per (label, run trace): the summed log π_θ of the chosen, rejected and base responses during
     training."""
     cols = max(1, len(traces))
