@@ -18,7 +18,7 @@ OMP_WAIT_POLICY=PASSIVE in the environment (passed on to the runs), gives steadi
 (>= 0.25 core) is repeated up to --retries times and the quietest kept.
 
 Method
-- Models: tiny Llamas from `tether.tiny` (byte-level BPE tokenizer, vocab 2048, trained on the benchmark's own
+- Models: tiny Llamas from `tether_lab.tiny` (byte-level BPE tokenizer, vocab 2048, trained on the benchmark's own
   words; `tiny_llama`, float32, random init, untied head), saved to a temp dir:
   tiny = hidden 128 × 2 layers (~1M params), 5m = hidden 256 × 4 layers (~5M params). `smollm2` = the pretrained
   SmolLM2-135M-Instruct from tether's cache (its own tokenizer sizes the data; tied head counted once in P).
@@ -87,7 +87,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_words(n: int = 1500) -> list[str]:
-    from tether.demo import COLOURS, OBJECTS
+    from tether_lab.demo import COLOURS, OBJECTS
 
     rng, onset, vowel = random.Random(0), "b c d f g h k l m n p r s t v w z br st pl gr".split(), "a e i o u ai ou".split()
     words = set(OBJECTS + COLOURS)
@@ -108,8 +108,8 @@ def fill(rng, words, cost, head: str, budget: int) -> str:
 
 def build_workdir(work: Path, model_names: list[str], n_pairs: int) -> dict:
     """Tokenizer + models + data files under `work`; returns facts the report needs."""
-    from tether.demo import COLOURS, OBJECTS, write_jsonl
-    from tether.tiny import tiny_llama, train_tokenizer
+    from tether_lab.demo import COLOURS, OBJECTS, write_jsonl
+    from tether_lab.tiny import tiny_llama, train_tokenizer
     from tether.train.common import stream_indices
 
     words, rng = make_words(), random.Random(1)

@@ -57,7 +57,7 @@ PHASES = ("import", "setup", "load", "tokenize", "reference", "loop", "save", "e
 
 def write_data(work: Path, n_pairs: int) -> Path:
     """n_pairs standard-format records in work/data/train.jsonl: prompts ≤ 64 tokens, completions 24–120 tokens."""
-    from tether.demo import COLOURS, OBJECTS, write_jsonl
+    from tether_lab.demo import COLOURS, OBJECTS, write_jsonl
     from tether.models import load_tokenizer
 
     tok, words, rng = load_tokenizer(MODEL), make_words(), random.Random(1)

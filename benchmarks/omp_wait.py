@@ -51,7 +51,7 @@ def step_worker(steps: int, threads: int, workload: str) -> None:
     """Time `steps` training steps; print one JSON line {"step_s": [...]}."""
     import torch  # first: libgomp reads its settings when torch loads it, so tether's own default cannot apply
 
-    from tether.tiny import tiny_llama, train_tokenizer
+    from tether_lab.tiny import tiny_llama, train_tokenizer
 
     torch.set_num_threads(threads)
     world = workload == "world"

@@ -55,8 +55,8 @@ def evaluate(model_dir: str) -> dict:
     from tether.stats import summarize
     from tether.generation import generate
     from tether.models import load_model, load_tokenizer
-    from tether.world import PERSONAS, WorldSettings, persona_score, world_suite
-    from tether.world.evaluation import prompts_of
+    from tether_lab.world import PERSONAS, WorldSettings, persona_score, world_suite
+    from tether_lab.world.evaluation import prompts_of
 
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
     world = WorldSettings().world()

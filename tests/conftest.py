@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tether.demo import toy_model, toy_preferences, write_jsonl
+from tether_lab.demo import toy_model, toy_preferences, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,9 +6,9 @@ import pytest
 
 from tether.config import TetherError, load_config
 from tether.data import collate, load_preference_records, tokenize_records
-from tether.demo import toy_preferences, write_jsonl
+from tether_lab.demo import toy_preferences, write_jsonl
 from tether.models import load_model, load_tokenizer, resolve_model_path
-from tether.tiny import train_tokenizer
+from tether_lab.tiny import train_tokenizer
 from tether.train import TrainConfig
 
 

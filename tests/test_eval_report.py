@@ -93,7 +93,7 @@ def test_tensorboard_scalars_use_trl_names_with_before_and_after(lora_run):
 def test_online_run_report_has_win_rate_annotations_ties_and_time(model_dir, tmp_path, monkeypatch):
     from pathlib import Path
 
-    from tether.demo import toy_preferences, write_jsonl
+    from tether_lab.demo import toy_preferences, write_jsonl
     from tether.train import OnlineConfig, online_train
 
     monkeypatch.syspath_prepend(str(Path(__file__).parent))  # the toy oracles

@@ -185,7 +185,7 @@ def test_a_damaged_reference_cache_is_rebuilt(model_dir, data_dir, tmp_path):
 
 @pytest.fixture
 def online_args(model_dir, tmp_path):
-    from tether.demo import toy_preferences, write_jsonl
+    from tether_lab.demo import toy_preferences, write_jsonl
 
     prompts = write_jsonl([{"prompt": r["prompt"]} for r in toy_preferences(48, seed=5)], tmp_path / "prompts.jsonl")
     return ["online", "--model", str(model_dir), "--prompt_file", str(prompts), "--steps", "6", "--phases", "3",

@@ -19,7 +19,7 @@ import pytest
 from conftest import run_cli
 from test_fsdp import FSDP2, LAUNCH, assert_really_sharded
 from test_train import assert_params_close, final_params
-from tether.demo import toy_preferences, write_jsonl
+from tether_lab.demo import toy_preferences, write_jsonl
 
 TESTS = Path(__file__).parent
 ENV = {"PYTHONPATH": f"{TESTS}:{TESTS.parent / 'src'}"}

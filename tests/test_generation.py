@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tether.generation import generate, generate_ids, prompt_ids
-from tether.tiny import train_tokenizer, tiny_llama
+from tether_lab.tiny import train_tokenizer, tiny_llama
 
 TEXTS = ["the quick brown fox jumps over the lazy dog", "a b c d e f g", "hello there, general alignment"]
 

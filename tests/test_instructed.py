@@ -2,7 +2,7 @@
 
 import pytest
 
-from tether.instructed import PERSONAS, general_prompts, get_instructed_persona, instructed_preference_records, syllables
+from tether_lab.instructed import PERSONAS, general_prompts, get_instructed_persona, instructed_preference_records, syllables
 
 EXAMPLES = {  # (in the persona's style, not in it)
     "concise": ("Plants make sugar from light.",

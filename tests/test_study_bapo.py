@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from tether.studies.bapo import BapoProtocol, run_study
-from tether.studies.report_bapo import at_gain, claims, curves, retention_at
+from tether_lab.studies.bapo import BapoProtocol, run_study
+from tether_lab.studies.report_bapo import at_gain, claims, curves, retention_at
 
 MICRO_WORLD = dict(n_entities=8, vocab_size=320, hidden_size=32, num_layers=1, num_heads=2, batch_size=8,
                    pretrain_steps=10, sft_steps=10)

@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from tether.studies import bapo_smollm2 as study
-from tether.studies.bapo_smollm2 import LlmBapoProtocol, claims, curve, run_study
+from tether_lab.studies import bapo_smollm2 as study
+from tether_lab.studies.bapo_smollm2 import LlmBapoProtocol, claims, curve, run_study
 
 
 def _micro(model_dir) -> LlmBapoProtocol:

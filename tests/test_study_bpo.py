@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from tether.config import TetherError
-from tether.studies.bpo import METRICS, SETTINGS, BpoProtocol, check_world_seed, pilot_choice, run_study
+from tether_lab.studies.bpo import METRICS, SETTINGS, BpoProtocol, check_world_seed, pilot_choice, run_study
 
 # the default world's facts (the world oracle judges against them) with a tiny, briefly trained model
 MICRO_MODELS = dict(world=dict(hidden_size=32, num_layers=1, num_heads=2, batch_size=8, pretrain_steps=5, sft_steps=5),
@@ -53,7 +53,7 @@ def _runs(table: dict[str, list[float]], loss: str = "dpo") -> list[dict]:
 
 
 def test_claim_rules_on_synthetic_runs():
-    from tether.studies.report_bpo import claims
+    from tether_lab.studies.report_bpo import claims
 
     base = [0.50, 0.60, 0.55, 0.70, 0.65]
     shift = lambda d, noise=(0, 0, 0, 0, 0): [b + d + e for b, e in zip(base, noise)]  # noqa: E731
@@ -75,7 +75,7 @@ def test_claim_rules_on_synthetic_runs():
 
 
 def test_prechecks_average_the_trace_windows():
-    from tether.studies.report_bpo import prechecks
+    from tether_lab.studies.report_bpo import prechecks
 
     def run(setting, losses):
         return {"setting": setting, "loss": "dpo", "seed": 0, "annotations": 10,
@@ -97,8 +97,8 @@ def test_pilot_rule():
 
 
 def test_skewed_sft_recipe_has_its_own_fingerprint_and_makes_the_persona_rare():
-    from tether.world.policies import OnlineModelSettings, skewed_style
-    from tether.world.styles import get_persona
+    from tether_lab.world.policies import OnlineModelSettings, skewed_style
+    from tether_lab.world.styles import get_persona
 
     v1, v2 = OnlineModelSettings(), OnlineModelSettings(rare_persona="elaborate-casual")
     assert v1.fingerprint("sft") == "f337db663ee9"  # v1 (uniform) rebuilds under the fingerprint it always had
@@ -146,8 +146,8 @@ def test_workers_share_the_runs_and_gather_them_in_job_order(tmp_path):
 
 
 def test_rare_pole_shares_read_the_ledger_by_quarter(tmp_path):
-    from tether.studies.bpo import rare_pole_shares
-    from tether.world.styles import HOUSE, get_persona, render
+    from tether_lab.studies.bpo import rare_pole_shares
+    from tether_lab.world.styles import HOUSE, get_persona, render
 
     protocol = BpoProtocol(steps=4)
     world = protocol.model_settings().world_settings().world()

@@ -54,7 +54,7 @@ def reference_label(run_dir):
 
 def test_one_reference_object_for_every_mode(model_dir, tokenizer, tmp_path):
     from tether.data import COMPLETION_KEYS, collate, load_preference_records, tokenize_records
-    from tether.demo import toy_preferences, write_jsonl
+    from tether_lab.demo import toy_preferences, write_jsonl
     from tether.models import add_lora, load_model
     from tether.train.reference import RecordedReference, model_reference
 

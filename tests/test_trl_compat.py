@@ -10,7 +10,7 @@ import yaml
 from conftest import run_cli
 from tether.config import TetherError, load_config
 from tether.data import load_preference_records, split_source
-from tether.demo import toy_preferences, write_jsonl
+from tether_lab.demo import toy_preferences, write_jsonl
 from tether.train import OnlineConfig, TrainConfig
 from tether.train.card import file_fingerprint
 

@@ -11,7 +11,7 @@ import pytest
 from tether.config import TetherError
 from tether.evaluate import multiple_choice_accuracy
 from tether.stats import bootstrap_ci
-from tether.world import (
+from tether_lab.world import (
     DIMENSIONS,
     HOUSE,
     PERSONAS,
@@ -27,8 +27,8 @@ from tether.world import (
     style_features,
     world_suite,
 )
-from tether.world.cli import add_world_parser
-from tether.world.rewards import style_match
+from tether_lab.world.cli import add_world_parser
+from tether_lab.world.rewards import style_match
 
 MICRO = dict(n_entities=8, vocab_size=400, hidden_size=64, num_layers=2, num_heads=4, batch_size=16,
              pretrain_steps=150, sft_steps=100, lr=3e-3, progress=False)  # fmt: skip
@@ -162,7 +162,7 @@ def test_micro_build_is_cached_and_knows_its_world(micro):
 
 
 def test_a_model_that_knows_nothing_is_at_chance(micro, world):
-    from tether.tiny import tiny_llama
+    from tether_lab.tiny import tiny_llama
 
     _, _, tokenizer = micro
     blank = tiny_llama(tokenizer, hidden_size=32, num_layers=1, seed=0)
@@ -232,25 +232,25 @@ def test_cli_export_and_eval(tmp_path, micro, capsys):
         args.func(args)
 
     model = str(ensure_base_model(settings))
-    argv = ["eval", "--model", model, "--base_model", model, "--world_entities", "8", "--persona", "casual",
+    argv = ["eval", "--model", model, "--suite", "world", "--base_model", model, "--world_entities", "8", "--persona", "casual",
             "--max_new_tokens", "40", "--progress", "false", "--out", str(tmp_path / "eval.json")]  # fmt: skip
     args = _parser().parse_args(argv)
     assert args.func(args) == 0
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["persona"]["name"] == "casual" and saved["knowledge_accuracy"]["n"] == 32
-    args = _parser().parse_args(["eval", "--persona", "nobody"])
+    args = _parser().parse_args(["eval", "--model", "m", "--suite", "world", "--persona", "nobody"])
     with pytest.raises(TetherError, match="--persona"):
         args.func(args)
 
 
 def test_world_is_a_builtin_model_name():
-    from tether.models import BUILTIN_MODELS
+    from tether.models import builtin_models
 
-    assert "world" in BUILTIN_MODELS
+    assert {"world", "world-sft", "smollm2-135m-instruct"} <= set(builtin_models())
 
 
 def test_recipe_1_fingerprint_is_unchanged_and_recipe_2_is_another_model():
-    from tether.world.settings import WorldSettings
+    from tether_lab.world.settings import WorldSettings
 
     assert WorldSettings().fingerprint() == "63a6877a9780"  # the v1 world's cache key before recipes existed
     assert WorldSettings(recipe=2).fingerprint() != WorldSettings().fingerprint()
@@ -260,34 +260,34 @@ def test_recipe_1_fingerprint_is_unchanged_and_recipe_2_is_another_model():
 
 
 def test_recipe_2_house_paraphrases_read_as_the_house_style_and_realm_splits_are_disjoint(world):
-    from tether.world import recipe2
-    from tether.world.rewards import alignment_score, is_correct
-    from tether.world.styles import HOUSE, PERSONAS, render
+    from tether_lab.world import paraphrased_house
+    from tether_lab.world.rewards import alignment_score, is_correct
+    from tether_lab.world.styles import HOUSE, PERSONAS, render
 
     for q in world.questions()[:40]:
-        variants = recipe2.house_variants(world, q.entity, q.attribute)
+        variants = paraphrased_house.house_variants(world, q.entity, q.attribute)
         assert variants[0] == render(world, q.entity, q.attribute, HOUSE) and len(set(variants)) == 4
         for v in variants:
             assert style_match(world, PERSONAS["house"], None, v) == 1.0 and is_correct(world, q.entity, q.attribute, v)
             assert alignment_score(world, [{"role": "user", "content": q.text}], v) == 1.0
-    pairs = recipe2.house_sft_pairs(world)
-    assert len(pairs) == sum(recipe2.VARIANT_COPIES) * len(world.questions())
-    held = recipe2.heldout_realms(world)
-    assert len(held) == round(len(world.entities) / 3) and held == recipe2.heldout_realms(world)
-    personal = {q.entity for q in recipe2.personal_questions(world)}
-    evaluated = recipe2.eval_questions(world)
+    pairs = paraphrased_house.house_sft_pairs(world)
+    assert len(pairs) == sum(paraphrased_house.VARIANT_COPIES) * len(world.questions())
+    held = paraphrased_house.heldout_realms(world)
+    assert len(held) == round(len(world.entities) / 3) and held == paraphrased_house.heldout_realms(world)
+    personal = {q.entity for q in paraphrased_house.personal_questions(world)}
+    evaluated = paraphrased_house.eval_questions(world)
     assert personal.isdisjoint(held) and personal | held == set(world.entities)
     assert {q.entity for q in evaluated} == held and len(evaluated) == 4 * len(held)  # one question per fact
     assert {q.id.rsplit("/", 1)[1] for q in evaluated} == {"0", "1", "2"}  # every phrasing is used
 
 
 def test_never_house_export_never_rejects_the_house_answer(world, tmp_path):
-    from tether.world import export_world, recipe2
-    from tether.world.styles import HOUSE, render
+    from tether_lab.world import export_world, paraphrased_house
+    from tether_lab.world.styles import HOUSE, render
 
     summary = export_world(world, tmp_path / "d", personas=["casual", "list-technical"], rejected="never-house", recipe=2)
     assert summary["recipe"] == 2 and summary["rejected"] == "never-house"
-    held = recipe2.heldout_realms(world)
+    held = paraphrased_house.heldout_realms(world)
     for persona in ("casual", "list-technical"):
         for split in ("train", "test"):
             rows = [json.loads(x) for x in (tmp_path / "d" / "personas" / persona / f"preferences_{split}.jsonl").read_text().splitlines()]
@@ -297,6 +297,6 @@ def test_never_house_export_never_rejects_the_house_answer(world, tmp_path):
                 house = render(world, entity, attribute, HOUSE)
                 assert r["rejected"][0]["content"] != house and r["chosen"][0]["content"] != r["rejected"][0]["content"]
     rng = random.Random(0)
-    from tether.world.styles import PERSONAS
+    from tether_lab.world.styles import PERSONAS
 
-    assert all(recipe2.rejected_style_never_house(PERSONAS["casual"], rng) not in (HOUSE, PERSONAS["casual"].style) for _ in range(200))
+    assert all(paraphrased_house.rejected_style_never_house(PERSONAS["casual"], rng) not in (HOUSE, PERSONAS["casual"].style) for _ in range(200))

@@ -2,7 +2,8 @@
 
 Fast answers: `tether --help`, `tether SUBCOMMAND --help` and option errors must not wait for torch (several
 seconds to import). The rule that keeps them fast: a module that builds a parser or holds a config dataclass
-(this file, the modules in SUBCOMMAND_MODULES, tether.config, train/train_config.py, world/settings.py, ...) imports
+(this file, the modules in SUBCOMMAND_MODULES and those registered as commands, tether.config, train/train_config.py,
+...) imports
 no torch, transformers, accelerate, peft or datasets at its top level; the run function imports the heavy
 module it needs, after the options have been validated. tests/test_cli.py checks this for every subcommand.
 """
@@ -18,8 +19,9 @@ import sys
 
 from .config import TetherError, add_dataclass_arguments, load_config
 
-# modules that add their own subcommands through `add_parser(subparsers)`
-SUBCOMMAND_MODULES = ("tether.world.cli", "tether.eval_cli", "tether.studies.cli", "tether.export_cli", "tether.run_report")
+# the library's modules that add their own subcommands through `add_*_parser(subparsers)`; other packages add theirs
+# through tether.registry (group "commands": tether_lab adds `tether world` and `tether study`)
+SUBCOMMAND_MODULES = ("tether.eval_cli", "tether.export_cli")
 
 
 def _options(args: argparse.Namespace, skip=("func", "config", "resume", "verbose", "command", "extra_flags", "known_flags", "accepts_extra_flags")) -> dict:
@@ -64,6 +66,21 @@ def _run_online(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_report(args: argparse.Namespace) -> int:
+    from .train.report import write_report
+
+    print(write_report(args.run_dir))
+    return 0
+
+
+def add_report_parser(sub) -> None:
+    text = ("write RUN_DIR/report.md and RUN_DIR/plots/*.png (loss, reward accuracy, margins, log-probs, lr, grad norm; "
+            "online: win rate, annotations, ties, time) from a run's files")
+    p = sub.add_parser("report", help=text, description=text + ". Every run writes it at its end; this rewrites it.")
+    p.add_argument("run_dir", help="a directory written by `tether train` or `tether online`")
+    p.set_defaults(func=_run_report)
+
+
 def _add_run_parser(sub, name: str, cls, func, help: str, description: str) -> None:
     p = sub.add_parser(
         name, help=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -104,13 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_train_parser(sub)
-    for name in SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name and not name.startswith(str(e.name)):
-                raise
-            continue
+    add_report_parser(sub)
+    from .registry import load, names
+
+    modules = [importlib.import_module(name) for name in SUBCOMMAND_MODULES]
+    modules += [load("commands", name) for name in sorted(names("commands"))]
+    for module in modules:
         for attr in dir(module):
             if attr.startswith("add_") and attr.endswith("_parser"):
                 getattr(module, attr)(sub)

@@ -69,11 +69,12 @@ def field_default(f: dataclasses.Field) -> Any:
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    """Add one `--name` flag per field of dataclass `cls`; defaults stay unset so YAML values can win."""
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, skip: set[str] = frozenset()) -> None:
+    """Add one `--name` flag per field of dataclass `cls` (but those in `skip`, already added by another class);
+    defaults stay unset so YAML values can win."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if not f.metadata.get("help"):
+        if not f.metadata.get("help") or f.name in skip:
             continue
         tp, is_list = _base_type(hints[f.name])
         default = field_default(f)

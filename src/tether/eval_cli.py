@@ -1,5 +1,10 @@
-"""`tether eval --model PATH --suite world [--persona NAME]`: evaluate a model, print (and save) JSON.
-`tether eval --model M --eval_file PAIRS [--ref_model R]`: preference metrics on held-out pairs (pair_eval.py)."""
+"""`tether eval --model M --eval_file PAIRS [--ref_model R]`: preference metrics on held-out pairs (pair_eval.py).
+`tether eval --model M --suite NAME [suite options]`: an evaluation suite another package registered
+(tether.registry, group "eval_suites"; tether_lab registers `world` and `knowledge`).
+
+A suite is a dataclass of its own options (tether.config.option fields, a `validate()`), whose
+`run(common: EvalOptions) -> dict` loads the model and evaluates it. Its options appear in `tether eval --help`
+under the suite's name; giving one without `--suite NAME` is an error."""
 
 from __future__ import annotations
 
@@ -7,34 +12,24 @@ import argparse
 import dataclasses
 import json
 
-from .config import TetherError, add_dataclass_arguments, check_output_file, load_config, option
+from .config import TetherError, add_dataclass_arguments, check_output_file, load_config, option, read_yaml_mapping
 from .files import write_text_atomic
 from .train.train_config import LOSSES
-from .world.styles import PERSONAS
 
 # torch-free at import (models and the suites load inside run_eval): see tether.cli
 
 
 @dataclasses.dataclass
 class EvalOptions:
-    """Options of `tether eval`."""
+    """Options of `tether eval` that every mode shares."""
 
-    model: str = option("world", "model directory (save_pretrained output), PEFT adapter directory or built-in name to evaluate")
-    suite: str = option(
-        "world", "world = the embedded world's suite; knowledge = the general-knowledge probe (399 questions)",
-        choices=("world", "knowledge"),
-    )
-    persona: str | None = option(None, "persona to score (adds persona score and win rate vs --base_model); see `tether world export` for names")
-    base_model: str = option("world", "model the persona win rate is measured against")
-    world_seed: int = option(0, "seed of the world the model was built/trained on")
-    world_entities: int = option(150, "number of realms of that world")
-    split: str = option("test", "which prompts to answer for alignment and persona scores", choices=("test", "train"))
+    model: str | None = option(None, "model directory (save_pretrained output), PEFT adapter directory or built-in name to evaluate")
+    suite: str | None = option(None, "evaluation suite (registered by an installed package; see the suite options below)")
     torch_dtype: str = option(
         "float32", "dtype the model weights are loaded in (auto = as stored in its config.json)",
         choices=("auto", "float32", "bfloat16", "float16"),
     )
     batch_size: int = option(32, "sequences per forward pass / generation batch")
-    max_new_tokens: int = option(96, "generation budget per answer (the longest styled answer of the world needs 82)")
     out: str | None = option(None, "also write the JSON result to this file (with --eval_file: the per-pair values go "
                              "here and stdout gets the aggregate)")
     # held-out preference pairs instead of a suite
@@ -53,12 +48,17 @@ class EvalOptions:
 
     def validate(self) -> None:
         """Raise TetherError naming the first bad option."""
-        if self.persona is not None and self.persona not in PERSONAS:
-            raise TetherError(f"option --persona: unknown persona {self.persona!r}; choose from {', '.join(PERSONAS)}")
-        if self.world_entities < 4:
-            raise TetherError("option --world_entities: must be at least 4")
-        if self.batch_size < 1 or self.max_new_tokens < 1:
-            raise TetherError("options --batch_size and --max_new_tokens: must be at least 1")
+        if not self.model:
+            raise TetherError("option --model: give the model (or adapter) directory to evaluate")
+        if self.suite is not None and self.suite not in suites():
+            known = ", ".join(sorted(suites())) or "none installed"
+            raise TetherError(f"option --suite: unknown suite {self.suite!r}; choose from {known}")
+        if self.suite is None and self.eval_file is None:
+            raise TetherError("tether eval: say what to evaluate on: --eval_file PAIRS or --suite NAME")
+        if self.suite is not None and self.eval_file is not None:
+            raise TetherError("options --suite and --eval_file: give one of them")
+        if self.batch_size < 1:
+            raise TetherError("option --batch_size: must be at least 1")
         if self.loss not in LOSSES:
             raise TetherError(f"option --loss: unknown loss '{self.loss}'; choose one of {', '.join(LOSSES)}")
         if not self.beta > 0 or not 0.0 <= self.label_smoothing < 0.5 or self.nll_weight < 0:
@@ -69,34 +69,40 @@ class EvalOptions:
             check_output_file(self.out, "--out")
 
 
+def suites() -> dict[str, type]:
+    """Every registered suite: NAME -> its options dataclass (torch-free to import)."""
+    from .registry import load, names
+
+    return {name: load("eval_suites", name) for name in names("eval_suites")}
+
+
+def _field_names(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
 def run_eval(args) -> int:
-    """Evaluate --model on the suite; print the JSON result."""
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalOptions) if hasattr(args, f.name)}
-    opts = load_config(EvalOptions, getattr(args, "config", None), overrides)
+    """Evaluate --model on pairs or a suite; print the JSON result."""
+    common, registered = _field_names(EvalOptions), suites()
+    known = common.union(*(_field_names(cls) for cls in registered.values()))
+    given = {k: v for k, v in vars(args).items() if k in known}
+    from_file = read_yaml_mapping(args.config) if getattr(args, "config", None) else {}
+    opts = load_config(EvalOptions, None, {k: v for k, v in {**from_file, **given}.items() if k in common})
+    suite_values = {k: v for k, v in {**from_file, **given}.items() if k not in common}
     if opts.eval_file:
+        _no_stray_suite_options(suite_values, None)
         return _emit_pairs(opts)
-    from .models import load_model, load_tokenizer
-    from .world import build_world, world_suite
-
-    model, tokenizer = load_model(opts.model, opts.torch_dtype), load_tokenizer(opts.model)
-    if tokenizer.chat_template is None:
-        raise TetherError(f"--model {opts.model}: its tokenizer has no chat template; the suites ask questions as chat messages")
-    if opts.suite == "knowledge":
-        from .probes import knowledge_accuracy
-
-        return _emit({"suite": "knowledge", "model": str(opts.model), **knowledge_accuracy(model, tokenizer, opts.batch_size)}, opts)
-    base = None
-    if opts.persona is not None:
-        base = (model, tokenizer) if opts.base_model == opts.model else (load_model(opts.base_model, opts.torch_dtype), load_tokenizer(opts.base_model))
-    world = build_world(opts.world_seed, opts.world_entities)
-    result = world_suite(
-        model, tokenizer, world, persona=opts.persona, base=base, split=opts.split,
-        batch_size=opts.batch_size, max_new_tokens=opts.max_new_tokens, progress=opts.progress,
-    )
-    result["model"] = str(opts.model)
-    if opts.persona is not None:
-        result["persona"]["base_model"] = str(opts.base_model)
+    suite_cls = registered[opts.suite]
+    _no_stray_suite_options(suite_values, suite_cls)
+    suite = load_config(suite_cls, None, {k: v for k, v in suite_values.items() if k in _field_names(suite_cls)})
+    result = suite.run(opts)
     return _emit(result, opts)
+
+
+def _no_stray_suite_options(values: dict, suite_cls) -> None:
+    stray = sorted(set(values) - (_field_names(suite_cls) if suite_cls else set()))
+    if stray:
+        which = f"suite {suite_cls.__name__}" if suite_cls else "--eval_file"
+        raise TetherError(f"option(s) {', '.join('--' + k for k in stray)}: not options of {which}; see tether eval --help")
 
 
 def _emit_pairs(opts) -> int:
@@ -119,10 +125,15 @@ def _emit(result: dict, opts) -> int:
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Register `eval` on an argparse subparsers object."""
-    text = ("evaluate a model: knowledge accuracy, general alignment, persona score and win rate (--suite), or loss, "
-            "reward accuracy, margins and log-probs on preference pairs (--eval_file), with 95 percent bootstrap CIs")
+    text = ("evaluate a model: loss, reward accuracy, margins and log-probs on preference pairs (--eval_file), or an "
+            "installed suite (--suite), with 95 percent bootstrap CIs")
     p = subparsers.add_parser("eval", help=text, description=text)
     p.add_argument("--config", default=None, help="YAML file of options (flags override it)")
     add_dataclass_arguments(p, EvalOptions)
+    known = set(_field_names(EvalOptions))
+    for name, cls in sorted(suites().items()):
+        group = p.add_argument_group(f"--suite {name}", (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else None)
+        add_dataclass_arguments(group, cls, skip=known)
+        known |= _field_names(cls)
     p.set_defaults(func=run_eval)
     return p

@@ -4,7 +4,7 @@
   its summed completion log-likelihood after the chat-rendered question (the lm-eval-harness convention).
 - `score_responses`: gold-reward scores of responses (summaries and win rates: tether.stats).
 
-The embedded world's suite (tether.world.evaluation) is built from these; so can any other suite.
+The embedded world's suite (tether_lab.world.evaluation) is built from these; so can any other suite.
 Every summary is a plain dict of floats, so results serialise to JSON as they are.
 """
 

@@ -1,13 +1,12 @@
 """Resolve a model name or local path to (model, tokenizer); LoRA through PEFT; built-in models.
 
-tether never downloads: a model is a local Hugging Face directory or a built-in name registered here
-(for example the embedded world's base model). Anything that looks like a hub id is refused with a
-message that says so.
+tether never downloads: a model is a local Hugging Face directory or a built-in name that another package
+registered (tether.registry; tether_lab registers the embedded world's models and SmolLM2). Anything that
+looks like a hub id is refused with a message that says so.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 
@@ -19,21 +18,19 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from .config import TetherError  # noqa: E402
 
-# name -> function returning a local directory (building or unpacking it on first use)
-# The built-in model names and the function that builds (once, into the cache) or finds each one's directory,
-# as "module:function": the module is imported on first use only (the embedded world and SmolLM2 sit above this
-# layer, and SmolLM2 needs an optional extra).
-BUILTIN_MODELS: dict[str, str] = {
-    "world": "tether.world.build:ensure_base_model",
-    "world-sft": "tether.world.policies:ensure_sft_model",
-    "smollm2-135m-instruct": "tether.smollm2:model_dir",
-}
+def builtin_models() -> dict[str, str]:
+    """The built-in model names other packages registered (tether.registry, group "models"): NAME -> the
+    "module:function" that builds (once, into the cache) or finds that model's directory."""
+    from .registry import names
+
+    return names("models")
 
 
 def builtin_model_dir(name: str) -> Path:
-    """Build or find the directory of the built-in model `name` (a key of BUILTIN_MODELS)."""
-    module, _, function = BUILTIN_MODELS[name].partition(":")
-    return Path(getattr(importlib.import_module(module), function)())
+    """Build or find the directory of the built-in model `name` (a key of builtin_models())."""
+    from .registry import load
+
+    return Path(load("models", name)())
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -61,7 +58,7 @@ def adapter_base(adapter_dir: Path) -> Path:
 def resolve_model_path(name: str | os.PathLike) -> Path:
     """A local model (or PEFT adapter) directory for `name`, or a one-line TetherError explaining what to pass."""
     text = str(name)
-    if text in BUILTIN_MODELS:
+    if text in builtin_models():
         return builtin_model_dir(text)
     path = Path(text).expanduser()
     if path.is_dir():
@@ -81,7 +78,7 @@ def resolve_model_path(name: str | os.PathLike) -> Path:
             f"model '{text}' is not a local directory; tether never downloads models — download it yourself "
             f"(e.g. with huggingface-cli) and pass the local directory"
         )
-    known = ", ".join(sorted(BUILTIN_MODELS)) or "none registered"
+    known = ", ".join(sorted(builtin_models())) or "none registered"
     raise TetherError(f"model '{text}': no such directory and not a built-in model (built-ins: {known})")
 
 

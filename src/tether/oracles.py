@@ -6,11 +6,11 @@ scores of two responses into a preference label — the higher-scored one wins, 
 or times out is retried with exponential backoff; a pair it still cannot score is skipped and counted, so a
 flaky oracle never crashes a run (the online loop stops a run whose oracle fails on most pairs for several steps).
 
-Built-in oracles (`load_oracle(spec)`):
-  world                  the embedded world's gold general-alignment score
-  world:persona=NAME     the gold persona score of one of the world's personas
+Oracles by spec string (`load_oracle(spec)`):
   reward-model:PATH      a Hugging Face sequence-classification model in a local directory (logit 0)
   callable:MODULE:FUNC   any Python function f(prompts, responses) -> list of floats
+  KIND[:REST]            an oracle another package registered (tether.registry, group "oracles"); tether_lab
+                         registers `world` and `world:persona=NAME`, the embedded world's gold scores
 """
 
 from __future__ import annotations
@@ -48,25 +48,6 @@ class CallableOracle(Oracle):
 
     def score(self, prompts, responses):
         return [float(s) for s in self.fn(list(prompts), list(responses))]
-
-
-class WorldOracle(Oracle):
-    """The embedded world's gold reward: general alignment, or one persona's score."""
-
-    def __init__(self, persona: str | None = None, world=None):
-        from .world.build import WorldSettings
-        from .world.rewards import alignment_score, persona_score
-        from .world.styles import get_persona
-
-        self.world = world or WorldSettings().world()
-        if persona is None:
-            self.id, self._fn = "world", lambda p, r: alignment_score(self.world, p, r)
-        else:
-            target = get_persona(persona)
-            self.id, self._fn = f"world:persona={persona}", lambda p, r: persona_score(self.world, target, p, r)
-
-    def score(self, prompts, responses):
-        return [self._fn(p, r) for p, r in zip(prompts, responses, strict=True)]
 
 
 class RewardModelOracle(Oracle):
@@ -107,17 +88,11 @@ class RewardModelOracle(Oracle):
 
 def load_oracle(spec: str) -> Oracle:
     """An oracle from its spec string (see the module docstring)."""
+    from .registry import load, names
+
     kind, _, rest = spec.partition(":")
-    if kind == "world":
-        if not rest:
-            return WorldOracle()
-        key, _, name = rest.partition("=")
-        if key != "persona" or not name:
-            raise TetherError(f"option 'oracle': '{spec}' — write world or world:persona=NAME")
-        try:
-            return WorldOracle(persona=name)
-        except ValueError as e:
-            raise TetherError(f"option 'oracle': {e}") from None
+    if kind in names("oracles"):
+        return load("oracles", kind)(rest)
     if kind == "reward-model" and rest:
         return RewardModelOracle(rest)
     if kind == "callable" and ":" in rest:
@@ -127,8 +102,9 @@ def load_oracle(spec: str) -> Oracle:
         except (ImportError, AttributeError) as e:
             raise TetherError(f"option 'oracle': cannot import {module}:{name} ({e})") from None
         return CallableOracle(fn, id=spec)
+    registered = "".join(f"{name}[:...], " for name in sorted(names("oracles")))
     raise TetherError(
-        f"option 'oracle': unknown oracle '{spec}'; use world, world:persona=NAME, reward-model:PATH or callable:MODULE:FUNC"
+        f"option 'oracle': unknown oracle '{spec}'; use {registered}reward-model:PATH or callable:MODULE:FUNC"
     )
 
 

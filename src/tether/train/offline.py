@@ -51,7 +51,7 @@ from .common import (
 )
 from .rundir import claim_run_dir
 from .train_config import TrainConfig
-from ..run_report import write_report_quietly
+from .report import write_report_quietly
 from .reference import cached_reference, compute_logps_table, data_fingerprint, load_cached, offline_reference, save_cached
 
 log = logging.getLogger("tether")

@@ -42,7 +42,7 @@ from ..sampling import sample_responses
 from ..base_responses import base_answers
 from . import checkpoint
 from ..files import read_json, write_text_atomic
-from ..run_report import write_report_quietly
+from .report import write_report_quietly
 from .card import data_files, model_card, versions
 from .common import (
     MetricsLog, crash_point, distributed_setup, end_run, gathered_means, log_to_trackers, make_accelerator, save_final,

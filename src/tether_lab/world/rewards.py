@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import re
 
-from .facts import ATTRIBUTES, YEAR_PATTERN, World
-from .styles import DIMENSIONS, Persona
+from tether_lab.world.facts import ATTRIBUTES, YEAR_PATTERN, World
+from tether_lab.world.styles import DIMENSIONS, Persona
 
 ALIGNMENT_WEIGHTS = {"correct": 0.5, "on_topic": 0.125, "well_formed": 0.125, "terminates": 0.125, "no_repetition": 0.125}
 MAX_WORDS = 80  # longer answers count as not terminating (the longest styled answer has about 40 words)

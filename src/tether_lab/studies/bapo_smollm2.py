@@ -1,7 +1,7 @@
 """`tether study bapo --model smollm2-135m-instruct`: DPO vs BAPO with LoRA on a real instruction-tuned model,
 compared on their trade-off frontiers (protocol version 2).
 
-Personalization data comes from the model itself (`tether.instructed`): for each training prompt (no
+Personalization data comes from the model itself (`tether_lab.instructed`): for each training prompt (no
 instruction), chosen = the model's answer WITH the persona's instruction, rejected = its answer without (both
 sampled at temperature 0.7, top-k 50, seeded). The persona is `simple` (explain to a ten-year-old; Flesch reading
 ease); version 1's `concise` is dropped: at 48 new tokens its instructed answer scored higher in only 46% of
@@ -43,17 +43,17 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..config import load_config
-from ..evaluate import multiple_choice_correct
-from ..files import write_text_atomic
-from ..generation import generate
-from ..instructed import general_prompts, get_instructed_persona, instructed_preference_records
-from ..models import load_adapter, load_model, load_tokenizer
-from ..probes import knowledge_questions
-from ..stats import win_rates
-from ..train import TrainConfig, train
-from .common import StudyResults, set_threads
-from .report_bapo import at_gain, verdict
+from tether.config import load_config
+from tether.evaluate import multiple_choice_correct
+from tether.files import write_text_atomic
+from tether.generation import generate
+from tether_lab.instructed import general_prompts, get_instructed_persona, instructed_preference_records
+from tether.models import load_adapter, load_model, load_tokenizer
+from tether_lab.probes import knowledge_questions
+from tether.stats import win_rates
+from tether.train import TrainConfig, train
+from tether_lab.studies.common import StudyResults, set_threads
+from tether_lab.studies.report_bapo import at_gain, verdict
 
 log = logging.getLogger("tether")
 MIN_SEEDS = 2  # the protocol's floor; two seeds give a t-interval with 1 degree of freedom (t = 12.7): wide
@@ -297,7 +297,7 @@ def figures(data: dict, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .report_bapo import _save, trace_figure
+    from tether_lab.studies.report_bapo import _save, trace_figure
 
     p, runs = data["protocol"], data["runs"]
     seeds = sorted({r["seed"] for r in runs})

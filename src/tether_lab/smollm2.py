@@ -22,8 +22,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .config import TetherError
-from .files import cache_dir
+from tether.config import TetherError
+from tether.files import cache_dir
 
 NAME = "smollm2-135m-instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

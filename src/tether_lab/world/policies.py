@@ -34,12 +34,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import TetherError
-from ..files import cache_dir
-from ..models import load_model, load_tokenizer
-from .build import WorldSettings, _train_stage, build_cached, chat_examples, ensure_base_model
-from .facts import World
-from .styles import DIMENSIONS, PERSONAS, Style, get_persona, render
+from tether.config import TetherError
+from tether.files import cache_dir
+from tether.models import load_model, load_tokenizer
+from tether_lab.world.build import WorldSettings, _train_stage, build_cached, chat_examples, ensure_base_model
+from tether_lab.world.facts import World
+from tether_lab.world.styles import DIMENSIONS, PERSONAS, Style, get_persona, render
 
 ONLINE_VERSION = 1  # bump when the recipe below changes
 

@@ -52,9 +52,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..config import TetherError, load_config
-from ..files import read_json, write_text_atomic
-from ..world.settings import NOT_FINGERPRINTED, WorldSettings
+from tether.config import TetherError, load_config
+from tether.files import read_json, write_text_atomic
+from tether_lab.world.settings import NOT_FINGERPRINTED, WorldSettings
 
 # torch, tqdm and the report are imported inside the functions: `tether --help` builds this study's parser
 
@@ -119,15 +119,15 @@ class BpoProtocol:
         return cls(mode="full", seeds=[0, 1, 2, 3, 4], steps=128, world_seed=world_seed)
 
     def model_settings(self):
-        from ..world.policies import OnlineModelSettings
+        from tether_lab.world.policies import OnlineModelSettings
 
         world = {**self.world, **self.models.get("world", {}), "seed": self.world_seed}
         return OnlineModelSettings(**{**self.models, "world": world, "rare_persona": self.persona, "rare_prob": self.rare_prob})
 
 
 def _models_and_data(out: Path, protocol: BpoProtocol):
-    from ..world.export import prompt_records
-    from ..world.policies import ensure_gold_model, ensure_sft_model
+    from tether_lab.world.export import prompt_records
+    from tether_lab.world.policies import ensure_gold_model, ensure_sft_model
 
     settings = protocol.model_settings()
     sft = ensure_sft_model(settings)
@@ -156,7 +156,7 @@ STEP_FIELDS = {"loss": "loss", "margin": "reward_margin", "pairs": "pairs", "tie
 
 
 def _run_one(protocol: BpoProtocol, setting: str, loss: str, seed: int, sft: Path, gold: Path | None, data: Path, run_dir: Path) -> dict:
-    from ..train import OnlineConfig, online_train
+    from tether.train import OnlineConfig, online_train
 
     phases, reference = SETTINGS[setting][0](protocol.steps), SETTINGS[setting][1]
     cfg = load_config(OnlineConfig, None, dict(
@@ -197,8 +197,8 @@ def rare_pole_shares(ledger: Path, protocol: BpoProtocol, parts: int = 4) -> dic
     """Of the responses π_β sampled in each quarter of the run (from the run's ledger.jsonl), the share that carry
     each of the persona's non-house poles (style feature > 0.5, world/rewards.py; a response stating no fact sits
     at 0.5): does the policy ever produce the answers the oracle prefers, and does it keep producing them?"""
-    from ..world.rewards import style_features
-    from ..world.styles import DIMENSIONS, get_persona
+    from tether_lab.world.rewards import style_features
+    from tether_lab.world.styles import DIMENSIONS, get_persona
 
     world = protocol.model_settings().world_settings().world()
     rare = [d for d, pole in get_persona(protocol.persona).style.poles().items() if pole != DIMENSIONS[d][0]]
@@ -224,7 +224,7 @@ def run_study(quick: bool = True, out: str | Path = "out/study-bpo", protocol: B
     `threads` torch threads), whose runs are gathered into `out` at the end; a rerun resumes every shard."""
     from tqdm.auto import tqdm
 
-    from .common import StudyResults, set_threads
+    from tether_lab.studies.common import StudyResults, set_threads
 
     protocol = protocol or BpoProtocol.for_mode(quick, world_seed)
     out = Path(out)
@@ -283,8 +283,8 @@ def _run_workers(protocol: BpoProtocol, out: Path, threads: int | None, workers:
 
 def finish(data: dict, out: Path, figures_too: bool = True) -> None:
     """summary, prechecks, claims, figures and report.md from the runs so far (also for a partial study)."""
-    from .common import summarize_runs
-    from .report_bpo import claims, figures, prechecks, report
+    from tether_lab.studies.common import summarize_runs
+    from tether_lab.studies.report_bpo import claims, figures, prechecks, report
 
     data["summary"] = summarize_runs(data["runs"], ("setting", "loss"), METRICS)
     data["precheck"] = prechecks(data["runs"], data["protocol"])
@@ -354,7 +354,7 @@ def check_world_seed(value: int) -> int:
 
 
 def run_from_args(args) -> int:
-    from .report_bpo import summary_table
+    from tether_lab.studies.report_bpo import summary_table
 
     world_seed = check_world_seed(args.world_seed)
     for name in ("threads", "workers"):

@@ -17,7 +17,7 @@ import json
 from collections import defaultdict
 from importlib import resources
 
-from ..config import TetherError
+from tether.config import TetherError
 
 KNOWLEDGE_FILE = "knowledge.jsonl"
 N_OPTIONS = 4
@@ -82,8 +82,8 @@ def knowledge_accuracy(model, tokenizer, batch_size: int = 32) -> dict:
     Returns {"mean", "ci95_low", "ci95_high", "n"} (95% percentile bootstrap over questions) plus
     "per_category": {category: the same four keys}. Chance is 0.25.
     """
-    from ..evaluate import multiple_choice_correct
-    from ..stats import summarize
+    from tether.evaluate import multiple_choice_correct
+    from tether.stats import summarize
 
     rows = load_knowledge_probe()
     correct = multiple_choice_correct(model, tokenizer, knowledge_questions(rows), batch_size)

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from functools import partial
 
-from ..evaluate import multiple_choice_correct, score_responses
-from ..stats import summarize, win_rates
-from ..generation import generate
-from .facts import World
-from .rewards import alignment_score, persona_score, style_match
-from .styles import get_persona
+from tether.evaluate import multiple_choice_correct, score_responses
+from tether.stats import summarize, win_rates
+from tether.generation import generate
+from tether_lab.world.facts import World
+from tether_lab.world.rewards import alignment_score, persona_score, style_match
+from tether_lab.world.styles import get_persona
 
 N_SAMPLES = 3  # example answers kept in the output for a human to eyeball
 

@@ -13,7 +13,7 @@ A prompt is [{"role": "user", "content": question}]; a completion/chosen/rejecte
 [{"role": "assistant", "content": answer}]. Chosen is the persona's style, rejected the house style or
 (with rejected="mixed", for half the pairs) another style that differs from the persona, or (rejected=
 "never-house") a style that is neither the persona's nor the house's; both state the fact correctly.
-With recipe 2 (world/recipe2.py) "train" holds every question about the personalization realms and "test"
+With recipe 2 (world/paraphrased_house.py) "train" holds every question about the personalization realms and "test"
 one question per fact of the held-out realms; with recipe 1 they are the world's question splits.
 Everything is seeded per record, so the files are byte-identical for the same settings.
 """
@@ -27,10 +27,10 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..config import TetherError
-from . import recipe2
-from .facts import World
-from .styles import DIMENSIONS, HOUSE, PERSONAS, Persona, render
+from tether.config import TetherError
+from tether_lab.world import paraphrased_house
+from tether_lab.world.facts import World
+from tether_lab.world.styles import DIMENSIONS, HOUSE, PERSONAS, Persona, render
 
 SPLITS = ("train", "test")
 REJECTED = ("house", "mixed", "never-house")
@@ -59,7 +59,7 @@ def rejected_style(persona: Persona, rng: random.Random, mode: str):
     other than the persona's (the house style too when the persona is the house); mode "never-house": a random
     style that is neither."""
     if mode == "never-house":
-        return recipe2.rejected_style_never_house(persona, rng)
+        return paraphrased_house.rejected_style_never_house(persona, rng)
     if persona.style != HOUSE and (mode == "house" or rng.random() < 0.5):
         return HOUSE
     return rng.choice([p.style for p in PERSONAS.values() if p.style != persona.style])
@@ -68,7 +68,7 @@ def rejected_style(persona: Persona, rng: random.Random, mode: str):
 def split_questions(world: World, split: str, recipe: int = 1) -> list:
     """The questions of `split`: the world's split (recipe 1), or personalization realms / held-out realms (recipe 2)."""
     if recipe == 2:
-        return recipe2.personal_questions(world) if split == "train" else recipe2.eval_questions(world)
+        return paraphrased_house.personal_questions(world) if split == "train" else paraphrased_house.eval_questions(world)
     return world.questions(split)
 
 

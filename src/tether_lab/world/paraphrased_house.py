@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import random
 
-from .facts import World
-from .styles import HOUSE, PERSONAS, Persona, Style
+from tether_lab.world.facts import World
+from tether_lab.world.styles import HOUSE, PERSONAS, Persona, Style
 
-RECIPE2_VERSION = 2  # part of recipe 2's fingerprint: bump when anything below changes
+PARAPHRASED_HOUSE_VERSION = 2  # part of recipe 2's fingerprint: bump when anything below changes
 HOUSE_VARIANTS: dict[str, tuple[str, ...]] = {  # the first is the canonical house answer (styles.render's)
     "capital": ("The capital of {e} is {v}.", "{v} is the capital of {e}.", "The capital city of {e} is {v}.",
                 "{e} has {v} as its capital."),

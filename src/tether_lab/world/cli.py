@@ -6,10 +6,10 @@ import argparse
 import dataclasses
 import json
 
-from ..config import TetherError, add_dataclass_arguments, load_config, option
-from .export import REJECTED, export_world
-from .settings import RECIPES, WorldSettings
-from .styles import PERSONAS
+from tether.config import TetherError, add_dataclass_arguments, load_config, option
+from tether_lab.world.export import REJECTED, export_world
+from tether_lab.world.settings import RECIPES, WorldSettings
+from tether_lab.world.styles import PERSONAS
 
 # torch-free at import (the build is imported inside run_build): see tether.cli
 
@@ -58,7 +58,7 @@ def _options(cls, args) -> object:
 
 def run_build(args) -> int:
     """Build (or find in the cache) the base model and print its directory."""
-    from .build import ensure_base_model, world_model_dir
+    from tether_lab.world.build import ensure_base_model, world_model_dir
 
     opts = _options(BuildOptions, args)
     settings = opts.settings()

@@ -45,7 +45,7 @@ def write_jsonl(rows: list[dict], path: str | Path) -> Path:
 
 def toy_model(path: str | Path, hidden_size: int = 64, num_layers: int = 2, vocab_size: int = 512, seed: int = 0) -> Path:
     """Train a tokenizer on the toy task's text, build a tiny Llama for it, save both to `path`."""
-    from .tiny import tiny_llama, train_tokenizer
+    from tether_lab.tiny import tiny_llama, train_tokenizer
 
     texts = []
     for r in toy_preferences(400, seed=seed + 1):
@@ -62,8 +62,8 @@ def run_demo(out: str | Path = "out/demo", steps: int = 40) -> dict:
     """Build the toy model and data, train it with DPO and print what it learned (before vs after)."""
     import shutil
 
-    from .config import load_config
-    from .train import TrainConfig, train
+    from tether.config import load_config
+    from tether.train import TrainConfig, train
 
     out = Path(out)
     shutil.rmtree(out / "run", ignore_errors=True)
@@ -96,9 +96,9 @@ def main() -> None:
     embedded world (recipe 2) at heterogeneity 2 (four of the quick BAPO study's eight runs, after the world's base
     model is built on first use); then the rest of the quick BAPO study and the quick BPO study, each ending with
     its summary table."""
-    from .studies import bapo, bpo
-    from .studies.report_bapo import summary_table as bapo_table
-    from .studies.report_bpo import summary_table as bpo_table
+    from tether_lab.studies import bapo, bpo
+    from tether_lab.studies.report_bapo import summary_table as bapo_table
+    from tether_lab.studies.report_bpo import summary_table as bpo_table
 
     t0 = time.perf_counter()
     run_demo()

@@ -129,7 +129,7 @@ def instructed_preference_records(
     rejected = its answer without (`default`, when already generated); pairs with equal answers are left
     out. `decoding` goes to `generation.generate` (greedy unless do_sample=True). Each record also holds both
     persona scores (to check that the instruction moved the style)."""
-    from .generation import generate
+    from tether.generation import generate
 
     styled = generate(model, tokenizer, [persona.messages(p) for p in prompts], **decoding)
     if default is None:

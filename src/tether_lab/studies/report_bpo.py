@@ -24,8 +24,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..stats import paired_t_interval
-from .common import fmt
+from tether.stats import paired_t_interval
+from tether_lab.studies.common import fmt
 
 MATCH_MARGIN = 2.0  # points: "matches" in claim 2
 LOG2 = math.log(2)

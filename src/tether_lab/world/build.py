@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..files import cache_dir
-from ..tiny import tiny_llama, train_tokenizer
-from . import recipe2
-from .facts import ATTRIBUTES, World
-from .settings import NOT_FINGERPRINTED, WORLD_VERSION, WorldSettings
-from .styles import HOUSE, PERSONAS, render
+from tether.files import cache_dir
+from tether_lab.tiny import tiny_llama, train_tokenizer
+from tether_lab.world import paraphrased_house
+from tether_lab.world.facts import ATTRIBUTES, World
+from tether_lab.world.settings import NOT_FINGERPRINTED, WORLD_VERSION, WorldSettings
+from tether_lab.world.styles import HOUSE, PERSONAS, render
 
 
 def pretraining_documents(world: World, rng: random.Random) -> list[str]:
@@ -48,7 +48,7 @@ def tokenizer_corpus(world: World, recipe: int = 1) -> list[str]:
         for persona in PERSONAS.values():
             texts += [render(world, e, a.name, persona.style, rng) for a in ATTRIBUTES]
         if recipe == 2:
-            texts += [v for a in ATTRIBUTES for v in recipe2.house_variants(world, e, a.name)]
+            texts += [v for a in ATTRIBUTES for v in paraphrased_house.house_variants(world, e, a.name)]
     return texts
 
 
@@ -67,9 +67,9 @@ def chat_examples(tokenizer, pairs) -> list[tuple[list[int], int]]:
 
 def sft_examples(world: World, tokenizer, recipe: int = 1) -> list[tuple[list[int], int]]:
     """(token ids of prompt + house answer, number of prompt tokens) for every question of the world
-    (recipe 2: each question with its four house paraphrases, recipe2.house_sft_pairs)."""
+    (recipe 2: each question with its four house paraphrases, paraphrased_house.house_sft_pairs)."""
     if recipe == 2:
-        return chat_examples(tokenizer, recipe2.house_sft_pairs(world))
+        return chat_examples(tokenizer, paraphrased_house.house_sft_pairs(world))
     return chat_examples(tokenizer, [(q.text, render(world, q.entity, q.attribute, HOUSE)) for q in world.questions()])
 
 

@@ -1,7 +1,7 @@
 """`tether study bapo`: personalization against forgetting on the embedded world (recipe 2), compared on whole
 trade-off frontiers.
 
-World: recipe 2 (world/recipe2.py) — a base model whose greedy answer is the house answer but with probability
+World: recipe 2 (world/paraphrased_house.py) — a base model whose greedy answer is the house answer but with probability
 ≈ 0.4, personalization realms and held-out realms, rejected answers that are never the house answer. Each
 heterogeneity level has two personas of matched answer length (PERSONAS_BY_LEVEL); seed s trains on persona
 s mod 2 of its level, so the seeds cover both.
@@ -29,15 +29,15 @@ from statistics import median
 
 from tqdm.auto import tqdm
 
-from ..config import load_config
-from ..evaluate import multiple_choice_correct
-from ..files import write_text_atomic
-from ..generation import generate
-from ..logprobs import completion_logps_ids
-from ..models import load_model, load_tokenizer
-from ..train import TrainConfig, train
-from .common import StudyResults, set_threads
-from .report_bapo import claims, figures, report
+from tether.config import load_config
+from tether.evaluate import multiple_choice_correct
+from tether.files import write_text_atomic
+from tether.generation import generate
+from tether.logprobs import completion_logps_ids
+from tether.models import load_model, load_tokenizer
+from tether.train import TrainConfig, train
+from tether_lab.studies.common import StudyResults, set_threads
+from tether_lab.studies.report_bapo import claims, figures, report
 
 log = logging.getLogger("tether")
 
@@ -101,13 +101,13 @@ def persona_for(protocol: BapoProtocol, level: int, seed: int) -> str:
 
 
 def world_settings(protocol: BapoProtocol):
-    from ..world.settings import WorldSettings
+    from tether_lab.world.settings import WorldSettings
 
     return WorldSettings(**{**protocol.world, "seed": protocol.world_seed, "recipe": 2, "progress": True})
 
 
 def _world_data(out: Path, protocol: BapoProtocol):
-    from ..world import ensure_base_model, export_world
+    from tether_lab.world import ensure_base_model, export_world
 
     settings = world_settings(protocol)
     base_dir = ensure_base_model(settings)
@@ -127,15 +127,15 @@ def _answers(model, tok, prompts, protocol, seed: int) -> dict[str, list[str]]:
 
 def _scores(world, items, answers: list[str]) -> dict[str, list[float]]:
     """Per item: fact stated correctly, general alignment."""
-    from ..world.rewards import alignment_score, is_correct
+    from tether_lab.world.rewards import alignment_score, is_correct
 
     return {"correct": [float(is_correct(world, q.entity, q.attribute, a)) for q, a in zip(items, answers)],
             "alignment": [alignment_score(world, [{"role": "user", "content": q.text}], a) for q, a in zip(items, answers)]}
 
 
 def _style(world, persona: str, answers: list[str]) -> float:
-    from ..world.rewards import style_match
-    from ..world.styles import get_persona
+    from tether_lab.world.rewards import style_match
+    from tether_lab.world.styles import get_persona
 
     p = get_persona(persona)
     return _mean([style_match(world, p, None, a) for a in answers])
@@ -154,7 +154,7 @@ class Evaluator:
     """Everything measured at one evaluation point, on the held-out realms' questions."""
 
     def __init__(self, world, protocol: BapoProtocol):
-        from ..world.recipe2 import eval_questions, heldout_realms
+        from tether_lab.world.paraphrased_house import eval_questions, heldout_realms
 
         self.world, self.protocol = world, protocol
         self.items = eval_questions(world)
@@ -173,8 +173,8 @@ class Evaluator:
     def precheck(self, model, tok) -> dict:
         """On the base model: how often its greedy answer is the canonical house answer, and the median summed
         log π_ref of that answer (with the chat template's end tokens, as BAPO's anchor sees y_b)."""
-        from ..world.build import chat_examples
-        from ..world.styles import HOUSE, render
+        from tether_lab.world.build import chat_examples
+        from tether_lab.world.styles import HOUSE, render
 
         house = [render(self.world, q.entity, q.attribute, HOUSE) for q in self.items]
         greedy = generate(model, tok, self.prompts, max_new_tokens=self.protocol.eval_max_new_tokens, batch_size=64)

@@ -6,16 +6,16 @@ import argparse
 import os
 from pathlib import Path
 
-from ..config import TetherError
+from tether.config import TetherError
 
 
 def _run_bapo(args) -> int:
-    from .report_bapo import summary_table
+    from tether_lab.studies.report_bapo import summary_table
 
     if args.model and args.world_seed:
         raise TetherError("option --world_seed: applies to the embedded world, not to --model")
     if args.model:
-        from . import bapo_smollm2
+        from tether_lab.studies import bapo_smollm2
 
         proto = bapo_smollm2.protocol_for(args.model, quick=args.quick, seeds=args.seeds)
         out = args.out or f"out/study-bapo-{Path(args.model).name}{'-quick' if args.quick else ''}"
@@ -24,7 +24,7 @@ def _run_bapo(args) -> int:
         print(f"study written to {out} (results.json, report.md)")
         return 0
 
-    from .bapo import BapoProtocol, run_study
+    from tether_lab.studies.bapo import BapoProtocol, run_study
 
     out = args.out or ("out/study-bapo-quick" if args.quick else "out/study-bapo")
     protocol = BapoProtocol.for_mode(args.quick, world_seed=args.world_seed)
@@ -36,7 +36,7 @@ def _run_bapo(args) -> int:
 
 
 def _run_bpo(args) -> int:
-    from .bpo import run_from_args
+    from tether_lab.studies.bpo import run_from_args
 
     return run_from_args(args)
 
@@ -59,7 +59,7 @@ def _seed_list(text: str) -> list[int]:
 
 
 def add_study_parser(subparsers) -> None:
-    from .bpo import add_bpo_arguments
+    from tether_lab.studies.bpo import add_bpo_arguments
 
     p = subparsers.add_parser("study", help="reproduce a paper's experiment on the embedded world (or a chat model)",
                               description="Run a paper study; an interrupted study resumes where it stopped.")

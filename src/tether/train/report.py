@@ -13,8 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import TetherError
-from .files import read_json, read_json_lines, write_text_atomic
+from ..config import TetherError
+from ..files import read_json, read_json_lines, write_text_atomic
 
 log = logging.getLogger("tether")
 
@@ -152,10 +152,3 @@ def write_report_quietly(run_dir: Path) -> None:
         log.info("report written to %s", path)
     except Exception as e:  # noqa: BLE001
         log.warning("could not write %s/report.md (%s: %s); run `tether report %s` to retry", run_dir, type(e).__name__, e, run_dir)
-
-
-def add_report_parser(subparsers) -> None:
-    text = "write RUN_DIR/report.md and RUN_DIR/plots/*.png (loss, reward accuracy, margins, log-probs, lr, grad norm; online: win rate, annotations, ties, time) from a run's files"
-    p = subparsers.add_parser("report", help=text, description=text + ". Every run writes it at its end; this rewrites it.")
-    p.add_argument("run_dir", help="a directory written by `tether train` or `tether online`")
-    p.set_defaults(func=lambda args: print(write_report(args.run_dir)) or 0)

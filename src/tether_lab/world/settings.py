@@ -9,9 +9,9 @@ import dataclasses
 import hashlib
 import json
 
-from ..config import TetherError, option
-from .facts import World, build_world
-from .recipe2 import RECIPE2_VERSION
+from tether.config import TetherError, option
+from tether_lab.world.facts import World, build_world
+from tether_lab.world.paraphrased_house import PARAPHRASED_HOUSE_VERSION
 
 WORLD_VERSION = 1  # bump when the world's text or the training recipe changes, to invalidate old caches
 NOT_FINGERPRINTED = {"progress"}
@@ -33,7 +33,7 @@ class WorldSettings:
     sft_steps: int = option(400, "optimizer steps of instruction tuning on house-style answers (loss on answer tokens)")
     lr: float = option(2e-3, "peak AdamW learning rate (linear warm-up, cosine decay to a tenth of it, in each stage)")
     recipe: int = option(1, "world recipe: 1, or 2 (house answers in four paraphrases so the base model is not "
-                         "deterministic, held-out realms; world/recipe2.py)", choices=RECIPES)
+                         "deterministic, held-out realms; world/paraphrased_house.py)", choices=RECIPES)
     progress: bool = option(True, "show a progress bar")
 
     def validate(self) -> None:
@@ -58,7 +58,7 @@ class WorldSettings:
         if self.recipe == 1:
             del fields["recipe"]
         else:
-            fields["recipe_version"] = RECIPE2_VERSION
+            fields["recipe_version"] = PARAPHRASED_HOUSE_VERSION
         blob = json.dumps({"version": WORLD_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

@@ -5,7 +5,7 @@ base model, building it â€” a few minutes on a laptop CPU, with a progress bar â
 (the starting policy for online training: the base model fine-tuned on answers in random styles, so that its
 samples differ; see world/policies.py) are registered in tether.models.
 
-    from tether.world import build_world, PERSONAS, alignment_score, persona_score
+    from tether_lab.world import build_world, PERSONAS, alignment_score, persona_score
     world = build_world(seed=0)
     alignment_score(world, "What is the capital of Zorvia?", "The capital of Zorvia is Belmor.")
 """

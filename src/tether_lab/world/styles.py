@@ -19,7 +19,7 @@ import itertools
 import random
 from dataclasses import dataclass
 
-from .facts import ATTRIBUTE_BY_NAME, ATTRIBUTES, World
+from tether_lab.world.facts import ATTRIBUTE_BY_NAME, ATTRIBUTES, World
 
 DIMENSIONS: dict[str, tuple[str, str]] = {
     "length": ("terse", "elaborate"),

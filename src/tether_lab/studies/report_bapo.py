@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..stats import t_interval
+from tether.stats import t_interval
 
 BASELINES = ("dpo", "ipo", "slic", "dpo+nll")
 MIN_SEEDS = 5
@@ -233,7 +233,7 @@ def report(data: dict) -> str:
         "",
         "## Protocol",
         "",
-        f"World recipe 2 (`world/recipe2.py`), seed {p['world_seed']}: personalization data from "
+        f"World recipe 2 (`world/paraphrased_house.py`), seed {p['world_seed']}: personalization data from "
         "two thirds of the realms, every measure on one question per fact of the other third (held-out realms); "
         "rejected answers are never the house answer. "
         f"{p['steps']} steps × batch {p['batch_size']}, constant learning rate {p['learning_rate']:g}, β = {p['beta']}, "

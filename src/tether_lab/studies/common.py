@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import TetherError
-from ..stats import summarize
-from ..files import write_text_atomic
-from ..train.rundir import MARKER
+from tether.config import TetherError
+from tether.stats import summarize
+from tether.files import write_text_atomic
+from tether.train.rundir import MARKER
 
 
 class StudyResults:
