@@ -42,19 +42,29 @@ SETTINGS = ("plain", "checkpointing", "unshared")
 
 def build_model(workdir: Path) -> Path:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     path = workdir / "llama-273m"
     if (path / "config.json").exists():
         return path
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16,
-                      num_key_value_heads=16, max_position_embeddings=2048, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(path)
     vocab = {f"t{i}": i for i in range(cfg.vocab_size)}
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), eos_token="t1", pad_token="t0")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), eos_token="t1", pad_token="t0"
+    )
     tok.save_pretrained(path)
     return path
 
@@ -76,17 +86,34 @@ def child(setting: str, model_dir: Path, steps: int, warmup: int, seq: int) -> d
     from tether.train.common import load_policy, make_optimizer
     from tether.train.offline import pair_stats
 
-    cfg = load_config(TrainConfig, None, dict(
-        model=str(model_dir), train_file="unused.jsonl", lora=True, lora_r=16, lora_alpha=32, learning_rate=1e-5,
-        gradient_checkpointing=setting == "checkpointing", max_length=seq, max_prompt_length=seq // 2, max_steps=steps + warmup,
-    ))
+    cfg = load_config(
+        TrainConfig,
+        None,
+        dict(
+            model=str(model_dir),
+            train_file="unused.jsonl",
+            lora=True,
+            lora_r=16,
+            lora_alpha=32,
+            learning_rate=1e-5,
+            gradient_checkpointing=setting == "checkpointing",
+            max_length=seq,
+            max_prompt_length=seq // 2,
+            max_steps=steps + warmup,
+        ),
+    )
     model = load_policy(cfg).train()
     optimizer, _ = make_optimizer(model, cfg, steps + warmup)
     g = torch.Generator().manual_seed(0)
     half = seq // 2
-    examples = [Example(torch.randint(2, 32000, (half,), generator=g).tolist(),
-                        {k: torch.randint(2, 32000, (half,), generator=g).tolist() for k in COMPLETION_KEYS}, f"pair {i}")
-                for i in range(4)]
+    examples = [
+        Example(
+            torch.randint(2, 32000, (half,), generator=g).tolist(),
+            {k: torch.randint(2, 32000, (half,), generator=g).tolist() for k in COMPLETION_KEYS},
+            f"pair {i}",
+        )
+        for i in range(4)
+    ]
     batch = collate(examples, 0, COMPLETION_KEYS)
     ref = torch.full((8,), -11.0 * half)
     n_groups = 2 if setting == "plain" else 1
@@ -94,7 +121,9 @@ def child(setting: str, model_dir: Path, steps: int, warmup: int, seq: int) -> d
     walls, cpus, losses = [], [], []
     for step in range(warmup + steps):
         t, c = time.perf_counter(), time.process_time()
-        sums, counts = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], n_groups)
+        sums, counts = sequence_logps(
+            model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], n_groups
+        )
         loss, _ = pair_stats(cfg, sums, counts, ref, 2)
         loss.backward()
         optimizer.step()
@@ -106,9 +135,18 @@ def child(setting: str, model_dir: Path, steps: int, warmup: int, seq: int) -> d
         print(f"{setting} step {step}: {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     n_params = sum(p.numel() for p in model.parameters())
-    return {"setting": setting, "seq": seq, "params": n_params, "wall_s": statistics.median(walls), "cpu_s": statistics.median(cpus),
-            "walls": walls, "peak_rss_mb": round(peak), "start_rss_mb": round(start_rss), "step_peak_minus_start_mb": round(peak - start_rss),
-            "losses": losses}
+    return {
+        "setting": setting,
+        "seq": seq,
+        "params": n_params,
+        "wall_s": statistics.median(walls),
+        "cpu_s": statistics.median(cpus),
+        "walls": walls,
+        "peak_rss_mb": round(peak),
+        "start_rss_mb": round(start_rss),
+        "step_peak_minus_start_mb": round(peak - start_rss),
+        "losses": losses,
+    }
 
 
 def main() -> None:
@@ -119,7 +157,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seq", type=int, default=1024, help="tokens per sequence (half prompt, half completion)")
     ap.add_argument("--mem-limit-gb", type=float, default=14.0, help="address-space limit of each setting's process")
-    ap.add_argument("--workdir", default=os.path.join(os.environ.get("TETHER_CACHE", os.path.expanduser("~/.cache/tether")), "bench"))
+    ap.add_argument(
+        "--workdir",
+        default=os.path.join(os.environ.get("TETHER_CACHE", os.path.expanduser("~/.cache/tether")), "bench"),
+    )
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "checkpointing.json"))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -134,7 +175,12 @@ def main() -> None:
         except (RuntimeError, MemoryError) as e:  # torch reports a failed allocation as RuntimeError
             if "alloc" not in str(e).lower() and not isinstance(e, MemoryError):
                 raise
-            row = {"setting": args.child, "seq": args.seq, "did_not_fit_gb": args.mem_limit_gb, "error": str(e).splitlines()[0][:200]}
+            row = {
+                "setting": args.child,
+                "seq": args.seq,
+                "did_not_fit_gb": args.mem_limit_gb,
+                "error": str(e).splitlines()[0][:200],
+            }
         print(json.dumps(row))
         return
     build_model(Path(args.workdir))  # once; each setting loads it in its own process
@@ -142,9 +188,30 @@ def main() -> None:
     rows = []
     for setting in args.settings.split(","):
         load = os.getloadavg()[0]
-        out = subprocess.run([sys.executable, __file__, "--child", setting, "--steps", str(args.steps), "--warmup", str(args.warmup),
-                              "--threads", str(args.threads), "--workdir", args.workdir, "--seq", str(args.seq),
-                              "--mem-limit-gb", str(args.mem_limit_gb)], env=env, capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                setting,
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+                "--threads",
+                str(args.threads),
+                "--workdir",
+                args.workdir,
+                "--seq",
+                str(args.seq),
+                "--mem-limit-gb",
+                str(args.mem_limit_gb),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         row = json.loads(out.stdout.strip().splitlines()[-1])
         row["load_avg_before"] = load
         rows.append(row)
@@ -154,15 +221,30 @@ def main() -> None:
     fits = lambda name: name in by and "wall_s" in by[name]  # noqa: E731
     if fits("plain") and fits("checkpointing"):
         p, c = by["plain"], by["checkpointing"]
-        summary = {"memory_saved_vs_plain": 1 - c["peak_rss_mb"] / p["peak_rss_mb"],
-                   "step_memory_saved_vs_plain": 1 - c["step_peak_minus_start_mb"] / p["step_peak_minus_start_mb"],
-                   "time_ratio_vs_plain": c["wall_s"] / p["wall_s"], "cpu_ratio_vs_plain": c["cpu_s"] / p["cpu_s"]}
+        summary = {
+            "memory_saved_vs_plain": 1 - c["peak_rss_mb"] / p["peak_rss_mb"],
+            "step_memory_saved_vs_plain": 1 - c["step_peak_minus_start_mb"] / p["step_peak_minus_start_mb"],
+            "time_ratio_vs_plain": c["wall_s"] / p["wall_s"],
+            "cpu_ratio_vs_plain": c["cpu_s"] / p["cpu_s"],
+        }
         if fits("unshared"):
             u = by["unshared"]
-            summary.update(memory_saved_vs_unshared=1 - c["peak_rss_mb"] / u["peak_rss_mb"],
-                           time_ratio_vs_unshared=c["wall_s"] / u["wall_s"], cpu_ratio_vs_unshared=c["cpu_s"] / u["cpu_s"])
-    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.processor() or platform.machine(),
-              "cpus": os.cpu_count(), "threads": args.threads, "seq": args.seq, "mem_limit_gb": args.mem_limit_gb, "torch": torch.__version__, "runs": rows, "summary": summary}
+            summary.update(
+                memory_saved_vs_unshared=1 - c["peak_rss_mb"] / u["peak_rss_mb"],
+                time_ratio_vs_unshared=c["wall_s"] / u["wall_s"],
+                cpu_ratio_vs_unshared=c["cpu_s"] / u["cpu_s"],
+            )
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "threads": args.threads,
+        "seq": args.seq,
+        "mem_limit_gb": args.mem_limit_gb,
+        "torch": torch.__version__,
+        "runs": rows,
+        "summary": summary,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(summary, indent=1))

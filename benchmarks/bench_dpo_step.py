@@ -74,8 +74,11 @@ import tempfile
 import time
 from pathlib import Path
 
-MODELS = {"tiny": dict(hidden_size=128, num_layers=2), "5m": dict(hidden_size=256, num_layers=4),
-          "smollm2": None}  # None: the pretrained SmolLM2-135M-Instruct (`make smollm2`), with its own tokenizer
+MODELS = {
+    "tiny": dict(hidden_size=128, num_layers=2),
+    "5m": dict(hidden_size=256, num_layers=4),
+    "smollm2": None,
+}  # None: the pretrained SmolLM2-135M-Instruct (`make smollm2`), with its own tokenizer
 PRETRAINED = {"smollm2": "smollm2-135m-instruct"}
 VOCAB, PAIRS, MAX_LENGTH, PROMPT_TOKENS, COMPLETION_TOKENS = 2048, 8, 128, 64, 63  # completion + EOS = 64
 LR, BETA, SEED = 1e-6, 0.1, 42
@@ -89,7 +92,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def make_words(n: int = 1500) -> list[str]:
     from tether_lab.demo import COLOURS, OBJECTS
 
-    rng, onset, vowel = random.Random(0), "b c d f g h k l m n p r s t v w z br st pl gr".split(), "a e i o u ai ou".split()
+    rng, onset, vowel = (
+        random.Random(0),
+        "b c d f g h k l m n p r s t v w z br st pl gr".split(),
+        "a e i o u ai ou".split(),
+    )
     words = set(OBJECTS + COLOURS)
     while len(words) < n:
         words.add("".join(rng.choice(onset) + rng.choice(vowel) for _ in range(rng.randint(1, 3))))
@@ -108,9 +115,9 @@ def fill(rng, words, cost, head: str, budget: int) -> str:
 
 def build_workdir(work: Path, model_names: list[str], n_pairs: int) -> dict:
     """Tokenizer + models + data files under `work`; returns facts the report needs."""
+    from tether.train.common import stream_indices
     from tether_lab.demo import COLOURS, OBJECTS, write_jsonl
     from tether_lab.tiny import tiny_llama, train_tokenizer
-    from tether.train.common import stream_indices
 
     words, rng = make_words(), random.Random(1)
     pretrained = [m for m in model_names if MODELS[m] is None]
@@ -163,8 +170,10 @@ def build_workdir(work: Path, model_names: list[str], n_pairs: int) -> dict:
         total = sum(p.numel() for p in model.parameters())  # a tied head is counted once
         models[name] = {
             # non-embedding parameters + the LM head (a tied head is still a matmul over the vocabulary)
-            "params_total": total, "params_nonembedding": total - (0 if tied else model.get_input_embeddings().weight.numel()),
-            "lm_head_params": head.numel(), "tied_head": tied,
+            "params_total": total,
+            "params_nonembedding": total - (0 if tied else model.get_input_embeddings().weight.numel()),
+            "lm_head_params": head.numel(),
+            "tied_head": tied,
             **(MODELS[name] or {"hidden_size": model.config.hidden_size, "num_layers": model.config.num_hidden_layers}),
         }
     # tokens per step as tether tokenizes them (the check run shows TRL's tokens are identical)
@@ -178,8 +187,13 @@ def build_workdir(work: Path, model_names: list[str], n_pairs: int) -> dict:
         batch = ex[s : s + PAIRS]
         widths.append(max(len(e.prompt_ids) + len(e.completion_ids[k]) for e in batch for k in ("chosen", "rejected")))
         completion_tokens.append(sum(len(e.completion_ids[k]) for e in batch for k in ("chosen", "rejected")))
-    return {"models": models, "step_width": widths, "step_completion_tokens": completion_tokens,
-            "seq_len_min_max": [min(full), max(full)], "pairs": n_pairs}
+    return {
+        "models": models,
+        "step_width": widths,
+        "step_completion_tokens": completion_tokens,
+        "seq_len_min_max": [min(full), max(full)],
+        "pairs": n_pairs,
+    }
 
 
 def matmul_flops(threads: int, n: int = 1024, repeats: int = 10) -> tuple[float, float]:
@@ -196,7 +210,10 @@ def matmul_flops(threads: int, n: int = 1024, repeats: int = 10) -> tuple[float,
         t, c = time.perf_counter(), time.process_time()
         for _ in range(5):
             torch.mm(a, b)
-        best_wall, best_cpu = min(best_wall, (time.perf_counter() - t) / 5), min(best_cpu, (time.process_time() - c) / 5)
+        best_wall, best_cpu = (
+            min(best_wall, (time.perf_counter() - t) / 5),
+            min(best_cpu, (time.process_time() - c) / 5),
+        )
     return 2 * n**3 / best_wall, 2 * n**3 / best_cpu
 
 
@@ -204,24 +221,46 @@ def matmul_flops(threads: int, n: int = 1024, repeats: int = 10) -> tuple[float,
 
 
 def run_tether(work: Path, model: str, mode: str, steps: int) -> dict:
-    from tether.train import TrainConfig, train
-    from tether.train import offline
+    from tether.train import TrainConfig, offline, train
 
     stamps: list[tuple[float, float]] = []
     if hasattr(offline, "crash_point"):
         original = offline.crash_point
         offline.crash_point = lambda name, step: (
-            name == "after_step" and stamps.append((time.perf_counter(), time.process_time())), original(name, step))
+            name == "after_step" and stamps.append((time.perf_counter(), time.process_time())),
+            original(name, step),
+        )
     out = work / f"run_tether_{model}_{mode}"
     shutil.rmtree(out, ignore_errors=True)  # tether refuses to overwrite a run (a reused --workdir)
     cfg = TrainConfig(
-        model=str(work / f"model_{model}"), train_file=str(work / "tether.jsonl"), output_dir=str(out),
-        loss="dpo", beta=BETA, max_length=MAX_LENGTH, max_prompt_length=PROMPT_TOKENS,
-        learning_rate=LR, lr_scheduler="linear", warmup_steps=0, max_steps=steps, batch_size=PAIRS,
-        gradient_accumulation_steps=1, max_grad_norm=1.0, weight_decay=0.0, seed=SEED, disable_dropout=True,
-        precompute_ref_logps=(mode == "precomputed"), ref_cache_dir=str(out / "refcache"),
-        logging_steps=1, eval_steps=0, save_steps=0, report_to="none", progress=False,
-        lora=LORA["r"] > 0, lora_r=max(LORA["r"], 1), lora_alpha=2 * max(LORA["r"], 1), lora_dropout=0.0,
+        model=str(work / f"model_{model}"),
+        train_file=str(work / "tether.jsonl"),
+        output_dir=str(out),
+        loss="dpo",
+        beta=BETA,
+        max_length=MAX_LENGTH,
+        max_prompt_length=PROMPT_TOKENS,
+        learning_rate=LR,
+        lr_scheduler="linear",
+        warmup_steps=0,
+        max_steps=steps,
+        batch_size=PAIRS,
+        gradient_accumulation_steps=1,
+        max_grad_norm=1.0,
+        weight_decay=0.0,
+        seed=SEED,
+        disable_dropout=True,
+        precompute_ref_logps=(mode == "precomputed"),
+        ref_cache_dir=str(out / "refcache"),
+        logging_steps=1,
+        eval_steps=0,
+        save_steps=0,
+        report_to="none",
+        progress=False,
+        lora=LORA["r"] > 0,
+        lora_r=max(LORA["r"], 1),
+        lora_alpha=2 * max(LORA["r"], 1),
+        lora_dropout=0.0,
     )
     cfg.validate()
     train(cfg)
@@ -239,12 +278,31 @@ def trl_setup(work: Path, model: str, mode: str, steps: int, rows: list[dict], c
 
     path = work / f"model_{model}"
     args = DPOConfig(
-        output_dir=str(work / f"run_trl_{model}_{mode}"), use_cpu=True, bf16=False, fp16=False,
-        activation_checkpointing=False, per_device_train_batch_size=PAIRS, gradient_accumulation_steps=1,
-        max_steps=steps, learning_rate=LR, lr_scheduler_type="linear", warmup_steps=0, optim="adamw_torch_fused",
-        weight_decay=0.0, max_grad_norm=1.0, beta=BETA, loss_type=["sigmoid"], max_length=MAX_LENGTH,
-        precompute_ref_log_probs=(mode in ("precomputed", "check")), train_sampling_strategy="sequential", seed=SEED,
-        logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
+        output_dir=str(work / f"run_trl_{model}_{mode}"),
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        activation_checkpointing=False,
+        per_device_train_batch_size=PAIRS,
+        gradient_accumulation_steps=1,
+        max_steps=steps,
+        learning_rate=LR,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        optim="adamw_torch_fused",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        beta=BETA,
+        loss_type=["sigmoid"],
+        max_length=MAX_LENGTH,
+        precompute_ref_log_probs=(mode in ("precomputed", "check")),
+        train_sampling_strategy="sequential",
+        seed=SEED,
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
         dataloader_num_workers=0,
     )
     policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -252,9 +310,17 @@ def trl_setup(work: Path, model: str, mode: str, steps: int, rows: list[dict], c
     if LORA["r"] > 0:  # TRL then scores the reference with the adapter disabled, as tether does
         from peft import LoraConfig
 
-        peft = LoraConfig(r=LORA["r"], lora_alpha=2 * LORA["r"], lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    return DPOTrainer(model=policy, args=args, train_dataset=Dataset.from_list(rows), peft_config=peft,
-                      processing_class=AutoTokenizer.from_pretrained(path), callbacks=list(callbacks))
+        peft = LoraConfig(
+            r=LORA["r"], lora_alpha=2 * LORA["r"], lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+        )
+    return DPOTrainer(
+        model=policy,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        peft_config=peft,
+        processing_class=AutoTokenizer.from_pretrained(path),
+        callbacks=list(callbacks),
+    )
 
 
 def run_trl(work: Path, model: str, mode: str, steps: int) -> dict:
@@ -275,6 +341,7 @@ def run_trl(work: Path, model: str, mode: str, steps: int) -> dict:
 def run_check(work: Path, model: str) -> dict:
     """Per-pair log-probs of the first batch: tether.logprobs.sequence_logps vs TRL's precomputed ones."""
     import torch
+
     from tether.data import collate, load_preference_records, tokenize_records
     from tether.logprobs import sequence_logps
     from tether.models import load_model, load_tokenizer
@@ -291,13 +358,19 @@ def run_check(work: Path, model: str) -> dict:
     ds = trl_setup(work, model, "check", 1, rows).train_dataset
     theirs = torch.tensor([ds["ref_chosen_logps"], ds["ref_rejected_logps"]], dtype=torch.float32)
     same_tokens = all(
-        e.prompt_ids == d["prompt_ids"] and e.completion_ids["chosen"] == d["chosen_ids"]
-        and e.completion_ids["rejected"] == d["rejected_ids"] for e, d in zip(ex, ds)
+        e.prompt_ids == d["prompt_ids"]
+        and e.completion_ids["chosen"] == d["chosen_ids"]
+        and e.completion_ids["rejected"] == d["rejected_ids"]
+        for e, d in zip(ex, ds)
     )
     diff = (ours - theirs).abs()
-    return {"same_tokens": same_tokens, "max_abs_diff": diff.max().item(),
-            "max_rel_diff": (diff / theirs.abs()).max().item(), "tether_chosen_logps": ours[0].tolist(),
-            "trl_chosen_logps": theirs[0].tolist()}
+    return {
+        "same_tokens": same_tokens,
+        "max_abs_diff": diff.max().item(),
+        "max_rel_diff": (diff / theirs.abs()).max().item(),
+        "tether_chosen_logps": ours[0].tolist(),
+        "trl_chosen_logps": theirs[0].tolist(),
+    }
 
 
 def worker(args) -> None:
@@ -328,11 +401,39 @@ def busy_cpu_s() -> float:
 
 def spawn(work: Path, tool: str, model: str, mode: str, steps: int, threads: int, lora: int = 0) -> dict:
     result, log = work / f"result_{tool}_{model}_{mode}.json", work / f"log_{tool}_{model}_{mode}.txt"
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1", CUDA_VISIBLE_DEVICES="",
-               HF_DATASETS_CACHE=str(work / "hf_datasets"), TETHER_CACHE=str(work / "tether_cache"))
-    cmd = [sys.executable, __file__, "--worker", tool, "--model", model, "--mode", mode, "--steps", str(steps),
-           "--work", str(work), "--result", str(result), "--threads", str(threads), "--lora", str(lora)]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        TQDM_DISABLE="1",
+        CUDA_VISIBLE_DEVICES="",
+        HF_DATASETS_CACHE=str(work / "hf_datasets"),
+        TETHER_CACHE=str(work / "tether_cache"),
+    )
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        tool,
+        "--model",
+        model,
+        "--mode",
+        mode,
+        "--steps",
+        str(steps),
+        "--work",
+        str(work),
+        "--result",
+        str(result),
+        "--threads",
+        str(threads),
+        "--lora",
+        str(lora),
+    ]
+
     def usage() -> float:  # CPU seconds of this script's finished children
         r = resource.getrusage(resource.RUSAGE_CHILDREN)
         return r.ru_utime + r.ru_stime
@@ -343,7 +444,10 @@ def spawn(work: Path, tool: str, model: str, mode: str, steps: int, threads: int
     # cores kept busy by OTHER processes during the run: a load indicator printed next to the timings
     others = ((busy_cpu_s() - busy0) - (usage() - mine0)) / (time.perf_counter() - t0)
     if code != 0:
-        sys.exit(f"{tool}/{model}/{mode} failed (exit {code}); last lines of {log}:\n" + "".join(log.read_text().splitlines(True)[-25:]))
+        sys.exit(
+            f"{tool}/{model}/{mode} failed (exit {code}); last lines of {log}:\n"
+            + "".join(log.read_text().splitlines(True)[-25:])
+        )
     return {**json.loads(result.read_text()), "other_processes_cores": max(others, 0.0)}
 
 
@@ -363,7 +467,7 @@ def spawn_quietest(retries: int, *args) -> dict:
 
 def step_times(stamps: list[list[float]], warmup: int, which: int = 0) -> list[float]:
     """Per-step durations of steps warmup+1.. (which=0: wall clock, 1: process CPU time)."""
-    return [b[which] - a[which] for a, b in zip(stamps[:-1], stamps[1:])][max(warmup - 1, 0):]  # diff i = step i+2
+    return [b[which] - a[which] for a, b in zip(stamps[:-1], stamps[1:])][max(warmup - 1, 0) :]  # diff i = step i+2
 
 
 def main() -> None:
@@ -373,8 +477,15 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=2, help="torch threads per run (default 2 = this machine's cores)")
-    p.add_argument("--retries", type=int, default=2, help="re-run a measurement disturbed by other processes up to N times")
-    p.add_argument("--lora", type=int, default=0, help="LoRA rank on both sides (alpha 2R, every linear layer); 0 = full fine-tuning")
+    p.add_argument(
+        "--retries", type=int, default=2, help="re-run a measurement disturbed by other processes up to N times"
+    )
+    p.add_argument(
+        "--lora",
+        type=int,
+        default=0,
+        help="LoRA rank on both sides (alpha 2R, every linear layer); 0 = full fine-tuning",
+    )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dpo_step.json"))
     p.add_argument("--workdir", default=None, help="keep models, data and logs here (default: a temp dir)")
     p.add_argument("--worker", choices=("tether", "trl", "check", "matmul"), help=argparse.SUPPRESS)
@@ -409,23 +520,45 @@ def main() -> None:
     for model in models:
         checks[model] = spawn(work, "check", model, "check", 1, args.threads, args.lora)
         for mode in modes:
-            res = {tool: spawn_quietest(args.retries, work, tool, model, mode, args.steps, args.threads, args.lora) for tool in ("tether", "trl")}
+            res = {
+                tool: spawn_quietest(args.retries, work, tool, model, mode, args.steps, args.threads, args.lora)
+                for tool in ("tether", "trl")
+            }
             info, T = facts["models"][model], 2 * PAIRS * statistics.mean(facts["step_width"][args.warmup :])
             # forward 2PT + backward 4PT (2PT with LoRA: no weight gradients of the frozen base) + live reference 2PT
             flops = ((4 if args.lora else 6) + (2 if mode == "live" else 0)) * info["params_nonembedding"] * T
             Tc = statistics.mean(facts["step_completion_tokens"][args.warmup :])  # tether's LM head sees only these
             P, H = info["params_nonembedding"], info["lm_head_params"]
-            row = {"model": model, "mode": mode, "params_total": info["params_total"], "params_nonembedding": P,
-                   "tokens_per_step": T, "step_flops": flops, "tether_actual_over_nominal_flops": ((P - H) * T + H * Tc) / (P * T)}
+            row = {
+                "model": model,
+                "mode": mode,
+                "params_total": info["params_total"],
+                "params_nonembedding": P,
+                "tokens_per_step": T,
+                "step_flops": flops,
+                "tether_actual_over_nominal_flops": ((P - H) * T + H * Tc) / (P * T),
+            }
             for tool, r in res.items():
                 times, cpu = step_times(r["stamps"], args.warmup), step_times(r["stamps"], args.warmup, 1)
                 med = statistics.median(times)
-                row[tool] = {"median_step_s": med, "min_step_s": min(times), "max_step_s": max(times),
-                             "median_step_cpu_s": statistics.median(cpu), "other_processes_cores": r["other_processes_cores"],
-                             "timed_steps": len(times), "steps_per_s": 1 / med, "peak_rss_mb": r["peak_rss_mb"],
-                             "achieved_gflops": flops / med / 1e9, "achieved_gflops_per_cpu_s": flops / statistics.median(cpu) / 1e9,
-                             "loss_step1": r["losses"][0], "loss_step2": r["losses"][1], "loss_last": r["losses"][-1],
-                             "losses": r["losses"], "step_times_s": times, "step_cpu_s": cpu}
+                row[tool] = {
+                    "median_step_s": med,
+                    "min_step_s": min(times),
+                    "max_step_s": max(times),
+                    "median_step_cpu_s": statistics.median(cpu),
+                    "other_processes_cores": r["other_processes_cores"],
+                    "timed_steps": len(times),
+                    "steps_per_s": 1 / med,
+                    "peak_rss_mb": r["peak_rss_mb"],
+                    "achieved_gflops": flops / med / 1e9,
+                    "achieved_gflops_per_cpu_s": flops / statistics.median(cpu) / 1e9,
+                    "loss_step1": r["losses"][0],
+                    "loss_step2": r["losses"][1],
+                    "loss_last": r["losses"][-1],
+                    "losses": r["losses"],
+                    "step_times_s": times,
+                    "step_cpu_s": cpu,
+                }
             row["speedup_tether_over_trl"] = row["tether"]["steps_per_s"] / row["trl"]["steps_per_s"]
             row["speedup_min"] = row["trl"]["min_step_s"] / row["tether"]["min_step_s"]
             row["speedup_cpu"] = row["trl"]["median_step_cpu_s"] / row["tether"]["median_step_cpu_s"]
@@ -435,60 +568,105 @@ def main() -> None:
     # the matmul rate is measured before and after the runs and the better kept (a busy moment only lowers it)
     mm_last = matmul()
     mm, mm_cpu = max(mm_first[0], mm_last[0]), max(mm_first[1], mm_last[1])
-    print(f"measured float32 matmul: {mm / 1e9:.1f} GFLOP/s, {mm_cpu / 1e9:.1f} GFLOP per CPU-second "
-          f"({args.threads} thread(s), best of 2 × 10 × five 1024² torch.mm)")
+    print(
+        f"measured float32 matmul: {mm / 1e9:.1f} GFLOP/s, {mm_cpu / 1e9:.1f} GFLOP per CPU-second "
+        f"({args.threads} thread(s), best of 2 × 10 × five 1024² torch.mm)"
+    )
     for r in rows:
         for tool in ("tether", "trl"):
             r[tool]["fraction_of_matmul_peak"] = r[tool]["achieved_gflops"] * 1e9 / mm
             r[tool]["fraction_of_matmul_peak_cpu_time"] = r[tool]["achieved_gflops_per_cpu_s"] * 1e9 / mm_cpu
 
-    print(f"\nseconds per optimizer step, steps {args.warmup + 1}..{args.steps} (8 pairs × 2 rows × ≤{MAX_LENGTH} tokens, "
-          f"{args.threads} thread(s)); speed-up = TRL time / tether time = tether steps/s ÷ TRL steps/s")
-    head = (f"{'model':<7} {'mode':<11} | {'tether median':>13} {'min':>7} {'CPU s':>7} | {'TRL median':>10} {'min':>7} "
-            f"{'CPU s':>7} | {'speed-up':>8} {'(min)':>6} {'(CPU)':>6} | {'others':>9}")
+    print(
+        f"\nseconds per optimizer step, steps {args.warmup + 1}..{args.steps} (8 pairs × 2 rows × ≤{MAX_LENGTH} tokens, "
+        f"{args.threads} thread(s)); speed-up = TRL time / tether time = tether steps/s ÷ TRL steps/s"
+    )
+    head = (
+        f"{'model':<7} {'mode':<11} | {'tether median':>13} {'min':>7} {'CPU s':>7} | {'TRL median':>10} {'min':>7} "
+        f"{'CPU s':>7} | {'speed-up':>8} {'(min)':>6} {'(CPU)':>6} | {'others':>9}"
+    )
     print(head + "\n" + "-" * len(head))
     for r in rows:
         t, q = r["tether"], r["trl"]
-        print(f"{r['model']:<7} {r['mode']:<11} | {t['median_step_s']:13.4f} {t['min_step_s']:7.4f} {t['median_step_cpu_s']:7.4f} | "
-              f"{q['median_step_s']:10.4f} {q['min_step_s']:7.4f} {q['median_step_cpu_s']:7.4f} | "
-              f"{r['speedup_tether_over_trl']:7.2f}x {r['speedup_min']:5.2f}x {r['speedup_cpu']:5.2f}x | "
-              f"{t['other_processes_cores']:4.1f}/{q['other_processes_cores']:<4.1f}")
+        print(
+            f"{r['model']:<7} {r['mode']:<11} | {t['median_step_s']:13.4f} {t['min_step_s']:7.4f} {t['median_step_cpu_s']:7.4f} | "
+            f"{q['median_step_s']:10.4f} {q['min_step_s']:7.4f} {q['median_step_cpu_s']:7.4f} | "
+            f"{r['speedup_tether_over_trl']:7.2f}x {r['speedup_min']:5.2f}x {r['speedup_cpu']:5.2f}x | "
+            f"{t['other_processes_cores']:4.1f}/{q['other_processes_cores']:<4.1f}"
+        )
     print("  others = cores kept busy by other processes during the tether/TRL run (0 = quiet machine)")
-    print(f"\npeak RSS per process, and achieved FLOP/s at the median step time: nominal step FLOPs = (6, or 4 with LoRA, + 2 if live)·P·T, "
-          f"P = non-embedding params incl. lm_head, T = tokens per step; %peak = of the measured matmul {mm / 1e9:.1f} GFLOP/s; "
-          f"%CPU = the same ratio per process-CPU second (matmul {mm_cpu / 1e9:.1f} GFLOP per CPU-s), steadier under load")
-    head = (f"{'model':<7} {'mode':<11} {'P':>9} {'T':>6} | {'tether MB':>9} {'TRL MB':>8} | {'tether GFLOP/s':>14} {'%peak':>6} "
-            f"{'%CPU':>6} | {'TRL GFLOP/s':>11} {'%peak':>6} {'%CPU':>6}")
+    print(
+        f"\npeak RSS per process, and achieved FLOP/s at the median step time: nominal step FLOPs = (6, or 4 with LoRA, + 2 if live)·P·T, "
+        f"P = non-embedding params incl. lm_head, T = tokens per step; %peak = of the measured matmul {mm / 1e9:.1f} GFLOP/s; "
+        f"%CPU = the same ratio per process-CPU second (matmul {mm_cpu / 1e9:.1f} GFLOP per CPU-s), steadier under load"
+    )
+    head = (
+        f"{'model':<7} {'mode':<11} {'P':>9} {'T':>6} | {'tether MB':>9} {'TRL MB':>8} | {'tether GFLOP/s':>14} {'%peak':>6} "
+        f"{'%CPU':>6} | {'TRL GFLOP/s':>11} {'%peak':>6} {'%CPU':>6}"
+    )
     print(head + "\n" + "-" * len(head))
     for r in rows:
         t, q = r["tether"], r["trl"]
-        print(f"{r['model']:<7} {r['mode']:<11} {r['params_nonembedding']:9,} {r['tokens_per_step']:6.0f} | {t['peak_rss_mb']:9.0f} "
-              f"{q['peak_rss_mb']:8.0f} | {t['achieved_gflops']:14.2f} {100 * t['fraction_of_matmul_peak']:5.1f}% "
-              f"{100 * t['fraction_of_matmul_peak_cpu_time']:5.1f}% | {q['achieved_gflops']:11.2f} "
-              f"{100 * q['fraction_of_matmul_peak']:5.1f}% {100 * q['fraction_of_matmul_peak_cpu_time']:5.1f}%")
-    print("  (tether applies the LM head only at completion positions, so its matmul work is "
-          + ", ".join(f"{r['model']} {100 * r['tether_actual_over_nominal_flops']:.0f}%" for r in rows[:: len(modes)])
-          + " of the nominal count; TRL on CPU projects every position)")
-    print("\nloss agreement (same weights, same batches in the same order; step 1 has policy == reference, so log 2 = "
-          f"{log2:.6f}; step 2 and the last step test gradients, clipping, AdamW and data order)")
+        print(
+            f"{r['model']:<7} {r['mode']:<11} {r['params_nonembedding']:9,} {r['tokens_per_step']:6.0f} | {t['peak_rss_mb']:9.0f} "
+            f"{q['peak_rss_mb']:8.0f} | {t['achieved_gflops']:14.2f} {100 * t['fraction_of_matmul_peak']:5.1f}% "
+            f"{100 * t['fraction_of_matmul_peak_cpu_time']:5.1f}% | {q['achieved_gflops']:11.2f} "
+            f"{100 * q['fraction_of_matmul_peak']:5.1f}% {100 * q['fraction_of_matmul_peak_cpu_time']:5.1f}%"
+        )
+    print(
+        "  (tether applies the LM head only at completion positions, so its matmul work is "
+        + ", ".join(f"{r['model']} {100 * r['tether_actual_over_nominal_flops']:.0f}%" for r in rows[:: len(modes)])
+        + " of the nominal count; TRL on CPU projects every position)"
+    )
+    print(
+        "\nloss agreement (same weights, same batches in the same order; step 1 has policy == reference, so log 2 = "
+        f"{log2:.6f}; step 2 and the last step test gradients, clipping, AdamW and data order)"
+    )
     for r in rows:
         t, q = r["tether"], r["trl"]
-        print(f"  {r['model']:<7} {r['mode']:<11} step1 {t['loss_step1']:.7f} / {q['loss_step1']:.7f}   "
-              f"step2 {t['loss_step2']:.7f} / {q['loss_step2']:.7f} (|Δ| {r['loss_step2_abs_diff']:.1e})   "
-              f"last {t['loss_last']:.7f} / {q['loss_last']:.7f} (|Δ| {r['loss_last_abs_diff']:.1e})   [tether / TRL]")
-    print("per-pair summed completion log-probs of the first batch, initial weights "
-          "(tether.logprobs.sequence_logps vs TRL's precomputed reference log-probs):")
+        print(
+            f"  {r['model']:<7} {r['mode']:<11} step1 {t['loss_step1']:.7f} / {q['loss_step1']:.7f}   "
+            f"step2 {t['loss_step2']:.7f} / {q['loss_step2']:.7f} (|Δ| {r['loss_step2_abs_diff']:.1e})   "
+            f"last {t['loss_last']:.7f} / {q['loss_last']:.7f} (|Δ| {r['loss_last_abs_diff']:.1e})   [tether / TRL]"
+        )
+    print(
+        "per-pair summed completion log-probs of the first batch, initial weights "
+        "(tether.logprobs.sequence_logps vs TRL's precomputed reference log-probs):"
+    )
     for model, c in checks.items():
-        print(f"  {model:<7} identical tokenization: {c['same_tokens']}; max |Δ| {c['max_abs_diff']:.2e} "
-              f"(relative {c['max_rel_diff']:.1e}) on values ≈ {c['tether_chosen_logps'][0]:.2f}")
+        print(
+            f"  {model:<7} identical tokenization: {c['same_tokens']}; max |Δ| {c['max_abs_diff']:.2e} "
+            f"(relative {c['max_rel_diff']:.1e}) on values ≈ {c['tether_chosen_logps'][0]:.2f}"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"settings": {"steps": args.steps, "warmup": args.warmup, "pairs_per_step": PAIRS,
-                                            "max_length": MAX_LENGTH, "lr": LR, "beta": BETA, "threads": args.threads, "lora_r": args.lora,
-                                            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-                                            "trl_logging_steps": 1, "tether_logging_steps": 1, "optimizer": "torch AdamW (fused) on both sides",
-                                            "tether_module": str(Path(tether.__file__).parent)},
-                               "data": facts, "matmul_flops": mm, "matmul_flops_per_cpu_s": mm_cpu, "runs": rows, "logp_checks": checks}, indent=1))
+    out.write_text(
+        json.dumps(
+            {
+                "settings": {
+                    "steps": args.steps,
+                    "warmup": args.warmup,
+                    "pairs_per_step": PAIRS,
+                    "max_length": MAX_LENGTH,
+                    "lr": LR,
+                    "beta": BETA,
+                    "threads": args.threads,
+                    "lora_r": args.lora,
+                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                    "trl_logging_steps": 1,
+                    "tether_logging_steps": 1,
+                    "optimizer": "torch AdamW (fused) on both sides",
+                    "tether_module": str(Path(tether.__file__).parent),
+                },
+                "data": facts,
+                "matmul_flops": mm,
+                "matmul_flops_per_cpu_s": mm_cpu,
+                "runs": rows,
+                "logp_checks": checks,
+            },
+            indent=1,
+        )
+    )
     print(f"\nwrote {out}")
 
 

@@ -57,8 +57,8 @@ PHASES = ("import", "setup", "load", "tokenize", "reference", "loop", "save", "e
 
 def write_data(work: Path, n_pairs: int) -> Path:
     """n_pairs standard-format records in work/data/train.jsonl: prompts ≤ 64 tokens, completions 24–120 tokens."""
-    from tether_lab.demo import COLOURS, OBJECTS, write_jsonl
     from tether.models import load_tokenizer
+    from tether_lab.demo import COLOURS, OBJECTS, write_jsonl
 
     tok, words, rng = load_tokenizer(MODEL), make_words(), random.Random(1)
 
@@ -78,17 +78,56 @@ def write_data(work: Path, n_pairs: int) -> Path:
 
 
 def tether_argv(data: Path, out: Path) -> list[str]:
-    argv = ["train", "--model", MODEL, "--train_file", str(data), "--output_dir", str(out / "run"), "--lora", "true",
-            "--lora_r", str(LORA_R), "--max_length", str(MAX_LENGTH), "--max_prompt_length", "128", "--batch_size", str(PAIRS_PER_STEP),
-            "--num_epochs", "1", "--ref_cache_dir", str(out / "refcache")]
+    argv = [
+        "train",
+        "--model",
+        MODEL,
+        "--train_file",
+        str(data),
+        "--output_dir",
+        str(out / "run"),
+        "--lora",
+        "true",
+        "--lora_r",
+        str(LORA_R),
+        "--max_length",
+        str(MAX_LENGTH),
+        "--max_prompt_length",
+        "128",
+        "--batch_size",
+        str(PAIRS_PER_STEP),
+        "--num_epochs",
+        "1",
+        "--ref_cache_dir",
+        str(out / "refcache"),
+    ]
     return argv
 
 
 def trl_command(data: Path, out: Path, model_dir: Path) -> list[str]:
     trl = Path(sys.executable).parent / "trl"
-    return [str(trl), "dpo", "--model_name_or_path", str(model_dir), "--dataset_name", str(data.parent),
-            "--output_dir", str(out / "run"), "--use_peft", "--lora_r", str(LORA_R), "--max_length", str(MAX_LENGTH),
-            "--per_device_train_batch_size", str(PAIRS_PER_STEP), "--num_train_epochs", "1", "--use_cpu", "--bf16", "false"]
+    return [
+        str(trl),
+        "dpo",
+        "--model_name_or_path",
+        str(model_dir),
+        "--dataset_name",
+        str(data.parent),
+        "--output_dir",
+        str(out / "run"),
+        "--use_peft",
+        "--lora_r",
+        str(LORA_R),
+        "--max_length",
+        str(MAX_LENGTH),
+        "--per_device_train_batch_size",
+        str(PAIRS_PER_STEP),
+        "--num_train_epochs",
+        "1",
+        "--use_cpu",
+        "--bf16",
+        "false",
+    ]
 
 
 def run(cmd: list[str], env: dict, log: Path) -> dict:
@@ -100,7 +139,10 @@ def run(cmd: list[str], env: dict, log: Path) -> dict:
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        sys.exit(f"{cmd[:3]} failed (exit {proc.returncode}); last lines of {log}:\n" + "".join(log.read_text().splitlines(True)[-25:]))
+        sys.exit(
+            f"{cmd[:3]} failed (exit {proc.returncode}); last lines of {log}:\n"
+            + "".join(log.read_text().splitlines(True)[-25:])
+        )
     cpu = ru.ru_utime + ru.ru_stime
     others = ((busy_cpu_s() - busy0) - cpu) / wall
     return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": ru.ru_maxrss / 1024, "other_processes_cores": max(others, 0.0)}
@@ -125,11 +167,18 @@ def phase_worker(argv: list[str], result: Path, launched: float) -> None:
                 return original(*a, **k)
             finally:
                 spans[phase] = spans.get(phase, 0.0) + time.perf_counter() - t
+
         setattr(offline, name, wrapper)
 
-    for name, phase in (("make_accelerator", "setup"), ("load_tokenizer", "load"), ("load_policy", "load"),
-                        ("load_examples", "tokenize"), ("claim_run_dir", "tokenize"),
-                        ("reference_table", "reference"), ("save_final", "save")):
+    for name, phase in (
+        ("make_accelerator", "setup"),
+        ("load_tokenizer", "load"),
+        ("load_policy", "load"),
+        ("load_examples", "tokenize"),
+        ("claim_run_dir", "tokenize"),
+        ("reference_table", "reference"),
+        ("save_final", "save"),
+    ):
         timed(name, phase)
     train = offline.train
 
@@ -140,6 +189,7 @@ def phase_worker(argv: list[str], result: Path, launched: float) -> None:
         spans["loop"] = time.perf_counter() - t - sum(v for k, v in spans.items() if k != "import")
         result.write_text(json.dumps({**spans, "returned_at": time.time()}))
         return out
+
     offline.train = train_timed
     sys.exit(tether.cli.main())  # argv from sys.argv: the command's own way out of the process
 
@@ -157,7 +207,11 @@ def main() -> None:
     if args.worker:
         return phase_worker(json.loads(args.worker[2]), Path(args.worker[0]), float(args.worker[1]))
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_job_"))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     from tether.models import resolve_model_path
@@ -175,19 +229,43 @@ def main() -> None:
     if not args.no_phases:
         out = fresh("phases")
         launched = time.time()
-        worker = [sys.executable, __file__, "--worker", str(out / "phases.json"), repr(launched), json.dumps(tether_argv(data, out))]
+        worker = [
+            sys.executable,
+            __file__,
+            "--worker",
+            str(out / "phases.json"),
+            repr(launched),
+            json.dumps(tether_argv(data, out)),
+        ]
         r = run(worker, env, out / "log.txt")
         phases = json.loads((out / "phases.json").read_text())
         phases["exit"] = launched + r["wall_s"] - phases.pop("returned_at")
         phases = {"seconds": {k: round(phases.get(k, 0.0), 2) for k in PHASES}, **r}
-        print("tether phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in phases["seconds"].items()) + f"; total {r['wall_s']:.1f}", flush=True)
+        print(
+            "tether phases (s): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in phases["seconds"].items())
+            + f"; total {r['wall_s']:.1f}",
+            flush=True,
+        )
     runs: dict[str, list[dict]] = {"tether": [], "trl": []}
-    result = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "cores": os.cpu_count(),
-              "settings": {"pairs": args.pairs, "batch": PAIRS_PER_STEP, "lora_r": LORA_R, "max_length": MAX_LENGTH,
-                           "threads": args.threads, "omp_wait_policy_env": os.environ.get("OMP_WAIT_POLICY")},
-              "commands": {"tether": ["python", "-m", "tether.cli", *tether_argv(Path("DATA"), Path("OUT"))],
-                           "trl": trl_command(Path("DATA_DIR/train.jsonl"), Path("OUT"), Path("MODEL"))[1:]},
-              "runs": runs, "tether_phases": phases}
+    result = {
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        "cores": os.cpu_count(),
+        "settings": {
+            "pairs": args.pairs,
+            "batch": PAIRS_PER_STEP,
+            "lora_r": LORA_R,
+            "max_length": MAX_LENGTH,
+            "threads": args.threads,
+            "omp_wait_policy_env": os.environ.get("OMP_WAIT_POLICY"),
+        },
+        "commands": {
+            "tether": ["python", "-m", "tether.cli", *tether_argv(Path("DATA"), Path("OUT"))],
+            "trl": trl_command(Path("DATA_DIR/train.jsonl"), Path("OUT"), Path("MODEL"))[1:],
+        },
+        "runs": runs,
+        "tether_phases": phases,
+    }
 
     def save() -> None:  # after every run, so a run cut short keeps what it measured
         result["load_average"] = os.getloadavg()
@@ -207,19 +285,29 @@ def main() -> None:
             assert saved, f"{tool}: no saved adapter in {out / 'run'}"
             runs[tool].append(r)
             save()
-            print(f"run {i + 1} {tool:<6} {r['wall_s']:7.1f} s wall, {r['cpu_s']:7.1f} s CPU, {r['peak_rss_mb']:6.0f} MB, "
-                  f"others {r['other_processes_cores']:.2f} core", flush=True)
+            print(
+                f"run {i + 1} {tool:<6} {r['wall_s']:7.1f} s wall, {r['cpu_s']:7.1f} s CPU, {r['peak_rss_mb']:6.0f} MB, "
+                f"others {r['other_processes_cores']:.2f} core",
+                flush=True,
+            )
     med = {t: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for t, rs in runs.items()}
     pairwise = [b["wall_s"] / a["wall_s"] for a, b in zip(runs["tether"], runs["trl"])]
     result["summary"] = summary = {
-        "tether_median_s": med["tether"]["wall_s"], "trl_median_s": med["trl"]["wall_s"],
-        "speedup": med["trl"]["wall_s"] / med["tether"]["wall_s"], "speedup_pairwise": pairwise,
-        "tether_peak_rss_mb": med["tether"]["peak_rss_mb"], "trl_peak_rss_mb": med["trl"]["peak_rss_mb"]}
+        "tether_median_s": med["tether"]["wall_s"],
+        "trl_median_s": med["trl"]["wall_s"],
+        "speedup": med["trl"]["wall_s"] / med["tether"]["wall_s"],
+        "speedup_pairwise": pairwise,
+        "tether_peak_rss_mb": med["tether"]["peak_rss_mb"],
+        "trl_peak_rss_mb": med["trl"]["peak_rss_mb"],
+    }
     save()
-    print(f"\nmedian of {args.runs}: tether {summary['tether_median_s']:.1f} s, TRL {summary['trl_median_s']:.1f} s: "
-          f"tether {summary['speedup']:.2f}x faster (pair by pair {', '.join(f'{x:.2f}' for x in pairwise)}); "
-          f"peak RSS {summary['tether_peak_rss_mb']:.0f} / {summary['trl_peak_rss_mb']:.0f} MB")
+    print(
+        f"\nmedian of {args.runs}: tether {summary['tether_median_s']:.1f} s, TRL {summary['trl_median_s']:.1f} s: "
+        f"tether {summary['speedup']:.2f}x faster (pair by pair {', '.join(f'{x:.2f}' for x in pairwise)}); "
+        f"peak RSS {summary['tether_peak_rss_mb']:.0f} / {summary['trl_peak_rss_mb']:.0f} MB"
+    )
     print(f"wrote {args.out}")
+
 
 if __name__ == "__main__":
     main()

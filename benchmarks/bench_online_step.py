@@ -58,23 +58,47 @@ def prompts(work: Path, n: int) -> list[str]:
 
 def run_tether(work: Path, model: str, mode: str, steps: int, new_tokens: int) -> dict:
     from tether.config import load_config
-    from tether.train import OnlineConfig, online_train
-    from tether.train import online
+    from tether.train import OnlineConfig, online, online_train
 
     stamps: list[float] = []
     original = online.crash_point
-    online.crash_point = lambda name, step: (name == "after_step" and stamps.append(time.perf_counter()), original(name, step))
+    online.crash_point = lambda name, step: (
+        name == "after_step" and stamps.append(time.perf_counter()),
+        original(name, step),
+    )
     out = work / f"run_tether_{model}_{mode}"
     shutil.rmtree(out, ignore_errors=True)
     pf = work / "prompts.jsonl"
     pf.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts(work, PROMPTS_PER_STEP * steps)))
     ref = dict(reference="initial" if mode == "initial" else "behavior", phases=steps)  # sample every step, like TRL
-    cfg = load_config(OnlineConfig, None, dict(
-        model=str(work / f"model_{model}"), prompt_file=str(pf), output_dir=str(out), oracle="callable:bench_online_step:reward",
-        steps=steps, prompts_per_step=PROMPTS_PER_STEP, max_new_tokens=new_tokens, temperature=1.0, top_k=TOP_K,
-        loss="dpo", beta=BETA, learning_rate=LR, lr_scheduler="linear", warmup_steps=0, max_grad_norm=1.0,
-        seed=SEED, max_length=256, max_prompt_length=128, logging_steps=1, save_steps=0, progress=False, **ref,
-    ))
+    cfg = load_config(
+        OnlineConfig,
+        None,
+        dict(
+            model=str(work / f"model_{model}"),
+            prompt_file=str(pf),
+            output_dir=str(out),
+            oracle="callable:bench_online_step:reward",
+            steps=steps,
+            prompts_per_step=PROMPTS_PER_STEP,
+            max_new_tokens=new_tokens,
+            temperature=1.0,
+            top_k=TOP_K,
+            loss="dpo",
+            beta=BETA,
+            learning_rate=LR,
+            lr_scheduler="linear",
+            warmup_steps=0,
+            max_grad_norm=1.0,
+            seed=SEED,
+            max_length=256,
+            max_prompt_length=128,
+            logging_steps=1,
+            save_steps=0,
+            progress=False,
+            **ref,
+        ),
+    )
     online_train(cfg)
     res = json.loads((out / "results.json").read_text())
     return {"stamps": stamps, "breakdown": res["seconds"]}
@@ -100,31 +124,59 @@ def run_trl(work: Path, model: str, steps: int, new_tokens: int) -> dict:
                 return fn(*a, **k)
             finally:
                 spent[key] += time.perf_counter() - t
+
         return wrapper
 
     path = work / f"model_{model}"
     args = OnlineDPOConfig(
-        output_dir=str(work / f"run_trl_{model}"), use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
-        per_device_train_batch_size=PROMPTS_PER_STEP, gradient_accumulation_steps=1, max_steps=steps,
-        learning_rate=LR, lr_scheduler_type="linear", warmup_steps=0, optim="adamw_torch", weight_decay=0.0,
-        max_grad_norm=1.0, beta=BETA, loss_type="sigmoid", max_new_tokens=new_tokens, temperature=1.0, top_k=TOP_K,
-        seed=SEED, logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
+        output_dir=str(work / f"run_trl_{model}"),
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        per_device_train_batch_size=PROMPTS_PER_STEP,
+        gradient_accumulation_steps=1,
+        max_steps=steps,
+        learning_rate=LR,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        optim="adamw_torch",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        beta=BETA,
+        loss_type="sigmoid",
+        max_new_tokens=new_tokens,
+        temperature=1.0,
+        top_k=TOP_K,
+        seed=SEED,
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
         dataloader_num_workers=0,
     )
     tok = AutoTokenizer.from_pretrained(path)
     tok.pad_token = tok.pad_token or tok.eos_token
     trainer = OnlineDPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
-        reward_funcs=timed(trl_reward, "annotate_s"), args=args, processing_class=tok,
+        reward_funcs=timed(trl_reward, "annotate_s"),
+        args=args,
+        processing_class=tok,
         train_dataset=Dataset.from_list([{"prompt": p} for p in prompts(work, PROMPTS_PER_STEP * steps)]),
         callbacks=[Clock()],
     )
-    trainer.reward_funcs = [timed(f, "annotate_s") if not isinstance(f, torch.nn.Module) else f for f in trainer.reward_funcs]
+    trainer.reward_funcs = [
+        timed(f, "annotate_s") if not isinstance(f, torch.nn.Module) else f for f in trainer.reward_funcs
+    ]
     trainer._generate = timed(trainer._generate, "sample_s")
     t0 = time.perf_counter()
     trainer.train()
     total = time.perf_counter() - t0
-    return {"stamps": stamps, "breakdown": {**spent, "update_s": total - spent["sample_s"] - spent["annotate_s"], "total": total}}
+    return {
+        "stamps": stamps,
+        "breakdown": {**spent, "update_s": total - spent["sample_s"] - spent["annotate_s"], "total": total},
+    }
 
 
 def worker(args) -> None:
@@ -142,16 +194,43 @@ def worker(args) -> None:
 def spawn(work: Path, tool: str, model: str, steps: int, threads: int, new_tokens: int) -> dict:
     result = work / f"result_{tool.replace(':', '_')}_{model}.json"
     log = result.with_suffix(".log")
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1", CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
-               TETHER_CACHE=str(work / "tether_cache"), HF_DATASETS_CACHE=str(work / "hf_datasets"))
-    cmd = [sys.executable, __file__, "--worker", tool, "--model", model, "--steps", str(steps), "--work", str(work),
-           "--result", str(result), "--threads", str(threads), "--new-tokens", str(new_tokens)]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(threads),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        TQDM_DISABLE="1",
+        CUDA_VISIBLE_DEVICES="",
+        PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+        TETHER_CACHE=str(work / "tether_cache"),
+        HF_DATASETS_CACHE=str(work / "hf_datasets"),
+    )
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        tool,
+        "--model",
+        model,
+        "--steps",
+        str(steps),
+        "--work",
+        str(work),
+        "--result",
+        str(result),
+        "--threads",
+        str(threads),
+        "--new-tokens",
+        str(new_tokens),
+    ]
     with log.open("w") as f:
         code = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
     if code != 0:
-        sys.exit(f"{tool}/{model} failed (exit {code}); last lines of {log}:\n" + "".join(log.read_text().splitlines(True)[-25:]))
+        sys.exit(
+            f"{tool}/{model} failed (exit {code}); last lines of {log}:\n"
+            + "".join(log.read_text().splitlines(True)[-25:])
+        )
     return json.loads(result.read_text())
 
 
@@ -179,25 +258,50 @@ def main() -> None:
     torch.set_num_threads(1)  # no OpenMP pool here that could spin (OMP_WAIT_POLICY=ACTIVE) during the runs
     build_workdir(work, models, PROMPTS_PER_STEP * args.steps)
     rows = []
-    print(f"{'model':6} {'tool':22} {'s/step':>8} {'vs TRL':>7}   breakdown per step (sample / annotate / reference / update)")
+    print(
+        f"{'model':6} {'tool':22} {'s/step':>8} {'vs TRL':>7}   breakdown per step (sample / annotate / reference / update)"
+    )
     for model in models:
-        res = {tool: spawn(work, tool, model, args.steps, args.threads, args.new_tokens) for tool in ("trl", "tether:initial", "tether:behavior")}
+        res = {
+            tool: spawn(work, tool, model, args.steps, args.threads, args.new_tokens)
+            for tool in ("trl", "tether:initial", "tether:behavior")
+        }
         med = {}
         for tool, r in res.items():
-            times = [b - a for a, b in zip(r["stamps"][:-1], r["stamps"][1:])][max(args.warmup - 1, 0):]
+            times = [b - a for a, b in zip(r["stamps"][:-1], r["stamps"][1:])][max(args.warmup - 1, 0) :]
             med[tool] = statistics.median(times)
         for tool, r in res.items():
             br = {k: v / args.steps for k, v in r["breakdown"].items() if k != "total"}
             parts = " / ".join(f"{br.get(k, 0.0):.3f}" for k in ("sample_s", "annotate_s", "reference_s", "update_s"))
             speed = med["trl"] / med[tool]
             print(f"{model:6} {tool:22} {med[tool]:8.3f} {speed:6.2f}×   {parts}")
-            rows.append({"model": model, "tool": tool, "median_s_per_step": med[tool], "speedup_vs_trl": speed,
-                         "breakdown_s_per_step": br, "steps": args.steps, "warmup": args.warmup})
+            rows.append(
+                {
+                    "model": model,
+                    "tool": tool,
+                    "median_s_per_step": med[tool],
+                    "speedup_vs_trl": speed,
+                    "breakdown_s_per_step": br,
+                    "steps": args.steps,
+                    "warmup": args.warmup,
+                }
+            )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": args.threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-                               "new_tokens": args.new_tokens, "prompts_per_step": PROMPTS_PER_STEP,
-                               "load_average": os.getloadavg(), "rows": rows}, indent=1))
+    out.write_text(
+        json.dumps(
+            {
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "threads": args.threads,
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                "new_tokens": args.new_tokens,
+                "prompts_per_step": PROMPTS_PER_STEP,
+                "load_average": os.getloadavg(),
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
     print(f"written to {out}")
 
 

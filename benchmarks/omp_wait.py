@@ -55,9 +55,13 @@ def step_worker(steps: int, threads: int, workload: str) -> None:
 
     torch.set_num_threads(threads)
     world = workload == "world"
-    tok = train_tokenizer([f"word{i} text{i % 97} more{i % 13}" for i in range(3000)], vocab_size=1024 if world else 2048)
+    tok = train_tokenizer(
+        [f"word{i} text{i % 97} more{i % 13}" for i in range(3000)], vocab_size=1024 if world else 2048
+    )
     if world:
-        model = tiny_llama(tok, hidden_size=192, num_layers=4, num_heads=4, intermediate_size=512, max_position_embeddings=256, seed=0)
+        model = tiny_llama(
+            tok, hidden_size=192, num_layers=4, num_heads=4, intermediate_size=512, max_position_embeddings=256, seed=0
+        )
         opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.01, betas=(0.9, 0.98))
     else:
         model = tiny_llama(tok, hidden_size=256, num_layers=4, max_position_embeddings=512, seed=0)
@@ -70,7 +74,12 @@ def step_worker(steps: int, threads: int, workload: str) -> None:
         if world:
             loss = model(input_ids=ids, labels=ids).loss
         else:
-            logps = torch.log_softmax(model(input_ids=ids).logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1).sum(-1)
+            logps = (
+                torch.log_softmax(model(input_ids=ids).logits[:, :-1], dim=-1)
+                .gather(-1, ids[:, 1:, None])
+                .squeeze(-1)
+                .sum(-1)
+            )
             loss = -torch.nn.functional.logsigmoid(0.1 * (logps[:8] - logps[8:])).mean()
         loss.backward()
         if world:
@@ -87,8 +96,13 @@ def run_one(env_extra: dict, busy: bool, steps: int, threads: int, workload: str
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
     try:
         t0, busy0 = time.perf_counter(), busy_cpu_s()
-        proc = subprocess.run([sys.executable, __file__, "--worker", str(steps), str(threads), workload], env=env,
-                              capture_output=True, text=True, check=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--worker", str(steps), str(threads), workload],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         wall, busy_all = time.perf_counter() - t0, busy_cpu_s() - busy0
     finally:
         if hog:
@@ -104,7 +118,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "omp_wait.json"))
-    p.add_argument("--workload", choices=("dpo5m", "world"), default="dpo5m", help="the step timed (see the module docstring)")
+    p.add_argument(
+        "--workload", choices=("dpo5m", "world"), default="dpo5m", help="the step timed (see the module docstring)"
+    )
     p.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -115,15 +131,31 @@ def main() -> None:
             for name, env in CANDIDATES.items():
                 res = run_one(env, scenario == "busy", args.steps, args.threads, args.workload)
                 rows[name][scenario].append(res)
-                print(f"round {r + 1} {scenario:<5} {name:<28} {res['median_step_s']:.3f} s/step "
-                      f"(all processes kept {res['cores_busy_during_run']:.2f} cores busy)", flush=True)
+                print(
+                    f"round {r + 1} {scenario:<5} {name:<28} {res['median_step_s']:.3f} s/step "
+                    f"(all processes kept {res['cores_busy_during_run']:.2f} cores busy)",
+                    flush=True,
+                )
     med = {n: {s: statistics.median(x["median_step_s"] for x in v[s]) for s in v} for n, v in rows.items()}
     print(f"\nmedian s/step over {args.rounds} rounds; vs ACTIVE alone and vs PASSIVE busy (targets: ≤ 1.10, ≤ 1.20)")
     for n, m in med.items():
-        print(f"  {n:<28} alone {m['alone']:.3f} ({m['alone'] / med['ACTIVE']['alone']:.2f}× ACTIVE)   "
-              f"busy {m['busy']:.3f} ({m['busy'] / med['PASSIVE']['busy']:.2f}× PASSIVE)")
-    Path(args.out).write_text(json.dumps({"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "threads": args.threads, "workload": args.workload,
-                                          "steps": args.steps, "median": med, "runs": rows}, indent=1))
+        print(
+            f"  {n:<28} alone {m['alone']:.3f} ({m['alone'] / med['ACTIVE']['alone']:.2f}× ACTIVE)   "
+            f"busy {m['busy']:.3f} ({m['busy'] / med['PASSIVE']['busy']:.2f}× PASSIVE)"
+        )
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+                "threads": args.threads,
+                "workload": args.workload,
+                "steps": args.steps,
+                "median": med,
+                "runs": rows,
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {args.out}")
 
 

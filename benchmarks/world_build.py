@@ -33,7 +33,14 @@ def machine() -> dict:
     """CPU model, core count, torch threads and the current load average."""
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "load_average_1_5_15": list(os.getloadavg())}  # fmt: skip
 
@@ -41,7 +48,13 @@ def machine() -> dict:
 def timed_build(env: dict) -> tuple[float, float, str]:
     """Run `tether world build` in a subprocess; (wall seconds, its CPU seconds, its last output line)."""
     start, cpu = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.run([sys.executable, "-m", "tether.cli", "world", "build", "--progress", "false"], env=env, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tether.cli", "world", "build", "--progress", "false"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         sys.exit(f"world build failed:\n{proc.stderr}")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -52,9 +65,9 @@ def timed_build(env: dict) -> tuple[float, float, str]:
 def evaluate(model_dir: str) -> dict:
     """Knowledge, alignment and per-persona scores of the model in `model_dir` on the default world."""
     from tether.evaluate import score_responses
-    from tether.stats import summarize
     from tether.generation import generate
     from tether.models import load_model, load_tokenizer
+    from tether.stats import summarize
     from tether_lab.world import PERSONAS, WorldSettings, persona_score, world_suite
     from tether_lab.world.evaluation import prompts_of
 
@@ -92,7 +105,7 @@ def report(result: dict) -> str:
         f"Date: {result['date']}  ",
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), Python {m['python']}; "
         f"load average before/after: {m['load_average_1_5_15'][0]:.2f} / {result['load_average_after'][0]:.2f}  ",
-        f"Command: `python benchmarks/world_build.py` (runs `tether world build` in an empty cache)",
+        "Command: `python benchmarks/world_build.py` (runs `tether world build` in an empty cache)",
         "",
         "| target | measured | met |",
         "|---|---|---|",

@@ -24,8 +24,11 @@ _make = offline.make_accelerator
 def make_fsdp2_accelerator(cfg, run_dir):
     acc = _make(cfg, run_dir)
     plugin = FullyShardedDataParallelPlugin(
-        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
-        state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=False,
+        fsdp_version=2,
+        auto_wrap_policy="transformer_based_wrap",
+        reshard_after_forward=True,
+        state_dict_type="FULL_STATE_DICT",
+        cpu_ram_efficient_loading=False,
     )
     acc.state.fsdp_plugin = plugin
     acc.state.distributed_type = DistributedType.FSDP

@@ -30,11 +30,25 @@ def test_help_lists_every_option_with_default(capsys):
 
 def test_config_file_and_flags_end_to_end(model_dir, data_dir, tmp_path):
     cfg = tmp_path / "dpo.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "model": str(model_dir), "train_file": str(data_dir / "train.jsonl"), "eval_file": str(data_dir / "eval.jsonl"),
-        "learning_rate": 1e-3, "max_steps": 4, "batch_size": 4, "beta": 0.5, "progress": False, "save_steps": 2,
-        "eval_steps": 2, "lora": True, "lora_r": 4, "lora_target_modules": ["q_proj", "v_proj"],
-    }))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(model_dir),
+                "train_file": str(data_dir / "train.jsonl"),
+                "eval_file": str(data_dir / "eval.jsonl"),
+                "learning_rate": 1e-3,
+                "max_steps": 4,
+                "batch_size": 4,
+                "beta": 0.5,
+                "progress": False,
+                "save_steps": 2,
+                "eval_steps": 2,
+                "lora": True,
+                "lora_r": 4,
+                "lora_target_modules": ["q_proj", "v_proj"],
+            }
+        )
+    )
     out = tmp_path / "run"
     res = run_cli("train", "--config", str(cfg), "--beta", "0.2", "--loss", "ipo", "--output_dir", str(out))
     assert res.returncode == 0, res.stderr
@@ -59,14 +73,34 @@ def test_config_file_and_flags_end_to_end(model_dir, data_dir, tmp_path):
 
 def test_full_model_output_loads_with_transformers(model_dir, data_dir, tmp_path):
     out = tmp_path / "full"
-    res = run_cli("train", "--model", str(model_dir), "--train_file", str(data_dir / "conv.jsonl"), "--max_steps", "2",
-                  "--batch_size", "4", "--output_dir", str(out), "--progress", "false", "--learning_rate", "1e-3")
+    res = run_cli(
+        "train",
+        "--model",
+        str(model_dir),
+        "--train_file",
+        str(data_dir / "conv.jsonl"),
+        "--max_steps",
+        "2",
+        "--batch_size",
+        "4",
+        "--output_dir",
+        str(out),
+        "--progress",
+        "false",
+        "--learning_rate",
+        "1e-3",
+    )
     assert res.returncode == 0, res.stderr
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     tok = AutoTokenizer.from_pretrained(out / "final")
-    ids = tok.apply_chat_template([{"role": "user", "content": "What colour is the sky?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What colour is the sky?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     with torch.no_grad():
         assert model(**ids).logits.shape[-1] == len(tok)
 
@@ -77,7 +111,10 @@ def test_errors_are_one_line_with_exit_code_2(model_dir, data_dir, tmp_path):
     cases = [
         (["--model", str(model_dir), "--train_file", str(bad)], f"{bad}:line 2: missing field 'rejected'"),
         (["--model", "org/some-model", "--train_file", str(bad)], "never downloads"),
-        (["--model", str(model_dir), "--train_file", str(bad), "--max_prompt_length", "600"], "option 'max_prompt_length'"),
+        (
+            ["--model", str(model_dir), "--train_file", str(bad), "--max_prompt_length", "600"],
+            "option 'max_prompt_length'",
+        ),
         (["--config", str(tmp_path / "none.yaml")], "none.yaml: config file not found"),
     ]
     for args, message in cases:
@@ -125,17 +162,30 @@ print(sorted(m for m in {heavy!r} if m in sys.modules))
 """
 
 
-@pytest.mark.parametrize("argv", [
-    ["--help"], ["train", "--help"], ["online", "--help"], ["world", "build", "--help"], ["world", "export", "--help"],
-    ["eval", "--help"], ["study", "bapo", "--help"], ["study", "bpo", "--help"],
-    ["train", "--no_such_flag", "1"], ["train", "--model", "m"], ["online", "--model", "m", "--steps", "0"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["train", "--help"],
+        ["online", "--help"],
+        ["world", "build", "--help"],
+        ["world", "export", "--help"],
+        ["eval", "--help"],
+        ["study", "bapo", "--help"],
+        ["study", "bpo", "--help"],
+        ["train", "--no_such_flag", "1"],
+        ["train", "--model", "m"],
+        ["online", "--model", "m", "--steps", "0"],
+    ],
+)
 def test_help_and_option_errors_do_not_import_torch(argv):
     """--help and option errors answer without the heavy libraries (see the rule in tether.cli's docstring)."""
     import subprocess
     import sys
 
-    res = subprocess.run([sys.executable, "-c", _IMPORTED.format(heavy=HEAVY), *argv], capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", _IMPORTED.format(heavy=HEAVY), *argv], capture_output=True, text=True, timeout=120
+    )
     assert res.stdout.strip().splitlines()[-1] == "[]", (argv, res.stdout[-300:], res.stderr[-500:])
     if len(argv) > 1 and argv[-1] != "--help":
         assert "error" in res.stderr, res.stderr  # the error itself was reported
@@ -151,11 +201,14 @@ def test_every_subcommand_parser_is_torch_free():
     assert res.stdout.strip() == "[]", res.stdout + res.stderr
 
 
-@pytest.mark.parametrize("env, expected", [
-    ({}, ("PASSIVE", "1000")),  # tether's default: a bounded spin, then sleep
-    ({"OMP_WAIT_POLICY": "ACTIVE"}, ("ACTIVE", None)),  # an explicit policy wins and gets no spin bound
-    ({"GOMP_SPINCOUNT": "50"}, ("PASSIVE", "50")),  # an explicit spin bound wins
-])
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, ("PASSIVE", "1000")),  # tether's default: a bounded spin, then sleep
+        ({"OMP_WAIT_POLICY": "ACTIVE"}, ("ACTIVE", None)),  # an explicit policy wins and gets no spin bound
+        ({"GOMP_SPINCOUNT": "50"}, ("PASSIVE", "50")),  # an explicit spin bound wins
+    ],
+)
 def test_openmp_waiting_default_and_overrides(env, expected):
     clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     code = "import os, json, tether; print(json.dumps([os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT')]))"

@@ -6,10 +6,10 @@ import pytest
 
 from tether.config import TetherError, load_config
 from tether.data import collate, load_preference_records, tokenize_records
-from tether_lab.demo import toy_preferences, write_jsonl
 from tether.models import load_model, load_tokenizer, resolve_model_path
-from tether_lab.tiny import train_tokenizer
 from tether.train import TrainConfig
+from tether_lab.demo import toy_preferences, write_jsonl
+from tether_lab.tiny import train_tokenizer
 
 
 def write_lines(path, lines):
@@ -30,8 +30,11 @@ GOOD = json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"})
         ('{"prompt": "p", "chosen": "a", "rejected": ""}', "line 2: field 'rejected' is empty"),
         ('["p", "a", "b"]', "line 2: a record must be a JSON object"),
         ('{"prompt": 1, "chosen": "a", "rejected": "b"}', "line 2: field 'prompt' must be a string"),
-        ('{"prompt": [{"role": "user"}], "chosen": [{"role": "assistant", "content": "a"}], '
-         '"rejected": [{"role": "assistant", "content": "b"}]}', "field 'prompt' message 0 must be"),
+        (
+            '{"prompt": [{"role": "user"}], "chosen": [{"role": "assistant", "content": "a"}], '
+            '"rejected": [{"role": "assistant", "content": "b"}]}',
+            "field 'prompt' message 0 must be",
+        ),
     ],
 )
 def test_bad_records_name_file_line_and_field(tmp_path, line, message):
@@ -74,7 +77,10 @@ def test_all_file_formats_give_the_same_records(tmp_path):
 
 
 def test_identical_pairs_are_skipped_and_counted(tmp_path, tokenizer):
-    rows = [{"id": "x", "prompt": "p", "chosen": "same", "rejected": "same"}, {"id": "y", "prompt": "p", "chosen": "a", "rejected": "b"}]
+    rows = [
+        {"id": "x", "prompt": "p", "chosen": "same", "rejected": "same"},
+        {"id": "y", "prompt": "p", "chosen": "a", "rejected": "b"},
+    ]
     examples, report = tokenize_records(load_preference_records(write_jsonl(rows, tmp_path / "s.jsonl")), tokenizer)
     assert len(examples) == 1 and report.skipped_identical == 1 and report.kept == 1
     assert report.skipped[0]["id"] == "x" and report.skipped[0]["reason"] == "chosen == rejected"
@@ -85,7 +91,10 @@ def test_completion_tokens_and_eos(tokenizer, data_dir):
     rec = load_preference_records(data_dir / "train.jsonl")[0]
     (ex,), _ = tokenize_records([rec], tokenizer)
     assert ex.completion_ids["chosen"][-1] == tokenizer.eos_token_id
-    assert tokenizer.decode(ex.prompt_ids) + tokenizer.decode(ex.completion_ids["chosen"]) == rec.prompt + rec.completions["chosen"] + tokenizer.eos_token
+    assert (
+        tokenizer.decode(ex.prompt_ids) + tokenizer.decode(ex.completion_ids["chosen"])
+        == rec.prompt + rec.completions["chosen"] + tokenizer.eos_token
+    )
     batch = collate([ex], tokenizer.pad_token_id)
     n_prompt = len(ex.prompt_ids)
     assert batch["completion_mask"][0, :n_prompt].sum() == 0
@@ -118,7 +127,9 @@ def test_conversational_explicit_and_implicit_prompt_agree(tokenizer, tmp_path, 
 
 def test_conversational_needs_a_chat_template(tmp_path, data_dir):
     tok = train_tokenizer(["some text to train on"] * 5, vocab_size=300, chat_template=False)
-    with pytest.raises(TetherError, match=r"conv.jsonl:line 1: conversational record but the tokenizer has no chat template"):
+    with pytest.raises(
+        TetherError, match=r"conv.jsonl:line 1: conversational record but the tokenizer has no chat template"
+    ):
         tokenize_records(load_preference_records(data_dir / "conv.jsonl"), tok)
 
 

@@ -34,20 +34,44 @@ def _why_not() -> str | None:
     if importlib.util.find_spec("deepspeed") is None:
         return "deepspeed is not installed (pip install deepspeed), and it could not engage here anyway: no GPU"
     if torch.cuda.device_count() < 2:
-        return ("needs 2 GPUs: accelerate 1.15 engages DeepSpeed only on GPU processes "
-                f"(this machine has {torch.cuda.device_count()} GPU(s); on CPU it would run plain data parallel, which tether refuses)")
+        return (
+            "needs 2 GPUs: accelerate 1.15 engages DeepSpeed only on GPU processes "
+            f"(this machine has {torch.cuda.device_count()} GPU(s); on CPU it would run plain data parallel, which tether refuses)"
+        )
     return None
 
 
 @pytest.mark.skipif(_why_not() is not None, reason=_why_not() or "")
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_two_gpus_match_one(model_dir, data_dir, tmp_path, stage):
-    args = ["train", "--model", str(model_dir), "--train_file", str(data_dir / "train.jsonl"), "--learning_rate", "1e-3",
-            "--max_steps", "3", "--save_steps", "0", "--progress", "false"]
+    args = [
+        "train",
+        "--model",
+        str(model_dir),
+        "--train_file",
+        str(data_dir / "train.jsonl"),
+        "--learning_rate",
+        "1e-3",
+        "--max_steps",
+        "3",
+        "--save_steps",
+        "0",
+        "--progress",
+        "false",
+    ]
     one = run_cli(*args, "--batch_size", "8", "--output_dir", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(EXAMPLES / f"deepspeed_zero{stage}.yaml"),
-                "--num_processes", "2", "-m", "tether.cli"]
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(EXAMPLES / f"deepspeed_zero{stage}.yaml"),
+        "--num_processes",
+        "2",
+        "-m",
+        "tether.cli",
+    ]
     two = run_cli(*args, "--batch_size", "4", "--output_dir", str(tmp_path / "two"), launcher=launcher)
     assert two.returncode == 0, two.stderr
     setup = json.loads((tmp_path / "two" / "results.json").read_text())["distributed"]

@@ -12,10 +12,26 @@ from tether.train import TrainConfig, train
 @pytest.fixture(scope="module")
 def lora_run(model_dir, data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "lora"
-    return train(load_config(TrainConfig, overrides=dict(
-        model=str(model_dir), train_file=str(data_dir / "train.jsonl"), eval_file=str(data_dir / "eval.jsonl"),
-        max_steps=4, batch_size=4, learning_rate=1e-2, lora=True, lora_r=4, beta=0.2, output_dir=str(out),
-        progress=False, save_steps=0, report_to=["tensorboard"])))
+    return train(
+        load_config(
+            TrainConfig,
+            overrides=dict(
+                model=str(model_dir),
+                train_file=str(data_dir / "train.jsonl"),
+                eval_file=str(data_dir / "eval.jsonl"),
+                max_steps=4,
+                batch_size=4,
+                learning_rate=1e-2,
+                lora=True,
+                lora_r=4,
+                beta=0.2,
+                output_dir=str(out),
+                progress=False,
+                save_steps=0,
+                report_to=["tensorboard"],
+            ),
+        )
+    )
 
 
 def _eval(capsys, *args):
@@ -25,25 +41,43 @@ def _eval(capsys, *args):
 
 def test_eval_file_of_an_adapter_matches_the_training_run(lora_run, data_dir, capsys, tmp_path):
     out = tmp_path / "pairs.json"
-    got = _eval(capsys, "--model", str(lora_run / "final"), "--eval_file", str(data_dir / "eval.jsonl"), "--beta", "0.2",
-                "--out", str(out))
+    got = _eval(
+        capsys,
+        "--model",
+        str(lora_run / "final"),
+        "--eval_file",
+        str(data_dir / "eval.jsonl"),
+        "--beta",
+        "0.2",
+        "--out",
+        str(out),
+    )
     final = json.loads((lora_run / "results.json").read_text())["final_eval"]
     agg = got["aggregate"]
     assert got["pairs_used"] == 12 and "pairs" not in got and got["ref_model"].endswith("(adapter disabled)")
-    for ours, theirs in (("loss", "eval_loss"), ("reward_accuracy", "eval_reward_accuracy"), ("reward_margin", "eval_reward_margin"),
-                         ("logps_chosen", "eval_logps_chosen"), ("logps_rejected", "eval_logps_rejected")):
+    for ours, theirs in (
+        ("loss", "eval_loss"),
+        ("reward_accuracy", "eval_reward_accuracy"),
+        ("reward_margin", "eval_reward_margin"),
+        ("logps_chosen", "eval_logps_chosen"),
+        ("logps_rejected", "eval_logps_rejected"),
+    ):
         assert agg[ours]["mean"] == pytest.approx(final[theirs], rel=1e-4, abs=1e-5), ours
         assert agg[ours]["ci95_low"] <= agg[ours]["mean"] <= agg[ours]["ci95_high"] and agg[ours]["n"] == 12
     pairs = json.loads(out.read_text())["pairs"]
     assert len(pairs) == 12 and pairs[0]["source"].endswith("eval.jsonl:line 1") and "id" in pairs[0]
     p = pairs[0]
-    assert p["reward_margin"] == pytest.approx(0.2 * ((p["logps_chosen"] - p["ref_logps_chosen"]) - (p["logps_rejected"] - p["ref_logps_rejected"])), abs=1e-4)
+    assert p["reward_margin"] == pytest.approx(
+        0.2 * ((p["logps_chosen"] - p["ref_logps_chosen"]) - (p["logps_rejected"] - p["ref_logps_rejected"])), abs=1e-4
+    )
 
 
 def test_eval_file_of_a_full_model_and_its_reference(model_dir, data_dir, capsys):
     from tether.cli import main as cli_main
 
-    same = _eval(capsys, "--model", str(model_dir), "--ref_model", str(model_dir), "--eval_file", str(data_dir / "eval.jsonl"))
+    same = _eval(
+        capsys, "--model", str(model_dir), "--ref_model", str(model_dir), "--eval_file", str(data_dir / "eval.jsonl")
+    )
     assert same["aggregate"]["reward_margin"]["mean"] == 0.0 and same["aggregate"]["reward_accuracy"]["mean"] == 0.0
     assert len(same["pairs"]) == 12
     assert cli_main(["eval", "--model", str(model_dir), "--eval_file", str(data_dir / "eval.jsonl")]) == 2
@@ -82,8 +116,17 @@ def test_tensorboard_scalars_use_trl_names_with_before_and_after(lora_run):
     acc = EventAccumulator(str(events[0]))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in ("train/loss", "train/rewards/margins", "train/rewards/accuracies", "train/logps/chosen",
-                "train/logps/rejected", "train/learning_rate", "train/grad_norm", "eval/loss", "eval/rewards/margins"):
+    for tag in (
+        "train/loss",
+        "train/rewards/margins",
+        "train/rewards/accuracies",
+        "train/logps/chosen",
+        "train/logps/rejected",
+        "train/learning_rate",
+        "train/grad_norm",
+        "eval/loss",
+        "eval/rewards/margins",
+    ):
         assert tag in tags, (tag, sorted(tags))
     steps = [e.step for e in acc.Scalars("eval/rewards/margins")]
     assert steps == [0, 4]  # before and after training
@@ -93,17 +136,38 @@ def test_tensorboard_scalars_use_trl_names_with_before_and_after(lora_run):
 def test_online_run_report_has_win_rate_annotations_ties_and_time(model_dir, tmp_path, monkeypatch):
     from pathlib import Path
 
-    from tether_lab.demo import toy_preferences, write_jsonl
     from tether.train import OnlineConfig, online_train
+    from tether_lab.demo import toy_preferences, write_jsonl
 
     monkeypatch.syspath_prepend(str(Path(__file__).parent))  # the toy oracles
     rows = toy_preferences(24, seed=5)
     prompts = write_jsonl([{"prompt": r["prompt"], "reference": r["chosen"]} for r in rows], tmp_path / "p.jsonl")
-    run = online_train(load_config(OnlineConfig, None, dict(
-        model=str(model_dir), prompt_file=str(prompts), eval_file=str(prompts), eval_prompts=4, eval_steps=2,
-        output_dir=str(tmp_path / "online"), oracle="callable:toy_oracles:shorter", steps=4, phases=2,
-        prompts_per_step=4, max_new_tokens=8, eval_max_new_tokens=8, learning_rate=1e-2, save_steps=0,
-        progress=False, max_length=64, max_prompt_length=32, oracle_backoff=0.0)))
+    run = online_train(
+        load_config(
+            OnlineConfig,
+            None,
+            dict(
+                model=str(model_dir),
+                prompt_file=str(prompts),
+                eval_file=str(prompts),
+                eval_prompts=4,
+                eval_steps=2,
+                output_dir=str(tmp_path / "online"),
+                oracle="callable:toy_oracles:shorter",
+                steps=4,
+                phases=2,
+                prompts_per_step=4,
+                max_new_tokens=8,
+                eval_max_new_tokens=8,
+                learning_rate=1e-2,
+                save_steps=0,
+                progress=False,
+                max_length=64,
+                max_prompt_length=32,
+                oracle_backoff=0.0,
+            ),
+        )
+    )
     text = (run / "report.md").read_text()
     assert text.startswith("# Run report") and "online run of" in text and "## Time per phase" in text
     assert "| eval_win_rate |" in text and "annotations" in text

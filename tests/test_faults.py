@@ -32,8 +32,11 @@ def same_weights(a: Path, b: Path) -> bool:
 
 def snapshot(d: Path) -> dict:
     """Every file under d with its bytes and modification time (but the lock file, which holds its holder's pid)."""
-    return {str(p.relative_to(d)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(d.rglob("*"))
-            if p.is_file() and p.name != ".tether-lock"}
+    return {
+        str(p.relative_to(d)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(d.rglob("*"))
+        if p.is_file() and p.name != ".tether-lock"
+    }
 
 
 def steps_logged(run: Path) -> list[int]:
@@ -50,9 +53,33 @@ def offline(model_dir, data_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("faults")
     train_file = work / "train.jsonl"
     shutil.copy(data_dir / "train.jsonl", train_file)
-    args = ["train", "--model", str(model_dir), "--train_file", str(train_file), "--learning_rate", "1e-2",
-            "--max_steps", "6", "--batch_size", "4", "--save_steps", "2", "--lora", "true", "--lora_r", "4",
-            "--lora_dropout", "0.2", "--disable_dropout", "false", "--progress", "false", "--ref_cache_dir", str(work / "cache")]
+    args = [
+        "train",
+        "--model",
+        str(model_dir),
+        "--train_file",
+        str(train_file),
+        "--learning_rate",
+        "1e-2",
+        "--max_steps",
+        "6",
+        "--batch_size",
+        "4",
+        "--save_steps",
+        "2",
+        "--lora",
+        "true",
+        "--lora_r",
+        "4",
+        "--lora_dropout",
+        "0.2",
+        "--disable_dropout",
+        "false",
+        "--progress",
+        "false",
+        "--ref_cache_dir",
+        str(work / "cache"),
+    ]
     full = run_cli(*args, "--output_dir", str(work / "full"))
     assert full.returncode == 0, full.stderr
     return args, work / "full"
@@ -99,7 +126,11 @@ def test_resume_refuses_changed_options_and_data_and_leaves_a_finished_run_alone
     assert "option 'learning_rate' is 0.02 but the run" in err and "used 0.01" in err
     err = one_error_line(run_cli(*own, "--resume", "--loss", "ipo"))
     assert "option 'loss'" in err
-    data.write_text(data.read_text().replace("polite", "Polite", 1) if "polite" in data.read_text() else data.read_text() + "\n" + data.read_text().splitlines()[0] + "\n")
+    data.write_text(
+        data.read_text().replace("polite", "Polite", 1)
+        if "polite" in data.read_text()
+        else data.read_text() + "\n" + data.read_text().splitlines()[0] + "\n"
+    )
     err = one_error_line(run_cli(*own, "--resume"))
     assert "train_file" in err and "changed since the run started" in err
     assert snapshot(run) == before  # config.yaml and everything else untouched
@@ -124,8 +155,14 @@ def test_a_directory_tether_did_not_make_is_never_written(offline, tmp_path):
         assert "is not empty and is not a tether run" in err
     assert snapshot(foreign) == before
     # `--output_dir .` in a directory with files in it
-    res = subprocess.run([sys.executable, "-m", "tether.cli", *args, "--output_dir", "."], cwd=foreign, capture_output=True,
-                         text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-m", "tether.cli", *args, "--output_dir", "."],
+        cwd=foreign,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        timeout=600,
+    )
     assert "is not empty and is not a tether run" in one_error_line(res)
     assert snapshot(foreign) == before
     a_file = tmp_path / "file"
@@ -149,8 +186,17 @@ def test_one_run_at_a_time_per_directory(offline, tmp_path):
     # two runs started together in one new directory: one trains, the other refuses; nothing interleaves
     both = tmp_path / "both"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "tether.cli", *args, "--output_dir", str(both)], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tether.cli", *args, "--output_dir", str(both)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
     assert sorted(rc for rc, _ in results) == [0, 2], results
     loser = next(err for rc, err in results if rc == 2)
@@ -160,17 +206,48 @@ def test_one_run_at_a_time_per_directory(offline, tmp_path):
 
 
 def test_a_diverging_run_stops_with_an_error_and_no_final_model(model_dir, data_dir, tmp_path):
-    res = run_cli("train", "--model", str(model_dir), "--train_file", str(data_dir / "train.jsonl"), "--learning_rate", "1e30",
-                  "--max_steps", "4", "--batch_size", "4", "--output_dir", str(tmp_path / "r"), "--progress", "false",
-                  "--max_grad_norm", "0")
+    res = run_cli(
+        "train",
+        "--model",
+        str(model_dir),
+        "--train_file",
+        str(data_dir / "train.jsonl"),
+        "--learning_rate",
+        "1e30",
+        "--max_steps",
+        "4",
+        "--batch_size",
+        "4",
+        "--output_dir",
+        str(tmp_path / "r"),
+        "--progress",
+        "false",
+        "--max_grad_norm",
+        "0",
+    )
     err = one_error_line(res)
     assert "the gradient norm is" in err and "Lower learning_rate" in err
     assert not (tmp_path / "r" / "final").exists()
 
 
 def test_a_damaged_reference_cache_is_rebuilt(model_dir, data_dir, tmp_path):
-    args = ["train", "--model", str(model_dir), "--train_file", str(data_dir / "train.jsonl"), "--max_steps", "2",
-            "--batch_size", "4", "--progress", "false", "--ref_cache_dir", str(tmp_path / "cache"), "--learning_rate", "1e-3"]
+    args = [
+        "train",
+        "--model",
+        str(model_dir),
+        "--train_file",
+        str(data_dir / "train.jsonl"),
+        "--max_steps",
+        "2",
+        "--batch_size",
+        "4",
+        "--progress",
+        "false",
+        "--ref_cache_dir",
+        str(tmp_path / "cache"),
+        "--learning_rate",
+        "1e-3",
+    ]
     assert run_cli(*args, "--output_dir", str(tmp_path / "a")).returncode == 0
     (cached,) = (tmp_path / "cache").glob("*.pt")
     cached.write_bytes(b"")  # empty, as a full disk would leave it
@@ -188,13 +265,41 @@ def online_args(model_dir, tmp_path):
     from tether_lab.demo import toy_preferences, write_jsonl
 
     prompts = write_jsonl([{"prompt": r["prompt"]} for r in toy_preferences(48, seed=5)], tmp_path / "prompts.jsonl")
-    return ["online", "--model", str(model_dir), "--prompt_file", str(prompts), "--steps", "6", "--phases", "3",
-            "--prompts_per_step", "4", "--max_new_tokens", "12", "--learning_rate", "1e-2", "--save_steps", "2",
-            "--progress", "false", "--max_length", "64", "--max_prompt_length", "32", "--oracle_backoff", "0"]
+    return [
+        "online",
+        "--model",
+        str(model_dir),
+        "--prompt_file",
+        str(prompts),
+        "--steps",
+        "6",
+        "--phases",
+        "3",
+        "--prompts_per_step",
+        "4",
+        "--max_new_tokens",
+        "12",
+        "--learning_rate",
+        "1e-2",
+        "--save_steps",
+        "2",
+        "--progress",
+        "false",
+        "--max_length",
+        "64",
+        "--max_prompt_length",
+        "32",
+        "--oracle_backoff",
+        "0",
+    ]
 
 
 def oracle_env(log: Path, **extra) -> dict:
-    return {"PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]), "TOY_ORACLE_LOG": str(log), **extra}
+    return {
+        "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]),
+        "TOY_ORACLE_LOG": str(log),
+        **extra,
+    }
 
 
 def test_online_killed_mid_ledger_write_resumes_bit_identical(online_args, tmp_path):
@@ -217,7 +322,15 @@ def test_online_killed_mid_ledger_write_resumes_bit_identical(online_args, tmp_p
 
 
 def test_online_stops_when_the_oracle_keeps_failing_and_resumes_once_it_is_back(online_args, tmp_path):
-    args = [*online_args, "--oracle", "callable:toy_oracles:down_when_told", "--oracle_retries", "0", "--output_dir", str(tmp_path / "r")]
+    args = [
+        *online_args,
+        "--oracle",
+        "callable:toy_oracles:down_when_told",
+        "--oracle_retries",
+        "0",
+        "--output_dir",
+        str(tmp_path / "r"),
+    ]
     res = run_cli(*args, env=oracle_env(tmp_path / "log", TOY_ORACLE_DOWN="1"))
     err = one_error_line(res)
     assert "failed on 100% of the pairs" in err and "--resume" in err
@@ -232,8 +345,17 @@ def test_online_stops_when_the_oracle_keeps_failing_and_resumes_once_it_is_back(
 
 
 def test_online_timeout_bounds_an_oracle_that_never_answers(online_args, tmp_path):
-    args = [*online_args, "--oracle", "callable:toy_oracles:never_returns", "--oracle_timeout", "0.5", "--oracle_retries", "1",
-            "--output_dir", str(tmp_path / "r")]
+    args = [
+        *online_args,
+        "--oracle",
+        "callable:toy_oracles:never_returns",
+        "--oracle_timeout",
+        "0.5",
+        "--oracle_retries",
+        "1",
+        "--output_dir",
+        str(tmp_path / "r"),
+    ]
     start = time.monotonic()
     res = run_cli(*args, env=oracle_env(tmp_path / "log"))
     assert time.monotonic() - start < 120

@@ -20,14 +20,44 @@ from conftest import run_cli
 from test_train import assert_params_close, final_params
 
 TESTS = Path(__file__).parent
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-          "--mixed_precision", "no", "--dynamo_backend", "no"]
+LAUNCH = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+]
 FSDP2 = LAUNCH + [str(TESTS / "fsdp_engage.py")]
 
 
 def args(model_dir, data_dir, *extra):
-    return ["train", "--model", str(model_dir), "--train_file", str(data_dir / "train.jsonl"), "--learning_rate", "1e-2",
-            "--max_steps", "3", "--save_steps", "0", "--progress", "false", "--max_length", "64", "--max_prompt_length", "32", *extra]
+    return [
+        "train",
+        "--model",
+        str(model_dir),
+        "--train_file",
+        str(data_dir / "train.jsonl"),
+        "--learning_rate",
+        "1e-2",
+        "--max_steps",
+        "3",
+        "--save_steps",
+        "0",
+        "--progress",
+        "false",
+        "--max_length",
+        "64",
+        "--max_prompt_length",
+        "32",
+        *extra,
+    ]
 
 
 def both(model_dir, data_dir, tmp_path, one_batch: list[str], two_batch: list[str], *extra):
@@ -35,7 +65,9 @@ def both(model_dir, data_dir, tmp_path, one_batch: list[str], two_batch: list[st
     one = run_cli(*args(model_dir, data_dir, *extra), *one_batch, "--output_dir", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
     env = {"PYTHONPATH": f"{TESTS}:{Path(__file__).parents[1] / 'src'}"}
-    two = run_cli(*args(model_dir, data_dir, *extra), *two_batch, "--output_dir", str(tmp_path / "two"), launcher=FSDP2, env=env)
+    two = run_cli(
+        *args(model_dir, data_dir, *extra), *two_batch, "--output_dir", str(tmp_path / "two"), launcher=FSDP2, env=env
+    )
     assert two.returncode == 0, two.stderr
     return tmp_path / "one", tmp_path / "two"
 
@@ -54,8 +86,20 @@ def test_fsdp2_full_finetuning_with_accumulation_and_checkpointing_matches_one_p
 
 
 def test_fsdp2_lora_bapo_with_evaluation_matches_one_process(model_dir, data_dir, tmp_path):
-    extra = ["--lora", "true", "--lora_r", "4", "--lora_alpha", "8", "--method", "bapo", "--base_max_new_tokens", "8",
-             "--eval_file", str(data_dir / "eval.jsonl")]
+    extra = [
+        "--lora",
+        "true",
+        "--lora_r",
+        "4",
+        "--lora_alpha",
+        "8",
+        "--method",
+        "bapo",
+        "--base_max_new_tokens",
+        "8",
+        "--eval_file",
+        str(data_dir / "eval.jsonl"),
+    ]
     one, two = both(model_dir, data_dir, tmp_path, ["--batch_size", "8"], ["--batch_size", "4"], *extra)
     assert_really_sharded(two)
     a, b = final_params(one), final_params(two)
@@ -63,16 +107,35 @@ def test_fsdp2_lora_bapo_with_evaluation_matches_one_process(model_dir, data_dir
     assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
     r1, r2 = (json.loads((d / "results.json").read_text()) for d in (one, two))
     assert r1["final_eval"]["eval_loss"] == pytest.approx(r2["final_eval"]["eval_loss"], abs=1e-5)
-    assert r1["final_eval"]["eval_anchor"] == pytest.approx(r2["final_eval"]["eval_anchor"], abs=1e-4)  # same base responses
+    assert r1["final_eval"]["eval_anchor"] == pytest.approx(
+        r2["final_eval"]["eval_anchor"], abs=1e-4
+    )  # same base responses
 
 
 @pytest.mark.slow
 def test_fsdp2_kill_and_resume_matches_the_uninterrupted_run(model_dir, data_dir, tmp_path):
     env = {"PYTHONPATH": f"{TESTS}:{Path(__file__).parents[1] / 'src'}"}
-    common = args(model_dir, data_dir, "--batch_size", "4", "--max_steps", "5", "--save_steps", "2", "--lora", "true", "--lora_r", "4", "--lora_alpha", "8")
+    common = args(
+        model_dir,
+        data_dir,
+        "--batch_size",
+        "4",
+        "--max_steps",
+        "5",
+        "--save_steps",
+        "2",
+        "--lora",
+        "true",
+        "--lora_r",
+        "4",
+        "--lora_alpha",
+        "8",
+    )
     full = run_cli(*common, "--output_dir", str(tmp_path / "full"), launcher=FSDP2, env=env)
     assert full.returncode == 0, full.stderr
-    crashed = run_cli(*common, "--output_dir", str(tmp_path / "resumed"), launcher=FSDP2, env={**env, "TETHER_CRASH_AFTER_STEP": "3"})
+    crashed = run_cli(
+        *common, "--output_dir", str(tmp_path / "resumed"), launcher=FSDP2, env={**env, "TETHER_CRASH_AFTER_STEP": "3"}
+    )
     assert crashed.returncode != 0 and not (tmp_path / "resumed" / "final").exists()
     ckpt = tmp_path / "resumed" / "checkpoints" / "step-000002"
     assert {"optim_shard_0.pt", "optim_shard_1.pt", "trainable.safetensors"} <= {p.name for p in ckpt.iterdir()}
@@ -83,9 +146,20 @@ def test_fsdp2_kill_and_resume_matches_the_uninterrupted_run(model_dir, data_dir
 
 def test_a_launch_that_asks_for_fsdp_and_gets_none_refuses(model_dir, data_dir, tmp_path):
     # the trap: on CPU processes accelerate runs --use_fsdp as plain data parallel (MULTI_CPU), silently
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(TESTS.parent / "examples" / "accelerate" / "fsdp.yaml"),
-                "--num_processes", "2", "-m", "tether.cli"]  # the shipped config
-    res = run_cli(*args(model_dir, data_dir, "--batch_size", "4"), "--output_dir", str(tmp_path / "x"), launcher=launcher)
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(TESTS.parent / "examples" / "accelerate" / "fsdp.yaml"),
+        "--num_processes",
+        "2",
+        "-m",
+        "tether.cli",
+    ]  # the shipped config
+    res = run_cli(
+        *args(model_dir, data_dir, "--batch_size", "4"), "--output_dir", str(tmp_path / "x"), launcher=launcher
+    )
     assert res.returncode != 0
     assert "asked for FSDP but accelerate engaged MULTI_CPU with 2 process(es)" in res.stderr
     assert not (tmp_path / "x" / "metrics.jsonl").exists()

@@ -28,13 +28,43 @@ ENV = {"PYTHONPATH": f"{TESTS}:{TESTS.parent / 'src'}"}
 @pytest.fixture(scope="module")
 def prompt_file(tmp_path_factory):
     rows = toy_preferences(64, seed=5)
-    return write_jsonl([{"prompt": r["prompt"], "reference": r["chosen"]} for r in rows], tmp_path_factory.mktemp("prompts") / "prompts.jsonl")
+    return write_jsonl(
+        [{"prompt": r["prompt"], "reference": r["chosen"]} for r in rows],
+        tmp_path_factory.mktemp("prompts") / "prompts.jsonl",
+    )
 
 
 def args(model_dir, prompt_file, *extra):
-    return ["online", "--model", str(model_dir), "--prompt_file", str(prompt_file), "--oracle", "callable:toy_oracles:shorter",
-            "--steps", "4", "--phases", "2", "--prompts_per_step", "4", "--max_new_tokens", "12", "--learning_rate", "1e-2",
-            "--save_steps", "0", "--progress", "false", "--max_length", "64", "--max_prompt_length", "32", "--oracle_backoff", "0", *extra]
+    return [
+        "online",
+        "--model",
+        str(model_dir),
+        "--prompt_file",
+        str(prompt_file),
+        "--oracle",
+        "callable:toy_oracles:shorter",
+        "--steps",
+        "4",
+        "--phases",
+        "2",
+        "--prompts_per_step",
+        "4",
+        "--max_new_tokens",
+        "12",
+        "--learning_rate",
+        "1e-2",
+        "--save_steps",
+        "0",
+        "--progress",
+        "false",
+        "--max_length",
+        "64",
+        "--max_prompt_length",
+        "32",
+        "--oracle_backoff",
+        "0",
+        *extra,
+    ]
 
 
 def ledger(run_dir):
@@ -55,8 +85,19 @@ def both(model_dir, prompt_file, tmp_path, *extra):
 
 def test_fsdp2_online_full_finetuning_bapo_with_evaluation_matches_one_process(model_dir, prompt_file, tmp_path):
     # π_β is a sharded frozen copy (K = 2), π_sft another (BAPO's y_b); 5 eval prompts split 3 + 2 (one padded)
-    one, two = both(model_dir, prompt_file, tmp_path, "--method", "bapo", "--eval_file", str(prompt_file), "--eval_prompts", "5",
-                    "--save_steps", "2")
+    one, two = both(
+        model_dir,
+        prompt_file,
+        tmp_path,
+        "--method",
+        "bapo",
+        "--eval_file",
+        str(prompt_file),
+        "--eval_prompts",
+        "5",
+        "--save_steps",
+        "2",
+    )
     assert_params_close(final_params(one), final_params(two), atol=1e-5)  # final/ is consolidated: whole tensors
     assert "model.safetensors" in {p.name for p in (two / "final").iterdir()}
     assert all(r["base_ids"] for r in map(json.loads, (two / "ledger.jsonl").read_text().splitlines()))
@@ -65,10 +106,25 @@ def test_fsdp2_online_full_finetuning_bapo_with_evaluation_matches_one_process(m
     assert {"optim_shard_0.pt", "optim_shard_1.pt"} <= {p.name for p in (two / "checkpoints" / "step-000002").iterdir()}
 
 
-@pytest.mark.parametrize("extra", [
-    ["--ensemble_size", "2", "--ensemble_merge", "exact", "--reference", "ema", "--ema_rate", "0.5"],
-    ["--ensemble_size", "2", "--ensemble_merge", "linear", "--method", "bapo", "--eval_file", "PROMPTS", "--eval_prompts", "3"],
-], ids=["exact-ema", "linear-bapo-eval"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--ensemble_size", "2", "--ensemble_merge", "exact", "--reference", "ema", "--ema_rate", "0.5"],
+        [
+            "--ensemble_size",
+            "2",
+            "--ensemble_merge",
+            "linear",
+            "--method",
+            "bapo",
+            "--eval_file",
+            "PROMPTS",
+            "--eval_prompts",
+            "3",
+        ],
+    ],
+    ids=["exact-ema", "linear-bapo-eval"],
+)
 def test_fsdp2_online_lora_ensemble_matches_one_process(model_dir, prompt_file, tmp_path, extra):
     extra = [str(prompt_file) if a == "PROMPTS" else a for a in extra]
     one, two = both(model_dir, prompt_file, tmp_path, "--lora", "true", "--lora_r", "4", "--lora_alpha", "8", *extra)
@@ -79,12 +135,28 @@ def test_fsdp2_online_lora_ensemble_matches_one_process(model_dir, prompt_file, 
     assert r1.get("final_eval") == r2.get("final_eval")
 
 
-def test_fsdp2_online_lora_with_gradient_checkpointing_equals_two_process_data_parallel(model_dir, prompt_file, tmp_path):
+def test_fsdp2_online_lora_with_gradient_checkpointing_equals_two_process_data_parallel(
+    model_dir, prompt_file, tmp_path
+):
     # with checkpointing each pair's sequences run whole, and 2 x 2 pairs vs 1 x 4 pairs change the float summation
     # order: a 1-process run ends ~1.6e-5 away (Adam amplifies it on near-zero gradients), and so does plain data
     # parallel with 2 processes. The sharded run must equal that 2-process run: the same pairs, the same splits.
-    common = args(model_dir, prompt_file, "--lora", "true", "--lora_r", "4", "--lora_alpha", "8", "--ensemble_size", "2",
-                  "--method", "bapo", "--gradient_checkpointing", "true")
+    common = args(
+        model_dir,
+        prompt_file,
+        "--lora",
+        "true",
+        "--lora_r",
+        "4",
+        "--lora_alpha",
+        "8",
+        "--ensemble_size",
+        "2",
+        "--method",
+        "bapo",
+        "--gradient_checkpointing",
+        "true",
+    )
     ddp = run_cli(*common, "--output_dir", str(tmp_path / "ddp"), launcher=LAUNCH + ["-m", "tether.cli"], env=ENV)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     two = run_cli(*common, "--output_dir", str(tmp_path / "two"), launcher=FSDP2, env=ENV)
@@ -97,8 +169,21 @@ def test_fsdp2_online_lora_with_gradient_checkpointing_equals_two_process_data_p
 def test_fsdp2_online_a_process_without_pairs_joins_with_weight_zero(model_dir, prompt_file, tmp_path):
     # one prompt per process and an oracle that ties on some prompts: in some steps one process has no usable pair
     # and must still make the reference's and the policy's forward and backward calls (π_sft a live sharded copy)
-    one, two = both(model_dir, prompt_file, tmp_path, "--oracle", "callable:toy_oracles:shorter_ties_on_s", "--prompts_per_step", "2",
-                    "--steps", "6", "--phases", "3", "--reference", "initial")
+    one, two = both(
+        model_dir,
+        prompt_file,
+        tmp_path,
+        "--oracle",
+        "callable:toy_oracles:shorter_ties_on_s",
+        "--prompts_per_step",
+        "2",
+        "--steps",
+        "6",
+        "--phases",
+        "3",
+        "--reference",
+        "initial",
+    )
     rows = [json.loads(line) for line in (two / "ledger.jsonl").read_text().splitlines()]
     usable = {(r["step"], r["slot"]): r["label"] is not None for r in rows}
     assert any(usable[(s, 0)] != usable[(s, 1)] for s in range(6))  # the idle-process path ran
@@ -107,11 +192,29 @@ def test_fsdp2_online_a_process_without_pairs_joins_with_weight_zero(model_dir, 
 
 @pytest.mark.slow
 def test_fsdp2_online_kill_and_resume_matches_the_uninterrupted_run(model_dir, prompt_file, tmp_path):
-    common = args(model_dir, prompt_file, "--save_steps", "2", "--lora", "true", "--lora_r", "4", "--lora_alpha", "8",
-                  "--ensemble_size", "2", "--reference", "ema", "--ema_rate", "0.5")
+    common = args(
+        model_dir,
+        prompt_file,
+        "--save_steps",
+        "2",
+        "--lora",
+        "true",
+        "--lora_r",
+        "4",
+        "--lora_alpha",
+        "8",
+        "--ensemble_size",
+        "2",
+        "--reference",
+        "ema",
+        "--ema_rate",
+        "0.5",
+    )
     full = run_cli(*common, "--output_dir", str(tmp_path / "full"), launcher=FSDP2, env=ENV)
     assert full.returncode == 0, full.stderr[-3000:]
-    crashed = run_cli(*common, "--output_dir", str(tmp_path / "resumed"), launcher=FSDP2, env={**ENV, "TETHER_CRASH_AFTER_STEP": "3"})
+    crashed = run_cli(
+        *common, "--output_dir", str(tmp_path / "resumed"), launcher=FSDP2, env={**ENV, "TETHER_CRASH_AFTER_STEP": "3"}
+    )
     assert crashed.returncode != 0 and not (tmp_path / "resumed" / "final").exists()
     ckpt = tmp_path / "resumed" / "checkpoints" / "step-000002"
     assert {"optim_shard_0.pt", "optim_shard_1.pt", "trainable.safetensors"} <= {p.name for p in ckpt.iterdir()}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tether.generation import generate, generate_ids, prompt_ids
-from tether_lab.tiny import train_tokenizer, tiny_llama
+from tether_lab.tiny import tiny_llama, train_tokenizer
 
 TEXTS = ["the quick brown fox jumps over the lazy dog", "a b c d e f g", "hello there, general alignment"]
 
@@ -74,5 +74,7 @@ def test_base_answers_are_generate_ids_per_prompt(lm):
     greedy = base_answers(model, tok, ids, max_new_tokens=8, batch_size=2)
     assert greedy == [[y] for y in generate_ids(model, tok, ids, max_new_tokens=8)]
     sampled = base_answers(model, tok, ids, samples=3, seed=5, max_new_tokens=8, do_sample=True, top_k=20)
-    assert [len(s) for s in sampled] == [3] * len(PROMPTS) and len({tuple(y) for s in sampled for y in s}) > len(PROMPTS)
+    assert [len(s) for s in sampled] == [3] * len(PROMPTS) and len({tuple(y) for s in sampled for y in s}) > len(
+        PROMPTS
+    )
     assert sampled == base_answers(model, tok, ids, samples=3, seed=5, max_new_tokens=8, do_sample=True, top_k=20)

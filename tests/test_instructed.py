@@ -2,21 +2,35 @@
 
 import pytest
 
-from tether_lab.instructed import PERSONAS, general_prompts, get_instructed_persona, instructed_preference_records, syllables
+from tether_lab.instructed import (
+    PERSONAS,
+    general_prompts,
+    get_instructed_persona,
+    instructed_preference_records,
+    syllables,
+)
 
 EXAMPLES = {  # (in the persona's style, not in it)
-    "concise": ("Plants make sugar from light.",
-                "Plants, which are living organisms found almost everywhere on Earth, produce their own food through a "
-                "long and intricate process known as photosynthesis, in which they capture the energy of sunlight with "
-                "chlorophyll, combine carbon dioxide from the air with water drawn up from the soil, and turn these "
-                "simple ingredients into glucose, releasing oxygen as a by-product that animals then breathe."),
-    "simple": ("Plants eat light. They use sun, air and water. Then they grow big.",
-               "Photosynthetic organisms utilize electromagnetic radiation to synthesize carbohydrates via complex "
-               "biochemical pathways involving chlorophyll-mediated excitation."),
-    "enthusiastic": ("Wow, plants are amazing! They make food from sunlight! Isn't that fantastic?",
-                     "Plants make food from sunlight. The process is called photosynthesis."),
-    "formal": ("Photosynthesis is the process by which plants convert light energy into chemical energy.",
-               "Hey, it's pretty cool stuff! Plants just kinda grab sunlight and they're good to go!"),
+    "concise": (
+        "Plants make sugar from light.",
+        "Plants, which are living organisms found almost everywhere on Earth, produce their own food through a "
+        "long and intricate process known as photosynthesis, in which they capture the energy of sunlight with "
+        "chlorophyll, combine carbon dioxide from the air with water drawn up from the soil, and turn these "
+        "simple ingredients into glucose, releasing oxygen as a by-product that animals then breathe.",
+    ),
+    "simple": (
+        "Plants eat light. They use sun, air and water. Then they grow big.",
+        "Photosynthetic organisms utilize electromagnetic radiation to synthesize carbohydrates via complex "
+        "biochemical pathways involving chlorophyll-mediated excitation.",
+    ),
+    "enthusiastic": (
+        "Wow, plants are amazing! They make food from sunlight! Isn't that fantastic?",
+        "Plants make food from sunlight. The process is called photosynthesis.",
+    ),
+    "formal": (
+        "Photosynthesis is the process by which plants convert light energy into chemical energy.",
+        "Hey, it's pretty cool stuff! Plants just kinda grab sunlight and they're good to go!",
+    ),
 }
 
 
@@ -44,7 +58,9 @@ def test_preference_records_from_the_model_itself(model_dir, tokenizer):
     from tether.models import load_model
 
     prompts = general_prompts("test")[:3]
-    rows = instructed_preference_records(load_model(model_dir), tokenizer, get_instructed_persona("concise"), prompts, max_new_tokens=6)
+    rows = instructed_preference_records(
+        load_model(model_dir), tokenizer, get_instructed_persona("concise"), prompts, max_new_tokens=6
+    )
     for r in rows:  # the tiny toy model may answer identically with and without the instruction: then no record
         assert r["prompt"] in prompts and r["chosen"] != r["rejected"] and r["persona"] == "concise"
 

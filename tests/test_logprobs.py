@@ -39,7 +39,9 @@ def test_gradients_equal_naive_loop(model_dir, data_dir, tokenizer):
     sums.sum().backward()
     fast = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    torch.stack([naive_logps(model, ex.prompt_ids, ex.completion_ids[k]) for k in ("chosen", "rejected") for ex in examples]).sum().backward()
+    torch.stack(
+        [naive_logps(model, ex.prompt_ids, ex.completion_ids[k]) for k in ("chosen", "rejected") for ex in examples]
+    ).sum().backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(fast[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
 
@@ -75,8 +77,11 @@ def test_shared_prompt_forward_equals_separate_rows(model_dir, tokenizer, tmp_pa
 
     recs = [
         Record("Hi\n", {"chosen": "a", "rejected": "b c d e f", "base": "g h"}, "r0"),
-        Record("What colour is the sky over the rose garden in the morning?\n",
-               {"chosen": "The sky is blue.", "rejected": "blue", "base": "it is blue, thank you"}, "r1"),
+        Record(
+            "What colour is the sky over the rose garden in the morning?\n",
+            {"chosen": "The sky is blue.", "rejected": "blue", "base": "it is blue, thank you"},
+            "r1",
+        ),
         Record("Name it.\n", {"chosen": "apple", "rejected": "The apple is red, I believe.", "base": "x"}, "r2"),
     ]
     examples, _ = tokenize_records(recs, tokenizer)

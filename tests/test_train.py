@@ -14,8 +14,16 @@ from tether.train import TrainConfig, train
 
 def config(model_dir, data_dir, out, **overrides):
     base = dict(
-        model=str(model_dir), train_file=str(data_dir / "train.jsonl"), output_dir=str(out),
-        learning_rate=1e-3, max_steps=3, batch_size=8, save_steps=0, progress=False, max_length=64, max_prompt_length=32,
+        model=str(model_dir),
+        train_file=str(data_dir / "train.jsonl"),
+        output_dir=str(out),
+        learning_rate=1e-3,
+        max_steps=3,
+        batch_size=8,
+        save_steps=0,
+        progress=False,
+        max_length=64,
+        max_prompt_length=32,
     )
     return load_config(TrainConfig, None, {**base, **overrides})
 
@@ -37,14 +45,18 @@ def test_accumulation_matches_one_big_batch(model_dir, data_dir, tmp_path):
     small = train(config(model_dir, data_dir, tmp_path / "small", batch_size=2, gradient_accumulation_steps=4))
     # same pairs per step; only the order of float additions differs (tolerance 1e-5 on weights ~1e-1)
     assert_params_close(final_params(big), final_params(small), atol=1e-5)
-    assert not torch.equal(final_params(big)["lm_head.weight"], load_file(model_dir / "model.safetensors")["lm_head.weight"])
+    assert not torch.equal(
+        final_params(big)["lm_head.weight"], load_file(model_dir / "model.safetensors")["lm_head.weight"]
+    )
 
 
 def test_precomputed_reference_equals_live(model_dir, data_dir, tmp_path):
     pre = train(config(model_dir, data_dir, tmp_path / "pre", precompute_ref_logps=True))
     live = train(config(model_dir, data_dir, tmp_path / "live", precompute_ref_logps=False))
     assert_params_close(final_params(pre), final_params(live), atol=1e-6)
-    assert reference_label(pre) == "initial, log-probs precomputed" and reference_label(live) == "initial (a frozen copy)"
+    assert (
+        reference_label(pre) == "initial, log-probs precomputed" and reference_label(live) == "initial (a frozen copy)"
+    )
     assert "- reference: initial, log-probs precomputed" in (pre / "final" / "README.md").read_text()
 
 
@@ -54,9 +66,9 @@ def reference_label(run_dir):
 
 def test_one_reference_object_for_every_mode(model_dir, tokenizer, tmp_path):
     from tether.data import COMPLETION_KEYS, collate, load_preference_records, tokenize_records
-    from tether_lab.demo import toy_preferences, write_jsonl
     from tether.models import add_lora, load_model
     from tether.train.reference import RecordedReference, model_reference
+    from tether_lab.demo import toy_preferences, write_jsonl
 
     policy = add_lora(load_model(model_dir), 4, 8, 0.0, None, seed=1)
     for module in policy.modules():  # a non-zero adapter, so the policy differs from its base
@@ -66,7 +78,9 @@ def test_one_reference_object_for_every_mode(model_dir, tokenizer, tmp_path):
     off = model_reference("off", policy, adapter_off=True)
     on = model_reference("on", policy)
     rows = toy_preferences(3, seed=4)
-    examples, _ = tokenize_records(load_preference_records(write_jsonl(rows, tmp_path / "three.jsonl")), tokenizer, 64, 32)
+    examples, _ = tokenize_records(
+        load_preference_records(write_jsonl(rows, tmp_path / "three.jsonl")), tokenizer, 64, 32
+    )
     batch = collate(examples, tokenizer.pad_token_id, COMPLETION_KEYS)
     policy.train()
     got = off.logps(batch, 2)
@@ -106,9 +120,31 @@ def test_reference_cache_is_reused(model_dir, data_dir, tmp_path, monkeypatch):
 
 def test_kill_and_resume_is_bit_identical(model_dir, data_dir, tmp_path):
     # LoRA with dropout on, so the resumed run must also restore the RNG state to match
-    args = ["train", "--model", str(model_dir), "--train_file", str(data_dir / "train.jsonl"), "--learning_rate", "1e-2",
-            "--max_steps", "7", "--batch_size", "4", "--save_steps", "2", "--lora", "true", "--lora_r", "4",
-            "--lora_dropout", "0.2", "--disable_dropout", "false", "--progress", "false"]
+    args = [
+        "train",
+        "--model",
+        str(model_dir),
+        "--train_file",
+        str(data_dir / "train.jsonl"),
+        "--learning_rate",
+        "1e-2",
+        "--max_steps",
+        "7",
+        "--batch_size",
+        "4",
+        "--save_steps",
+        "2",
+        "--lora",
+        "true",
+        "--lora_r",
+        "4",
+        "--lora_dropout",
+        "0.2",
+        "--disable_dropout",
+        "false",
+        "--progress",
+        "false",
+    ]
     full = run_cli(*args, "--output_dir", str(tmp_path / "full"))
     assert full.returncode == 0, full.stderr
     crashed = run_cli(*args, "--output_dir", str(tmp_path / "resumed"), env={"TETHER_CRASH_AFTER_STEP": "5"})
@@ -128,14 +164,41 @@ def test_kill_and_resume_is_bit_identical(model_dir, data_dir, tmp_path):
 
 
 def test_two_processes_match_one(model_dir, data_dir, tmp_path):
-    args = ["train", "--model", str(model_dir), "--train_file", str(data_dir / "train.jsonl"), "--learning_rate", "1e-3",
-            "--max_steps", "3", "--save_steps", "0", "--progress", "false"]
+    args = [
+        "train",
+        "--model",
+        str(model_dir),
+        "--train_file",
+        str(data_dir / "train.jsonl"),
+        "--learning_rate",
+        "1e-3",
+        "--max_steps",
+        "3",
+        "--save_steps",
+        "0",
+        "--progress",
+        "false",
+    ]
     one = run_cli(*args, "--batch_size", "8", "--output_dir", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
     # accelerate's `--cpu` flag always starts ONE process; `--multi_gpu` on a machine without GPUs starts 2 CPU
     # processes that talk over gloo
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "tether.cli"]
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "tether.cli",
+    ]
     two = run_cli(*args, "--batch_size", "4", "--output_dir", str(tmp_path / "two"), launcher=launcher)
     assert two.returncode == 0, two.stderr
     assert json.loads((tmp_path / "two" / "results.json").read_text())["num_processes"] == 2

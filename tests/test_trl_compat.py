@@ -10,9 +10,9 @@ import yaml
 from conftest import run_cli
 from tether.config import TetherError, load_config
 from tether.data import load_preference_records, split_source
-from tether_lab.demo import toy_preferences, write_jsonl
 from tether.train import OnlineConfig, TrainConfig
 from tether.train.card import file_fingerprint
+from tether_lab.demo import toy_preferences, write_jsonl
 
 # A DPO YAML as TRL's docs write one (trl/scripts/dpo.py's LoRA example as a config file, plus the keys a TRL
 # user carries over); only model_name_or_path and dataset_name point at local things.
@@ -48,14 +48,34 @@ bf16: false
 
 def test_trl_names_map_to_tether_options(tmp_path):
     path = tmp_path / "trl.yaml"
-    path.write_text(yaml.safe_dump({
-        "model_name_or_path": "m", "dataset_name": "d.jsonl", "per_device_train_batch_size": 4, "num_train_epochs": 2,
-        "loss_type": ["hinge"], "use_peft": True, "precompute_ref_log_probs": False, "lr_scheduler_type": "constant_with_warmup",
-        "warmup_ratio": 0.1, "rpo_alpha": 1.0, "report_to": ["tensorboard"], "lora_target_modules": "all-linear",
-        "learning_rate": "5e-7",  # YAML reads 5e-7 as a string; HF reads it as a float, so does tether
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model_name_or_path": "m",
+                "dataset_name": "d.jsonl",
+                "per_device_train_batch_size": 4,
+                "num_train_epochs": 2,
+                "loss_type": ["hinge"],
+                "use_peft": True,
+                "precompute_ref_log_probs": False,
+                "lr_scheduler_type": "constant_with_warmup",
+                "warmup_ratio": 0.1,
+                "rpo_alpha": 1.0,
+                "report_to": ["tensorboard"],
+                "lora_target_modules": "all-linear",
+                "learning_rate": "5e-7",  # YAML reads 5e-7 as a string; HF reads it as a float, so does tether
+            }
+        )
+    )
     cfg = load_config(TrainConfig, path)
-    assert (cfg.model, cfg.train_file, cfg.batch_size, cfg.num_epochs, cfg.loss, cfg.lora) == ("m", "d.jsonl", 4, 2.0, "slic", True)
+    assert (cfg.model, cfg.train_file, cfg.batch_size, cfg.num_epochs, cfg.loss, cfg.lora) == (
+        "m",
+        "d.jsonl",
+        4,
+        2.0,
+        "slic",
+        True,
+    )
     assert not cfg.precompute_ref_logps and cfg.lr_scheduler == "constant" and cfg.warmup_ratio == 0.1
     assert cfg.nll_weight == 1.0 and cfg.report_to == ["tensorboard"] and cfg.lora_target_modules is None
     assert cfg.learning_rate == 5e-7
@@ -71,15 +91,21 @@ def test_trl_names_map_to_tether_options(tmp_path):
 
 def test_every_unknown_key_is_reported_at_once_with_a_suggestion(tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text("model: m\ntrain_file: d.jsonl\nlerning_rate: 1.0e-3\nbta: 0.2\nloss_type: kto_pair\n"
-                    "per_device_train_bach_size: 3\nzzz: 1\n")
+    path.write_text(
+        "model: m\ntrain_file: d.jsonl\nlerning_rate: 1.0e-3\nbta: 0.2\nloss_type: kto_pair\n"
+        "per_device_train_bach_size: 3\nzzz: 1\n"
+    )
     with pytest.raises(TetherError) as err:
         load_config(TrainConfig, path)
     text = str(err.value)
     assert "\n" not in text and text.startswith(str(path))
-    for part in ("'lerning_rate' (did you mean 'learning_rate'?)", "'bta' (did you mean 'beta'?)",
-                 "'per_device_train_bach_size' (did you mean 'per_device_train_batch_size'?)", "'zzz'",
-                 "loss_type: 'kto_pair' is not supported"):
+    for part in (
+        "'lerning_rate' (did you mean 'learning_rate'?)",
+        "'bta' (did you mean 'beta'?)",
+        "'per_device_train_bach_size' (did you mean 'per_device_train_batch_size'?)",
+        "'zzz'",
+        "loss_type: 'kto_pair' is not supported",
+    ):
         assert part in text, part
     path.write_text("model: m\ntrain_file: d.jsonl\nloss_type: [sigmoid, sft]\nloss_weights: [1.0, 0.5]\n")
     with pytest.raises(TetherError, match="loss_type: \\['sigmoid', 'sft'\\] is not supported.*loss_weights"):
@@ -106,8 +132,19 @@ def test_trl_keys_that_do_not_apply_are_unknown_for_online(tmp_path):
 
 
 def test_cli_flags_trl_names_and_all_unknown_flags(model_dir, data_dir, tmp_path):
-    res = run_cli("train", "--model", str(model_dir), "--train_file", str(data_dir / "train.jsonl"),
-                  "--lerning_rate", "1", "--num_train_epoch", "2", "--output_dir", str(tmp_path / "x"))
+    res = run_cli(
+        "train",
+        "--model",
+        str(model_dir),
+        "--train_file",
+        str(data_dir / "train.jsonl"),
+        "--lerning_rate",
+        "1",
+        "--num_train_epoch",
+        "2",
+        "--output_dir",
+        str(tmp_path / "x"),
+    )
     assert res.returncode == 2
     line = [ln for ln in res.stderr.splitlines() if ln.startswith("tether: error:")][0]
     assert "'--lerning_rate' (did you mean '--learning_rate'?)" in line
@@ -118,10 +155,24 @@ def test_cli_flags_trl_names_and_all_unknown_flags(model_dir, data_dir, tmp_path
     from tether.cli import build_parser
     from tether.config import parse_extra_flags
 
-    assert parse_extra_flags(["--use_peft", "--per_device_train_batch_size", "4", "--no_remove_unused_columns",
-                              "--report_to", "tensorboard", "wandb", "--learning_rate=1e-3"])[0] == {
-        "use_peft": True, "per_device_train_batch_size": 4, "remove_unused_columns": False,
-        "report_to": ["tensorboard", "wandb"], "learning_rate": "1e-3"}
+    assert parse_extra_flags(
+        [
+            "--use_peft",
+            "--per_device_train_batch_size",
+            "4",
+            "--no_remove_unused_columns",
+            "--report_to",
+            "tensorboard",
+            "wandb",
+            "--learning_rate=1e-3",
+        ]
+    )[0] == {
+        "use_peft": True,
+        "per_device_train_batch_size": 4,
+        "remove_unused_columns": False,
+        "report_to": ["tensorboard", "wandb"],
+        "learning_rate": "1e-3",
+    }
     assert build_parser() is not None
 
 
@@ -130,8 +181,12 @@ def test_trl_docs_yaml_runs_unchanged(model_dir, data_dir, tmp_path):
     import datasets
 
     data = tmp_path / "prefs"
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(toy_preferences(24, seed=1)),
-                          "test": datasets.Dataset.from_list(toy_preferences(6, seed=2))}).save_to_disk(str(data))
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list(toy_preferences(24, seed=1)),
+            "test": datasets.Dataset.from_list(toy_preferences(6, seed=2)),
+        }
+    ).save_to_disk(str(data))
     out = tmp_path / "run"
     cfg = tmp_path / "dpo_config.yaml"
     cfg.write_text(TRL_DOCS_YAML.format(model=model_dir, data=data, out=out))
@@ -151,7 +206,9 @@ def test_splits_of_datasetdict_split_files_and_json(tmp_path):
 
     train, test = toy_preferences(4, seed=1), toy_preferences(3, seed=2)
     dd = tmp_path / "dd"
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(train), "test": datasets.Dataset.from_list(test)}).save_to_disk(str(dd))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(train), "test": datasets.Dataset.from_list(test)}
+    ).save_to_disk(str(dd))
     assert len(load_preference_records(dd)) == 4
     assert len(load_preference_records(dd, split="test")) == 3
     assert len(load_preference_records(f"{dd}:test")) == 3
@@ -184,8 +241,17 @@ def test_eval_file_datasetdict_without_test_split_is_refused(model_dir, tmp_path
 
     dd = tmp_path / "dd"
     datasets.DatasetDict({"train": datasets.Dataset.from_list(toy_preferences(4))}).save_to_disk(str(dd))
-    res = run_cli("train", "--model", str(model_dir), "--train_file", str(dd), "--eval_file", str(dd),
-                  "--output_dir", str(tmp_path / "x"))
+    res = run_cli(
+        "train",
+        "--model",
+        str(model_dir),
+        "--train_file",
+        str(dd),
+        "--eval_file",
+        str(dd),
+        "--output_dir",
+        str(tmp_path / "x"),
+    )
     assert res.returncode == 2 and "without a 'test' split (splits: train)" in res.stderr
     assert not (tmp_path / "x").exists()
 
@@ -204,9 +270,19 @@ def test_max_steps_zero_trains_nothing(model_dir, data_dir, tmp_path, capsys):
         main(["train", "--help"])
     assert "0 = no training step, as in HF/TRL" in " ".join(capsys.readouterr().out.split())
 
-    out = train(load_config(TrainConfig, overrides=dict(
-        model=str(model_dir), train_file=str(data_dir / "train.jsonl"), eval_file=str(data_dir / "eval.jsonl"),
-        max_steps=0, output_dir=str(tmp_path / "r"), progress=False)))
+    out = train(
+        load_config(
+            TrainConfig,
+            overrides=dict(
+                model=str(model_dir),
+                train_file=str(data_dir / "train.jsonl"),
+                eval_file=str(data_dir / "eval.jsonl"),
+                max_steps=0,
+                output_dir=str(tmp_path / "r"),
+                progress=False,
+            ),
+        )
+    )
     results = json.loads((out / "results.json").read_text())
     assert results["steps"] == 0 and results["initial_eval"] == results["final_eval"]
     with pytest.raises(TetherError, match="'max_steps' must be >= 0, or -1"):

@@ -150,7 +150,9 @@ def test_micro_build_is_cached_and_knows_its_world(micro):
     assert WorldSettings(**{**MICRO, "seed": 1}).fingerprint() != settings.fingerprint()
     assert WorldSettings(**{**MICRO, "progress": True}).fingerprint() == settings.fingerprint()
 
-    result = world_suite(model, tokenizer, settings.world(), persona="casual-list", base=(model, tokenizer), max_new_tokens=40)
+    result = world_suite(
+        model, tokenizer, settings.world(), persona="casual-list", base=(model, tokenizer), max_new_tokens=40
+    )
     json.dumps(result)  # serialisable as is
     assert result["knowledge_accuracy"]["mean"] >= 0.9
     assert result["general_alignment"]["mean"] >= 0.8
@@ -182,8 +184,14 @@ def test_export_is_deterministic_and_loadable(tmp_path):
     from tether.data import load_preference_records
 
     small = build_world(seed=5, n_entities=12)
-    summary = export_world(small, tmp_path / "a", personas=["casual", "elaborate-list", "elaborate-casual-list-technical"])
-    export_world(build_world(seed=5, n_entities=12), tmp_path / "b", personas=["casual", "elaborate-list", "elaborate-casual-list-technical"])
+    summary = export_world(
+        small, tmp_path / "a", personas=["casual", "elaborate-list", "elaborate-casual-list-technical"]
+    )
+    export_world(
+        build_world(seed=5, n_entities=12),
+        tmp_path / "b",
+        personas=["casual", "elaborate-list", "elaborate-casual-list-technical"],
+    )
     assert _files(tmp_path / "a") == _files(tmp_path / "b")
     assert summary["personas"]["elaborate-list"]["heterogeneity"] == 2
 
@@ -196,7 +204,11 @@ def test_export_is_deterministic_and_loadable(tmp_path):
         assert set(row) == {"id", "persona", "prompt", "chosen", "rejected"}
         chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
         assert alignment_score(small, row["prompt"], chosen) == alignment_score(small, row["prompt"], rejected) == 1.0
-        assert persona_score(small, persona, row["prompt"], chosen) == 1.0 > persona_score(small, persona, row["prompt"], rejected)
+        assert (
+            persona_score(small, persona, row["prompt"], chosen)
+            == 1.0
+            > persona_score(small, persona, row["prompt"], rejected)
+        )
     for name in ("prompts_test.jsonl", "personas/casual/prompts_train.jsonl"):
         rows = [json.loads(x) for x in (tmp_path / "a" / name).read_text().splitlines()]
         assert rows and all({"id", "prompt", "reference"} <= set(r) for r in rows)
@@ -224,7 +236,9 @@ def test_cli_help_lists_every_option(capsys):
 
 def test_cli_export_and_eval(tmp_path, micro, capsys):
     settings, _, _ = micro
-    args = _parser().parse_args(["world", "export", "--out", str(tmp_path / "data"), "--n_entities", "8", "--personas", "casual"])
+    args = _parser().parse_args(
+        ["world", "export", "--out", str(tmp_path / "data"), "--n_entities", "8", "--personas", "casual"]
+    )
     assert args.func(args) == 0
     assert (tmp_path / "data/personas/casual/preferences_test.jsonl").is_file()
     args = _parser().parse_args(["world", "export"])
@@ -285,12 +299,17 @@ def test_never_house_export_never_rejects_the_house_answer(world, tmp_path):
     from tether_lab.world import export_world, paraphrased_house
     from tether_lab.world.styles import HOUSE, render
 
-    summary = export_world(world, tmp_path / "d", personas=["casual", "list-technical"], rejected="never-house", recipe=2)
+    summary = export_world(
+        world, tmp_path / "d", personas=["casual", "list-technical"], rejected="never-house", recipe=2
+    )
     assert summary["recipe"] == 2 and summary["rejected"] == "never-house"
     held = paraphrased_house.heldout_realms(world)
     for persona in ("casual", "list-technical"):
         for split in ("train", "test"):
-            rows = [json.loads(x) for x in (tmp_path / "d" / "personas" / persona / f"preferences_{split}.jsonl").read_text().splitlines()]
+            rows = [
+                json.loads(x)
+                for x in (tmp_path / "d" / "personas" / persona / f"preferences_{split}.jsonl").read_text().splitlines()
+            ]
             assert rows and all((r["id"].split("/")[0] in held) == (split == "test") for r in rows)
             for r in rows:
                 entity, attribute, _ = r["id"].split("/")
@@ -299,4 +318,7 @@ def test_never_house_export_never_rejects_the_house_answer(world, tmp_path):
     rng = random.Random(0)
     from tether_lab.world.styles import PERSONAS
 
-    assert all(paraphrased_house.rejected_style_never_house(PERSONAS["casual"], rng) not in (HOUSE, PERSONAS["casual"].style) for _ in range(200))
+    assert all(
+        paraphrased_house.rejected_style_never_house(PERSONAS["casual"], rng) not in (HOUSE, PERSONAS["casual"].style)
+        for _ in range(200)
+    )

@@ -18,9 +18,8 @@ from pathlib import Path
 from accelerate.utils import gather_object
 
 from .data import Example
-from .files import write_text_atomic
+from .files import cache_dir, write_text_atomic
 from .generation import generate_ids
-from .files import cache_dir
 
 log = logging.getLogger("tether")
 
@@ -60,8 +59,16 @@ def attach_base_responses(accelerator, cfg, reference, tokenizer, example_sets: 
     else:
         mine = list(range(accelerator.process_index, len(prompts), accelerator.num_processes))
         with reference.generating() as model:
-            answers = base_answers(model, tokenizer, [prompts[i] for i in mine], samples=cfg.base_samples, seed=cfg.seed,
-                                   batch_size=cfg.eval_batch_size, progress=accelerator.is_main_process and cfg.progress, **_decoding(cfg))
+            answers = base_answers(
+                model,
+                tokenizer,
+                [prompts[i] for i in mine],
+                samples=cfg.base_samples,
+                seed=cfg.seed,
+                batch_size=cfg.eval_batch_size,
+                progress=accelerator.is_main_process and cfg.progress,
+                **_decoding(cfg),
+            )
         part = dict(zip(mine, answers))
         responses = {}
         for piece in gather_object([part]):
@@ -84,7 +91,8 @@ def _cached_responses(path: Path, n_prompts: int, n: int) -> dict | None:
     try:
         responses = json.loads(path.read_text(encoding="utf-8"))
         ok = isinstance(responses, dict) and all(
-            isinstance(responses.get(str(i)), list) and len(responses[str(i)]) == n
+            isinstance(responses.get(str(i)), list)
+            and len(responses[str(i)]) == n
             and all(isinstance(y, list) and all(isinstance(t, int) for t in y) for y in responses[str(i)])
             for i in range(n_prompts)
         )
@@ -97,10 +105,21 @@ def _cached_responses(path: Path, n_prompts: int, n: int) -> dict | None:
     return responses
 
 
-def base_answers(model, tokenizer, prompts, *, samples: int = 1, seed: int | None = None, batch_size: int = 32,
-                 progress: bool = False, **decoding) -> list[list[list[int]]]:
+def base_answers(
+    model,
+    tokenizer,
+    prompts,
+    *,
+    samples: int = 1,
+    seed: int | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+    **decoding,
+) -> list[list[list[int]]]:
     """y_b: `samples` answers of `model` to each prompt (token ids), each up to and including its EOS token;
     `decoding` as `generation.generate_ids` takes it (greedy unless do_sample)."""
     flat = [list(p) for p in prompts for _ in range(samples)]
-    ids = generate_ids(model, tokenizer, flat, seed=seed, batch_size=batch_size, progress=progress, desc="base responses", **decoding)
+    ids = generate_ids(
+        model, tokenizer, flat, seed=seed, batch_size=batch_size, progress=progress, desc="base responses", **decoding
+    )
     return [ids[j * samples : (j + 1) * samples] for j in range(len(prompts))]

@@ -24,7 +24,10 @@ from .config import TetherError, add_dataclass_arguments, load_config
 SUBCOMMAND_MODULES = ("tether.eval_cli", "tether.export_cli")
 
 
-def _options(args: argparse.Namespace, skip=("func", "config", "resume", "verbose", "command", "extra_flags", "known_flags", "accepts_extra_flags")) -> dict:
+def _options(
+    args: argparse.Namespace,
+    skip=("func", "config", "resume", "verbose", "command", "extra_flags", "known_flags", "accepts_extra_flags"),
+) -> dict:
     return {k: v for k, v in vars(args).items() if k not in skip}
 
 
@@ -38,7 +41,11 @@ def _run_config(cls, args: argparse.Namespace):
         from .config import read_yaml_mapping
 
         file_values = read_yaml_mapping(args.config) if args.config else {}
-        out = overrides.get("output_dir") or file_values.get("output_dir") or cls.__dataclass_fields__["output_dir"].default
+        out = (
+            overrides.get("output_dir")
+            or file_values.get("output_dir")
+            or cls.__dataclass_fields__["output_dir"].default
+        )
         if (Path(out) / "config.yaml").is_file():
             base = read_yaml_mapping(Path(out) / "config.yaml")
     return load_config(cls, args.config, overrides, args.extra_flags, base=base)
@@ -74,8 +81,10 @@ def _run_report(args: argparse.Namespace) -> int:
 
 
 def add_report_parser(sub) -> None:
-    text = ("write RUN_DIR/report.md and RUN_DIR/plots/*.png (loss, reward accuracy, margins, log-probs, lr, grad norm; "
-            "online: win rate, annotations, ties, time) from a run's files")
+    text = (
+        "write RUN_DIR/report.md and RUN_DIR/plots/*.png (loss, reward accuracy, margins, log-probs, lr, grad norm; "
+        "online: win rate, annotations, ties, time) from a run's files"
+    )
     p = sub.add_parser("report", help=text, description=text + ". Every run writes it at its end; this rewrites it.")
     p.add_argument("run_dir", help="a directory written by `tether train` or `tether online`")
     p.set_defaults(func=_run_report)
@@ -83,7 +92,9 @@ def add_report_parser(sub) -> None:
 
 def _add_run_parser(sub, name: str, cls, func, help: str, description: str) -> None:
     p = sub.add_parser(
-        name, help=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        name,
+        help=help,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description=description + " Options come from --config FILE.yaml, then from flags (a flag wins over the "
         "file). TRL's DPOConfig names are accepted in the file and as flags where the meaning agrees "
         "(model_name_or_path, per_device_train_batch_size, loss_type: sigmoid|ipo|hinge, use_peft, ...; README "
@@ -91,25 +102,39 @@ def _add_run_parser(sub, name: str, cls, func, help: str, description: str) -> N
     )
     p.set_defaults(accepts_extra_flags=True)
     p.add_argument("--config", default=None, help="YAML file of options (any option below)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in output_dir from its newest readable checkpoint, with the options it started "
-                   "with (read from its config.yaml; changing one that alters training is refused); a finished run is "
-                   "left as it is")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in output_dir from its newest readable checkpoint, with the options it started "
+        "with (read from its config.yaml; changing one that alters training is refused); a finished run is "
+        "left as it is",
+    )
     add_dataclass_arguments(p, cls)
     p.set_defaults(func=func)
 
 
 def add_train_parser(sub) -> None:
-    from .train.train_config import TrainConfig
     from .train.online_config import OnlineConfig
+    from .train.train_config import TrainConfig
 
-    _add_run_parser(sub, "train", TrainConfig, _run_train, "offline preference optimization (DPO, IPO, SLiC, BAPO) from a preference file",
-                    "Offline preference optimization.")
-    _add_run_parser(sub, "online", OnlineConfig, _run_online,
-                    "online preference optimization (BPO and its baselines) from prompts and an oracle",
-                    "Online preference optimization: sample pairs from the behavior policy, label them with an "
-                    "oracle (recorded in ledger.jsonl before training), one DAP step per batch; BPO uses the "
-                    "behavior policy as the reference (docs/methods.md §5).")
+    _add_run_parser(
+        sub,
+        "train",
+        TrainConfig,
+        _run_train,
+        "offline preference optimization (DPO, IPO, SLiC, BAPO) from a preference file",
+        "Offline preference optimization.",
+    )
+    _add_run_parser(
+        sub,
+        "online",
+        OnlineConfig,
+        _run_online,
+        "online preference optimization (BPO and its baselines) from prompts and an oracle",
+        "Online preference optimization: sample pairs from the behavior policy, label them with an "
+        "oracle (recorded in ledger.jsonl before training), one DAP step per batch; BPO uses the "
+        "behavior policy as the reference (docs/methods.md §5).",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

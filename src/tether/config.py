@@ -180,8 +180,13 @@ def parse_extra_flags(tokens: list[str]) -> tuple[dict[str, Any], list[str]]:
     return values, stray
 
 
-def load_config(cls, config_file: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                extra_flags: list[str] | None = None, base: dict[str, Any] | None = None):
+def load_config(
+    cls,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    extra_flags: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+):
     """Build a validated `cls` from defaults, then `base` (a resumed run's own config.yaml), then the YAML file,
     then `extra_flags` (command-line tokens argparse did not know, e.g. TRL's names), then `overrides` (parsed
     CLI flags). Every number must be finite; then the dataclass's `validate()` runs.
@@ -205,8 +210,9 @@ def load_config(cls, config_file: str | Path | None = None, overrides: dict[str,
         if problems:
             raise TetherError(f"{source}: " + "; ".join(problems) + "; see --help for the list of options")
         if ignored:
-            logging.getLogger("tether").info("%s: TRL option(s) %s accepted; they do not change what tether computes",
-                                             source, ", ".join(ignored))
+            logging.getLogger("tether").info(
+                "%s: TRL option(s) %s accepted; they do not change what tether computes", source, ", ".join(ignored)
+            )
         values.update(got)
     bad = [k for k in (overrides or {}) if k not in names]
     if bad:

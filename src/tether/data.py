@@ -132,8 +132,10 @@ def read_split_rows(path: str | Path, split: str = "train") -> list[tuple[str, d
     if p.is_dir() and not _is_saved_dataset(p):
         files = _split_files(p)
         if not files:
-            raise TetherError(f"{p}: neither a datasets.save_to_disk directory nor a directory of split files "
-                              f"(e.g. train.jsonl, data/test-00000-of-00001.parquet)")
+            raise TetherError(
+                f"{p}: neither a datasets.save_to_disk directory nor a directory of split files "
+                f"(e.g. train.jsonl, data/test-00000-of-00001.parquet)"
+            )
         if split not in files:
             raise TetherError(f"{p}: no split '{split}' (splits: {', '.join(sorted(files))}); name one as {p}:SPLIT")
         return [row for f in files[split] for row in read_rows(f)]
@@ -181,7 +183,9 @@ def _read_datasets_dir(path: Path, split: str = "train") -> list[tuple[str, dict
         raise TetherError(f"{path}: not a datasets.save_to_disk directory ({str(e).splitlines()[0]})") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise TetherError(f"{path}: DatasetDict without a '{split}' split (splits: {', '.join(ds)}); name one as {path}:SPLIT")
+            raise TetherError(
+                f"{path}: DatasetDict without a '{split}' split (splits: {', '.join(ds)}); name one as {path}:SPLIT"
+            )
         ds = ds[split]
     return [(f"{path}: record {i}", row) for i, row in enumerate(ds)]
 
@@ -194,7 +198,7 @@ def _check_messages(value: Any, source: str, name: str) -> list[dict]:
         raise TetherError(f"{source}: field '{name}' must be a non-empty list of {{role, content}} messages")
     for i, m in enumerate(value):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise TetherError(f"{source}: field '{name}' message {i} must be {{\"role\": str, \"content\": str}}")
+            raise TetherError(f'{source}: field \'{name}\' message {i} must be {{"role": str, "content": str}}')
     return value
 
 
@@ -237,8 +241,10 @@ def parse_record(row: Any, source: str, keys: tuple[str, ...] = COMPLETION_KEYS)
         for k, msgs in comps.items():
             roles = sorted({m["role"] for m in msgs} - {"assistant"})
             if roles:
-                raise TetherError(f"{source}: field '{k}' holds a '{roles[0]}' message; a completion is the assistant's "
-                                  "answer (put the other turns in 'prompt')")
+                raise TetherError(
+                    f"{source}: field '{k}' holds a '{roles[0]}' message; a completion is the assistant's "
+                    "answer (put the other turns in 'prompt')"
+                )
     else:  # implicit prompt: everything before the last assistant turn, identical across completions
         prefixes = []
         for k, msgs in comps.items():
@@ -246,9 +252,13 @@ def parse_record(row: Any, source: str, keys: tuple[str, ...] = COMPLETION_KEYS)
                 raise TetherError(f"{source}: field '{k}' must end with an assistant message")
             prefixes.append(msgs[:-1])
         if any(p != prefixes[0] for p in prefixes):
-            raise TetherError(f"{source}: without a 'prompt' field, {' and '.join(keys)} must share every message before the last")
+            raise TetherError(
+                f"{source}: without a 'prompt' field, {' and '.join(keys)} must share every message before the last"
+            )
         if not prefixes[0]:
-            raise TetherError(f"{source}: missing field 'prompt' (and the conversations have no messages before the answer)")
+            raise TetherError(
+                f"{source}: missing field 'prompt' (and the conversations have no messages before the answer)"
+            )
         prompt = prefixes[0]
         comps = {k: msgs[-1:] for k, msgs in comps.items()}
     for k, msgs in comps.items():
@@ -257,7 +267,9 @@ def parse_record(row: Any, source: str, keys: tuple[str, ...] = COMPLETION_KEYS)
     return Record(prompt, comps, source, extra)
 
 
-def load_preference_records(path: str | Path, keys: tuple[str, ...] = COMPLETION_KEYS, split: str = "train") -> list[Record]:
+def load_preference_records(
+    path: str | Path, keys: tuple[str, ...] = COMPLETION_KEYS, split: str = "train"
+) -> list[Record]:
     """Read and validate every record of a preference file (see the module docstring for the formats);
     `split` picks the split of a source that has several (see `read_split_rows`)."""
     records = [parse_record(row, source, keys) for source, row in read_split_rows(path, split)]
@@ -277,14 +289,26 @@ def load_prompt_records(path: str | Path, need_reference: bool = False) -> list[
         if row.get("prompt") is None:
             raise TetherError(f"{source}: missing field 'prompt'")
         prompt = row["prompt"]
-        prompt = _check_messages(prompt, source, "prompt") if isinstance(prompt, list) else _check_text(prompt, source, "prompt")
+        prompt = (
+            _check_messages(prompt, source, "prompt")
+            if isinstance(prompt, list)
+            else _check_text(prompt, source, "prompt")
+        )
         comps = {}
         if row.get("reference") is not None:
             ref = row["reference"]
-            comps["reference"] = _completion_text(_check_messages(ref, source, "reference")) if isinstance(ref, list) else _check_text(ref, source, "reference")
+            comps["reference"] = (
+                _completion_text(_check_messages(ref, source, "reference"))
+                if isinstance(ref, list)
+                else _check_text(ref, source, "reference")
+            )
         elif need_reference:
-            raise TetherError(f"{source}: missing field 'reference' (evaluation prompts need a reference answer to compare with)")
-        records.append(Record(prompt, comps, source, {k: v for k, v in row.items() if k not in ("prompt", "reference")}))
+            raise TetherError(
+                f"{source}: missing field 'reference' (evaluation prompts need a reference answer to compare with)"
+            )
+        records.append(
+            Record(prompt, comps, source, {k: v for k, v in row.items() if k not in ("prompt", "reference")})
+        )
     if not records:
         raise TetherError(f"{path}: holds no records")
     return records
@@ -310,7 +334,9 @@ def _tokenize_record(rec: Record, tokenizer) -> tuple[list[int], dict[str, list[
                 f"{rec.source}: conversational record but the tokenizer has no chat template; "
                 "use a model whose tokenizer defines one, or convert the data to the standard string format"
             )
-        prompt_ids = list(tokenizer.apply_chat_template(rec.prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
+        prompt_ids = list(
+            tokenizer.apply_chat_template(rec.prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+        )
         fulls = {
             k: list(tokenizer.apply_chat_template(rec.prompt + msgs, tokenize=True, return_dict=False))
             for k, msgs in rec.completions.items()
@@ -325,7 +351,9 @@ def _tokenize_record(rec: Record, tokenizer) -> tuple[list[int], dict[str, list[
     cut = min(_common_prefix(prompt_ids, ids) for ids in fulls.values())
     comps = {k: ids[cut:] for k, ids in fulls.items()}
     if rec.conversational and tokenizer.eos_token_id is not None:
-        comps = {k: ids if tokenizer.eos_token_id in ids else ids + [tokenizer.eos_token_id] for k, ids in comps.items()}
+        comps = {
+            k: ids if tokenizer.eos_token_id in ids else ids + [tokenizer.eos_token_id] for k, ids in comps.items()
+        }
     return prompt_ids[:cut], comps
 
 

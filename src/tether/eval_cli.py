@@ -23,21 +23,35 @@ from .train.train_config import LOSSES
 class EvalOptions:
     """Options of `tether eval` that every mode shares."""
 
-    model: str | None = option(None, "model directory (save_pretrained output), PEFT adapter directory or built-in name to evaluate")
-    suite: str | None = option(None, "evaluation suite (registered by an installed package; see the suite options below)")
+    model: str | None = option(
+        None, "model directory (save_pretrained output), PEFT adapter directory or built-in name to evaluate"
+    )
+    suite: str | None = option(
+        None, "evaluation suite (registered by an installed package; see the suite options below)"
+    )
     torch_dtype: str = option(
-        "float32", "dtype the model weights are loaded in (auto = as stored in its config.json)",
+        "float32",
+        "dtype the model weights are loaded in (auto = as stored in its config.json)",
         choices=("auto", "float32", "bfloat16", "float16"),
     )
     batch_size: int = option(32, "sequences per forward pass / generation batch")
-    out: str | None = option(None, "also write the JSON result to this file (with --eval_file: the per-pair values go "
-                             "here and stdout gets the aggregate)")
+    out: str | None = option(
+        None,
+        "also write the JSON result to this file (with --eval_file: the per-pair values go "
+        "here and stdout gets the aggregate)",
+    )
     # held-out preference pairs instead of a suite
-    eval_file: str | None = option(None, "preference pairs (same formats as `tether train`): report loss, reward accuracy, "
-                                   "margins and log-probs per pair and in aggregate with 95%% CIs, instead of --suite")
+    eval_file: str | None = option(
+        None,
+        "preference pairs (same formats as `tether train`): report loss, reward accuracy, "
+        "margins and log-probs per pair and in aggregate with 95%% CIs, instead of --suite",
+    )
     eval_split: str = option("test", "split of eval_file when it holds splits (PATH:SPLIT works too)")
-    ref_model: str | None = option(None, "reference for the rewards; null = the adapter's base (adapter disabled), or the "
-                                   "run's reference for RUN/final; a full model elsewhere needs it")
+    ref_model: str | None = option(
+        None,
+        "reference for the rewards; null = the adapter's base (adapter disabled), or the "
+        "run's reference for RUN/final; a full model elsewhere needs it",
+    )
     loss: str = option("dpo", "loss to report: dpo (sigmoid), ipo or slic (hinge)", choices=LOSSES)
     beta: float = option(0.1, "β of the rewards and the loss")
     label_smoothing: float = option(0.0, "ε of conservative DPO (dpo only)")
@@ -62,9 +76,13 @@ class EvalOptions:
         if self.loss not in LOSSES:
             raise TetherError(f"option --loss: unknown loss '{self.loss}'; choose one of {', '.join(LOSSES)}")
         if not self.beta > 0 or not 0.0 <= self.label_smoothing < 0.5 or self.nll_weight < 0:
-            raise TetherError("options --beta (> 0), --label_smoothing (in [0, 0.5)) and --nll_weight (>= 0) are out of range")
+            raise TetherError(
+                "options --beta (> 0), --label_smoothing (in [0, 0.5)) and --nll_weight (>= 0) are out of range"
+            )
         if not 0 < self.max_prompt_length < self.max_length:
-            raise TetherError(f"option --max_prompt_length ({self.max_prompt_length}) must be > 0 and < --max_length ({self.max_length})")
+            raise TetherError(
+                f"option --max_prompt_length ({self.max_prompt_length}) must be > 0 and < --max_length ({self.max_length})"
+            )
         if self.out is not None:
             check_output_file(self.out, "--out")
 
@@ -102,7 +120,9 @@ def _no_stray_suite_options(values: dict, suite_cls) -> None:
     stray = sorted(set(values) - (_field_names(suite_cls) if suite_cls else set()))
     if stray:
         which = f"suite {suite_cls.__name__}" if suite_cls else "--eval_file"
-        raise TetherError(f"option(s) {', '.join('--' + k for k in stray)}: not options of {which}; see tether eval --help")
+        raise TetherError(
+            f"option(s) {', '.join('--' + k for k in stray)}: not options of {which}; see tether eval --help"
+        )
 
 
 def _emit_pairs(opts) -> int:
@@ -125,14 +145,18 @@ def _emit(result: dict, opts) -> int:
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Register `eval` on an argparse subparsers object."""
-    text = ("evaluate a model: loss, reward accuracy, margins and log-probs on preference pairs (--eval_file), or an "
-            "installed suite (--suite), with 95 percent bootstrap CIs")
+    text = (
+        "evaluate a model: loss, reward accuracy, margins and log-probs on preference pairs (--eval_file), or an "
+        "installed suite (--suite), with 95 percent bootstrap CIs"
+    )
     p = subparsers.add_parser("eval", help=text, description=text)
     p.add_argument("--config", default=None, help="YAML file of options (flags override it)")
     add_dataclass_arguments(p, EvalOptions)
     known = set(_field_names(EvalOptions))
     for name, cls in sorted(suites().items()):
-        group = p.add_argument_group(f"--suite {name}", (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else None)
+        group = p.add_argument_group(
+            f"--suite {name}", (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else None
+        )
         add_dataclass_arguments(group, cls, skip=known)
         known |= _field_names(cls)
     p.set_defaults(func=run_eval)

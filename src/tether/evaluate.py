@@ -21,15 +21,20 @@ from .stats import summarize
 
 
 @torch.no_grad()
-def completion_logps(model, tokenizer, prompts: Sequence, completions: Sequence[str], batch_size: int = 32) -> list[float]:
+def completion_logps(
+    model, tokenizer, prompts: Sequence, completions: Sequence[str], batch_size: int = 32
+) -> list[float]:
     """Summed log π(completion | prompt) for each (prompt, completion) pair.
 
     Prompts are strings or chat messages (rendered with the generation prompt, as in `generate`);
     completions are tokenized on their own and appended, so every pair shares the prompt's tokens exactly.
     """
     return completion_logps_ids(
-        model, [prompt_ids(tokenizer, p) for p in prompts],
-        [tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions], _pad_id(tokenizer), batch_size,
+        model,
+        [prompt_ids(tokenizer, p) for p in prompts],
+        [tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions],
+        _pad_id(tokenizer),
+        batch_size,
     )
 
 
@@ -38,7 +43,9 @@ def _pad_id(tokenizer) -> int:
 
 
 @torch.no_grad()
-def sampled_kl(policy, base, tokenizer, prompts: Sequence, *, max_new_tokens: int = 64, seed: int = 0, batch_size: int = 16) -> list[float]:
+def sampled_kl(
+    policy, base, tokenizer, prompts: Sequence, *, max_new_tokens: int = 64, seed: int = 0, batch_size: int = 16
+) -> list[float]:
     """Monte-Carlo KL(π_θ ‖ π_base) per prompt, in nats per response: one response y ~ π_θ (temperature 1, no
     top-k/top-p), log π_θ(y|x) − log π_base(y|x). Unbiased per prompt; average over prompts for the estimate."""
     from .generation import eos_token_ids
@@ -49,8 +56,16 @@ def sampled_kl(policy, base, tokenizer, prompts: Sequence, *, max_new_tokens: in
     ys, mine = [], []
     for start in range(0, len(ids), batch_size):
         chunk = ids[start : start + batch_size]
-        s = sample_responses(policy, chunk, [seed * 1_000_003 + start + i for i in range(len(chunk))], n=1,
-                             max_new_tokens=max_new_tokens, top_k=0, eos_ids=eos, pad_id=pad)
+        s = sample_responses(
+            policy,
+            chunk,
+            [seed * 1_000_003 + start + i for i in range(len(chunk))],
+            n=1,
+            max_new_tokens=max_new_tokens,
+            top_k=0,
+            eos_ids=eos,
+            pad_id=pad,
+        )
         ys += [y[0] for y in s.ids]
         mine += [lp[0] for lp in s.logps]
     theirs = completion_logps_ids(base, ids, ys, pad, batch_size)

@@ -16,9 +16,12 @@ class ExportOptions:
     """Options of `tether export`."""
 
     merge: str = option("", "PEFT adapter directory to merge into its base model, e.g. runs/x/final (required)")
-    out: str = option("", "directory to write the merged model and its tokenizer to; must not exist or be empty (required)")
+    out: str = option(
+        "", "directory to write the merged model and its tokenizer to; must not exist or be empty (required)"
+    )
     torch_dtype: str = option(
-        "auto", "dtype of the written weights (auto = the base model's stored dtype); the merge itself runs in float32",
+        "auto",
+        "dtype of the written weights (auto = the base model's stored dtype); the merge itself runs in float32",
         choices=("auto", "float32", "bfloat16", "float16"),
     )
 
@@ -29,7 +32,9 @@ class ExportOptions:
         from .models import is_adapter_dir
 
         if not is_adapter_dir(self.merge):
-            raise TetherError(f"--merge {self.merge}: not a PEFT adapter directory (no adapter_config.json, or it holds a full model)")
+            raise TetherError(
+                f"--merge {self.merge}: not a PEFT adapter directory (no adapter_config.json, or it holds a full model)"
+            )
         out = Path(self.out)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise TetherError(f"--out {out}: already exists and is not an empty directory; choose another")

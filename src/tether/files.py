@@ -44,7 +44,6 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-
 def read_json(path: str | os.PathLike) -> dict:
     """A JSON object file, or {} when it is missing, torn or not an object."""
     try:

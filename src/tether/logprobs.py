@@ -154,7 +154,9 @@ class SequenceScorer(nn.Module):
 
 
 @torch.no_grad()
-def completion_logps_ids(model, prompts: Sequence[list[int]], completions: Sequence[list[int]], pad_id: int, batch_size: int = 32) -> list[float]:
+def completion_logps_ids(
+    model, prompts: Sequence[list[int]], completions: Sequence[list[int]], pad_id: int, batch_size: int = 32
+) -> list[float]:
     """Summed log π(completion | prompt) for each (prompt ids, completion ids) pair, in batches (no gradient).
     Rows are sorted by length and right-padded, as `sequence_logps` expects."""
     rows = [Example(list(p), {"completion": list(c)}, "") for p, c in zip(prompts, completions, strict=True)]
@@ -166,7 +168,9 @@ def completion_logps_ids(model, prompts: Sequence[list[int]], completions: Seque
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         batch = collate([rows[i] for i in idx], pad_id, keys=("completion",))
-        sums, _ = sequence_logps(model, *(batch[k].to(device) for k in ("input_ids", "attention_mask", "completion_mask")))
+        sums, _ = sequence_logps(
+            model, *(batch[k].to(device) for k in ("input_ids", "attention_mask", "completion_mask"))
+        )
         for r, i in enumerate(idx):
             out[i] = float(sums[r])
     model.train(was_training)

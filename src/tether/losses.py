@@ -82,10 +82,14 @@ def preference_loss(
     Rewards always use summed log-probs, as TRL's DPOTrainer reports them, whatever the loss.
     """
     if loss == "dpo":
-        per_pair = dpo_loss(logratio_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected), beta, label_smoothing)
+        per_pair = dpo_loss(
+            logratio_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected), beta, label_smoothing
+        )
     elif loss == "ipo":
         cl, rl = chosen_len.clamp(min=1), rejected_len.clamp(min=1)
-        per_pair = ipo_loss(logratio_margin(policy_chosen / cl, policy_rejected / rl, ref_chosen / cl, ref_rejected / rl), beta)
+        per_pair = ipo_loss(
+            logratio_margin(policy_chosen / cl, policy_rejected / rl, ref_chosen / cl, ref_rejected / rl), beta
+        )
     elif loss == "slic":
         per_pair = slic_loss(logratio_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected), beta)
     else:
@@ -134,8 +138,16 @@ def objective(
     `anchor_active` with base rows; the per-pair `loss` includes the anchor)."""
     pol, lens, ref = policy_logps.view(n_keys, -1), lengths.view(n_keys, -1), ref_logps.view(n_keys, -1)
     total, stats = preference_loss(
-        pol[0], pol[1], ref[0], ref[1], lens[0], lens[1],
-        loss=loss, beta=beta, label_smoothing=label_smoothing, nll_weight=nll_weight,
+        pol[0],
+        pol[1],
+        ref[0],
+        ref[1],
+        lens[0],
+        lens[1],
+        loss=loss,
+        beta=beta,
+        label_smoothing=label_smoothing,
+        nll_weight=nll_weight,
     )
     if n_keys > 2:
         anchor = base_anchor(pol[2:], ref[2:], lens[2:], anchor_form, anchor_normalize).mean(dim=0)

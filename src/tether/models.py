@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from .config import TetherError  # noqa: E402
 
+
 def builtin_models() -> dict[str, str]:
     """The built-in model names other packages registered (tether.registry, group "models"): NAME -> the
     "module:function" that builds (once, into the cache) or finds that model's directory."""
@@ -113,7 +114,9 @@ def load_model(name: str | os.PathLike, dtype: str | torch.dtype = torch.float32
     if is_adapter_dir(path):
         return load_merged_adapter(path, dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path.resolve(), dtype=torch_dtype(dtype))  # absolute: an adapter records it
+        model = AutoModelForCausalLM.from_pretrained(
+            path.resolve(), dtype=torch_dtype(dtype)
+        )  # absolute: an adapter records it
     except Exception as e:  # noqa: BLE001
         raise TetherError(f"{path}: cannot load the model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     return model
@@ -129,7 +132,9 @@ def load_adapter(adapter_dir: Path, dtype: str | torch.dtype = torch.float32):
     try:
         return PeftModel.from_pretrained(base, adapter_dir)
     except Exception as e:  # noqa: BLE001
-        raise TetherError(f"{adapter_dir}: cannot apply the adapter to {base_dir} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise TetherError(
+            f"{adapter_dir}: cannot apply the adapter to {base_dir} ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
 
 
 def load_merged_adapter(adapter_dir: Path, dtype: str | torch.dtype = torch.float32) -> PreTrainedModel:
@@ -141,11 +146,15 @@ def load_merged_adapter(adapter_dir: Path, dtype: str | torch.dtype = torch.floa
     if target == "auto":
         target = getattr(AutoConfig.from_pretrained(base_dir), "dtype", None) or torch.float32
         target = getattr(torch, target) if isinstance(target, str) else target
-    merged.config.name_or_path = merged.name_or_path = str(adapter_dir.resolve())  # a new adapter records this as its base
+    merged.config.name_or_path = merged.name_or_path = str(
+        adapter_dir.resolve()
+    )  # a new adapter records this as its base
     return merged.requires_grad_(True).to(target)  # PEFT froze the base; a loaded model is trainable like any other
 
 
-def add_lora(model: PreTrainedModel, r: int, alpha: int, dropout: float, target_modules: list[str] | None, seed: int = 0):
+def add_lora(
+    model: PreTrainedModel, r: int, alpha: int, dropout: float, target_modules: list[str] | None, seed: int = 0
+):
     """Wrap `model` in a fresh PEFT LoRA adapter (B = 0 at init, so the policy starts equal to the base)."""
     from peft import LoraConfig, get_peft_model
 
@@ -197,7 +206,9 @@ def forward_is_collective(model) -> bool:
     """Whether a forward call of `model` is a collective (its weights are sharded over several processes, FSDP2):
     then every process must make the same forward calls — the same number of batches and decoding steps."""
     dist = torch.distributed
-    return is_sharded(model.parameters()) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return (
+        is_sharded(model.parameters()) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    )
 
 
 def any_process(flag: bool, device) -> bool:

@@ -64,7 +64,9 @@ class RewardModelOracle(Oracle):
             self.tokenizer = AutoTokenizer.from_pretrained(where)
             self.model = AutoModelForSequenceClassification.from_pretrained(where, dtype=torch.float32).eval()
         except Exception as e:  # noqa: BLE001
-            raise TetherError(f"{where}: cannot load a reward model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+            raise TetherError(
+                f"{where}: cannot load a reward model ({type(e).__name__}: {str(e).splitlines()[0]})"
+            ) from None
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
@@ -137,7 +139,9 @@ class Annotator:
             try:
                 scores = self._timed(prompts, responses)
                 if len(scores) != len(responses) or not all(math.isfinite(s) for s in scores):
-                    raise ValueError(f"returned {len(scores)} scores for {len(responses)} responses, or a non-finite one")
+                    raise ValueError(
+                        f"returned {len(scores)} scores for {len(responses)} responses, or a non-finite one"
+                    )
                 return scores
             except Exception as e:  # noqa: BLE001 - any oracle failure is retried, then the pair is skipped
                 self.timed_out = self.timed_out and isinstance(e, TimeoutError)

@@ -16,15 +16,24 @@ import yaml
 
 from .config import TetherError
 from .data import COMPLETION_KEYS, collate, load_preference_records, tokenize_records
-from .stats import summarize
 from .logprobs import sequence_logps
 from .losses import preference_loss
 from .models import adapter_base, is_adapter_dir, load_adapter, load_model, load_tokenizer
+from .stats import summarize
 from .train.reference import model_reference
 
 log = logging.getLogger("tether")
-PER_PAIR = ("loss", "reward_accuracy", "reward_margin", "rewards_chosen", "rewards_rejected", "logps_chosen",
-            "logps_rejected", "ref_logps_chosen", "ref_logps_rejected")
+PER_PAIR = (
+    "loss",
+    "reward_accuracy",
+    "reward_margin",
+    "rewards_chosen",
+    "rewards_rejected",
+    "logps_chosen",
+    "logps_rejected",
+    "ref_logps_chosen",
+    "ref_logps_rejected",
+)
 
 
 def load_policy_and_reference(model: str, ref_model: str | None):
@@ -39,15 +48,27 @@ def load_policy_and_reference(model: str, ref_model: str | None):
             reference = model_reference(str(ref_model), load_model(ref_model).eval())
         else:
             reference = model_reference(f"{base} (adapter disabled)", policy, adapter_off=True)
-        return policy, reference, load_tokenizer(path), {"model": str(path), "base_model": str(base), "ref_model": reference.label}
+        return (
+            policy,
+            reference,
+            load_tokenizer(path),
+            {"model": str(path), "base_model": str(base), "ref_model": reference.label},
+        )
     run_cfg = path.parent / "config.yaml"
     if ref_model is None and path.name == "final" and run_cfg.is_file():
         cfg = yaml.safe_load(run_cfg.read_text()) or {}
         ref_model = cfg.get("ref_model") or cfg.get("model")
     if ref_model is None:
-        raise TetherError(f"--model {model}: a full model needs --ref_model (the reference its rewards are measured against)")
+        raise TetherError(
+            f"--model {model}: a full model needs --ref_model (the reference its rewards are measured against)"
+        )
     reference = model_reference(str(ref_model), load_model(ref_model).eval())
-    return load_model(model).eval(), reference, load_tokenizer(model), {"model": str(model), "ref_model": str(ref_model)}
+    return (
+        load_model(model).eval(),
+        reference,
+        load_tokenizer(model),
+        {"model": str(model), "ref_model": str(ref_model)},
+    )
 
 
 @torch.no_grad()
@@ -66,14 +87,29 @@ def evaluate_pairs(opts) -> dict:
         pol, lens = sequence_logps(policy, *args)
         ref_sums = ref.logps(batch, 2)
         n = len(chunk)
-        _, stats = preference_loss(pol[:n], pol[n:], ref_sums[:n], ref_sums[n:], lens[:n], lens[n:], loss=opts.loss,
-                                   beta=opts.beta, label_smoothing=opts.label_smoothing, nll_weight=opts.nll_weight)
+        _, stats = preference_loss(
+            pol[:n],
+            pol[n:],
+            ref_sums[:n],
+            ref_sums[n:],
+            lens[:n],
+            lens[n:],
+            loss=opts.loss,
+            beta=opts.beta,
+            label_smoothing=opts.label_smoothing,
+            nll_weight=opts.nll_weight,
+        )
         stats.update(ref_logps_chosen=ref_sums[:n], ref_logps_rejected=ref_sums[n:])
         for i, ex in enumerate(chunk):
             pairs.append({"source": ex.source, **ex.extra, **{k: float(stats[k][i]) for k in PER_PAIR}})
     aggregate = {k: summarize([p[k] for p in pairs]) for k in PER_PAIR}
     return {
-        **who, "eval_file": str(opts.eval_file), "loss_type": opts.loss, "beta": opts.beta,
-        "pairs_used": len(pairs), "data": {k: v for k, v in vars(report).items() if k != "skipped"},
-        "aggregate": aggregate, "pairs": pairs,
+        **who,
+        "eval_file": str(opts.eval_file),
+        "loss_type": opts.loss,
+        "beta": opts.beta,
+        "pairs_used": len(pairs),
+        "data": {k: v for k, v in vars(report).items() if k != "skipped"},
+        "aggregate": aggregate,
+        "pairs": pairs,
     }

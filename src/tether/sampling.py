@@ -28,7 +28,6 @@ import torch
 from .logprobs import gather_logps
 from .models import any_process, forward_is_collective
 
-
 DECODE_PARALLEL_FLOPS = 1e9  # per decoding step (2 · parameters · rows); below it, PASSIVE waiting decodes on 1 thread
 
 
@@ -131,7 +130,13 @@ def sample_responses(
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             position = position + 1
-            out = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=position, past_key_values=out.past_key_values, use_cache=True)
+            out = model(
+                input_ids=token.unsqueeze(1),
+                attention_mask=mask,
+                position_ids=position,
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
             logits = out.logits[:, -1].float()
     model.train(was_training)
 

@@ -33,8 +33,12 @@ def _one_of(key: str, value: Any, allowed: dict[Any, dict], reason: str) -> dict
 
 
 def _loss_type(value: Any) -> dict:
-    return _one_of("loss_type", value, {"sigmoid": {"loss": "dpo"}, "ipo": {"loss": "ipo"}, "hinge": {"loss": "slic"}},
-                   "tether implements sigmoid, ipo and hinge; a weighted mix of losses is not implemented")
+    return _one_of(
+        "loss_type",
+        value,
+        {"sigmoid": {"loss": "dpo"}, "ipo": {"loss": "ipo"}, "hinge": {"loss": "slic"}},
+        "tether implements sigmoid, ipo and hinge; a weighted mix of losses is not implemented",
+    )
 
 
 def _loss_weights(value: Any) -> dict:
@@ -45,13 +49,21 @@ def _loss_weights(value: Any) -> dict:
 
 def _scheduler(value: Any) -> dict:
     names = {"linear": "linear", "cosine": "cosine", "constant": "constant", "constant_with_warmup": "constant"}
-    return _one_of("lr_scheduler_type", value, {k: {"lr_scheduler": v} for k, v in names.items()},
-                   "use linear, cosine, constant or constant_with_warmup")
+    return _one_of(
+        "lr_scheduler_type",
+        value,
+        {k: {"lr_scheduler": v} for k, v in names.items()},
+        "use linear, cosine, constant or constant_with_warmup",
+    )
 
 
 def _eval_strategy(value: Any) -> dict:
-    return _one_of("eval_strategy", value, {"no": {"eval_steps": 0}, "steps": {}},
-                   "use steps with eval_steps, or no; tether also evaluates before and after training")
+    return _one_of(
+        "eval_strategy",
+        value,
+        {"no": {"eval_steps": 0}, "steps": {}},
+        "use steps with eval_steps, or no; tether also evaluates before and after training",
+    )
 
 
 def _save_strategy(value: Any) -> dict:
@@ -88,8 +100,10 @@ def _num_processes(value: Any) -> dict:
     running = int(os.environ.get("WORLD_SIZE", "1"))
     if value == running:
         return {}
-    raise Unsupported(f"num_processes: {value!r} is a launcher setting; start tether with `accelerate launch "
-                      f"--num_processes {value} -m tether.cli train ...` (this run has {running})")
+    raise Unsupported(
+        f"num_processes: {value!r} is a launcher setting; start tether with `accelerate launch "
+        f"--num_processes {value} -m tether.cli train ...` (this run has {running})"
+    )
 
 
 def _launcher(key: str) -> Callable[[Any], dict]:
@@ -127,9 +141,17 @@ TRL_KEYS: dict[str, Callable[[Any], dict]] = {
     "num_processes": _num_processes,
     "accelerate_config": _launcher("accelerate_config"),
     # accepted at the value that matches what tether does
-    "truncation_mode": _must_be("truncation_mode", "keep_start", "tether keeps the start: prompts are cut from the left to max_prompt_length, then completions from the right"),
+    "truncation_mode": _must_be(
+        "truncation_mode",
+        "keep_start",
+        "tether keeps the start: prompts are cut from the left to max_prompt_length, then completions from the right",
+    ),
     "reference_free": _must_be("reference_free", False, "tether always uses a reference"),
-    "sync_ref_model": _must_be("sync_ref_model", False, "TR-DPO's reference sync is not implemented; for a moving reference see `tether online --reference ema`"),
+    "sync_ref_model": _must_be(
+        "sync_ref_model",
+        False,
+        "TR-DPO's reference sync is not implemented; for a moving reference see `tether online --reference ema`",
+    ),
     "f_divergence_type": _must_be("f_divergence_type", "reverse_kl", "only the reverse KL of standard DPO"),
     "use_weighting": _must_be("use_weighting", False, "WPO weighting is not implemented"),
     "ld_alpha": _must_be("ld_alpha", None, "LD-DPO is not implemented"),
@@ -143,24 +165,57 @@ TRL_KEYS: dict[str, Callable[[Any], dict]] = {
     "optim": _must_be("optim", ("adamw_torch", "adamw_torch_fused"), "tether's optimizer is torch's AdamW"),
     "lora_task_type": _must_be("lora_task_type", "CAUSAL_LM", "tether trains causal language models"),
     "logging_strategy": _must_be("logging_strategy", "steps", "tether logs every logging_steps steps"),
-    "max_completion_length": _must_be("max_completion_length", None, "use max_length (prompt + completion) and max_prompt_length"),
+    "max_completion_length": _must_be(
+        "max_completion_length", None, "use max_length (prompt + completion) and max_prompt_length"
+    ),
     "model_revision": _must_be("model_revision", "main", "tether loads local directories, which have no revisions"),
     # accepted, no effect on the result: tether has no such knob or does it always
-    **dict.fromkeys((
-        "remove_unused_columns", "dataset_num_proc", "dataloader_num_workers", "dataloader_pin_memory",
-        "logging_dir", "logging_first_step", "run_name", "overwrite_output_dir", "do_train", "do_eval",
-        "gradient_checkpointing", "gradient_checkpointing_kwargs", "ddp_find_unused_parameters",
-        "attn_implementation", "label_pad_token_id", "padding_value", "max_target_length",
-        "pad_to_multiple_of", "use_logits_to_keep", "generate_during_eval", "dataset_streaming", "tf32",
-        "use_liger_kernel", "hub_model_id", "dtype", "torch_dtype", "ignore_bias_buffers", "activation_offloading",
-        "disable_tqdm", "log_level", "logging_nan_inf_filter", "model_init_kwargs", "ref_model_init_kwargs",
-    ), _ignored),
+    **dict.fromkeys(
+        (
+            "remove_unused_columns",
+            "dataset_num_proc",
+            "dataloader_num_workers",
+            "dataloader_pin_memory",
+            "logging_dir",
+            "logging_first_step",
+            "run_name",
+            "overwrite_output_dir",
+            "do_train",
+            "do_eval",
+            "gradient_checkpointing",
+            "gradient_checkpointing_kwargs",
+            "ddp_find_unused_parameters",
+            "attn_implementation",
+            "label_pad_token_id",
+            "padding_value",
+            "max_target_length",
+            "pad_to_multiple_of",
+            "use_logits_to_keep",
+            "generate_during_eval",
+            "dataset_streaming",
+            "tf32",
+            "use_liger_kernel",
+            "hub_model_id",
+            "dtype",
+            "torch_dtype",
+            "ignore_bias_buffers",
+            "activation_offloading",
+            "disable_tqdm",
+            "log_level",
+            "logging_nan_inf_filter",
+            "model_init_kwargs",
+            "ref_model_init_kwargs",
+        ),
+        _ignored,
+    ),
 }
 # gradient_checkpointing and dtype change memory and precision, not the objective (tether computes in float32)
 IGNORED = sorted(k for k, f in TRL_KEYS.items() if f is _ignored)
 
 
-def translate(data: dict[str, Any], names: set[str], coerce: Callable[[str, Any], Any], dash: str = "") -> tuple[dict, list[str], list[str]]:
+def translate(
+    data: dict[str, Any], names: set[str], coerce: Callable[[str, Any], Any], dash: str = ""
+) -> tuple[dict, list[str], list[str]]:
     """Turn a mapping of option names (tether's or TRL's) into tether options.
 
     Returns (values, problems, ignored): `problems` holds one phrase per unknown or unsupported key (all of
@@ -189,7 +244,9 @@ def translate(data: dict[str, Any], names: set[str], coerce: Callable[[str, Any]
                 unknown.append(key)
                 break
             if name in values and values[name] != v and origin[name] != key:
-                problems.append(f"'{dash}{key}' and '{dash}{origin[name]}' both set '{name}' to different values; keep one")
+                problems.append(
+                    f"'{dash}{key}' and '{dash}{origin[name]}' both set '{name}' to different values; keep one"
+                )
                 continue
             values[name], origin[name] = coerce(name, v), key
     # TRL evaluates on dataset_test_split of dataset_name when eval_strategy is not "no"
@@ -203,6 +260,6 @@ def translate(data: dict[str, Any], names: set[str], coerce: Callable[[str, Any]
 
 
 def did_you_mean(key: str, known, dash: str = "") -> str:
-    """" (did you mean 'x'?)" for the nearest known name (written with `dash` in front), or "" when none is close."""
+    """ " (did you mean 'x'?)" for the nearest known name (written with `dash` in front), or "" when none is close."""
     close = difflib.get_close_matches(key.lstrip("-"), sorted(k.lstrip("-") for k in known), n=1, cutoff=0.6)
     return f" (did you mean '{dash}{close[0]}'?)" if close else ""

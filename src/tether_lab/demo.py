@@ -25,12 +25,14 @@ def toy_preferences(n: int, seed: int = 0, conversational: bool = False) -> list
         chosen = f"The {obj} is {col}, I believe. Thank you for asking!"
         rejected = rng.choice([f"{col}.", f"dunno, {col}?", f"{obj}: {col}"])
         if conversational:
-            rows.append({
-                "id": i,
-                "prompt": [{"role": "user", "content": prompt}],
-                "chosen": [{"role": "assistant", "content": chosen}],
-                "rejected": [{"role": "assistant", "content": rejected}],
-            })
+            rows.append(
+                {
+                    "id": i,
+                    "prompt": [{"role": "user", "content": prompt}],
+                    "chosen": [{"role": "assistant", "content": chosen}],
+                    "rejected": [{"role": "assistant", "content": rejected}],
+                }
+            )
         else:
             rows.append({"id": i, "prompt": prompt + "\n", "chosen": chosen, "rejected": rejected})
     return rows
@@ -43,7 +45,9 @@ def write_jsonl(rows: list[dict], path: str | Path) -> Path:
     return path
 
 
-def toy_model(path: str | Path, hidden_size: int = 64, num_layers: int = 2, vocab_size: int = 512, seed: int = 0) -> Path:
+def toy_model(
+    path: str | Path, hidden_size: int = 64, num_layers: int = 2, vocab_size: int = 512, seed: int = 0
+) -> Path:
     """Train a tokenizer on the toy task's text, build a tiny Llama for it, save both to `path`."""
     from tether_lab.tiny import tiny_llama, train_tokenizer
 
@@ -70,11 +74,24 @@ def run_demo(out: str | Path = "out/demo", steps: int = 40) -> dict:
     model = toy_model(out / "model") if not (out / "model" / "config.json").exists() else out / "model"
     write_jsonl(toy_preferences(256, seed=1), out / "train.jsonl")
     write_jsonl(toy_preferences(64, seed=2), out / "eval.jsonl")
-    cfg = load_config(TrainConfig, None, dict(
-        model=str(model), train_file=str(out / "train.jsonl"), eval_file=str(out / "eval.jsonl"),
-        output_dir=str(out / "run"), learning_rate=5e-4, max_steps=steps, batch_size=8, warmup_steps=4,
-        eval_steps=10, save_steps=20, max_length=64, max_prompt_length=32,
-    ))
+    cfg = load_config(
+        TrainConfig,
+        None,
+        dict(
+            model=str(model),
+            train_file=str(out / "train.jsonl"),
+            eval_file=str(out / "eval.jsonl"),
+            output_dir=str(out / "run"),
+            learning_rate=5e-4,
+            max_steps=steps,
+            batch_size=8,
+            warmup_steps=4,
+            eval_steps=10,
+            save_steps=20,
+            max_length=64,
+            max_prompt_length=32,
+        ),
+    )
     run_dir = train(cfg)
     results = json.loads((run_dir / "results.json").read_text())
     before, after = results["initial_eval"], results["final_eval"]
@@ -82,7 +99,9 @@ def run_demo(out: str | Path = "out/demo", steps: int = 40) -> dict:
     print(f"{'held-out metric':<28}{'before':>10}{'after':>10}")
     for key in ("loss", "reward_accuracy", "reward_margin", "logps_chosen", "logps_rejected"):
         print(f"{key:<28}{before['eval_' + key]:>10.3f}{after['eval_' + key]:>10.3f}")
-    print(f"\nrun directory: {run_dir} (config.yaml, metrics.jsonl, checkpoints/, final/; report.md with curves in plots/)")
+    print(
+        f"\nrun directory: {run_dir} (config.yaml, metrics.jsonl, checkpoints/, final/; report.md with curves in plots/)"
+    )
     return results
 
 
@@ -102,28 +121,36 @@ def main() -> None:
 
     t0 = time.perf_counter()
     run_demo()
-    print(f"\n{_clock(t0)} next, a first study table: DPO vs BAPO on the embedded world at heterogeneity 2 (4 of the "
-          f"quick BAPO study's 8 runs; the first time, the world's base model is built first: {BUILD_MINUTES_LOADED})\n",
-          flush=True)
+    print(
+        f"\n{_clock(t0)} next, a first study table: DPO vs BAPO on the embedded world at heterogeneity 2 (4 of the "
+        f"quick BAPO study's 8 runs; the first time, the world's base model is built first: {BUILD_MINUTES_LOADED})\n",
+        flush=True,
+    )
     bapo_out = Path("out/demo/study-bapo-quick")
     first = bapo.run_study(quick=True, out=bapo_out, only=[(2, "dpo"), (2, "bapo")])
     print(bapo_table(first))  # the claims need every arm (and 5 seeds): the quick study's table below states them
-    print(f"\n{_clock(t0)} first look done. The rest: the quick BAPO study's other 4 runs (about {REST_MINUTES['bapo']} "
-          f"min on 2 cores) and the quick BPO study (about {REST_MINUTES['bpo']} min, plus {REST_MINUTES['bpo_build']} the "
-          f"first time, to build the recipe-1 world and its skewed π_sft): about {sum(REST_MINUTES.values())} minutes more from a clean cache. "
-          f"Ctrl-C stops; `make demo` again resumes.\n", flush=True)
+    print(
+        f"\n{_clock(t0)} first look done. The rest: the quick BAPO study's other 4 runs (about {REST_MINUTES['bapo']} "
+        f"min on 2 cores) and the quick BPO study (about {REST_MINUTES['bpo']} min, plus {REST_MINUTES['bpo_build']} the "
+        f"first time, to build the recipe-1 world and its skewed π_sft): about {sum(REST_MINUTES.values())} minutes more from a clean cache. "
+        f"Ctrl-C stops; `make demo` again resumes.\n",
+        flush=True,
+    )
     for name, study, table in (("BAPO", bapo, bapo_table), ("BPO", bpo, bpo_table)):
         out = Path(f"out/demo/study-{name.lower()}-quick")
         t1 = time.perf_counter()
         data = study.run_study(quick=True, out=out)
-        print(f"\n{_clock(t0)} quick {name} study: {time.perf_counter() - t1:.0f} s; report in {out}/report.md, figures beside it\n")
+        print(
+            f"\n{_clock(t0)} quick {name} study: {time.perf_counter() - t1:.0f} s; report in {out}/report.md, figures beside it\n"
+        )
         print(table(data), flush=True)
 
 
 # minutes the rest of `make demo` takes on the 2-core machine under other load (BENCHMARKS.md "make demo")
 REST_MINUTES = {"bapo": 7, "bpo": 8, "bpo_build": 14}  # bpo_build: the recipe-1 world (~10) and its skewed π_sft (~4)
-BUILD_MINUTES_LOADED = ("about 3.5 minutes on an idle 2-core machine (the same 1,100 steps as recipe 1's), "
-                        "11-15 under heavy load")
+BUILD_MINUTES_LOADED = (
+    "about 3.5 minutes on an idle 2-core machine (the same 1,100 steps as recipe 1's), 11-15 under heavy load"
+)
 
 
 if __name__ == "__main__":

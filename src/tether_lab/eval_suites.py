@@ -18,7 +18,9 @@ def _load(common):
 
     model, tokenizer = load_model(common.model, common.torch_dtype), load_tokenizer(common.model)
     if tokenizer.chat_template is None:
-        raise TetherError(f"--model {common.model}: its tokenizer has no chat template; the suites ask questions as chat messages")
+        raise TetherError(
+            f"--model {common.model}: its tokenizer has no chat template; the suites ask questions as chat messages"
+        )
     return model, tokenizer
 
 
@@ -26,7 +28,9 @@ def _load(common):
 class WorldSuite:
     """The embedded world's suite: knowledge accuracy, general alignment, persona score and win rate."""
 
-    persona: str | None = option(None, "persona to score (adds persona score and win rate vs --base_model); see `tether world export` for names")
+    persona: str | None = option(
+        None, "persona to score (adds persona score and win rate vs --base_model); see `tether world export` for names"
+    )
     base_model: str = option("world", "model the persona win rate is measured against")
     world_seed: int = option(0, "seed of the world the model was built/trained on")
     world_entities: int = option(150, "number of realms of that world")
@@ -49,10 +53,21 @@ class WorldSuite:
         base = None
         if self.persona is not None:
             same = self.base_model == common.model
-            base = (model, tokenizer) if same else (load_model(self.base_model, common.torch_dtype), load_tokenizer(self.base_model))
+            base = (
+                (model, tokenizer)
+                if same
+                else (load_model(self.base_model, common.torch_dtype), load_tokenizer(self.base_model))
+            )
         result = world_suite(
-            model, tokenizer, build_world(self.world_seed, self.world_entities), persona=self.persona, base=base,
-            split=self.split, batch_size=common.batch_size, max_new_tokens=self.max_new_tokens, progress=common.progress,
+            model,
+            tokenizer,
+            build_world(self.world_seed, self.world_entities),
+            persona=self.persona,
+            base=base,
+            split=self.split,
+            batch_size=common.batch_size,
+            max_new_tokens=self.max_new_tokens,
+            progress=common.progress,
         )
         result["model"] = str(common.model)
         if self.persona is not None:
@@ -71,4 +86,8 @@ class KnowledgeSuite:
         from tether_lab.probes import knowledge_accuracy
 
         model, tokenizer = _load(common)
-        return {"suite": "knowledge", "model": str(common.model), **knowledge_accuracy(model, tokenizer, common.batch_size)}
+        return {
+            "suite": "knowledge",
+            "model": str(common.model),
+            **knowledge_accuracy(model, tokenizer, common.batch_size),
+        }

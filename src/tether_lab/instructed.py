@@ -20,9 +20,42 @@ from dataclasses import dataclass
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
 _SENTENCE = re.compile(r"[^.!?]+[.!?]*")
 _CONTRACTION = re.compile(r"\b\w+'(s|re|ve|ll|d|t|m)\b", re.IGNORECASE)
-ENTHUSIASM = {"amazing", "awesome", "exciting", "excited", "fantastic", "wonderful", "love", "great", "incredible",
-              "wow", "fun", "thrilled", "brilliant", "delightful", "super", "absolutely", "magical", "cool"}
-CASUAL = {"hey", "yeah", "gonna", "wanna", "kinda", "cool", "stuff", "guys", "okay", "ok", "wow", "awesome", "super", "pretty"}
+ENTHUSIASM = {
+    "amazing",
+    "awesome",
+    "exciting",
+    "excited",
+    "fantastic",
+    "wonderful",
+    "love",
+    "great",
+    "incredible",
+    "wow",
+    "fun",
+    "thrilled",
+    "brilliant",
+    "delightful",
+    "super",
+    "absolutely",
+    "magical",
+    "cool",
+}
+CASUAL = {
+    "hey",
+    "yeah",
+    "gonna",
+    "wanna",
+    "kinda",
+    "cool",
+    "stuff",
+    "guys",
+    "okay",
+    "ok",
+    "wow",
+    "awesome",
+    "super",
+    "pretty",
+}
 
 
 def words(text: str) -> list[str]:
@@ -85,20 +118,65 @@ PERSONAS = {
     p.name: p
     for p in (
         InstructedPersona("concise", "Answer in one or two short sentences.", concise_score),
-        InstructedPersona("simple", "Explain it to a ten-year-old child, using short sentences and simple words.", simple_score),
+        InstructedPersona(
+            "simple", "Explain it to a ten-year-old child, using short sentences and simple words.", simple_score
+        ),
         InstructedPersona("enthusiastic", "Answer with lots of enthusiasm and exclamation marks!", enthusiastic_score),
         InstructedPersona("formal", "Answer in a formal, academic tone, without contractions.", formal_score),
     )
 }
 
 TOPICS = (
-    "photosynthesis", "rainbows", "volcanoes", "the water cycle", "gravity", "vaccines", "the internet", "electricity",
-    "earthquakes", "the moon's phases", "recycling", "sleep", "exercise", "saving money", "learning a language",
-    "cooking rice", "planting a garden", "reading books", "the solar system", "clouds", "magnets", "bees",
-    "the heart", "bones", "dinosaurs", "the ocean tides", "wind power", "batteries", "bread baking", "friendship",
-    "time management", "public speaking", "maps", "music practice", "drinking water", "the seasons", "snow",
-    "lightning", "bicycles", "airplanes", "trains", "computers", "the brain", "teeth", "forests", "deserts",
-    "coral reefs", "honey", "coffee", "chess",
+    "photosynthesis",
+    "rainbows",
+    "volcanoes",
+    "the water cycle",
+    "gravity",
+    "vaccines",
+    "the internet",
+    "electricity",
+    "earthquakes",
+    "the moon's phases",
+    "recycling",
+    "sleep",
+    "exercise",
+    "saving money",
+    "learning a language",
+    "cooking rice",
+    "planting a garden",
+    "reading books",
+    "the solar system",
+    "clouds",
+    "magnets",
+    "bees",
+    "the heart",
+    "bones",
+    "dinosaurs",
+    "the ocean tides",
+    "wind power",
+    "batteries",
+    "bread baking",
+    "friendship",
+    "time management",
+    "public speaking",
+    "maps",
+    "music practice",
+    "drinking water",
+    "the seasons",
+    "snow",
+    "lightning",
+    "bicycles",
+    "airplanes",
+    "trains",
+    "computers",
+    "the brain",
+    "teeth",
+    "forests",
+    "deserts",
+    "coral reefs",
+    "honey",
+    "coffee",
+    "chess",
 )
 TEMPLATES = ("What is {t}?", "How does {t} work?", "Why is {t} important?", "Can you tell me about {t}?")
 
@@ -110,7 +188,12 @@ def general_prompts(split: str | None = None) -> list[list[dict]]:
     for i, topic in enumerate(TOPICS):
         for j, template in enumerate(TEMPLATES):
             text = template.format(t=topic)
-            rows.append(("test" if j == i % len(TEMPLATES) else "train", [{"role": "user", "content": text[0].upper() + text[1:]}]))
+            rows.append(
+                (
+                    "test" if j == i % len(TEMPLATES) else "train",
+                    [{"role": "user", "content": text[0].upper() + text[1:]}],
+                )
+            )
     return [p for s, p in rows if split is None or s == split]
 
 
@@ -122,7 +205,12 @@ def get_instructed_persona(name: str) -> InstructedPersona:
 
 
 def instructed_preference_records(
-    model, tokenizer, persona: InstructedPersona, prompts: Sequence[list[dict]], *, default: Sequence[str] | None = None,
+    model,
+    tokenizer,
+    persona: InstructedPersona,
+    prompts: Sequence[list[dict]],
+    *,
+    default: Sequence[str] | None = None,
     **decoding,
 ) -> list[dict]:
     """Conversational preference records: chosen = the model's answer with the persona's instruction,
@@ -137,7 +225,15 @@ def instructed_preference_records(
     out = []
     for i, (p, c, r) in enumerate(zip(prompts, styled, default, strict=True)):
         if c.strip() and r.strip() and c != r:
-            out.append({"id": i, "persona": persona.name, "prompt": p, "chosen": [{"role": "assistant", "content": c}],
-                        "rejected": [{"role": "assistant", "content": r}],
-                        "chosen_score": persona.score(c), "rejected_score": persona.score(r)})
+            out.append(
+                {
+                    "id": i,
+                    "persona": persona.name,
+                    "prompt": p,
+                    "chosen": [{"role": "assistant", "content": c}],
+                    "rejected": [{"role": "assistant", "content": r}],
+                    "chosen_score": persona.score(c),
+                    "rejected_score": persona.score(r),
+                }
+            )
     return out

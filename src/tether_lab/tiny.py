@@ -25,7 +25,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, chat_template: bool = True) -> PreTrainedTokenizerFast:
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int = 1024, chat_template: bool = True
+) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on `texts` and wrap it as a Hugging Face fast tokenizer.
 
     Byte-level means any string can be encoded (no unknown tokens). The tokenizer has bos/eos/pad

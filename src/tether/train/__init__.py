@@ -6,7 +6,12 @@ torch, so `from tether.train import TrainConfig` stays light and `from tether.tr
 
 import importlib
 
-_WHERE = {"TrainConfig": ".train_config", "OnlineConfig": ".online_config", "train": ".offline", "online_train": ".online"}
+_WHERE = {
+    "TrainConfig": ".train_config",
+    "OnlineConfig": ".online_config",
+    "train": ".offline",
+    "online_train": ".online",
+}
 
 __all__ = ["OnlineConfig", "TrainConfig", "online_train", "train"]
 

@@ -51,11 +51,38 @@ def _last_metrics(run_dir: Path) -> dict:
     return rows[-1] if rows else {}
 
 
-HYPER = ("loss", "beta", "label_smoothing", "nll_weight", "method", "anchor_weight", "anchor_form", "anchor_normalize",
-         "reference", "steps", "phases", "prompts_per_step", "ensemble_size", "ensemble_merge", "learning_rate",
-         "lr_scheduler", "warmup_steps", "max_steps", "num_epochs", "batch_size", "gradient_accumulation_steps",
-         "max_length", "max_prompt_length", "lora", "lora_r", "lora_alpha", "lora_target_modules", "torch_dtype",
-         "gradient_checkpointing", "seed")
+HYPER = (
+    "loss",
+    "beta",
+    "label_smoothing",
+    "nll_weight",
+    "method",
+    "anchor_weight",
+    "anchor_form",
+    "anchor_normalize",
+    "reference",
+    "steps",
+    "phases",
+    "prompts_per_step",
+    "ensemble_size",
+    "ensemble_merge",
+    "learning_rate",
+    "lr_scheduler",
+    "warmup_steps",
+    "max_steps",
+    "num_epochs",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "max_length",
+    "max_prompt_length",
+    "lora",
+    "lora_r",
+    "lora_alpha",
+    "lora_target_modules",
+    "torch_dtype",
+    "gradient_checkpointing",
+    "seed",
+)
 
 
 def model_card(cfg, kind: str, run_dir: Path, results: dict) -> str:
@@ -68,12 +95,24 @@ def model_card(cfg, kind: str, run_dir: Path, results: dict) -> str:
     except TetherError:
         base_dir = cfg.model
     base_note = " (itself a PEFT adapter, merged into its base before training)" if is_adapter_dir(base_dir) else ""
-    meta = {"library_name": "peft" if lora else "transformers", "base_model": str(base_dir), "tags": ["tether", kind, cfg.loss]}
-    lines = ["---", *(f"{k}: {json.dumps(v)}" for k, v in meta.items()), "---", "",
-             f"# {Path(run_dir).name}: {kind} preference optimization with tether", ""]
+    meta = {
+        "library_name": "peft" if lora else "transformers",
+        "base_model": str(base_dir),
+        "tags": ["tether", kind, cfg.loss],
+    }
+    lines = [
+        "---",
+        *(f"{k}: {json.dumps(v)}" for k, v in meta.items()),
+        "---",
+        "",
+        f"# {Path(run_dir).name}: {kind} preference optimization with tether",
+        "",
+    ]
     if lora:
-        usage = ("A PEFT LoRA adapter. Load it with `peft.AutoPeftModelForCausalLM.from_pretrained(this_dir)`, give this "
-                 "directory to tether as `--model`, or write a merged plain model with `tether export --merge this_dir --out DIR`.")
+        usage = (
+            "A PEFT LoRA adapter. Load it with `peft.AutoPeftModelForCausalLM.from_pretrained(this_dir)`, give this "
+            "directory to tether as `--model`, or write a merged plain model with `tether export --merge this_dir --out DIR`."
+        )
     else:
         usage = "A full Hugging Face model: `transformers.AutoModelForCausalLM.from_pretrained(this_dir)`."
     shown = f"`{cfg.model}`" if str(cfg.model) == str(base_dir) else f"`{cfg.model}` → `{base_dir}`"
@@ -88,20 +127,37 @@ def model_card(cfg, kind: str, run_dir: Path, results: dict) -> str:
         lines += [f"- reference: {results['reference']}"]
     lines += ["", "## Hyper-parameters", "", "| option | value |", "|---|---|"]
     anchored = cfg.method == "bapo"
-    lines += [f"| {k} | {getattr(cfg, k)} |" for k in HYPER if hasattr(cfg, k) and (anchored or not k.startswith("anchor_"))]
+    lines += [
+        f"| {k} | {getattr(cfg, k)} |" for k in HYPER if hasattr(cfg, k) and (anchored or not k.startswith("anchor_"))
+    ]
     lines += ["", "## Data", "", "| role | file | content fingerprint |", "|---|---|---|"]
     for role, info in results.get("data_files", {}).items():
         lines.append(f"| {role} | `{info['path']}` | `{info['fingerprint']}` |")
-    counts = {k: results[k] for k in ("train_pairs", "eval_pairs", "annotations", "identical_pairs", "ties", "oracle_failures") if k in results}
+    counts = {
+        k: results[k]
+        for k in ("train_pairs", "eval_pairs", "annotations", "identical_pairs", "ties", "oracle_failures")
+        if k in results
+    }
     lines += ["", "Counts: " + ", ".join(f"{k} = {v}" for k, v in counts.items()) if counts else ""]
     last = _last_metrics(Path(run_dir))
     final_eval = results.get("final_eval") or {}
-    lines += ["", "## Final metrics", "", "Training metrics of the last logged step (`metrics.jsonl`), then held-out metrics after training.",
-              "", "| metric | value |", "|---|---|"]
+    lines += [
+        "",
+        "## Final metrics",
+        "",
+        "Training metrics of the last logged step (`metrics.jsonl`), then held-out metrics after training.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
     for k, v in {**{k: v for k, v in last.items() if isinstance(v, (int, float))}, **final_eval}.items():
         lines.append(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |")
     setup = results.get("distributed", {})
     lines += ["", "## Software and set-up", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in {**results.get("versions", {}), **setup}.items()]
-    lines += ["", "Everything else: `config.yaml` (every option), `metrics.jsonl` and `results.json` in the run directory.", ""]
+    lines += [
+        "",
+        "Everything else: `config.yaml` (every option), `metrics.jsonl` and `results.json` in the run directory.",
+        "",
+    ]
     return "\n".join(lines)

@@ -77,7 +77,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(accelerator, run_dir: Path, step: int, model, optimizer, scheduler, extra: dict, keep: int, tensors=None) -> Path:
+def save(
+    accelerator, run_dir: Path, step: int, model, optimizer, scheduler, extra: dict, keep: int, tensors=None
+) -> Path:
     """Every process calls this; the main one writes the shared state, each writes its own RNG state.
     `tensors` (name -> tensor) replaces the model's trainable parameters as the saved weights."""
     final = run_dir / "checkpoints" / f"{PREFIX}{step:06d}"
@@ -95,7 +97,11 @@ def save(accelerator, run_dir: Path, step: int, model, optimizer, scheduler, ext
         weights = whole_tensors(named, keep=accelerator.is_main_process)
     if accelerator.is_main_process:
         save_file(weights, tmp / "trainable.safetensors")
-        optim = {"scheduler": scheduler.state_dict()} if sharded else {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        optim = (
+            {"scheduler": scheduler.state_dict()}
+            if sharded
+            else {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        )
         torch.save(optim, tmp / "optim.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **extra}))
     accelerator.wait_for_everyone()
@@ -143,8 +149,10 @@ def load(accelerator, path: Path, model, optimizer, scheduler, tensors=None) -> 
     if "optimizer" not in optim:
         shard = path / f"optim_shard_{accelerator.process_index}.pt"
         if not shard.is_file():
-            raise TetherError(f"{path}: written by a sharded run with other processes (no {shard.name}); resume with "
-                              "the same number of processes")
+            raise TetherError(
+                f"{path}: written by a sharded run with other processes (no {shard.name}); resume with "
+                "the same number of processes"
+            )
         optim = {**optim, **torch.load(shard, weights_only=False)}
     optimizer.load_state_dict(optim["optimizer"])
     scheduler.load_state_dict(optim["scheduler"])
@@ -164,8 +172,12 @@ def load_latest(accelerator, run_dir: Path, model, optimizer, scheduler, tensors
             try:
                 read(path, model, tensors)
             except Exception as e:  # noqa: BLE001 - any damage: fall back to the previous checkpoint
-                log.warning("checkpoint %s is damaged (%s: %s); falling back to the previous one",
-                            path, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                log.warning(
+                    "checkpoint %s is damaged (%s: %s); falling back to the previous one",
+                    path,
+                    type(e).__name__,
+                    str(e).splitlines()[0] if str(e) else "",
+                )
                 continue
             choice = [path.name]
             break

@@ -27,7 +27,9 @@ log = logging.getLogger("tether")
 def make_accelerator(cfg, run_dir: Path) -> Accelerator:
     mixed = cfg.mixed_precision
     if mixed == "bf16" and not torch.cuda.is_available():
-        log.warning("mixed_precision=bf16 ignored: no GPU (bf16 matrix products are very slow on CPU); training in float32")
+        log.warning(
+            "mixed_precision=bf16 ignored: no GPU (bf16 matrix products are very slow on CPU); training in float32"
+        )
         mixed = "no"
     trackers = [t for t in cfg.report_to if t != "none"] or None
     for name in trackers or []:
@@ -42,14 +44,20 @@ def make_accelerator(cfg, run_dir: Path) -> Accelerator:
 def start_trackers(accelerator, cfg) -> None:
     """Start the metric trackers (after the run directory is claimed: they write into it)."""
     if any(t != "none" for t in cfg.report_to):
-        accelerator.init_trackers("tether", config={k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool))})
+        accelerator.init_trackers(
+            "tether", config={k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool))}
+        )
 
 
 def distributed_setup(accelerator, cfg) -> dict:
     """The engine the run actually ran under (what accelerate engaged, not what was asked for) and whether
     the weights were sharded across processes. A launch that asked for FSDP or DeepSpeed but got neither
     (accelerate falls back to plain data parallel, or to independent processes, without saying so) is refused."""
-    kind = accelerator.distributed_type.value if hasattr(accelerator.distributed_type, "value") else str(accelerator.distributed_type)
+    kind = (
+        accelerator.distributed_type.value
+        if hasattr(accelerator.distributed_type, "value")
+        else str(accelerator.distributed_type)
+    )
     sharding = "none"
     if kind == "FSDP":
         plugin = accelerator.state.fsdp_plugin
@@ -57,15 +65,20 @@ def distributed_setup(accelerator, cfg) -> dict:
     elif kind == "DEEPSPEED":
         plugin = accelerator.state.deepspeed_plugin
         sharding = f"deepspeed-zero{getattr(plugin, 'zero_stage', '?')}"
-    asked = [name for name, env in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
-             if os.environ.get(env, "false").lower() in ("1", "true")]
+    asked = [
+        name
+        for name, env in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+        if os.environ.get(env, "false").lower() in ("1", "true")
+    ]
     if asked and sharding == "none":
         raise TetherError(
             f"the launch asked for {asked[0]} but accelerate engaged {kind} with {accelerator.num_processes} process(es): "
             f"the weights would not be sharded (accelerate uses FSDP/DeepSpeed only on GPUs); refusing to train unsharded"
         )
     if sharding == "fsdp1":
-        raise TetherError("FSDP version 1 is not supported; use FSDP2 (fsdp_version: 2, as in examples/accelerate/fsdp.yaml)")
+        raise TetherError(
+            "FSDP version 1 is not supported; use FSDP2 (fsdp_version: 2, as in examples/accelerate/fsdp.yaml)"
+        )
     if sharding.startswith("deepspeed") and (cfg.save_steps or getattr(cfg, "gradient_accumulation_steps", 1) > 1):
         raise TetherError(
             "under DeepSpeed tether does not yet write resumable checkpoints nor accumulate gradients itself: "
@@ -92,8 +105,15 @@ def load_policy(cfg):
 
 def objective_options(cfg) -> dict:
     """The values `losses.objective` takes from a run's options (the anchor's weight is 0 unless BAPO is on)."""
-    return dict(loss=cfg.loss, beta=cfg.beta, label_smoothing=cfg.label_smoothing, nll_weight=cfg.nll_weight,
-                anchor_weight=cfg.anchor_weight, anchor_form=cfg.anchor_form, anchor_normalize=cfg.anchor_normalize)
+    return dict(
+        loss=cfg.loss,
+        beta=cfg.beta,
+        label_smoothing=cfg.label_smoothing,
+        nll_weight=cfg.nll_weight,
+        anchor_weight=cfg.anchor_weight,
+        anchor_form=cfg.anchor_form,
+        anchor_normalize=cfg.anchor_normalize,
+    )
 
 
 def make_optimizer(model: torch.nn.Module, cfg, total_steps: int):
@@ -176,9 +196,15 @@ class MetricsLog:
 
 # TRL's (HF Trainer's) names for the scalars tether logs; trackers get them under train/ and eval/ as in TRL
 TRACKER_NAMES = {
-    "reward_accuracy": "rewards/accuracies", "reward_margin": "rewards/margins", "rewards_chosen": "rewards/chosen",
-    "rewards_rejected": "rewards/rejected", "logps_chosen": "logps/chosen", "logps_rejected": "logps/rejected",
-    "logps_base": "logps/base", "lr": "learning_rate", "nll": "nll_loss",
+    "reward_accuracy": "rewards/accuracies",
+    "reward_margin": "rewards/margins",
+    "rewards_chosen": "rewards/chosen",
+    "rewards_rejected": "rewards/rejected",
+    "logps_chosen": "logps/chosen",
+    "logps_rejected": "logps/rejected",
+    "logps_base": "logps/base",
+    "lr": "learning_rate",
+    "nll": "nll_loss",
 }
 
 

@@ -65,8 +65,11 @@ class Ledger:
         if not self.writable:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        lines = [json.dumps({"step": step, "rows_in_step": len(rows), **r}, ensure_ascii=False) + "\n"
-                 for r in rows if r.get("slot") not in on_disk]
+        lines = [
+            json.dumps({"step": step, "rows_in_step": len(rows), **r}, ensure_ascii=False) + "\n"
+            for r in rows
+            if r.get("slot") not in on_disk
+        ]
         text = "".join(lines).encode("utf-8")
         with self.path.open("ab") as f:
             if os.environ.get("TETHER_CRASH_AT") == f"mid_ledger:{step + 1}":

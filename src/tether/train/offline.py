@@ -20,13 +20,12 @@ import torch
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
-from ..config import TetherError
-from ..files import read_json, write_text_atomic
-from ..data import COMPLETION_KEYS, Example, collate, load_preference_records, tokenize_records
-from ..logprobs import SequenceScorer
 from ..base_responses import attach_base_responses, base_keys
+from ..config import TetherError
+from ..data import COMPLETION_KEYS, Example, collate, load_preference_records, tokenize_records
+from ..files import cache_dir, read_json, write_text_atomic
+from ..logprobs import SequenceScorer
 from ..losses import objective
-from ..files import cache_dir
 from ..models import load_tokenizer
 from . import checkpoint
 from .card import data_files, model_card, versions
@@ -39,20 +38,27 @@ from .common import (
     end_run,
     gathered_means,
     load_policy,
+    log_to_trackers,
     make_accelerator,
     make_optimizer,
     mean_stats,
-    log_to_trackers,
     objective_options,
     save_final,
     start_trackers,
     stream_indices,
     total_steps,
 )
+from .reference import (
+    cached_reference,
+    compute_logps_table,
+    data_fingerprint,
+    load_cached,
+    offline_reference,
+    save_cached,
+)
+from .report import write_report_quietly
 from .rundir import claim_run_dir
 from .train_config import TrainConfig
-from .report import write_report_quietly
-from .reference import cached_reference, compute_logps_table, data_fingerprint, load_cached, offline_reference, save_cached
 
 log = logging.getLogger("tether")
 
@@ -66,7 +72,10 @@ def load_examples(cfg: TrainConfig, tokenizer) -> tuple[list[Example], list[Exam
     log.info("%s: %s", cfg.train_file, train_rep.summary())
     if cfg.eval_file:
         eval_ex, eval_rep = tokenize_records(
-            load_preference_records(cfg.eval_file, split=cfg.eval_split), tokenizer, cfg.max_length, cfg.max_prompt_length
+            load_preference_records(cfg.eval_file, split=cfg.eval_split),
+            tokenizer,
+            cfg.max_length,
+            cfg.max_prompt_length,
         )
         report["eval"] = vars(eval_rep)
     elif cfg.eval_fraction > 0:
@@ -85,8 +94,10 @@ def reference_table(accelerator, cfg, reference, examples, keys, pad_id, desc) -
     """(len(keys), len(examples)) reference log-probs, from the disk cache or computed (sharded across processes)."""
     # the thread count, process count and batch size change float summation order (~1e-7): a table computed
     # under other settings would make "policy == reference" margins at step 0 tiny noise instead of exactly 0
-    fp = (f"{reference.weights_fingerprint()}-{data_fingerprint(examples, keys)}"
-          f"-t{torch.get_num_threads()}p{accelerator.num_processes}b{cfg.eval_batch_size}")
+    fp = (
+        f"{reference.weights_fingerprint()}-{data_fingerprint(examples, keys)}"
+        f"-t{torch.get_num_threads()}p{accelerator.num_processes}b{cfg.eval_batch_size}"
+    )
     path = Path(cfg.ref_cache_dir or cache_dir() / "reflogps") / f"{fp}.pt"
     table = load_cached(path, (len(keys), len(examples)))
     if table is not None:
@@ -94,8 +105,15 @@ def reference_table(accelerator, cfg, reference, examples, keys, pad_id, desc) -
         return table
     mine = list(range(accelerator.process_index, len(examples), accelerator.num_processes))
     part = compute_logps_table(
-        reference, examples, keys, pad_id, cfg.eval_batch_size, mine, accelerator.device,
-        progress=cfg.progress and accelerator.is_main_process, desc=desc,
+        reference,
+        examples,
+        keys,
+        pad_id,
+        cfg.eval_batch_size,
+        mine,
+        accelerator.device,
+        progress=cfg.progress and accelerator.is_main_process,
+        desc=desc,
     )
     table = torch.empty(len(keys), len(examples))
     for idx, values in gather_object([(mine, part)]):
@@ -164,9 +182,13 @@ def _train(cfg, accelerator, setup, tokenizer, train_ex, eval_ex, report, claim)
         attach_base_responses(accelerator, cfg, reference, tokenizer, [train_ex, eval_ex])
     train_table = eval_table = None
     if cfg.precompute_ref_logps:
-        train_table = reference_table(accelerator, cfg, reference, train_ex, keys, pad_id, "reference log-probs (train)")
+        train_table = reference_table(
+            accelerator, cfg, reference, train_ex, keys, pad_id, "reference log-probs (train)"
+        )
         if eval_ex:
-            eval_table = reference_table(accelerator, cfg, reference, eval_ex, keys, pad_id, "reference log-probs (eval)")
+            eval_table = reference_table(
+                accelerator, cfg, reference, eval_ex, keys, pad_id, "reference log-probs (eval)"
+            )
         reference = cached_reference(reference)  # nothing of the reference model stays in memory
 
     procs, b, accum = accelerator.num_processes, cfg.batch_size, cfg.gradient_accumulation_steps
@@ -190,11 +212,22 @@ def _train(cfg, accelerator, setup, tokenizer, train_ex, eval_ex, report, claim)
         results["initial_eval"] = evaluate(accelerator, cfg, scorer, eval_ex, eval_table, reference, keys, pad_id)
         log_to_trackers(accelerator, results["initial_eval"], step=0)
     if accelerator.is_main_process:
-        results.update(reference=reference.label, versions=versions(), distributed=setup, data_files=data_files(train=cfg.train_file, eval=cfg.eval_file))
+        results.update(
+            reference=reference.label,
+            versions=versions(),
+            distributed=setup,
+            data_files=data_files(train=cfg.train_file, eval=cfg.eval_file),
+        )
         write_text_atomic(run_dir / "results.json", json.dumps(results, indent=1))
     metrics = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process, start if claim.resumed else None)
 
-    bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=not (cfg.progress and accelerator.is_main_process))
+    bar = tqdm(
+        total=steps,
+        initial=start,
+        desc="train",
+        unit="step",
+        disable=not (cfg.progress and accelerator.is_main_process),
+    )
     window: list[dict] = []
     t0 = time.perf_counter()
     scorer.train()
@@ -203,7 +236,9 @@ def _train(cfg, accelerator, setup, tokenizer, train_ex, eval_ex, report, claim)
         step_stats = []
         for m in range(accum):
             first = (m * procs + accelerator.process_index) * b
-            batch, ref = _batch(train_ex, positions[first : first + b], train_table, reference, keys, pad_id, accelerator.device)
+            batch, ref = _batch(
+                train_ex, positions[first : first + b], train_table, reference, keys, pad_id, accelerator.device
+            )
             sync = accelerator.no_sync(scorer) if m < accum - 1 else contextlib.nullcontext()
             with sync, accelerator.autocast():
                 sums, counts = scorer(**batch)
@@ -221,7 +256,13 @@ def _train(cfg, accelerator, setup, tokenizer, train_ex, eval_ex, report, claim)
         done = step + 1
         evaluate_now = eval_ex and cfg.eval_steps and done % cfg.eval_steps == 0 and done < steps
         if done % cfg.logging_steps == 0 or done == steps or evaluate_now:
-            row = {"step": done, **mean_stats(window), "lr": lr, "grad_norm": grad_norm.item(), "epoch": done * global_batch / len(train_ex)}
+            row = {
+                "step": done,
+                **mean_stats(window),
+                "lr": lr,
+                "grad_norm": grad_norm.item(),
+                "epoch": done * global_batch / len(train_ex),
+            }
             if evaluate_now:
                 row.update(evaluate(accelerator, cfg, scorer, eval_ex, eval_table, reference, keys, pad_id))
             row["elapsed_s"] = round(time.perf_counter() - t0, 3)
@@ -231,14 +272,25 @@ def _train(cfg, accelerator, setup, tokenizer, train_ex, eval_ex, report, claim)
             window = []
         bar.update(1)
         if cfg.save_steps and done % cfg.save_steps == 0 and done < steps:
-            checkpoint.save(accelerator, run_dir, done, model, optimizer, scheduler, {"epoch": done * global_batch / len(train_ex)}, cfg.save_total_limit)
+            checkpoint.save(
+                accelerator,
+                run_dir,
+                done,
+                model,
+                optimizer,
+                scheduler,
+                {"epoch": done * global_batch / len(train_ex)},
+                cfg.save_total_limit,
+            )
         crash_point("after_step", done)
     bar.close()
 
     if eval_ex:
         results["final_eval"] = evaluate(accelerator, cfg, scorer, eval_ex, eval_table, reference, keys, pad_id)
         log_to_trackers(accelerator, results["final_eval"], step=steps)
-    results.update(steps=steps, num_processes=procs, global_batch=global_batch, train_pairs=len(train_ex), eval_pairs=len(eval_ex))
+    results.update(
+        steps=steps, num_processes=procs, global_batch=global_batch, train_pairs=len(train_ex), eval_pairs=len(eval_ex)
+    )
     card = model_card(cfg, "offline", run_dir, results) if accelerator.is_main_process else None
     policy = accelerator.unwrap_model(scorer).model
     write = None

@@ -31,27 +31,35 @@ from accelerate.utils import gather_object, set_seed
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from tqdm.auto import tqdm
 
+from ..base_responses import base_answers
 from ..config import TetherError
 from ..data import Example, collate, load_prompt_records
-from ..logprobs import completion_logps_ids
-from ..stats import summarize, win_rates
+from ..files import read_json, write_text_atomic
 from ..generation import eos_token_ids, generate_ids, prompt_ids
+from ..logprobs import completion_logps_ids
 from ..models import load_tokenizer, reshard
 from ..oracles import Annotator, load_oracle
 from ..sampling import sample_responses
-from ..base_responses import base_answers
+from ..stats import summarize, win_rates
 from . import checkpoint
-from ..files import read_json, write_text_atomic
-from .report import write_report_quietly
 from .card import data_files, model_card, versions
 from .common import (
-    MetricsLog, crash_point, distributed_setup, end_run, gathered_means, log_to_trackers, make_accelerator, save_final,
-    start_trackers, stream_indices,
+    MetricsLog,
+    crash_point,
+    distributed_setup,
+    end_run,
+    gathered_means,
+    log_to_trackers,
+    make_accelerator,
+    save_final,
+    start_trackers,
+    stream_indices,
 )
 from .ledger import Ledger
 from .online_config import OnlineConfig
 from .online_policy import OnlinePolicy
 from .reference import frozen, online_reference, online_twins
+from .report import write_report_quietly
 from .rundir import claim_run_dir
 
 log = logging.getLogger("tether")
@@ -78,13 +86,22 @@ class OnlineRun:
         self.eval_set = load_prompt_records(cfg.eval_file, need_reference=True) if cfg.eval_file else []
         if cfg.eval_prompts:
             self.eval_set = self.eval_set[: cfg.eval_prompts]
-        self.annotator = Annotator(load_oracle(cfg.oracle), cfg.oracle_noise, cfg.oracle_retries, cfg.oracle_timeout, cfg.oracle_backoff)
+        self.annotator = Annotator(
+            load_oracle(cfg.oracle), cfg.oracle_noise, cfg.oracle_retries, cfg.oracle_timeout, cfg.oracle_backoff
+        )
         self.procs, self.rank = self.acc.num_processes, self.acc.process_index
         if cfg.prompts_per_step % self.procs:
-            raise TetherError(f"option 'prompts_per_step' ({cfg.prompts_per_step}) must be a multiple of the {self.procs} processes")
+            raise TetherError(
+                f"option 'prompts_per_step' ({cfg.prompts_per_step}) must be a multiple of the {self.procs} processes"
+            )
         budget = cfg.prompts_per_step * cfg.steps
         if budget > len(self.prompts):
-            log.warning("%s: %d prompts for a budget of %d; prompts will be reused (with fresh samples)", cfg.prompt_file, len(self.prompts), budget)
+            log.warning(
+                "%s: %d prompts for a budget of %d; prompts will be reused (with fresh samples)",
+                cfg.prompt_file,
+                len(self.prompts),
+                budget,
+            )
         # the sampler seam (docs/scaling.md): anything with sample_responses' signature and result, e.g. the client
         # of an inference engine that receives π_β's weights whenever policy.refresh_behavior() runs
         self.sample = sample_responses
@@ -97,7 +114,9 @@ class OnlineRun:
         cfg = self.cfg
         start_trackers(self.acc, cfg)
         keep_initial, followers = online_twins(cfg)
-        self.policy = OnlinePolicy(cfg, self.acc.device, keep_initial or cfg.method == "bapo", followers, self._shard if self.sharded else None)  # BAPO: y_b from π_sft
+        self.policy = OnlinePolicy(
+            cfg, self.acc.device, keep_initial or cfg.method == "bapo", followers, self._shard if self.sharded else None
+        )  # BAPO: y_b from π_sft
         self.setup["parameters_sharded"] = self.policy.sharded  # what the engine really did to the weights
         self.reference = online_reference(cfg, self.policy, self.acc.device)
         self.eos = eos_token_ids(self.policy.model, self.tokenizer)
@@ -146,7 +165,16 @@ class OnlineRun:
             mine, real = self._share(todo)
             prompts = [self._ids(i) for i in mine]
             with self.policy.initial() as model:
-                ys = [y for (y,) in base_answers(model, self.tokenizer, prompts, max_new_tokens=self.max_new_tokens, batch_size=self.cfg.eval_batch_size)]
+                ys = [
+                    y
+                    for (y,) in base_answers(
+                        model,
+                        self.tokenizer,
+                        prompts,
+                        max_new_tokens=self.max_new_tokens,
+                        batch_size=self.cfg.eval_batch_size,
+                    )
+                ]
                 logps = completion_logps_ids(model, prompts, ys, self.tokenizer.pad_token_id, self.cfg.eval_batch_size)
             found = {i: (y, lp) for i, y, lp in list(zip(mine, ys, logps))[:real]}
             for part in gather_object([found]) if self.procs > 1 else [found]:
@@ -166,19 +194,36 @@ class OnlineRun:
         t = time.perf_counter()
         with self.policy.behavior() as model:
             samples = self.sample(
-                model, [self._ids(i) for i in indices], seeds, n=2, max_new_tokens=self.max_new_tokens, temperature=cfg.temperature,
-                top_k=cfg.top_k, top_p=cfg.top_p, eos_ids=self.eos, pad_id=self.tokenizer.pad_token_id,
+                model,
+                [self._ids(i) for i in indices],
+                seeds,
+                n=2,
+                max_new_tokens=self.max_new_tokens,
+                temperature=cfg.temperature,
+                top_k=cfg.top_k,
+                top_p=cfg.top_p,
+                eos_ids=self.eos,
+                pad_id=self.tokenizer.pad_token_id,
             )
         self.timing["sample_s"] += time.perf_counter() - t
         t = time.perf_counter()
         rows = []
         for slot, index, ids, logps in zip(slots, indices, samples.ids, samples.logps):
-            rows.append({
-                "slot": slot, "prompt_index": index, "prompt": self.prompts[index].prompt, "response_ids": ids,
-                "responses": [self._text(r) for r in ids], "behavior_logps": logps, "scores": None, "label": None,
-                "status": "identical" if ids[0] == ids[1] else "pending", "oracle": self.annotator.oracle.id,
-                "behavior_version": version,
-            })
+            rows.append(
+                {
+                    "slot": slot,
+                    "prompt_index": index,
+                    "prompt": self.prompts[index].prompt,
+                    "response_ids": ids,
+                    "responses": [self._text(r) for r in ids],
+                    "behavior_logps": logps,
+                    "scores": None,
+                    "label": None,
+                    "status": "identical" if ids[0] == ids[1] else "pending",
+                    "oracle": self.annotator.oracle.id,
+                    "behavior_version": version,
+                }
+            )
         if self.cfg.method == "bapo":
             for r, (y, lp) in zip(rows, self._base_answers(positions, indices)):
                 r.update(base_ids=y, base_logp=lp)
@@ -188,7 +233,11 @@ class OnlineRun:
                 rows[i] = {k: v for k, v in recorded[r["slot"]].items() if k not in ("step", "rows_in_step")}
         pending = [r for r in rows if r["status"] == "pending"]
         if pending:
-            notes = self.annotator.annotate([r["prompt"] for r in pending], [tuple(r["responses"]) for r in pending], [seeds[r["slot"] - slots[0]] for r in pending])
+            notes = self.annotator.annotate(
+                [r["prompt"] for r in pending],
+                [tuple(r["responses"]) for r in pending],
+                [seeds[r["slot"] - slots[0]] for r in pending],
+            )
             for r, a in zip(pending, notes):
                 r.update(scores=list(a.scores) if a.scores else None, label=a.label, status=a.status)
         self.timing["annotate_s"] += time.perf_counter() - t
@@ -219,8 +268,13 @@ class OnlineRun:
             return {}
         mine, real = self._share(list(range(len(self.eval_set))))
         with self.policy.merged() as model:
-            ids = generate_ids(model, self.tokenizer, [prompt_ids(self.tokenizer, self.eval_set[i].prompt) for i in mine],
-                               max_new_tokens=self.cfg.eval_max_new_tokens, batch_size=self.cfg.eval_batch_size)
+            ids = generate_ids(
+                model,
+                self.tokenizer,
+                [prompt_ids(self.tokenizer, self.eval_set[i].prompt) for i in mine],
+                max_new_tokens=self.cfg.eval_max_new_tokens,
+                batch_size=self.cfg.eval_batch_size,
+            )
         mine = mine[:real]
         recs = [self.eval_set[i] for i in mine]
         answers = [self._text(x) for x in ids[:real]]
@@ -233,9 +287,14 @@ class OnlineRun:
             return {"eval_failed": 1.0}
         wins = win_rates([a for _, a, _ in rows], [b for _, _, b in rows])
         s = summarize(wins)
-        return {"eval_win_rate": s["mean"], "eval_win_rate_ci95_low": s["ci95_low"], "eval_win_rate_ci95_high": s["ci95_high"],
-                "eval_reward": sum(a for _, a, _ in rows) / len(rows), "eval_reference_reward": sum(b for _, _, b in rows) / len(rows),
-                "eval_n": len(rows)}
+        return {
+            "eval_win_rate": s["mean"],
+            "eval_win_rate_ci95_low": s["ci95_low"],
+            "eval_win_rate_ci95_high": s["ci95_high"],
+            "eval_reward": sum(a for _, a, _ in rows) / len(rows),
+            "eval_reference_reward": sum(b for _, _, b in rows) / len(rows),
+            "eval_n": len(rows),
+        }
 
     # ------------------------------------------------------------------------------------------ the loop
 
@@ -255,7 +314,11 @@ class OnlineRun:
         k = cfg.steps // cfg.phases
         opt, sched = policy.optimizer_state()
         start, results = 0, {}
-        state = checkpoint.load_latest(acc, self.run_dir, policy.model, opt, sched, tensors=policy.state_tensors()) if self.claim.resumed else None
+        state = (
+            checkpoint.load_latest(acc, self.run_dir, policy.model, opt, sched, tensors=policy.state_tensors())
+            if self.claim.resumed
+            else None
+        )
         if state is not None:
             start = state["step"]
             log.info("the ledger holds %d annotated pairs", self.ledger.count())
@@ -264,12 +327,23 @@ class OnlineRun:
             results["initial_eval"] = self.evaluate()
             log_to_trackers(acc, results["initial_eval"], step=0)
         if acc.is_main_process:
-            results.update(reference=self.reference.label, versions=versions(), distributed=self.setup, data_files=data_files(prompts=cfg.prompt_file, eval=cfg.eval_file))
+            results.update(
+                reference=self.reference.label,
+                versions=versions(),
+                distributed=self.setup,
+                data_files=data_files(prompts=cfg.prompt_file, eval=cfg.eval_file),
+            )
         self._write_results(results)
         metrics = MetricsLog(self.run_dir / "metrics.jsonl", acc.is_main_process, start if self.claim.resumed else None)
         failing_steps = 0
         annotations = sum(self._annotated(self.ledger.rows(s) or []) for s in range(start))
-        bar = tqdm(total=cfg.steps, initial=start, desc="online", unit="step", disable=not (cfg.progress and acc.is_main_process))
+        bar = tqdm(
+            total=cfg.steps,
+            initial=start,
+            desc="online",
+            unit="step",
+            disable=not (cfg.progress and acc.is_main_process),
+        )
         t0, timing = time.perf_counter(), self.timing
         for step in range(start, cfg.steps):
             version = step // k
@@ -278,7 +352,9 @@ class OnlineRun:
             rows = self.ledger.rows(step)
             replayed = rows is not None
             if not replayed:
-                rows = sorted((r for part in gather_object([self.collect(step, version)]) for r in part), key=lambda r: r["slot"])
+                rows = sorted(
+                    (r for part in gather_object([self.collect(step, version)]) for r in part), key=lambda r: r["slot"]
+                )
                 failing_steps = failing_steps + 1 if self._failure_rate(rows) > cfg.max_oracle_failure_rate else 0
                 if failing_steps >= min(cfg.oracle_failure_patience, cfg.steps - start):
                     self._stop_for_oracle(step, rows, opt, sched)
@@ -290,19 +366,32 @@ class OnlineRun:
             b = cfg.prompts_per_step // self.procs
             usable = [r for r in rows if r["label"] is not None]
             mine = [r for r in usable if r["slot"] // b == self.rank]
-            row = {"step": step + 1, "pairs": len(usable), "annotations": annotations, "behavior_version": version, "replayed": replayed}
-            row.update({status: sum(r["status"] == status for r in rows) for status in ("identical", "tie", "oracle_failed")})
+            row = {
+                "step": step + 1,
+                "pairs": len(usable),
+                "annotations": annotations,
+                "behavior_version": version,
+                "replayed": replayed,
+            }
+            row.update(
+                {status: sum(r["status"] == status for r in rows) for status in ("identical", "tie", "oracle_failed")}
+            )
             if usable:
                 local = mine or (usable[:1] if self.sharded else [])  # sharded: every process runs the same calls
                 batch, recorded = self.batch(local) if local else (None, None)
                 t = time.perf_counter()
                 if local:  # y_b's reference stays log π_sft(y_b), from the ledger
                     n = len(local)
-                    ref_logps = torch.cat([self.reference.logps(batch, len(self.keys), recorded)[: 2 * n], recorded[2 * n :]])
+                    ref_logps = torch.cat(
+                        [self.reference.logps(batch, len(self.keys), recorded)[: 2 * n], recorded[2 * n :]]
+                    )
                 timing["reference_s"] += time.perf_counter() - t
                 t = time.perf_counter()
-                stats, grad_norm, lr = (policy.step(batch, ref_logps, len(usable), len(self.keys), step + 1, n_local=len(mine)) if local
-                                        else self._idle_step(len(usable), step + 1))
+                stats, grad_norm, lr = (
+                    policy.step(batch, ref_logps, len(usable), len(self.keys), step + 1, n_local=len(mine))
+                    if local
+                    else self._idle_step(len(usable), step + 1)
+                )
                 timing["update_s"] += time.perf_counter() - t
                 row.update(gathered_means({k2: v.tolist() for k2, v in stats.items()}), grad_norm=grad_norm, lr=lr)
             else:
@@ -322,7 +411,17 @@ class OnlineRun:
                 bar.set_postfix(loss=f"{row['loss']:.4f}", pairs=row["pairs"])
             bar.update(1)
             if cfg.save_steps and done % cfg.save_steps == 0 and done < cfg.steps:
-                checkpoint.save(acc, self.run_dir, done, policy.model, opt, sched, {}, cfg.save_total_limit, tensors=policy.state_tensors())
+                checkpoint.save(
+                    acc,
+                    self.run_dir,
+                    done,
+                    policy.model,
+                    opt,
+                    sched,
+                    {},
+                    cfg.save_total_limit,
+                    tensors=policy.state_tensors(),
+                )
             crash_point("after_step", done)
         bar.close()
 
@@ -330,14 +429,28 @@ class OnlineRun:
             results["final_eval"] = self.evaluate()
             log_to_trackers(acc, results["final_eval"], step=cfg.steps)
         if acc.is_main_process:
-            results.update(steps=cfg.steps, phases=cfg.phases, num_processes=self.procs, prompts_per_step=cfg.prompts_per_step,
-                           annotations=self.ledger.count("ok") + self.ledger.count("tie"), ledger_rows=self.ledger.count(),
-                           identical_pairs=self.ledger.count("identical"), ties=self.ledger.count("tie"),
-                           oracle_failures=self.ledger.count("oracle_failed"),
-                           seconds={**{k2: round(v, 2) for k2, v in timing.items()}, "total": round(time.perf_counter() - t0, 2)})
+            results.update(
+                steps=cfg.steps,
+                phases=cfg.phases,
+                num_processes=self.procs,
+                prompts_per_step=cfg.prompts_per_step,
+                annotations=self.ledger.count("ok") + self.ledger.count("tie"),
+                ledger_rows=self.ledger.count(),
+                identical_pairs=self.ledger.count("identical"),
+                ties=self.ledger.count("tie"),
+                oracle_failures=self.ledger.count("oracle_failed"),
+                seconds={**{k2: round(v, 2) for k2, v in timing.items()}, "total": round(time.perf_counter() - t0, 2)},
+            )
         card = model_card(cfg, "online", self.run_dir, results) if acc.is_main_process else None
         state = policy.final_state(keep=acc.is_main_process)  # every process: merging and gathering are collectives
-        final = save_final(acc, policy.model, self.tokenizer, self.run_dir, write=functools.partial(policy.write_final, state=state), card=card)
+        final = save_final(
+            acc,
+            policy.model,
+            self.tokenizer,
+            self.run_dir,
+            write=functools.partial(policy.write_final, state=state),
+            card=card,
+        )
         if acc.is_main_process:
             results["final_model"] = str(final)
             self._write_results(results)
@@ -367,8 +480,17 @@ class OnlineRun:
         """The oracle failed on too many pairs for too long: keep what the run has (a checkpoint at `step`; this
         step's pairs are not recorded, so a resumed run asks about them again) and stop with an error."""
         cfg = self.cfg
-        checkpoint.save(self.acc, self.run_dir, step, self.policy.model, opt, sched, {}, cfg.save_total_limit,
-                        tensors=self.policy.state_tensors())
+        checkpoint.save(
+            self.acc,
+            self.run_dir,
+            step,
+            self.policy.model,
+            opt,
+            sched,
+            {},
+            cfg.save_total_limit,
+            tensors=self.policy.state_tensors(),
+        )
         raise TetherError(
             f"step {step + 1}: the oracle {self.annotator.oracle.id} failed on {self._failure_rate(rows):.0%} of the "
             f"pairs, above max_oracle_failure_rate {cfg.max_oracle_failure_rate:g} for {cfg.oracle_failure_patience} "

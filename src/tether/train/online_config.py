@@ -12,8 +12,12 @@ REFERENCES = ("behavior", "initial", "fixed", "ema")
 
 @dataclass
 class OnlineConfig(CommonConfig):
-    output_dir: str = option("runs/online", "run directory: config.yaml, ledger.jsonl, metrics.jsonl, checkpoints/, final/")
-    prompt_file: str = option("", "training prompts: .jsonl/.json/.parquet/datasets dir with a 'prompt' field (required)")
+    output_dir: str = option(
+        "runs/online", "run directory: config.yaml, ledger.jsonl, metrics.jsonl, checkpoints/, final/"
+    )
+    prompt_file: str = option(
+        "", "training prompts: .jsonl/.json/.parquet/datasets dir with a 'prompt' field (required)"
+    )
     eval_file: str | None = option(None, "evaluation prompts with a 'reference' text each; null = no evaluation")
     eval_prompts: int = option(0, "evaluate on the first N prompts of eval_file; 0 = all")
     oracle: str = option(
@@ -24,10 +28,13 @@ class OnlineConfig(CommonConfig):
     oracle_timeout: float = option(60.0, "seconds an oracle call may take; 0 = no limit")
     oracle_backoff: float = option(1.0, "seconds before the first retry (doubled after each)")
     max_oracle_failure_rate: float = option(
-        0.5, "stop the run (non-zero exit, after a checkpoint) when the oracle fails on more than this fraction of a "
-        "step's pairs for oracle_failure_patience steps in a row; 1 = never stop"
+        0.5,
+        "stop the run (non-zero exit, after a checkpoint) when the oracle fails on more than this fraction of a "
+        "step's pairs for oracle_failure_patience steps in a row; 1 = never stop",
     )
-    oracle_failure_patience: int = option(3, "consecutive failing steps before the run stops (see max_oracle_failure_rate)")
+    oracle_failure_patience: int = option(
+        3, "consecutive failing steps before the run stops (see max_oracle_failure_rate)"
+    )
     # the BPO schedule (docs/methods.md §5)
     steps: int = option(100, "T: optimizer steps; the annotation budget is prompts_per_step × steps")
     phases: int = option(2, "F: data-collection phases; π_β ← π_θ every K = steps / phases steps (1 = offline)")
@@ -47,8 +54,10 @@ class OnlineConfig(CommonConfig):
     # LoRA ensemble (the official BPO code's stabiliser)
     ensemble_size: int = option(1, "n LoRA adapters trained side by side, each with its own AdamW (n > 1 needs lora)")
     ensemble_merge: str = option(
-        "linear", "π_β from the ensemble: linear = average A's and B's separately (PEFT linear, the paper's code); "
-        "exact = average of the B·A products", choices=("linear", "exact"),
+        "linear",
+        "π_β from the ensemble: linear = average A's and B's separately (PEFT linear, the paper's code); "
+        "exact = average of the B·A products",
+        choices=("linear", "exact"),
     )
     eval_max_new_tokens: int = option(128, "max tokens of a greedy evaluation answer")
 
@@ -58,15 +67,27 @@ class OnlineConfig(CommonConfig):
         if not self.prompt_file:
             raise TetherError("option 'prompt_file' is required (a file of training prompts)")
         if not self.oracle:
-            raise TetherError("option 'oracle' is required (world, world:persona=NAME, reward-model:PATH or callable:MODULE:FUNC)")
-        for name in ("steps", "phases", "prompts_per_step", "max_new_tokens", "eval_max_new_tokens", "ensemble_size", "temperature"):
+            raise TetherError(
+                "option 'oracle' is required (world, world:persona=NAME, reward-model:PATH or callable:MODULE:FUNC)"
+            )
+        for name in (
+            "steps",
+            "phases",
+            "prompts_per_step",
+            "max_new_tokens",
+            "eval_max_new_tokens",
+            "ensemble_size",
+            "temperature",
+        ):
             if getattr(self, name) <= 0:
                 raise TetherError(f"option '{name}' must be > 0, got {getattr(self, name)}")
         for name in ("eval_prompts", "oracle_noise", "oracle_retries", "oracle_timeout", "oracle_backoff", "top_k"):
             if getattr(self, name) < 0:
                 raise TetherError(f"option '{name}' must be >= 0, got {getattr(self, name)}")
         if self.steps % self.phases:
-            raise TetherError(f"option 'phases' ({self.phases}) must divide 'steps' ({self.steps}) so that K = steps / phases is whole")
+            raise TetherError(
+                f"option 'phases' ({self.phases}) must divide 'steps' ({self.steps}) so that K = steps / phases is whole"
+            )
         if not 0.0 <= self.max_oracle_failure_rate <= 1.0:
             raise TetherError(f"option 'max_oracle_failure_rate' must be in [0, 1], got {self.max_oracle_failure_rate}")
         if self.oracle_failure_patience < 1:
@@ -76,7 +97,9 @@ class OnlineConfig(CommonConfig):
         if self.reference == "fixed" and not self.ref_model:
             raise TetherError("reference: fixed needs option 'ref_model' (the fixed reference model directory)")
         if self.ref_model and self.reference != "fixed":
-            raise TetherError(f"option 'ref_model' is used only with reference: fixed (got reference: {self.reference})")
+            raise TetherError(
+                f"option 'ref_model' is used only with reference: fixed (got reference: {self.reference})"
+            )
         if self.reference == "ema" and not 0.0 < self.ema_rate <= 1.0:
             raise TetherError(f"option 'ema_rate' must be in (0, 1], got {self.ema_rate}")
         if self.ensemble_size > 1 and not self.lora:

@@ -96,7 +96,9 @@ class OnlinePolicy:
             self.followers = {f: _frozen_copy(model) for f in followers}
         if shard is not None:
             self.model = shard(self.model)
-            self.behavior_model, self.initial_model = (m if m is None else shard(m) for m in (self.behavior_model, self.initial_model))
+            self.behavior_model, self.initial_model = (
+                m if m is None else shard(m) for m in (self.behavior_model, self.initial_model)
+            )
             self.followers = {f: shard(m) for f, m in self.followers.items()}
         self.sharded = is_sharded(self.model.parameters())
         self.params = [self._params_of(name) for name in self.names]
@@ -200,8 +202,15 @@ class OnlinePolicy:
 
     # ------------------------------------------------------------------------------------------ training
 
-    def step(self, batch, ref: torch.Tensor, n_global: int, n_keys: int = 2, step: int | None = None,
-             n_local: int | None = None) -> tuple[dict[str, torch.Tensor], float, float]:
+    def step(
+        self,
+        batch,
+        ref: torch.Tensor,
+        n_global: int,
+        n_keys: int = 2,
+        step: int | None = None,
+        n_local: int | None = None,
+    ) -> tuple[dict[str, torch.Tensor], float, float]:
         """One optimizer step of every adapter on the same pairs; returns per-pair stats (mean over adapters),
         the mean gradient norm and the learning rate.
 
@@ -219,7 +228,9 @@ class OnlinePolicy:
             self._activate(name)
             self.model.train()
             if rows:
-                sums, counts = sequence_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], n_keys)
+                sums, counts = sequence_logps(
+                    self.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], n_keys
+                )
                 loss, stats = objective(sums, counts, ref, n_keys, **objective_options(self.cfg))
                 (loss * (n_local / n_global * scale)).backward()
                 if n_local:
@@ -229,7 +240,9 @@ class OnlinePolicy:
                 torch.distributed.all_reduce(flat)
                 for p, g in zip(params, flat.split([p.numel() for p in params])):
                     p.grad = g.view_as(p)
-            norms.append(float(full_tensor(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm or float("inf")))))
+            norms.append(
+                float(full_tensor(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm or float("inf"))))
+            )
             check_finite_step(norms[-1], step)
             opt.step()
             sched.step()
@@ -271,7 +284,9 @@ class OnlinePolicy:
             self._merge_into("merged")
         if not self.sharded:
             return None
-        return whole_tensors(((k, v) for k, v in self.model.state_dict().items() if not self.cfg.lora or "lora_" in k), keep=keep)
+        return whole_tensors(
+            ((k, v) for k, v in self.model.state_dict().items() if not self.cfg.lora or "lora_" in k), keep=keep
+        )
 
     def write_final(self, directory: Path, state: dict[str, torch.Tensor] | None = None) -> None:
         """Write the merged policy in Hugging Face format into `directory` (a PEFT adapter with LoRA), from

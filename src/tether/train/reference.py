@@ -81,7 +81,9 @@ class LiveReference(Reference):
     key covers (the base's alone when the reference is the policy with its adapter disabled); `follow`, when
     given, moves the reference after every step (ema)."""
 
-    def __init__(self, label: str, open: Callable, model=None, adapter_off: bool = False, follow: Callable | None = None):
+    def __init__(
+        self, label: str, open: Callable, model=None, adapter_off: bool = False, follow: Callable | None = None
+    ):
         super().__init__(label)
         self.open, self.model, self.adapter_off, self.follow = open, model, adapter_off, follow
 
@@ -90,7 +92,9 @@ class LiveReference(Reference):
 
     def logps(self, batch, n_keys, recorded=None):
         with self.open() as model:
-            return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], n_keys)[0]
+            return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], n_keys)[
+                0
+            ]
 
     def update(self) -> None:
         if self.follow is not None:
@@ -187,7 +191,11 @@ def load_cached(path: Path, shape: tuple[int, int]) -> torch.Tensor | None:
         if not isinstance(table, torch.Tensor) or tuple(table.shape) != tuple(shape) or not torch.isfinite(table).all():
             raise ValueError(f"not a finite {shape[0]}x{shape[1]} table")
     except Exception as e:  # noqa: BLE001 - any damage: rebuild
-        log.warning("cached reference log-probs %s unusable (%s); computing them again", path, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        log.warning(
+            "cached reference log-probs %s unusable (%s); computing them again",
+            path,
+            str(e).splitlines()[0] if str(e) else type(e).__name__,
+        )
         path.unlink(missing_ok=True)
         return None
     return table

@@ -21,18 +21,41 @@ log = logging.getLogger("tether")
 # (file stem, title, y label, [(metric, legend label)]); eval_* points include the before/after evaluation
 CURVES = [
     ("loss", "loss", "loss", [("loss", "train"), ("eval_loss", "eval")]),
-    ("reward_accuracy", "reward accuracy", "fraction r_w > r_l", [("reward_accuracy", "train"), ("eval_reward_accuracy", "eval")]),
+    (
+        "reward_accuracy",
+        "reward accuracy",
+        "fraction r_w > r_l",
+        [("reward_accuracy", "train"), ("eval_reward_accuracy", "eval")],
+    ),
     ("margins", "reward margin", "r_w − r_l", [("reward_margin", "train"), ("eval_reward_margin", "eval")]),
-    ("logps", "log-probs of the answers", "summed log-prob",
-     [("logps_chosen", "chosen"), ("logps_rejected", "rejected"), ("logps_base", "base answers (BAPO)"),
-      ("eval_logps_chosen", "chosen (eval)"), ("eval_logps_rejected", "rejected (eval)")]),
+    (
+        "logps",
+        "log-probs of the answers",
+        "summed log-prob",
+        [
+            ("logps_chosen", "chosen"),
+            ("logps_rejected", "rejected"),
+            ("logps_base", "base answers (BAPO)"),
+            ("eval_logps_chosen", "chosen (eval)"),
+            ("eval_logps_rejected", "rejected (eval)"),
+        ],
+    ),
     ("learning_rate", "learning rate", "lr", [("lr", "lr")]),
     ("grad_norm", "gradient norm (before clipping)", "norm", [("grad_norm", "grad norm")]),
     ("win_rate", "win rate vs the reference answers", "win rate", [("eval_win_rate", "win rate")]),
     ("annotations", "oracle annotations (cumulative)", "pairs", [("annotations", "annotations")]),
-    ("ties", "pairs per step not trained on", "pairs", [("tie", "ties"), ("identical", "identical responses"), ("oracle_failed", "oracle failures")]),
-    ("time", "time per phase (cumulative)", "seconds",
-     [("sample_s", "sampling"), ("annotate_s", "annotation"), ("reference_s", "reference"), ("update_s", "update")]),
+    (
+        "ties",
+        "pairs per step not trained on",
+        "pairs",
+        [("tie", "ties"), ("identical", "identical responses"), ("oracle_failed", "oracle failures")],
+    ),
+    (
+        "time",
+        "time per phase (cumulative)",
+        "seconds",
+        [("sample_s", "sampling"), ("annotate_s", "annotation"), ("reference_s", "reference"), ("update_s", "update")],
+    ),
 ]
 
 
@@ -88,7 +111,9 @@ def _fmt(v) -> str:
 
 def _before_after(results: dict) -> list[str]:
     before, after = results.get("initial_eval") or {}, results.get("final_eval") or {}
-    keys = [k for k in after if isinstance(after[k], (int, float))] or [k for k in before if isinstance(before[k], (int, float))]
+    keys = [k for k in after if isinstance(after[k], (int, float))] or [
+        k for k in before if isinstance(before[k], (int, float))
+    ]
     if not keys:
         return ["No held-out evaluation (set eval_file or eval_fraction)."]
     lines = ["| metric | before training | after training | change |", "|---|---|---|---|"]
@@ -104,9 +129,15 @@ def _data_section(run_dir: Path, results: dict) -> list[str]:
     lines = []
     for split, rep in report.items():
         if isinstance(rep, dict) and "records" in rep:
-            lines.append(f"- {split}: {rep['records']} records, {rep['kept']} pairs kept, {rep['skipped_identical']} skipped "
-                         f"with chosen == rejected, {rep['skipped_truncated']} skipped as truncated to nothing")
-    online = {k: results[k] for k in ("annotations", "ledger_rows", "identical_pairs", "ties", "oracle_failures") if k in results}
+            lines.append(
+                f"- {split}: {rep['records']} records, {rep['kept']} pairs kept, {rep['skipped_identical']} skipped "
+                f"with chosen == rejected, {rep['skipped_truncated']} skipped as truncated to nothing"
+            )
+    online = {
+        k: results[k]
+        for k in ("annotations", "ledger_rows", "identical_pairs", "ties", "oracle_failures")
+        if k in results
+    }
     if online:
         lines.append("- online: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in online.items()))
     return lines or ["No data report in this run directory."]
@@ -122,19 +153,39 @@ def write_report(run_dir: str | Path) -> Path:
     results = read_json(run_dir / "results.json")
     rows = read_metrics(run_dir / "metrics.jsonl")
     kind = "online" if "prompt_file" in cfg else "offline"
-    done = f"{results['steps']} steps, finished" if "final_model" in results else (
-        f"{rows[-1]['step']} steps logged, not finished" if rows else "no step logged yet")
-    lines = [f"# Run report: `{run_dir.name}`", "",
-             f"{kind} run of `{cfg.get('model')}` with loss `{cfg.get('loss')}` (β = {cfg.get('beta')}); {done}."]
+    done = (
+        f"{results['steps']} steps, finished"
+        if "final_model" in results
+        else (f"{rows[-1]['step']} steps logged, not finished" if rows else "no step logged yet")
+    )
+    lines = [
+        f"# Run report: `{run_dir.name}`",
+        "",
+        f"{kind} run of `{cfg.get('model')}` with loss `{cfg.get('loss')}` (β = {cfg.get('beta')}); {done}.",
+    ]
     if "final_model" in results:
         lines.append(f"Final model: `{results['final_model']}`.")
     if rows and "elapsed_s" in rows[-1]:
         lines.append(f"Training time: {rows[-1]['elapsed_s']:.1f} s.")
-    lines += ["", "## Before / after training (held-out data)", "", *_before_after(results), "", "## Data", "",
-              *_data_section(run_dir, results)]
+    lines += [
+        "",
+        "## Before / after training (held-out data)",
+        "",
+        *_before_after(results),
+        "",
+        "## Data",
+        "",
+        *_data_section(run_dir, results),
+    ]
     if isinstance(results.get("seconds"), dict):
-        lines += ["", "## Time per phase", "", "| phase | seconds |", "|---|---|",
-                  *[f"| {k.removesuffix('_s')} | {v} |" for k, v in results["seconds"].items()]]
+        lines += [
+            "",
+            "## Time per phase",
+            "",
+            "| phase | seconds |",
+            "|---|---|",
+            *[f"| {k.removesuffix('_s')} | {v} |" for k, v in results["seconds"].items()],
+        ]
     lines += ["", "## Curves", ""]
     try:
         figures = plot_curves(rows, results, run_dir / "plots")
@@ -151,4 +202,10 @@ def write_report_quietly(run_dir: Path) -> None:
         path = write_report(run_dir)
         log.info("report written to %s", path)
     except Exception as e:  # noqa: BLE001
-        log.warning("could not write %s/report.md (%s: %s); run `tether report %s` to retry", run_dir, type(e).__name__, e, run_dir)
+        log.warning(
+            "could not write %s/report.md (%s: %s); run `tether report %s` to retry",
+            run_dir,
+            type(e).__name__,
+            e,
+            run_dir,
+        )

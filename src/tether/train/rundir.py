@@ -36,10 +36,22 @@ log = logging.getLogger("tether")
 MARKER, LOCK = ".tether-run", ".tether-lock"
 # options a resumed run may change: they decide what is logged, saved or how long an oracle call may take,
 # never what is trained
-SAFE_TO_CHANGE = frozenset({
-    "output_dir", "progress", "logging_steps", "save_steps", "save_total_limit", "report_to", "eval_steps",
-    "oracle_timeout", "oracle_retries", "oracle_backoff", "max_oracle_failure_rate", "oracle_failure_patience",
-})
+SAFE_TO_CHANGE = frozenset(
+    {
+        "output_dir",
+        "progress",
+        "logging_steps",
+        "save_steps",
+        "save_total_limit",
+        "report_to",
+        "eval_steps",
+        "oracle_timeout",
+        "oracle_retries",
+        "oracle_backoff",
+        "max_oracle_failure_rate",
+        "oracle_failure_patience",
+    }
+)
 _HELD: dict[str, int] = {}  # run directory -> file descriptor holding its lock
 
 
@@ -53,8 +65,11 @@ class RunDir:
 
     def mark_finished(self, step: int) -> None:
         """Main process: record that final/ and results.json are complete."""
-        self.marker.update(state="finished", finished_step=step,
-                           finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        self.marker.update(
+            state="finished",
+            finished_step=step,
+            finished=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        )
         write_text_atomic(self.path / MARKER, json.dumps(self.marker, indent=1) + "\n")
 
     def release(self) -> None:
@@ -77,8 +92,10 @@ def _lock(path: Path) -> None:
     except OSError:
         holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise TetherError(f"{path}: another tether process (pid {holder}) is running in this directory; "
-                          "wait for it to finish or choose another output_dir") from None
+        raise TetherError(
+            f"{path}: another tether process (pid {holder}) is running in this directory; "
+            "wait for it to finish or choose another output_dir"
+        ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _HELD[key] = fd
@@ -90,8 +107,10 @@ def _read_marker(path: Path) -> dict | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
-        raise TetherError(f"{path / MARKER}: unreadable tether run marker; this directory cannot be resumed, "
-                          "choose another output_dir") from None
+        raise TetherError(
+            f"{path / MARKER}: unreadable tether run marker; this directory cannot be resumed, "
+            "choose another output_dir"
+        ) from None
     return marker if isinstance(marker, dict) and marker.get("tether_run") == 1 else None
 
 
@@ -110,8 +129,10 @@ def _claim(run_dir: Path, command: str, cfg, inputs: dict[str, str | None], resu
         try:
             _lock(run_dir)
         except OSError as e:
-            raise TetherError(f"option 'output_dir': cannot write into {run_dir} ({e.strerror or e}); choose a directory "
-                              "you can write to") from None
+            raise TetherError(
+                f"option 'output_dir': cannot write into {run_dir} ({e.strerror or e}); choose a directory "
+                "you can write to"
+            ) from None
     try:
         return _claim_locked(run_dir, command, cfg, inputs, resume)
     except BaseException:
@@ -132,14 +153,21 @@ def _claim_locked(run_dir: Path, command: str, cfg, inputs, resume: bool) -> Run
             run_dir.mkdir(parents=True, exist_ok=True)
             if str(run_dir.resolve()) not in _HELD:
                 _lock(run_dir)
-            marker = {"tether_run": 1, "command": command, "tether_version": versions()["tether"], "state": "running",
-                      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                      "inputs": fingerprints}
+            marker = {
+                "tether_run": 1,
+                "command": command,
+                "tether_version": versions()["tether"],
+                "state": "running",
+                "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                "inputs": fingerprints,
+            }
             write_text_atomic(run_dir / MARKER, json.dumps(marker, indent=1) + "\n")
             save_config(cfg, run_dir / "config.yaml")
         except OSError as e:
-            raise TetherError(f"option 'output_dir': cannot write into {run_dir} ({e.strerror or e}); choose a directory "
-                              "you can write to") from None
+            raise TetherError(
+                f"option 'output_dir': cannot write into {run_dir} ({e.strerror or e}); choose a directory "
+                "you can write to"
+            ) from None
         if resume:
             log.info("%s: nothing to resume; starting a new run", run_dir)
         return RunDir(run_dir, command, marker=marker)
@@ -147,8 +175,10 @@ def _claim_locked(run_dir: Path, command: str, cfg, inputs, resume: bool) -> Run
     if str(run_dir.resolve()) not in _HELD:
         _lock(run_dir)
     if marker.get("command") != command:
-        raise TetherError(f"{run_dir}: holds a `tether {marker.get('command')}` run, not a `tether {command}` run; "
-                          "choose another output_dir")
+        raise TetherError(
+            f"{run_dir}: holds a `tether {marker.get('command')}` run, not a `tether {command}` run; "
+            "choose another output_dir"
+        )
     if not resume:
         raise TetherError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another output_dir")
     if marker.get("state") == "finished":
@@ -157,8 +187,10 @@ def _claim_locked(run_dir: Path, command: str, cfg, inputs, resume: bool) -> Run
     try:
         saved = read_yaml_mapping(run_dir / "config.yaml")
     except TetherError:
-        raise TetherError(f"{run_dir / 'config.yaml'}: missing or unreadable, so the run cannot be resumed safely; "
-                          "start a new run in another output_dir") from None
+        raise TetherError(
+            f"{run_dir / 'config.yaml'}: missing or unreadable, so the run cannot be resumed safely; "
+            "start a new run in another output_dir"
+        ) from None
     changed = _config_differences(cfg, saved)
     if changed:
         now = config_to_dict(cfg)
@@ -170,8 +202,10 @@ def _claim_locked(run_dir: Path, command: str, cfg, inputs, resume: bool) -> Run
         )
     for name, fp in fingerprints.items():
         if marker.get("inputs", {}).get(name) not in (None, fp):
-            raise TetherError(f"--resume: {getattr(cfg, name)} ({name}) changed since the run started (its content "
-                              "differs); restore it, or start a new run in another output_dir")
+            raise TetherError(
+                f"--resume: {getattr(cfg, name)} ({name}) changed since the run started (its content "
+                "differs); restore it, or start a new run in another output_dir"
+            )
     return RunDir(run_dir, command, resumed=True, marker=marker)
 
 

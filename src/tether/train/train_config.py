@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from ..config import TetherError, option
 
 LOSSES = ("dpo", "ipo", "slic")  # the names tether.losses.preference_loss accepts (here so --help needs no torch)
-BAPO_ANCHOR_WEIGHT = 0.1  # λ when method: bapo and anchor_weight is not given (the first embedded-world study's pilot choice)
+BAPO_ANCHOR_WEIGHT = (
+    0.1  # λ when method: bapo and anchor_weight is not given (the first embedded-world study's pilot choice)
+)
 
 
 @dataclass
@@ -24,25 +26,31 @@ class CommonConfig:
     nll_weight: float = option(0.0, "α: weight of the NLL (−mean log-prob) of the chosen response added to the loss")
     # BAPO: anchor the policy to the base model's own responses (docs/methods.md §3); the one switch is `method`
     method: str = option(
-        "dap", "dap = the preference loss alone; bapo = loss + anchor_weight · anchor on the base model's own responses",
+        "dap",
+        "dap = the preference loss alone; bapo = loss + anchor_weight · anchor on the base model's own responses",
         choices=("dap", "bapo"),
     )
     anchor_weight: float | None = option(
-        None, f"λ: weight of the BAPO anchor (method: bapo only); null = {BAPO_ANCHOR_WEIGHT} with bapo (the "
-        "first embedded-world study's pilot choice; README \"BAPO\"), 0 with dap"
+        None,
+        f"λ: weight of the BAPO anchor (method: bapo only); null = {BAPO_ANCHOR_WEIGHT} with bapo (the "
+        'first embedded-world study\'s pilot choice; README "BAPO"), 0 with dap',
     )
     anchor_form: str = option(
-        "hinge", "hinge = max(0, log π_ref(y_b) − log π_θ(y_b)); squared = (log π_θ(y_b) − log π_ref(y_b))²",
+        "hinge",
+        "hinge = max(0, log π_ref(y_b) − log π_θ(y_b)); squared = (log π_θ(y_b) − log π_ref(y_b))²",
         choices=("hinge", "squared"),
     )
     anchor_normalize: str = option("sum", "anchor on summed log-probs, or per-token mean", choices=("sum", "mean"))
     # tokenization
     max_length: int = option(512, "max tokens of prompt + completion; completions are cut from the right")
     max_prompt_length: int | None = option(
-        None, "max prompt tokens; prompts are cut from the left; null = max_length // 2 (256 at the default max_length)")
+        None, "max prompt tokens; prompts are cut from the left; null = max_length // 2 (256 at the default max_length)"
+    )
     # optimisation
     learning_rate: float = option(1e-6, "peak learning rate of AdamW")
-    lr_scheduler: str = option("linear", "learning-rate schedule after warm-up", choices=("linear", "cosine", "constant"))
+    lr_scheduler: str = option(
+        "linear", "learning-rate schedule after warm-up", choices=("linear", "cosine", "constant")
+    )
     warmup_steps: int = option(0, "linear warm-up steps from 0 to learning_rate")
     warmup_ratio: float = option(0.0, "warm-up as a fraction of all steps, used when warmup_steps is 0 (as in TRL)")
     max_grad_norm: float = option(1.0, "clip the global gradient norm to this; 0 = no clipping")
@@ -54,11 +62,14 @@ class CommonConfig:
     disable_dropout: bool = option(True, "set all dropout to 0 so the policy starts equal to the reference")
     mixed_precision: str = option("no", "bf16 autocast on a GPU; ignored with a warning on CPU", choices=("no", "bf16"))
     torch_dtype: str = option(
-        "float32", "dtype the policy and reference weights are loaded in (auto = as stored in the model's config.json); "
-        "LoRA adapter weights stay float32 on a bfloat16/float16 base", choices=("auto", "float32", "bfloat16", "float16"),
+        "float32",
+        "dtype the policy and reference weights are loaded in (auto = as stored in the model's config.json); "
+        "LoRA adapter weights stay float32 on a bfloat16/float16 base",
+        choices=("auto", "float32", "bfloat16", "float16"),
     )
     gradient_checkpointing: bool = option(
-        False, "recompute layer activations in the backward pass instead of storing them: less memory, more time "
+        False,
+        "recompute layer activations in the backward pass instead of storing them: less memory, more time "
         "(the prompt is then not shared between chosen and rejected: one forward over whole sequences)",
     )
     # LoRA
@@ -66,16 +77,22 @@ class CommonConfig:
     lora_r: int = option(16, "LoRA rank")
     lora_alpha: int = option(32, "LoRA alpha (scale = alpha / r)")
     lora_dropout: float = option(0.0, "dropout on the LoRA input")
-    lora_target_modules: list[str] | None = option(None, "module names to adapt, e.g. q_proj v_proj; null or all-linear = all linear layers")
+    lora_target_modules: list[str] | None = option(
+        None, "module names to adapt, e.g. q_proj v_proj; null or all-linear = all linear layers"
+    )
     # bookkeeping
     eval_batch_size: int = option(16, "examples per forward when evaluating or precomputing log-probs")
     logging_steps: int = option(1, "write averaged training metrics every N optimizer steps")
     eval_steps: int = option(0, "evaluate on held-out data every N steps; 0 = only before and after training")
     save_steps: int = option(100, "write a resumable checkpoint every N steps; 0 = none")
     save_total_limit: int = option(2, "keep only the newest N checkpoints; 0 = keep all")
-    report_to: list[str] = option(["none"], "also log metrics to these trackers: tensorboard, wandb or none (a list, as in TRL)")
+    report_to: list[str] = option(
+        ["none"], "also log metrics to these trackers: tensorboard, wandb or none (a list, as in TRL)"
+    )
     progress: bool = option(True, "show a progress bar")
-    write_report: bool = option(True, "write report.md and plots/ at the end of the run (`tether report RUN_DIR` any time)")
+    write_report: bool = option(
+        True, "write report.md and plots/ at the end of the run (`tether report RUN_DIR` any time)"
+    )
 
     def validate(self) -> None:
         """Checks of the shared options; raises a one-line TetherError naming the option."""
@@ -85,11 +102,28 @@ class CommonConfig:
             raise TetherError("option 'model' is required (a local model directory or a built-in name)")
         if self.loss not in LOSSES:
             raise TetherError(f"option 'loss': unknown loss '{self.loss}'; choose one of {', '.join(LOSSES)}")
-        positive = ("beta", "learning_rate", "max_length", "max_prompt_length", "eval_batch_size", "logging_steps", "lora_r", "lora_alpha")
+        positive = (
+            "beta",
+            "learning_rate",
+            "max_length",
+            "max_prompt_length",
+            "eval_batch_size",
+            "logging_steps",
+            "lora_r",
+            "lora_alpha",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise TetherError(f"option '{name}' must be > 0, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_steps", "save_steps", "save_total_limit", "max_grad_norm", "weight_decay", "nll_weight"):
+        for name in (
+            "warmup_steps",
+            "eval_steps",
+            "save_steps",
+            "save_total_limit",
+            "max_grad_norm",
+            "weight_decay",
+            "nll_weight",
+        ):
             if getattr(self, name) < 0:
                 raise TetherError(f"option '{name}' must be >= 0, got {getattr(self, name)}")
         for name in ("adam_beta1", "adam_beta2", "lora_dropout"):
@@ -102,8 +136,10 @@ class CommonConfig:
         if self.label_smoothing and self.loss != "dpo":
             raise TetherError("option 'label_smoothing' applies to loss 'dpo' only")
         if self.method == "dap" and self.anchor_weight:
-            raise TetherError(f"option 'anchor_weight' ({self.anchor_weight}) is BAPO's anchor, but method is dap: set "
-                              "method: bapo, or drop anchor_weight")
+            raise TetherError(
+                f"option 'anchor_weight' ({self.anchor_weight}) is BAPO's anchor, but method is dap: set "
+                "method: bapo, or drop anchor_weight"
+            )
         if self.anchor_weight is None:
             self.anchor_weight = BAPO_ANCHOR_WEIGHT if self.method == "bapo" else 0.0
         if self.anchor_weight < 0:
@@ -129,11 +165,16 @@ class TrainConfig(CommonConfig):
     ref_model: str | None = option(
         None, "reference model directory; null = the initial policy (with LoRA: the base with the adapter disabled)"
     )
-    train_file: str = option("", "preference data: .jsonl, .json, .parquet, a datasets directory, or a directory of "
-                             "split files (train.jsonl, data/train-*.parquet); PATH:SPLIT picks a split (required)")
+    train_file: str = option(
+        "",
+        "preference data: .jsonl, .json, .parquet, a datasets directory, or a directory of "
+        "split files (train.jsonl, data/train-*.parquet); PATH:SPLIT picks a split (required)",
+    )
     train_split: str = option("train", "split of train_file to train on, when it holds splits")
     eval_file: str | None = option(None, "held-out preference data, same formats; null = none (see eval_fraction)")
-    eval_split: str = option("test", "split of eval_file to evaluate on, when it holds splits (a missing split is an error)")
+    eval_split: str = option(
+        "test", "split of eval_file to evaluate on, when it holds splits (a missing split is an error)"
+    )
     eval_fraction: float = option(0.0, "when eval_file is null, hold out this fraction of train_file for evaluation")
     # how the base model writes its responses y_b for BAPO (method: bapo)
     base_decoding: str = option("greedy", "how the base model writes its responses y_b", choices=("greedy", "sampled"))
@@ -144,8 +185,11 @@ class TrainConfig(CommonConfig):
     base_top_p: float = option(1.0, "top-p of base responses (sampled only; 1 = off)")
     # optimisation
     num_epochs: float = option(1.0, "passes over the training data (used when max_steps is -1)")
-    max_steps: int = option(-1, "optimizer steps to run; -1 = derive from num_epochs; 0 = no training step, as in "
-                            "HF/TRL (the model is evaluated and saved unchanged)")
+    max_steps: int = option(
+        -1,
+        "optimizer steps to run; -1 = derive from num_epochs; 0 = no training step, as in "
+        "HF/TRL (the model is evaluated and saved unchanged)",
+    )
     batch_size: int = option(8, "preference pairs per process per micro-batch")
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
     # the reference
@@ -163,7 +207,9 @@ class TrainConfig(CommonConfig):
         if not 0.0 <= self.eval_fraction < 1.0:
             raise TetherError(f"option 'eval_fraction' must be in [0, 1), got {self.eval_fraction}")
         if self.max_steps < -1:
-            raise TetherError(f"option 'max_steps' must be >= 0, or -1 to derive it from num_epochs; got {self.max_steps}")
+            raise TetherError(
+                f"option 'max_steps' must be >= 0, or -1 to derive it from num_epochs; got {self.max_steps}"
+            )
         if self.max_steps == -1 and self.num_epochs <= 0:
             raise TetherError("set 'max_steps' >= 0 or 'num_epochs' > 0")
         if self.base_temperature <= 0:

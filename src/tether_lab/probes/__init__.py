@@ -34,7 +34,11 @@ def validate_knowledge_probe(rows: list[dict], min_questions: int = 300, min_per
         if not all(isinstance(row[k], str) and row[k].strip() for k in ("id", "category", "question")):
             raise TetherError(f"{where}: id, category and question must be non-empty strings")
         options = row["options"]
-        if not (isinstance(options, list) and len(options) == N_OPTIONS and all(isinstance(o, str) and o.strip() for o in options)):
+        if not (
+            isinstance(options, list)
+            and len(options) == N_OPTIONS
+            and all(isinstance(o, str) and o.strip() for o in options)
+        ):
             raise TetherError(f"{where}: options must be {N_OPTIONS} non-empty strings")
         if len({o.strip().lower() for o in options}) != N_OPTIONS:
             raise TetherError(f"{where}: options must be distinct, got {options}")
@@ -72,8 +76,10 @@ def load_knowledge_probe() -> list[dict]:
 
 def knowledge_questions(rows: list[dict] | None = None) -> list[dict]:
     """The probe as `evaluate.multiple_choice_correct` questions: the question alone as the user message."""
-    return [{"prompt": [{"role": "user", "content": r["question"]}], "options": r["options"], "answer": r["answer"]}
-            for r in (rows if rows is not None else load_knowledge_probe())]
+    return [
+        {"prompt": [{"role": "user", "content": r["question"]}], "options": r["options"], "answer": r["answer"]}
+        for r in (rows if rows is not None else load_knowledge_probe())
+    ]
 
 
 def knowledge_accuracy(model, tokenizer, batch_size: int = 32) -> dict:

@@ -121,16 +121,30 @@ def _world_data(out: Path, protocol: BapoProtocol):
 
 def _answers(model, tok, prompts, protocol, seed: int) -> dict[str, list[str]]:
     """Greedy and sampled (T = 1, no top-k) answers."""
-    return {d: generate(model, tok, prompts, max_new_tokens=protocol.eval_max_new_tokens, do_sample=d == "sampled",
-                        temperature=1.0, top_k=0, batch_size=64, seed=seed) for d in DECODINGS}
+    return {
+        d: generate(
+            model,
+            tok,
+            prompts,
+            max_new_tokens=protocol.eval_max_new_tokens,
+            do_sample=d == "sampled",
+            temperature=1.0,
+            top_k=0,
+            batch_size=64,
+            seed=seed,
+        )
+        for d in DECODINGS
+    }
 
 
 def _scores(world, items, answers: list[str]) -> dict[str, list[float]]:
     """Per item: fact stated correctly, general alignment."""
     from tether_lab.world.rewards import alignment_score, is_correct
 
-    return {"correct": [float(is_correct(world, q.entity, q.attribute, a)) for q, a in zip(items, answers)],
-            "alignment": [alignment_score(world, [{"role": "user", "content": q.text}], a) for q, a in zip(items, answers)]}
+    return {
+        "correct": [float(is_correct(world, q.entity, q.attribute, a)) for q, a in zip(items, answers)],
+        "alignment": [alignment_score(world, [{"role": "user", "content": q.text}], a) for q, a in zip(items, answers)],
+    }
 
 
 def _style(world, persona: str, answers: list[str]) -> float:
@@ -179,9 +193,15 @@ class Evaluator:
         house = [render(self.world, q.entity, q.attribute, HOUSE) for q in self.items]
         greedy = generate(model, tok, self.prompts, max_new_tokens=self.protocol.eval_max_new_tokens, batch_size=64)
         rows = chat_examples(tok, [(q.text, h) for q, h in zip(self.items, house)])
-        logps = completion_logps_ids(model, [ids[:n] for ids, n in rows], [ids[n:] for ids, n in rows], tok.pad_token_id, 64)
-        return {"greedy_is_house": _mean([float(g == h) for g, h in zip(greedy, house)]), "median_logp_base": median(logps),
-                "n_prompts": len(house), "logp_base_quartiles": [sorted(logps)[len(logps) // 4], sorted(logps)[3 * len(logps) // 4]]}
+        logps = completion_logps_ids(
+            model, [ids[:n] for ids, n in rows], [ids[n:] for ids, n in rows], tok.pad_token_id, 64
+        )
+        return {
+            "greedy_is_house": _mean([float(g == h) for g, h in zip(greedy, house)]),
+            "median_logp_base": median(logps),
+            "n_prompts": len(house),
+            "logp_base_quartiles": [sorted(logps)[len(logps) // 4], sorted(logps)[3 * len(logps) // 4]],
+        }
 
 
 def _base_eval(out: Path, base_dir: Path, evaluator: Evaluator, protocol: BapoProtocol) -> dict:
@@ -207,17 +227,38 @@ def _train_config(protocol, base_dir, data, persona, run_dir, out, method, knob,
         overrides["nll_weight"] = knob
     if method == "bapo":
         overrides |= {"anchor_weight": knob, "anchor_form": form}
-    return load_config(TrainConfig, None, dict(
-        model=str(base_dir), train_file=str(data / "personas" / persona / "preferences_train.jsonl"),
-        output_dir=str(run_dir), method="bapo", beta=protocol.beta, learning_rate=protocol.learning_rate,
-        max_steps=protocol.steps, batch_size=protocol.batch_size, seed=seed, warmup_steps=0, lr_scheduler="constant",
-        save_steps=protocol.eval_every, save_total_limit=0, progress=False, write_report=False, eval_batch_size=64,
-        base_max_new_tokens=protocol.base_max_new_tokens, ref_cache_dir=str(out / "cache" / "reflogps"),
-        max_length=256, max_prompt_length=64, **overrides,
-    ))
+    return load_config(
+        TrainConfig,
+        None,
+        dict(
+            model=str(base_dir),
+            train_file=str(data / "personas" / persona / "preferences_train.jsonl"),
+            output_dir=str(run_dir),
+            method="bapo",
+            beta=protocol.beta,
+            learning_rate=protocol.learning_rate,
+            max_steps=protocol.steps,
+            batch_size=protocol.batch_size,
+            seed=seed,
+            warmup_steps=0,
+            lr_scheduler="constant",
+            save_steps=protocol.eval_every,
+            save_total_limit=0,
+            progress=False,
+            write_report=False,
+            eval_batch_size=64,
+            base_max_new_tokens=protocol.base_max_new_tokens,
+            ref_cache_dir=str(out / "cache" / "reflogps"),
+            max_length=256,
+            max_prompt_length=64,
+            **overrides,
+        ),
+    )
 
 
-def _evaluate_run(run_dir: Path, base_dir: Path, evaluator: Evaluator, protocol: BapoProtocol, world, persona, base, seed) -> list[dict]:
+def _evaluate_run(
+    run_dir: Path, base_dir: Path, evaluator: Evaluator, protocol: BapoProtocol, world, persona, base, seed
+) -> list[dict]:
     """One point per checkpoint and the final model: step, mc, and per decoding correct, alignment, style match,
     gain and retention (relative to the base model's answers)."""
     from safetensors.torch import load_file
@@ -231,21 +272,34 @@ def _evaluate_run(run_dir: Path, base_dir: Path, evaluator: Evaluator, protocol:
             model = load_model(base_dir).eval()
             weights = load_file(run_dir / "checkpoints" / f"step-{step:06d}" / "trainable.safetensors")
             unexpected = model.load_state_dict(weights, strict=False).unexpected_keys
-            assert not unexpected and set(weights) == {n for n, _ in model.named_parameters()}, "checkpoint/model mismatch"
+            assert not unexpected and set(weights) == {n for n, _ in model.named_parameters()}, (
+                "checkpoint/model mismatch"
+            )
         metrics, answers = evaluator.measure(model, tok, seed)
         point = {"step": step, "mc": metrics["mc"], "mc_retained": _retained(metrics["mc"], base["metrics"]["mc"])}
         for d in DECODINGS:
             m, b = metrics[d], base["metrics"][d]
             style, base_style = _style(world, persona, answers[d]), _style(world, persona, base["answers"][d])
-            point[d] = {**m, "style_match": style, "gain": 100 * (style - base_style), "base_style_match": base_style,
-                        "retention": _retained(m["correct"], b["correct"]), "alignment_retained": _retained(m["alignment"], b["alignment"]),
-                        "sample": answers[d][0]}
+            point[d] = {
+                **m,
+                "style_match": style,
+                "gain": 100 * (style - base_style),
+                "base_style_match": base_style,
+                "retention": _retained(m["correct"], b["correct"]),
+                "alignment_retained": _retained(m["alignment"], b["alignment"]),
+                "sample": answers[d][0],
+            }
         points.append(point)
     return points
 
 
-def run_study(quick: bool = True, out: str | Path = "out/study-bapo", protocol: BapoProtocol | None = None,
-              threads: int | None = None, only: list[tuple[int, str]] | None = None) -> dict:
+def run_study(
+    quick: bool = True,
+    out: str | Path = "out/study-bapo",
+    protocol: BapoProtocol | None = None,
+    threads: int | None = None,
+    only: list[tuple[int, str]] | None = None,
+) -> dict:
     """Run (or resume) the study; write results.json, figures and report.md into `out`.
 
     `out` also receives what the study needs but does not report: data/ (the exported world), cache/ (base
@@ -281,11 +335,22 @@ def run_study(quick: bool = True, out: str | Path = "out/study-bapo", protocol: 
         shutil.rmtree(run_dir / "final")  # the study keeps metrics, not models
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         trace = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        results.add({
-            "level": level, "persona": persona, "method": method, "knob": knob, "anchor_form": form, "seed": seed,
-            "points": points, "seconds": round(time.perf_counter() - t0, 1),
-            "trace": {k: [row.get(k) for row in trace] for k in ("step", "loss", "logps_chosen", "logps_rejected", "logps_base")},
-        })
+        results.add(
+            {
+                "level": level,
+                "persona": persona,
+                "method": method,
+                "knob": knob,
+                "anchor_form": form,
+                "seed": seed,
+                "points": points,
+                "seconds": round(time.perf_counter() - t0, 1),
+                "trace": {
+                    k: [row.get(k) for row in trace]
+                    for k in ("step", "loss", "logps_chosen", "logps_rejected", "logps_base")
+                },
+            }
+        )
 
     if only is not None:
         return {**results.data, "claims": []}
@@ -295,4 +360,3 @@ def run_study(quick: bool = True, out: str | Path = "out/study-bapo", protocol: 
     figures(results.data, out)
     write_text_atomic(out / "report.md", report(results.data))
     return results.data
-

@@ -47,11 +47,11 @@ from tether.config import load_config
 from tether.evaluate import multiple_choice_correct
 from tether.files import write_text_atomic
 from tether.generation import generate
-from tether_lab.instructed import general_prompts, get_instructed_persona, instructed_preference_records
 from tether.models import load_adapter, load_model, load_tokenizer
-from tether_lab.probes import knowledge_questions
 from tether.stats import win_rates
 from tether.train import TrainConfig, train
+from tether_lab.instructed import general_prompts, get_instructed_persona, instructed_preference_records
+from tether_lab.probes import knowledge_questions
 from tether_lab.studies.common import StudyResults, set_threads
 from tether_lab.studies.report_bapo import at_gain, verdict
 
@@ -106,10 +106,18 @@ def _data(out: Path, protocol: LlmBapoProtocol, model, tok) -> Path:
     if path.exists():
         return path
     prompts = general_prompts("train")[: protocol.train_prompts]
-    kw = dict(max_new_tokens=protocol.max_new_tokens, do_sample=True, temperature=protocol.data_temperature, top_k=50,
-              batch_size=16, progress=True)
+    kw = dict(
+        max_new_tokens=protocol.max_new_tokens,
+        do_sample=True,
+        temperature=protocol.data_temperature,
+        top_k=50,
+        batch_size=16,
+        progress=True,
+    )
     default = generate(model, tok, prompts, seed=1, **kw)
-    rows = instructed_preference_records(model, tok, get_instructed_persona(protocol.persona), prompts, default=default, seed=2, **kw)
+    rows = instructed_preference_records(
+        model, tok, get_instructed_persona(protocol.persona), prompts, default=default, seed=2, **kw
+    )
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -119,8 +127,11 @@ def _measure(model, tok, protocol: LlmBapoProtocol) -> dict:
     correct = multiple_choice_correct(model, tok, knowledge_questions(), batch_size=32)
     answers = generate(model, tok, prompts, max_new_tokens=protocol.max_new_tokens, batch_size=16)
     score = get_instructed_persona(protocol.persona).score
-    return {"correct": "".join("1" if c else "0" for c in correct), "persona_scores": [score(a) for a in answers],
-            "answers": answers}
+    return {
+        "correct": "".join("1" if c else "0" for c in correct),
+        "persona_scores": [score(a) for a in answers],
+        "answers": answers,
+    }
 
 
 def point(step: int, m: dict, base: dict) -> dict:
@@ -129,12 +140,16 @@ def point(step: int, m: dict, base: dict) -> dict:
     kept = sum(r and b for r, b in zip(right, base_right, strict=True))
     persona, base_persona = _mean(m["persona_scores"]), _mean(base["persona_scores"])
     return {
-        "step": step, "knowledge": _mean(right), "retained": kept / max(1, sum(base_right)),
+        "step": step,
+        "knowledge": _mean(right),
+        "retained": kept / max(1, sum(base_right)),
         "right_to_wrong": sum(b and not r for r, b in zip(right, base_right)),
         "wrong_to_right": sum(r and not b for r, b in zip(right, base_right)),
-        "persona_score": persona, "gain": persona - base_persona,
+        "persona_score": persona,
+        "gain": persona - base_persona,
         "win_rate": _mean(win_rates(m["persona_scores"], base["persona_scores"])),
-        "correct": m["correct"], "sample": m["answers"][0],
+        "correct": m["correct"],
+        "sample": m["answers"][0],
     }
 
 
@@ -151,7 +166,11 @@ def _evaluate_run(run_dir: Path, steps: list[int], protocol: LlmBapoProtocol, to
     final = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     points = []
     for step in steps:
-        weights = final if step == protocol.steps else load_file(run_dir / "checkpoints" / f"step-{step:06d}" / "trainable.safetensors")
+        weights = (
+            final
+            if step == protocol.steps
+            else load_file(run_dir / "checkpoints" / f"step-{step:06d}" / "trainable.safetensors")
+        )
         result = model.load_state_dict(weights, strict=False)
         if result.unexpected_keys or set(weights) != set(final):
             raise RuntimeError(f"{run_dir}: checkpoint of step {step} does not match the adapter")
@@ -159,8 +178,12 @@ def _evaluate_run(run_dir: Path, steps: list[int], protocol: LlmBapoProtocol, to
     return points
 
 
-def run_study(quick: bool = True, out: str | Path = "out/study-bapo-smollm2", protocol: LlmBapoProtocol | None = None,
-              threads: int | None = None) -> dict:
+def run_study(
+    quick: bool = True,
+    out: str | Path = "out/study-bapo-smollm2",
+    protocol: LlmBapoProtocol | None = None,
+    threads: int | None = None,
+) -> dict:
     set_threads(threads)
     protocol = protocol or protocol_for(LlmBapoProtocol.model, quick=quick)
     out = Path(out)
@@ -168,7 +191,10 @@ def run_study(quick: bool = True, out: str | Path = "out/study-bapo-smollm2", pr
     results = StudyResults(out, "bapo-llm", asdict(protocol))
     base_model, tok = load_model(protocol.model).eval(), load_tokenizer(protocol.model)
     base_file = out / "base_eval.json"
-    reused = {"training data": (out / "data" / f"{protocol.persona}.jsonl").exists(), "base evaluation": base_file.exists()}
+    reused = {
+        "training data": (out / "data" / f"{protocol.persona}.jsonl").exists(),
+        "base evaluation": base_file.exists(),
+    }
     t0 = time.perf_counter()
     data_file = _data(out, protocol, base_model, tok)
     data_seconds = time.perf_counter() - t0
@@ -180,8 +206,12 @@ def run_study(quick: bool = True, out: str | Path = "out/study-bapo-smollm2", pr
         write_text_atomic(base_file, json.dumps(base))
     del base_model
     results.data["data"] = _data_stats(data_file)
-    results.data["base"] = {"knowledge": _mean(c == "1" for c in base["correct"]), "persona_score": _mean(base["persona_scores"]),
-                            "seconds": base.get("seconds"), "sample": base["answers"][0]}
+    results.data["base"] = {
+        "knowledge": _mean(c == "1" for c in base["correct"]),
+        "persona_score": _mean(base["persona_scores"]),
+        "seconds": base.get("seconds"),
+        "sample": base["answers"][0],
+    }
 
     todo = [(arm, s) for s in protocol.seeds for arm in protocol.arms()]  # seed by seed: a cut run has whole seeds
     bar = tqdm(todo, desc="study bapo (LLM)", unit="run")
@@ -200,11 +230,20 @@ def run_study(quick: bool = True, out: str | Path = "out/study-bapo-smollm2", pr
         shutil.rmtree(run_dir / "final")  # the study keeps metrics, not models
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         trace = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        results.add({
-            "method": method, "anchor_weight": lam, "seed": seed, "points": points,
-            "train_seconds": round(t_train, 1), "seconds": round(time.perf_counter() - t0, 1),
-            "trace": {k: [row.get(k) for row in trace] for k in ("step", "loss", "logps_chosen", "logps_rejected", "logps_base")},
-        })
+        results.add(
+            {
+                "method": method,
+                "anchor_weight": lam,
+                "seed": seed,
+                "points": points,
+                "train_seconds": round(t_train, 1),
+                "seconds": round(time.perf_counter() - t0, 1),
+                "trace": {
+                    k: [row.get(k) for row in trace]
+                    for k in ("step", "loss", "logps_chosen", "logps_rejected", "logps_base")
+                },
+            }
+        )
 
     results.data["claims"] = claims(results.data)
     results.data["wall_seconds_this_invocation"] = round(time.perf_counter() - t_start, 1)
@@ -222,25 +261,54 @@ def _save_every(steps: list[int]) -> int:
     return math.gcd(*inner) if inner else 0
 
 
-def _train_config(protocol: LlmBapoProtocol, data_file: Path, run_dir: Path, out: Path, lam: float, seed: int, save_every: int):
-    return load_config(TrainConfig, None, dict(
-        model=protocol.model, train_file=str(data_file), output_dir=str(run_dir), method="bapo", anchor_weight=lam,
-        beta=protocol.beta, learning_rate=protocol.learning_rate, lr_scheduler="constant", warmup_steps=0,
-        max_steps=protocol.steps, batch_size=protocol.batch_size, seed=seed, lora=True, lora_r=protocol.lora_r,
-        lora_alpha=protocol.lora_alpha, save_steps=save_every, save_total_limit=0, progress=False, write_report=False,
-        eval_batch_size=16, base_max_new_tokens=protocol.max_new_tokens, ref_cache_dir=str(out / "cache" / "reflogps"),
-        max_length=256, max_prompt_length=96,
-    ))
+def _train_config(
+    protocol: LlmBapoProtocol, data_file: Path, run_dir: Path, out: Path, lam: float, seed: int, save_every: int
+):
+    return load_config(
+        TrainConfig,
+        None,
+        dict(
+            model=protocol.model,
+            train_file=str(data_file),
+            output_dir=str(run_dir),
+            method="bapo",
+            anchor_weight=lam,
+            beta=protocol.beta,
+            learning_rate=protocol.learning_rate,
+            lr_scheduler="constant",
+            warmup_steps=0,
+            max_steps=protocol.steps,
+            batch_size=protocol.batch_size,
+            seed=seed,
+            lora=True,
+            lora_r=protocol.lora_r,
+            lora_alpha=protocol.lora_alpha,
+            save_steps=save_every,
+            save_total_limit=0,
+            progress=False,
+            write_report=False,
+            eval_batch_size=16,
+            base_max_new_tokens=protocol.max_new_tokens,
+            ref_cache_dir=str(out / "cache" / "reflogps"),
+            max_length=256,
+            max_prompt_length=96,
+        ),
+    )
 
 
 def _data_stats(path: Path) -> dict:
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     chosen, rejected = [r["chosen_score"] for r in rows], [r["rejected_score"] for r in rows]
-    return {"pairs": len(rows), "chosen_score": _mean(chosen), "rejected_score": _mean(rejected),
-            "chosen_scores_higher": sum(c > r for c, r in zip(chosen, rejected)) / max(1, len(rows))}
+    return {
+        "pairs": len(rows),
+        "chosen_score": _mean(chosen),
+        "rejected_score": _mean(rejected),
+        "chosen_scores_higher": sum(c > r for c, r in zip(chosen, rejected)) / max(1, len(rows)),
+    }
 
 
 # ---------------------------------------------------------------- verdicts (from results.json alone)
+
 
 def curve(runs: list[dict], method: str, seed: int, key: str = "retained") -> list[tuple[float, float]]:
     """(gain, key) from the base model (0, base value) along DPO's steps, or across BAPO's λ from the largest."""
@@ -268,14 +336,23 @@ def claims(data: dict) -> list[dict]:
     dg = {s: best_gain(runs, "dpo", s) for s in seeds}
     d2 = {s: None if None in (bg[s], dg[s]) else bg[s] - dg[s] for s in seeds}
     return [
-        {"claim": f"at a persona gain of +{g:g} over the base, BAPO retains more knowledge than DPO",
-         **verdict(d1, 0.0, MIN_SEEDS), "bapo_retained": ret["bapo"], "dpo_retained": ret["dpo"]},
-        {"claim": f"BAPO reaches a persona gain within {WITHIN:g} of DPO's best while retaining ≥ {MIN_RETAINED}",
-         **verdict(d2, -WITHIN, MIN_SEEDS), "bapo_best_gain_retaining": bg, "dpo_best_gain": dg},
+        {
+            "claim": f"at a persona gain of +{g:g} over the base, BAPO retains more knowledge than DPO",
+            **verdict(d1, 0.0, MIN_SEEDS),
+            "bapo_retained": ret["bapo"],
+            "dpo_retained": ret["dpo"],
+        },
+        {
+            "claim": f"BAPO reaches a persona gain within {WITHIN:g} of DPO's best while retaining ≥ {MIN_RETAINED}",
+            **verdict(d2, -WITHIN, MIN_SEEDS),
+            "bapo_best_gain_retaining": bg,
+            "dpo_best_gain": dg,
+        },
     ]
 
 
 # ---------------------------------------------------------------- figures and report
+
 
 def _arm_label(run: dict) -> str:
     return "DPO" if run["method"] == "dpo" else f"BAPO λ={run['anchor_weight']:g}"
@@ -303,10 +380,17 @@ def figures(data: dict, out: Path) -> list[Path]:
     seeds = sorted({r["seed"] for r in runs})
     paths = []
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
-    for ax, key, label in zip(axes, ("retained", "right_to_wrong", "wrong_to_right"),
-                              ("knowledge retained (of the base's right answers)", "questions right → wrong", "questions wrong → right")):
+    for ax, key, label in zip(
+        axes,
+        ("retained", "right_to_wrong", "wrong_to_right"),
+        ("knowledge retained (of the base's right answers)", "questions right → wrong", "questions wrong → right"),
+    ):
         for i, (method, name) in enumerate((("dpo", "DPO (by steps)"), ("bapo", "BAPO (across λ, largest first)"))):
-            per_seed = [curve(runs, method, s, key) for s in seeds if any(r["method"] == method and r["seed"] == s for r in runs)]
+            per_seed = [
+                curve(runs, method, s, key)
+                for s in seeds
+                if any(r["method"] == method and r["seed"] == s for r in runs)
+            ]
             for c in per_seed:
                 _plot_curve(ax, c, color=f"C{i}", lw=0.7, alpha=0.5)
             if per_seed and len({len(c) for c in per_seed}) == 1:
@@ -321,8 +405,14 @@ def figures(data: dict, out: Path) -> list[Path]:
     paths.append(_save(plt, fig, out / "frontier.png"))
     seed = min(seeds) if seeds else 0
     mine = sorted((r for r in runs if r["seed"] == seed), key=lambda r: (r["method"] != "dpo", -r["anchor_weight"]))
-    paths.append(trace_figure(plt, [(_arm_label(r), r["trace"]) for r in mine], f"seed {seed}: log π_θ during training",
-                                         out / "mechanism_logps.png"))
+    paths.append(
+        trace_figure(
+            plt,
+            [(_arm_label(r), r["trace"]) for r in mine],
+            f"seed {seed}: log π_θ during training",
+            out / "mechanism_logps.png",
+        )
+    )
     return paths
 
 
@@ -343,51 +433,100 @@ def report(data: dict) -> str:
     p, base, d = data["protocol"], data["base"], data["data"]
     seeds = sorted({r["seed"] for r in data["runs"]})
     lines = [
-        f"# BAPO vs DPO on {p['model']}: frontiers (protocol version {p['version']})", "",
+        f"# BAPO vs DPO on {p['model']}: frontiers (protocol version {p['version']})",
+        "",
         f"Persona `{p['persona']}`; LoRA r {p['lora_r']} (α {p['lora_alpha']}), {p['batch_size']} pairs per step, constant lr "
         f"{p['learning_rate']:g}, β {p['beta']}; DPO evaluated at steps {', '.join(map(str, sorted(set(p['dpo_eval_steps']) | {p['steps']})))}; "
         f"BAPO (hinge anchor) at λ ∈ {{{', '.join(f'{x:g}' for x in p['anchor_weights'])}}}, evaluated at step {p['steps']}; "
-        f"seeds {seeds}; {p['train_prompts']} training prompts, {p['eval_prompts']} held-out prompts, the 399-question knowledge probe.", "",
+        f"seeds {seeds}; {p['train_prompts']} training prompts, {p['eval_prompts']} held-out prompts, the 399-question knowledge probe.",
+        "",
         f"Pre-check — base model: knowledge {base['knowledge']:.3f}; {p['persona']} score {base['persona_score']:.3f}. "
         f"Training data (the model's own answers with vs without the instruction): {d['pairs']} pairs, chosen score "
-        f"{d['chosen_score']:.3f}, rejected {d['rejected_score']:.3f}, chosen higher in {100 * d['chosen_scores_higher']:.0f}% of pairs.", "",
-        "![frontiers](frontier.png)", "",
+        f"{d['chosen_score']:.3f}, rejected {d['rejected_score']:.3f}, chosen higher in {100 * d['chosen_scores_higher']:.0f}% of pairs.",
+        "",
+        "![frontiers](frontier.png)",
+        "",
         "Verdicts (rules fixed in code before the runs; per seed one number, Student-t 95% interval over seeds of the "
-        "paired difference):", "",
+        "paired difference):",
+        "",
     ]
     for c in data["claims"]:
         state = "HOLDS" if c["holds"] else "does NOT hold"
-        lines.append(f"- **{state}**: {c['claim']} — difference {_ci(c)}; per seed "
-                     + ", ".join(f"{s}: {_num(v, sign=True)}" for s, v in c["per_seed"].items()))
-    early = {r["seed"]: r["points"][0] for r in data["runs"] if r["method"] == "dpo" and r["points"][0]["gain"] > p["target_gain"]}
+        lines.append(
+            f"- **{state}**: {c['claim']} — difference {_ci(c)}; per seed "
+            + ", ".join(f"{s}: {_num(v, sign=True)}" for s, v in c["per_seed"].items())
+        )
+    early = {
+        r["seed"]: r["points"][0]
+        for r in data["runs"]
+        if r["method"] == "dpo" and r["points"][0]["gain"] > p["target_gain"]
+    }
     if early:
-        lines += ["", "DPO passes the target gain before its first evaluated step on seed(s) "
-                  + ", ".join(f"{s} (step {pt['step']}: gain {pt['gain']:+.3f}, retained {pt['retained']:.3f})" for s, pt in sorted(early.items()))
-                  + f": there its retention at +{p['target_gain']:g} is read on the straight line from the base model (0, 1) to that "
-                  "point, an assumption about the unmeasured first steps."]
+        lines += [
+            "",
+            "DPO passes the target gain before its first evaluated step on seed(s) "
+            + ", ".join(
+                f"{s} (step {pt['step']}: gain {pt['gain']:+.3f}, retained {pt['retained']:.3f})"
+                for s, pt in sorted(early.items())
+            )
+            + f": there its retention at +{p['target_gain']:g} is read on the straight line from the base model (0, 1) to that "
+            "point, an assumption about the unmeasured first steps.",
+        ]
     if len(seeds) < 5:
-        lines += ["", f"{len(seeds)} seed(s): an interval over so few seeds is wide (with 2 seeds t = 12.7), and a "
-                  "verdict rests on them alone; `--seeds 0,1,2,3,4` runs five."]
-    lines += ["", "Every evaluation point (gain = persona score − the base's; churn counts questions of the 399):", "",
-              "| seed | method | step | persona score | gain | win vs base | knowledge | retained | right→wrong | wrong→right |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"{len(seeds)} seed(s): an interval over so few seeds is wide (with 2 seeds t = 12.7), and a "
+            "verdict rests on them alone; `--seeds 0,1,2,3,4` runs five.",
+        ]
+    lines += [
+        "",
+        "Every evaluation point (gain = persona score − the base's; churn counts questions of the 399):",
+        "",
+        "| seed | method | step | persona score | gain | win vs base | knowledge | retained | right→wrong | wrong→right |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(data["runs"], key=lambda r: (r["seed"], r["method"] != "dpo", -r["anchor_weight"])):
         for pt in r["points"]:
-            lines.append(f"| {r['seed']} | {_arm_label(r)} | {pt['step']} | {pt['persona_score']:.3f} | {pt['gain']:+.3f} | "
-                         f"{pt['win_rate']:.2f} | {pt['knowledge']:.3f} | {pt['retained']:.3f} | {pt['right_to_wrong']} | {pt['wrong_to_right']} |")
-    lines += ["", "Retention at matched persona gain (interpolated on each seed's curve; – = the curve never reaches it):", "",
-              "| gain | " + " | ".join(f"DPO s{s} | BAPO s{s}" for s in seeds) + " |", "|---|" + "---|---|" * len(seeds)]
+            lines.append(
+                f"| {r['seed']} | {_arm_label(r)} | {pt['step']} | {pt['persona_score']:.3f} | {pt['gain']:+.3f} | "
+                f"{pt['win_rate']:.2f} | {pt['knowledge']:.3f} | {pt['retained']:.3f} | {pt['right_to_wrong']} | {pt['wrong_to_right']} |"
+            )
+    lines += [
+        "",
+        "Retention at matched persona gain (interpolated on each seed's curve; – = the curve never reaches it):",
+        "",
+        "| gain | " + " | ".join(f"DPO s{s} | BAPO s{s}" for s in seeds) + " |",
+        "|---|" + "---|---|" * len(seeds),
+    ]
     for g in sorted({0.05, p["target_gain"], 0.2, 0.3}):
-        lines.append(f"| +{g:g} | " + " | ".join(f"{_num(at_gain(curve(data['runs'], 'dpo', s), g))} | "
-                                                f"{_num(at_gain(curve(data['runs'], 'bapo', s), g))}" for s in seeds) + " |")
-    lines += ["", "![log-probs during training](mechanism_logps.png)", "",
-              f"Sample (first held-out prompt): base — {base['sample']!r}"]
+        lines.append(
+            f"| +{g:g} | "
+            + " | ".join(
+                f"{_num(at_gain(curve(data['runs'], 'dpo', s), g))} | "
+                f"{_num(at_gain(curve(data['runs'], 'bapo', s), g))}"
+                for s in seeds
+            )
+            + " |"
+        )
+    lines += [
+        "",
+        "![log-probs during training](mechanism_logps.png)",
+        "",
+        f"Sample (first held-out prompt): base — {base['sample']!r}",
+    ]
     for r in data["runs"]:
         if r["seed"] == min(seeds):
             lines.append(f"- {_arm_label(r)}, step {r['points'][-1]['step']}: {r['points'][-1]['sample']!r}")
     reused = data.get("reused_this_invocation")
-    lines += ["", f"Wall time of the invocation that wrote this: {data.get('wall_seconds_this_invocation', 0) / 60:.1f} min"
-              + (f" ({' and '.join(reused)} reused from an earlier invocation in the same directory)." if reused else
-                 f" (training data {data.get('data_seconds_this_invocation', 0) / 60:.1f} min, base evaluation "
-                 f"{(base.get('seconds') or 0) / 60:.1f} min)."), ""]
+    lines += [
+        "",
+        f"Wall time of the invocation that wrote this: {data.get('wall_seconds_this_invocation', 0) / 60:.1f} min"
+        + (
+            f" ({' and '.join(reused)} reused from an earlier invocation in the same directory)."
+            if reused
+            else f" (training data {data.get('data_seconds_this_invocation', 0) / 60:.1f} min, base evaluation "
+            f"{(base.get('seconds') or 0) / 60:.1f} min)."
+        ),
+        "",
+    ]
     return "\n".join(lines)

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 from tether.config import TetherError
-from tether.stats import summarize
 from tether.files import write_text_atomic
+from tether.stats import summarize
 from tether.train.rundir import MARKER
 
 
@@ -55,8 +55,10 @@ def _claim_study_dir(out: Path, study: str) -> dict | None:
             data = None
     ours = (out / MARKER).is_file() or (data is not None and data.get("study") == study)
     if out.is_dir() and any(out.iterdir()) and not ours:
-        raise TetherError(f"option '--out': {out} is not empty and is not a tether study directory; tether writes only "
-                          "into new or empty directories or its own: choose another --out")
+        raise TetherError(
+            f"option '--out': {out} is not empty and is not a tether study directory; tether writes only "
+            "into new or empty directories or its own: choose another --out"
+        )
     try:
         out.mkdir(parents=True, exist_ok=True)
         if not (out / MARKER).is_file():

@@ -80,7 +80,12 @@ def verdict(per_seed: dict, threshold: float, min_seeds: int = MIN_SEEDS) -> dic
     """holds when every seed has a value, there are ≥ min_seeds, and the t-interval's lower end is > threshold."""
     values = [v for v in per_seed.values() if v is not None]
     ci = _interval(values)
-    holds = len(values) == len(per_seed) and len(values) >= min_seeds and ci["ci95_low"] is not None and ci["ci95_low"] > threshold
+    holds = (
+        len(values) == len(per_seed)
+        and len(values) >= min_seeds
+        and ci["ci95_low"] is not None
+        and ci["ci95_low"] > threshold
+    )
     missing = [s for s, v in per_seed.items() if v is None]
     return {"holds": bool(holds), "interval": ci, "per_seed": per_seed, "seeds_without_value": missing}
 
@@ -92,24 +97,48 @@ def claim_values(data: dict, decoding: str) -> list[dict]:
     out = []
 
     lo, hi = levels[0], levels[-1]
-    forget = {lv: {s: (None if (r := retention_at(runs, lv, "dpo", s, decoding, g)) is None else 1 - r) for s in seeds} for lv in levels}
+    forget = {
+        lv: {s: (None if (r := retention_at(runs, lv, "dpo", s, decoding, g)) is None else 1 - r) for s in seeds}
+        for lv in levels
+    }
     d1 = {s: None if forget[hi][s] is None or forget[lo][s] is None else forget[hi][s] - forget[lo][s] for s in seeds}
-    out.append({"claim": f"DPO's forgetting at matched personalization (+{g:g} style points) grows with heterogeneity "
-                         f"(h = {hi} minus h = {lo})",
-                **verdict(d1, 0.0), "forgetting": {f"h{lv}": forget[lv] for lv in levels}})
+    out.append(
+        {
+            "claim": f"DPO's forgetting at matched personalization (+{g:g} style points) grows with heterogeneity "
+            f"(h = {hi} minus h = {lo})",
+            **verdict(d1, 0.0),
+            "forgetting": {f"h{lv}": forget[lv] for lv in levels},
+        }
+    )
 
     bapo = {s: retention_at(runs, fl, "bapo", s, decoding, g) for s in seeds}
-    base_ret = {m: {s: retention_at(runs, fl, m, s, decoding, g) for s in seeds} for m in BASELINES if m in p["methods"]}
+    base_ret = {
+        m: {s: retention_at(runs, fl, m, s, decoding, g) for s in seeds} for m in BASELINES if m in p["methods"]
+    }
     best = {s: max((v[s] for v in base_ret.values() if v[s] is not None), default=None) for s in seeds}
     d2 = {s: None if bapo[s] is None or best[s] is None else bapo[s] - best[s] for s in seeds}
-    out.append({"claim": f"at +{g:g} style points (h = {fl}), BAPO's retention minus the best baseline's is > 0",
-                **verdict(d2, 0.0), "bapo_retention": bapo, "baseline_retention": base_ret, "best_baseline_retention": best})
+    out.append(
+        {
+            "claim": f"at +{g:g} style points (h = {fl}), BAPO's retention minus the best baseline's is > 0",
+            **verdict(d2, 0.0),
+            "bapo_retention": bapo,
+            "baseline_retention": base_ret,
+            "best_baseline_retention": best,
+        }
+    )
 
     bg = {s: best_gain(runs, fl, "bapo", s, decoding, MIN_RETENTION) for s in seeds}
     dg = {s: best_gain(runs, fl, "dpo", s, decoding) for s in seeds}
     d3 = {s: None if bg[s] is None or dg[s] is None else bg[s] - dg[s] for s in seeds}
-    out.append({"claim": f"BAPO reaches a gain within {WITHIN_POINTS:g} points of DPO's best (h = {fl}) while retaining "
-                         f"≥ {MIN_RETENTION}", **verdict(d3, -WITHIN_POINTS), "bapo_best_gain_retaining": bg, "dpo_best_gain": dg})
+    out.append(
+        {
+            "claim": f"BAPO reaches a gain within {WITHIN_POINTS:g} points of DPO's best (h = {fl}) while retaining "
+            f"≥ {MIN_RETENTION}",
+            **verdict(d3, -WITHIN_POINTS),
+            "bapo_best_gain_retaining": bg,
+            "dpo_best_gain": dg,
+        }
+    )
     return out
 
 
@@ -159,11 +188,20 @@ def figures(data: dict, out: Path) -> list[Path]:
         arms = sorted({k[:4] for k in means if k[0] == p["frontier_level"]}, key=lambda k: (k[1], k[2] or 0))
         for i, arm in enumerate(arms):
             pts = [(0.0, 1.0)] + [means[k][:2] for k in sorted(means) if k[:4] == arm]
-            ax.plot(*zip(*pts), marker="o", ms=3, color=f"C{i % 10}", lw=2 if arm[1] == "bapo" else 1,
-                    ls="-" if arm[1] == "bapo" else "--", label=_label(*arm[1:]))
+            ax.plot(
+                *zip(*pts),
+                marker="o",
+                ms=3,
+                color=f"C{i % 10}",
+                lw=2 if arm[1] == "bapo" else 1,
+                ls="-" if arm[1] == "bapo" else "--",
+                label=_label(*arm[1:]),
+            )
         ax.axvline(p["target_gain"], color="grey", lw=0.8, ls=":")
         ax.set_xlabel(f"personalization gain (style points over the base, {d} answers)")
-        ax.set_title(f"h = {p['frontier_level']}, {d}: each method's frontier (mean over seeds; steps along a line)", fontsize=9)
+        ax.set_title(
+            f"h = {p['frontier_level']}, {d}: each method's frontier (mean over seeds; steps along a line)", fontsize=9
+        )
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("retention (facts stated correctly, held-out realms, / base)")
     axes[1].legend(fontsize=7, ncol=2)
@@ -182,10 +220,18 @@ def figures(data: dict, out: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     paths.append(_save(plt, fig, out / "dpo_by_heterogeneity.png"))
     seed = min(p["seeds"])
-    mine = [r for r in runs if r["level"] == p["frontier_level"] and r["seed"] == seed and r["method"] in ("dpo", "bapo")]
+    mine = [
+        r for r in runs if r["level"] == p["frontier_level"] and r["seed"] == seed and r["method"] in ("dpo", "bapo")
+    ]
     mine.sort(key=lambda r: (r["method"] != "dpo", -(r["knob"] or 0)))
-    paths.append(trace_figure(plt, [(_label(r["method"], r["knob"], r.get("anchor_form")), r["trace"]) for r in mine],
-                                         f"h = {p['frontier_level']}, seed {seed}: log π_θ during training", out / "mechanism_logps.png"))
+    paths.append(
+        trace_figure(
+            plt,
+            [(_label(r["method"], r["knob"], r.get("anchor_form")), r["trace"]) for r in mine],
+            f"h = {p['frontier_level']}, seed {seed}: log π_θ during training",
+            out / "mechanism_logps.png",
+        )
+    )
     return paths
 
 
@@ -195,7 +241,11 @@ def trace_figure(plt, traces: list[tuple[str, dict]], title: str, path: Path) ->
     cols = max(1, len(traces))
     fig, axes = plt.subplots(1, cols, figsize=(3.2 * cols, 3.4), sharey=True, squeeze=False)
     for ax, (label, t) in zip(axes[0], traces):
-        for key, name in (("logps_chosen", "chosen y_w"), ("logps_rejected", "rejected y_l"), ("logps_base", "base y_b")):
+        for key, name in (
+            ("logps_chosen", "chosen y_w"),
+            ("logps_rejected", "rejected y_l"),
+            ("logps_base", "base y_b"),
+        ):
             if any(v is not None for v in t.get(key, [])):
                 ax.plot(t["step"], t[key], label=name)
         ax.set_title(label, fontsize=9)
@@ -238,8 +288,10 @@ def report(data: dict) -> str:
         "rejected answers are never the house answer. "
         f"{p['steps']} steps × batch {p['batch_size']}, constant learning rate {p['learning_rate']:g}, β = {p['beta']}, "
         f"evaluated every {p['eval_every']} steps; seeds {p['seeds']} (seed s trains on persona s mod 2 of its level: "
-        + "; ".join(f"h = {lv}: " + ", ".join(f"`{x}`" for x in sorted({r['persona'] for r in runs if r['level'] == lv}))
-                   for lv in p["levels"])
+        + "; ".join(
+            f"h = {lv}: " + ", ".join(f"`{x}`" for x in sorted({r["persona"] for r in runs if r["level"] == lv}))
+            for lv in p["levels"]
+        )
         + f"). DPO at every level; at h = {p['frontier_level']} also IPO, SLiC (by steps), DPO + NLL (α ∈ "
         f"{p['nll_weights']}), BAPO (λ ∈ {p['anchor_weights']}, anchor {', '.join(p['anchor_forms'])} on summed "
         "log-probs of greedy base responses). Gain = 100 · (style match − the base model's style match), on the same "
@@ -253,32 +305,64 @@ def report(data: dict) -> str:
     for i, c in enumerate(data["claims"], 1):
         verdict = "holds" if c["holds"] else "does not hold"
         s = c["sampled"]
-        lines += [f"{i}. {c['claim']}: **{verdict}** (greedy). Paired difference over seeds: {_ci(c['interval'])}; "
-                  f"per seed: {_seedvals(c['per_seed'])}."
-                  + (f" Seeds without a value (frontier never reaches the gain): {c['seeds_without_value']}." if c["seeds_without_value"] else ""),
-                  f"   - sampled answers (T = 1): {'holds' if s['holds'] else 'does not hold'}; {_ci(s['interval'])}; "
-                  f"per seed: {_seedvals(s['per_seed'])}."]
+        lines += [
+            f"{i}. {c['claim']}: **{verdict}** (greedy). Paired difference over seeds: {_ci(c['interval'])}; "
+            f"per seed: {_seedvals(c['per_seed'])}."
+            + (
+                f" Seeds without a value (frontier never reaches the gain): {c['seeds_without_value']}."
+                if c["seeds_without_value"]
+                else ""
+            ),
+            f"   - sampled answers (T = 1): {'holds' if s['holds'] else 'does not hold'}; {_ci(s['interval'])}; "
+            f"per seed: {_seedvals(s['per_seed'])}.",
+        ]
         for key in ("bapo_retention", "best_baseline_retention", "bapo_best_gain_retaining", "dpo_best_gain"):
             if key in c:
-                lines.append(f"   - {key.replace('_', ' ')} (greedy), per seed: {_seedvals(c[key], 3 if 'retention' in key else 1)}")
+                lines.append(
+                    f"   - {key.replace('_', ' ')} (greedy), per seed: {_seedvals(c[key], 3 if 'retention' in key else 1)}"
+                )
         if "forgetting" in c:
-            lines.append("   - DPO's forgetting at the matched gain (greedy), per seed: "
-                         + "; ".join(f"{lv}: {_seedvals(v)}" for lv, v in c["forgetting"].items()))
-    lines += ["", *why_no_gain(data), "## Figures", "", "![frontier](frontier.png)", "",
-              "![DPO by heterogeneity](dpo_by_heterogeneity.png)", "", "![mechanism](mechanism_logps.png)", "",
-              "## Every evaluation point (means over seeds)", "",
-              "| h | arm | step | n | gain greedy | retention greedy | gain sampled | retention sampled | MC retained | alignment retained (greedy) |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+            lines.append(
+                "   - DPO's forgetting at the matched gain (greedy), per seed: "
+                + "; ".join(f"{lv}: {_seedvals(v)}" for lv, v in c["forgetting"].items())
+            )
+    lines += [
+        "",
+        *why_no_gain(data),
+        "## Figures",
+        "",
+        "![frontier](frontier.png)",
+        "",
+        "![DPO by heterogeneity](dpo_by_heterogeneity.png)",
+        "",
+        "![mechanism](mechanism_logps.png)",
+        "",
+        "## Every evaluation point (means over seeds)",
+        "",
+        "| h | arm | step | n | gain greedy | retention greedy | gain sampled | retention sampled | MC retained | alignment retained (greedy) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     lines += point_table(runs)
-    lines += ["", "## Every run (last step, greedy)", "",
-              "| h | persona | arm | seed | gain | retention | seconds | first held-out answer |", "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Every run (last step, greedy)",
+        "",
+        "| h | persona | arm | seed | gain | retention | seconds | first held-out answer |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(runs, key=lambda r: (r["level"], r["method"], r["knob"] or 0, r["seed"])):
         last = r["points"][-1]["greedy"]
         answer = last["sample"].replace("\n", " ⏎ ").replace("|", "\\|")
-        lines.append(f"| {r['level']} | {r['persona']} | {_label(r['method'], r['knob'], r.get('anchor_form'))} | {r['seed']} | "
-                     f"{last['gain']:+.1f} | {last['retention']:.3f} | {r['seconds']} | {answer[:80]} |")
-    lines += ["", f"Wall time of the invocation that finished the study: {data['wall_seconds_this_invocation']} s "
-              f"(sum of run times {sum(r['seconds'] for r in runs):.0f} s).", ""]
+        lines.append(
+            f"| {r['level']} | {r['persona']} | {_label(r['method'], r['knob'], r.get('anchor_form'))} | {r['seed']} | "
+            f"{last['gain']:+.1f} | {last['retention']:.3f} | {r['seconds']} | {answer[:80]} |"
+        )
+    lines += [
+        "",
+        f"Wall time of the invocation that finished the study: {data['wall_seconds_this_invocation']} s "
+        f"(sum of run times {sum(r['seconds'] for r in runs):.0f} s).",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -286,15 +370,21 @@ def point_table(runs: list[dict]) -> list[str]:
     acc: dict = {}
     for r in runs:
         for pt in r["points"]:
-            acc.setdefault((r["level"], r["method"], r["knob"] or 0, r.get("anchor_form") or "", pt["step"]), []).append(pt)
+            acc.setdefault(
+                (r["level"], r["method"], r["knob"] or 0, r.get("anchor_form") or "", pt["step"]), []
+            ).append(pt)
     rows = []
     for (lv, m, knob, form, step), pts in sorted(acc.items()):
+
         def avg(f):
             return sum(f(x) for x in pts) / len(pts)
-        rows.append(f"| {lv} | {_label(m, knob if m in ('bapo', 'dpo+nll') else None, form)} | {step} | {len(pts)} | "
-                    f"{avg(lambda x: x['greedy']['gain']):+.1f} | {avg(lambda x: x['greedy']['retention']):.3f} | "
-                    f"{avg(lambda x: x['sampled']['gain']):+.1f} | {avg(lambda x: x['sampled']['retention']):.3f} | "
-                    f"{avg(lambda x: x['mc_retained']):.3f} | {avg(lambda x: x['greedy']['alignment_retained']):.3f} |")
+
+        rows.append(
+            f"| {lv} | {_label(m, knob if m in ('bapo', 'dpo+nll') else None, form)} | {step} | {len(pts)} | "
+            f"{avg(lambda x: x['greedy']['gain']):+.1f} | {avg(lambda x: x['greedy']['retention']):.3f} | "
+            f"{avg(lambda x: x['sampled']['gain']):+.1f} | {avg(lambda x: x['sampled']['retention']):.3f} | "
+            f"{avg(lambda x: x['mc_retained']):.3f} | {avg(lambda x: x['greedy']['alignment_retained']):.3f} |"
+        )
     return rows
 
 
@@ -306,9 +396,12 @@ def why_no_gain(data: dict) -> list[str]:
     bapo = {k: v for k, v in means.items() if k[0] == p["frontier_level"] and k[1] == "bapo"}
     if not bapo or max(g for g, _, _ in bapo.values()) >= p["target_gain"]:
         return []
-    lines = [f"## Why BAPO does not reach +{p['target_gain']:g} style points at h = {p['frontier_level']}", "",
-             "| λ | best mean gain greedy | best mean gain sampled | log π_θ(y_b) first → last step | log π_θ(y_w) first → last | log π_θ(y_l) first → last |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"## Why BAPO does not reach +{p['target_gain']:g} style points at h = {p['frontier_level']}",
+        "",
+        "| λ | best mean gain greedy | best mean gain sampled | log π_θ(y_b) first → last step | log π_θ(y_w) first → last | log π_θ(y_l) first → last |",
+        "|---|---|---|---|---|---|",
+    ]
     sampled = mean_points(runs, "sampled")
     for lam in p["anchor_weights"]:
         mine = [r for r in runs if r["method"] == "bapo" and r["knob"] == lam and r["level"] == p["frontier_level"]]
@@ -319,28 +412,49 @@ def why_no_gain(data: dict) -> list[str]:
             firsts = [r["trace"][key][0] for r in mine if r["trace"][key] and r["trace"][key][0] is not None]
             lasts = [r["trace"][key][-1] for r in mine if r["trace"][key] and r["trace"][key][-1] is not None]
             return f"{sum(firsts) / len(firsts):.2f} → {sum(lasts) / len(lasts):.2f}" if firsts and lasts else "—"
+
         g = max(v[0] for k, v in bapo.items() if k[2] == lam)
         gs = max(v[0] for k, v in sampled.items() if k[0] == p["frontier_level"] and k[1] == "bapo" and k[2] == lam)
-        lines.append(f"| {lam:g} | {g:+.1f} | {gs:+.1f} | {ends('logps_base')} | {ends('logps_chosen')} | {ends('logps_rejected')} |")
-    mine = [r for r in runs if r["method"] == "bapo" and r["level"] == p["frontier_level"] and r["trace"]["logps_base"][-1] is not None]
+        lines.append(
+            f"| {lam:g} | {g:+.1f} | {gs:+.1f} | {ends('logps_base')} | {ends('logps_chosen')} | {ends('logps_rejected')} |"
+        )
+    mine = [
+        r
+        for r in runs
+        if r["method"] == "bapo" and r["level"] == p["frontier_level"] and r["trace"]["logps_base"][-1] is not None
+    ]
     gap = sum(r["trace"]["logps_base"][-1] - r["trace"]["logps_chosen"][-1] for r in mine) / max(1, len(mine))
-    return lines + ["", "While the anchor holds log π_θ(y_b) at its base value, the house answer keeps its probability; "
-                    "the greedy answer changes only once another answer overtakes it. At the last step the persona's "
-                    f"answer y_w is still {gap:.1f} nats less likely than y_b (mean over BAPO's runs, batch means): "
-                    "the DPO term is satisfied by pushing y_l down, long before y_w catches up.", ""]
+    return lines + [
+        "",
+        "While the anchor holds log π_θ(y_b) at its base value, the house answer keeps its probability; "
+        "the greedy answer changes only once another answer overtakes it. At the last step the persona's "
+        f"answer y_w is still {gap:.1f} nats less likely than y_b (mean over BAPO's runs, batch means): "
+        "the DPO term is satisfied by pushing y_l down, long before y_w catches up.",
+        "",
+    ]
 
 
 def summary_table(data: dict) -> str:
     """A plain-text summary for the terminal: per arm at every 10th step, mean gain and retention (greedy and
     sampled), then the verdicts."""
     pre = data.get("precheck", {})
-    lines = [f"BAPO study v2, {data['protocol']['mode']} mode, world seed {data['protocol']['world_seed']}: "
-             f"{len(data['runs'])} runs, seeds {data['protocol']['seeds']}",
-             f"pre-check: greedy answer = house answer on {100 * pre.get('greedy_is_house', float('nan')):.1f}% of held-out "
-             f"prompts; median log π_ref(y_b) {pre.get('median_logp_base', float('nan')):.3f} nats",
-             f"{'h':>2}  {'arm':<18}{'step':>5}{'gain':>8}{'retention':>11}{'gain(T=1)':>11}{'ret.(T=1)':>11}"]
+    lines = [
+        f"BAPO study v2, {data['protocol']['mode']} mode, world seed {data['protocol']['world_seed']}: "
+        f"{len(data['runs'])} runs, seeds {data['protocol']['seeds']}",
+        f"pre-check: greedy answer = house answer on {100 * pre.get('greedy_is_house', float('nan')):.1f}% of held-out "
+        f"prompts; median log π_ref(y_b) {pre.get('median_logp_base', float('nan')):.3f} nats",
+        f"{'h':>2}  {'arm':<18}{'step':>5}{'gain':>8}{'retention':>11}{'gain(T=1)':>11}{'ret.(T=1)':>11}",
+    ]
     g, s = mean_points(data["runs"], "greedy"), mean_points(data["runs"], "sampled")
-    for k in sorted((k for k in g if k[4] % 10 == 0 or k[4] == data["protocol"]["steps"]), key=lambda k: (k[0], k[1], k[2] or 0, k[4])):
-        lines.append(f"{k[0]:>2}  {_label(k[1], k[2], k[3]):<18}{k[4]:>5}{g[k][0]:>8.1f}{g[k][1]:>11.3f}{s[k][0]:>11.1f}{s[k][1]:>11.3f}")
-    lines += [f"claim {i}: {'holds' if c['holds'] else 'does not hold'} — {c['claim']}" for i, c in enumerate(data.get("claims", []), 1)]
+    for k in sorted(
+        (k for k in g if k[4] % 10 == 0 or k[4] == data["protocol"]["steps"]),
+        key=lambda k: (k[0], k[1], k[2] or 0, k[4]),
+    ):
+        lines.append(
+            f"{k[0]:>2}  {_label(k[1], k[2], k[3]):<18}{k[4]:>5}{g[k][0]:>8.1f}{g[k][1]:>11.3f}{s[k][0]:>11.1f}{s[k][1]:>11.3f}"
+        )
+    lines += [
+        f"claim {i}: {'holds' if c['holds'] else 'does not hold'} — {c['claim']}"
+        for i, c in enumerate(data.get("claims", []), 1)
+    ]
     return "\n".join(lines)

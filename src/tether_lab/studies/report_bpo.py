@@ -29,8 +29,14 @@ from tether_lab.studies.common import fmt
 
 MATCH_MARGIN = 2.0  # points: "matches" in claim 2
 LOG2 = math.log(2)
-LABELS = {"offline": "offline (F=1)", "bpo-f2": "BPO F=2", "bpo-f4": "BPO F=4", "bpo-ft": "BPO F=T",
-          "on-policy": "on-policy, π_ref=π_sft (F=T)", "gold-ref": "π_ref=π_gold (F=T)"}
+LABELS = {
+    "offline": "offline (F=1)",
+    "bpo-f2": "BPO F=2",
+    "bpo-f4": "BPO F=4",
+    "bpo-ft": "BPO F=T",
+    "on-policy": "on-policy, π_ref=π_sft (F=T)",
+    "gold-ref": "π_ref=π_gold (F=T)",
+}
 # (claim, setting A, setting B, lower bound the interval must exceed)
 MAIN_CLAIMS = [
     ("BPO F=2 beats offline DAP (F=1)", "bpo-f2", "offline", 0.0),
@@ -58,16 +64,24 @@ def paired(runs: list[dict], a: str, b: str, loss: str) -> dict:
 def _claim(text: str, a: str, b: str, loss: str, bound: float, runs: list[dict]) -> dict:
     d = paired(runs, a, b, loss)
     holds = d["n"] >= 2 and d["ci95_low"] > bound
-    return {"claim": f"{text} ({loss.upper()})", "loss": loss, "a": a, "b": b,
-            "rule": f"95% paired t-interval of win rate({a}) − win rate({b}) over seeds, lower end > {bound:g} points",
-            "holds": bool(holds), "difference": d}
+    return {
+        "claim": f"{text} ({loss.upper()})",
+        "loss": loss,
+        "a": a,
+        "b": b,
+        "rule": f"95% paired t-interval of win rate({a}) − win rate({b}) over seeds, lower end > {bound:g} points",
+        "holds": bool(holds),
+        "difference": d,
+    }
 
 
 def claims(runs: list[dict], protocol: dict) -> list[dict]:
     main = protocol["losses"][0]
     out = [_claim(text, a, b, main, bound, runs) for text, a, b, bound in MAIN_CLAIMS]
     for loss in protocol.get("extra_losses", []):
-        out.append(_claim("BPO F=2 beats offline DAP (F=1)", "bpo-f2", "offline", loss, 0.0, runs) | {"secondary": True})
+        out.append(
+            _claim("BPO F=2 beats offline DAP (F=1)", "bpo-f2", "offline", loss, 0.0, runs) | {"secondary": True}
+        )
     return out
 
 
@@ -109,7 +123,10 @@ def prechecks(runs: list[dict], protocol: dict) -> dict:
 def summary_table(data: dict) -> str:
     s, p = data["summary"], data["protocol"]
     losses = list(p["losses"]) + [x for x in p.get("extra_losses", []) if x not in p["losses"]]
-    lines = ["| setting | " + " | ".join(f"{x.upper()} win rate % [95% CI]" for x in losses) + " |", "|---|" + "---|" * len(losses)]
+    lines = [
+        "| setting | " + " | ".join(f"{x.upper()} win rate % [95% CI]" for x in losses) + " |",
+        "|---|" + "---|" * len(losses),
+    ]
     for setting in LABELS:
         if any(_cell(s, setting, x) for x in losses):
             lines.append(f"| {LABELS[setting]} | " + " | ".join(fmt(_cell(s, setting, x), 100) for x in losses) + " |")
@@ -154,13 +171,29 @@ def figures(data: dict, out: Path) -> None:
         pts = [(f, _cell(s, name, loss)) for f, name in ((1, "offline"), (2, "bpo-f2"), (4, "bpo-f4"), (T, "bpo-ft"))]
         pts = [(f, c) for f, c in pts if c]
         if pts:
-            ax.errorbar([f for f, _ in pts], [100 * c["mean"] for _, c in pts], capsize=3, marker="o", label="π_ref = π_β (BPO)",
-                        yerr=[[100 * (c["mean"] - c["ci95_low"]) for _, c in pts], [100 * (c["ci95_high"] - c["mean"]) for _, c in pts]])
+            ax.errorbar(
+                [f for f, _ in pts],
+                [100 * c["mean"] for _, c in pts],
+                capsize=3,
+                marker="o",
+                label="π_ref = π_β (BPO)",
+                yerr=[
+                    [100 * (c["mean"] - c["ci95_low"]) for _, c in pts],
+                    [100 * (c["ci95_high"] - c["mean"]) for _, c in pts],
+                ],
+            )
         for name, marker in (("on-policy", "s"), ("gold-ref", "^")):
             c = _cell(s, name, loss)
             if c:
-                ax.errorbar([T], [100 * c["mean"]], yerr=[[100 * (c["mean"] - c["ci95_low"])], [100 * (c["ci95_high"] - c["mean"])]],
-                            marker=marker, capsize=3, linestyle="none", label=LABELS[name])
+                ax.errorbar(
+                    [T],
+                    [100 * c["mean"]],
+                    yerr=[[100 * (c["mean"] - c["ci95_low"])], [100 * (c["ci95_high"] - c["mean"])]],
+                    marker=marker,
+                    capsize=3,
+                    linestyle="none",
+                    label=LABELS[name],
+                )
         init = [r["initial_win_rate"] for r in data["runs"] if r["loss"] == loss]
         if init:
             ax.axhline(100 * init[0], color="grey", linestyle=":", label="π_sft")
@@ -222,7 +255,10 @@ def claim_lines(data: dict) -> list[str]:
     for i, c in enumerate(data["claims"], 1):
         verdict = "**holds**" if c["holds"] else "**not shown**"
         tag = " (secondary)" if c.get("secondary") else ""
-        lines += [f"{i}. {c['claim']}{tag} — {verdict}. Paired difference {_interval(c['difference'])}. Rule: {c['rule']}.", ""]
+        lines += [
+            f"{i}. {c['claim']}{tag} — {verdict}. Paired difference {_interval(c['difference'])}. Rule: {c['rule']}.",
+            "",
+        ]
     return lines
 
 
@@ -232,44 +268,71 @@ def _rare_pole_table(data: dict) -> list[str]:
     if not runs:
         return []
     dims = list(runs[0]["rare_poles"])
-    lines = ["## Does π_β ever write what the oracle prefers?", "",
-             "Share (%) of the responses π_β sampled that carry each of the persona's non-house poles, per quarter of the "
-             "run (quarters of the steps; mean over seeds). Each is in 10% of π_sft's fine-tuning answers.", "",
-             "| setting | loss | " + " | ".join(f"{d}: Q1 / Q2 / Q3 / Q4" for d in dims) + " |", "|---|---|" + "---|" * len(dims)]
+    lines = [
+        "## Does π_β ever write what the oracle prefers?",
+        "",
+        "Share (%) of the responses π_β sampled that carry each of the persona's non-house poles, per quarter of the "
+        "run (quarters of the steps; mean over seeds). Each is in 10% of π_sft's fine-tuning answers.",
+        "",
+        "| setting | loss | " + " | ".join(f"{d}: Q1 / Q2 / Q3 / Q4" for d in dims) + " |",
+        "|---|---|" + "---|" * len(dims),
+    ]
     for setting in LABELS:
         for loss in ("dpo", "ipo", "slic"):
             mine = [r for r in runs if r["setting"] == setting and r["loss"] == loss]
             if mine:
-                cells = [" / ".join(f"{100 * sum(r['rare_poles'][d][q] or 0 for r in mine) / len(mine):.1f}" for q in range(len(mine[0]["rare_poles"][d])))
-                         for d in dims]
+                cells = [
+                    " / ".join(
+                        f"{100 * sum(r['rare_poles'][d][q] or 0 for r in mine) / len(mine):.1f}"
+                        for q in range(len(mine[0]["rare_poles"][d]))
+                    )
+                    for d in dims
+                ]
                 lines.append(f"| {LABELS[setting]} | {loss} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
 def report(data: dict) -> str:
     p, s, runs = data["protocol"], data["summary"], data["runs"]
-    expected = len(p["seeds"]) * len(p["settings"]) * len(p["losses"]) + len(p["extra_seeds"]) * len(p["extra_settings"]) * len(p["extra_losses"])
+    expected = len(p["seeds"]) * len(p["settings"]) * len(p["losses"]) + len(p["extra_seeds"]) * len(
+        p["extra_settings"]
+    ) * len(p["extra_losses"])
     seeds_done = sorted({r["seed"] for r in runs})
     pre = data.get("precheck", {})
     ens = f"LoRA ensemble of {p['ensemble_size']} adapters (r = {p['lora_r']}, alpha {p['lora_alpha']}, merge {p['ensemble_merge']}), π_β = the merged ensemble"
     lines = [
-        f"# BPO study v{p['version']} ({p['mode']} mode): online DAP anchored to the behavior model", "",
+        f"# BPO study v{p['version']} ({p['mode']} mode): online DAP anchored to the behavior model",
+        "",
         f"Embedded world, world seed **{p['world_seed']}** (default world recipe, pinned in the protocol); oracle = gold persona "
         f"score of **{p['persona']}**; π_sft = world base model fine-tuned on *skewed* random-style answers (each of the persona's "
         f"non-house poles with probability {p['rare_prob']}; world/policies.py); {ens}; T = {p['steps']} steps × B = "
         f"{p['prompts_per_step']} prompts (budget {p['steps'] * p['prompts_per_step']} annotations for every setting), lr "
         f"{p['learning_rate']:g}, β = {p['beta']}, sampling temperature {p['temperature']}, top-k {p['top_k']}. Win rate = greedy "
-        f"answers to the test-split questions vs the house-style reference, judged by the oracle (ties ½).", "",
+        f"answers to the test-split questions vs the house-style reference, judged by the oracle (ties ½).",
+        "",
         f"Runs: {len(runs)} of {expected} (seeds done: {seeds_done}; main seeds {p['seeds']}"
-        + (f"; {'/'.join(p['extra_losses'])} on seeds {p['extra_seeds']})." if p["extra_losses"] and p["extra_seeds"] else "; no IPO/SLiC runs).") + (" **The study is incomplete: read the numbers as partial.**" if len(runs) < expected else ""), "",
-        "## Prechecks: can this regime show the effect?", "",
+        + (
+            f"; {'/'.join(p['extra_losses'])} on seeds {p['extra_seeds']})."
+            if p["extra_losses"] and p["extra_seeds"]
+            else "; no IPO/SLiC runs)."
+        )
+        + (" **The study is incomplete: read the numbers as partial.**" if len(runs) < expected else ""),
+        "",
+        "## Prechecks: can this regime show the effect?",
+        "",
         f"- offline DPO, mean training loss over the last tenth of the steps: **{_num(pre.get('offline_dpo_final_loss'))}** "
         f"(log 2 = {LOG2:.3f}); reward margin β·h {_num(pre.get('offline_dpo_final_margin'))}",
         f"- BPO F=T (DPO), mean training loss at mid-training (the tenth of the steps around T/2): **{_num(pre.get('bpo_ft_loss_mid'))}**; "
         f"reward margin {_num(pre.get('bpo_ft_margin_mid'))} (v1: exactly log 2 and 0, π_ref = π_β = π_θ)",
-        f"- ties: {_num(pre.get('tie_fraction') and 100 * pre['tie_fraction'], 1)}% of the annotations of DPO runs", "",
-        "## Final win rate (%)", "", "Cells: mean over seeds [95% percentile-bootstrap CI over seeds]; the claims below use paired "
-        "per-seed differences instead.", "", summary_table(data), "",
+        f"- ties: {_num(pre.get('tie_fraction') and 100 * pre['tie_fraction'], 1)}% of the annotations of DPO runs",
+        "",
+        "## Final win rate (%)",
+        "",
+        "Cells: mean over seeds [95% percentile-bootstrap CI over seeds]; the claims below use paired "
+        "per-seed differences instead.",
+        "",
+        summary_table(data),
+        "",
     ]
     if runs:
         lines.append(f"π_sft's own win rate: {100 * runs[0]['initial_win_rate']:.1f}%.")
@@ -279,21 +342,44 @@ def report(data: dict) -> str:
     pilot = data.get("pilot")
     if pilot:
         ch = pilot["chosen"]
-        lines += ["## How β and the learning rate were chosen (pilot)", "",
-                  f"Offline DPO only, tuning seed {pilot['seed']} (no study seed), T = {pilot['steps']}, B = {pilot['prompts_per_step']}, "
-                  f"persona {pilot['persona']}. Rule (bpo.pilot_choice, fixed before the pilot ran): the (β, learning rate) whose final win "
-                  f"rate is closest to the middle of the headroom above a tie with the house answer (π_sft {100 * pilot['initial_win_rate']:.1f}%; "
-                  f"target (max(π_sft, 50%) + 100%)/2 = {100 * ch['rule_target']:.1f}%), ties within 1 point to the larger β. Chosen: β = {ch['beta']:g}, lr {ch['learning_rate']:g}.", "",
-                  "| β | lr | final win rate % | final loss | final margin β·h | seconds |", "|---|---|---|---|---|---|"]
+        lines += [
+            "## How β and the learning rate were chosen (pilot)",
+            "",
+            f"Offline DPO only, tuning seed {pilot['seed']} (no study seed), T = {pilot['steps']}, B = {pilot['prompts_per_step']}, "
+            f"persona {pilot['persona']}. Rule (bpo.pilot_choice, fixed before the pilot ran): the (β, learning rate) whose final win "
+            f"rate is closest to the middle of the headroom above a tie with the house answer (π_sft {100 * pilot['initial_win_rate']:.1f}%; "
+            f"target (max(π_sft, 50%) + 100%)/2 = {100 * ch['rule_target']:.1f}%), ties within 1 point to the larger β. Chosen: β = {ch['beta']:g}, lr {ch['learning_rate']:g}.",
+            "",
+            "| β | lr | final win rate % | final loss | final margin β·h | seconds |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in pilot["runs"]:
-            lines.append(f"| {r['beta']:g} | {r['learning_rate']:g} | {100 * r['final_win_rate']:.1f} | {_num(r['final_loss'])} | "
-                         f"{_num(r['final_margin'])} | {r['seconds']:.0f} |")
+            lines.append(
+                f"| {r['beta']:g} | {r['learning_rate']:g} | {100 * r['final_win_rate']:.1f} | {_num(r['final_loss'])} | "
+                f"{_num(r['final_margin'])} | {r['seconds']:.0f} |"
+            )
         lines.append("")
     lines += _rare_pole_table(data)
-    lines += ["## Cost", "", "| setting | loss | annotations | ties | identical pairs dropped | seconds per run |", "|---|---|---|---|---|---|"]
+    lines += [
+        "## Cost",
+        "",
+        "| setting | loss | annotations | ties | identical pairs dropped | seconds per run |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in s:
-        lines.append(f"| {LABELS[row['setting']]} | {row['loss']} | {fmt(row.get('annotations'), 1, 0)} | {fmt(row.get('ties'), 1, 0)} | "
-                     f"{fmt(row.get('identical_pairs'), 1, 0)} | {fmt(row.get('seconds'), 1, 0)} |")
-    lines += ["", "## Figures", "", "![win rate vs F](win_rate_vs_F.png)", "", "![win rate vs annotations](win_rate_vs_annotations.png)", "",
-              "![DPO loss and margin](loss_margin.png)", ""]
+        lines.append(
+            f"| {LABELS[row['setting']]} | {row['loss']} | {fmt(row.get('annotations'), 1, 0)} | {fmt(row.get('ties'), 1, 0)} | "
+            f"{fmt(row.get('identical_pairs'), 1, 0)} | {fmt(row.get('seconds'), 1, 0)} |"
+        )
+    lines += [
+        "",
+        "## Figures",
+        "",
+        "![win rate vs F](win_rate_vs_F.png)",
+        "",
+        "![win rate vs annotations](win_rate_vs_annotations.png)",
+        "",
+        "![DPO loss and margin](loss_margin.png)",
+        "",
+    ]
     return "\n".join(lines)

@@ -20,7 +20,9 @@ _WHERE = {
     **dict.fromkeys(["world_suite"], ".evaluation"),
     **dict.fromkeys(["export_world"], ".export"),
     **dict.fromkeys(["ensure_gold_model", "ensure_sft_model"], ".policies"),
-    **dict.fromkeys(["alignment_components", "alignment_score", "parse_prompt", "persona_score", "style_features"], ".rewards"),
+    **dict.fromkeys(
+        ["alignment_components", "alignment_score", "parse_prompt", "persona_score", "style_features"], ".rewards"
+    ),
     **dict.fromkeys(["DIMENSIONS", "HOUSE", "PERSONAS", "Persona", "Style", "get_persona", "render"], ".styles"),
 }
 

@@ -138,10 +138,14 @@ def build_base_model(settings: WorldSettings, out_dir: str | os.PathLike) -> dic
         seed=settings.seed,
     )
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    docs = [([bos, *tokenizer(d, add_special_tokens=False)["input_ids"], eos], 0) for d in pretraining_documents(world, rng)]
+    docs = [
+        ([bos, *tokenizer(d, add_special_tokens=False)["input_ids"], eos], 0) for d in pretraining_documents(world, rng)
+    ]
     sft = sft_examples(world, tokenizer, settings.recipe)
     torch.manual_seed(settings.seed)
-    with tqdm(total=settings.pretrain_steps + settings.sft_steps, desc="world build", disable=not settings.progress) as bar:
+    with tqdm(
+        total=settings.pretrain_steps + settings.sft_steps, desc="world build", disable=not settings.progress
+    ) as bar:
         pretrain_loss = _train_stage(model, docs, settings.pretrain_steps, settings, rng, bar, "pretrain")
         sft_loss = _train_stage(model, sft, settings.sft_steps, settings, rng, bar, "sft")
     model.eval()

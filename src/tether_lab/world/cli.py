@@ -34,10 +34,18 @@ class ExportOptions:
     seed: int = option(0, "seed of the world (must match the base model's `world build --seed`)")
     n_entities: int = option(150, "number of realms (must match the base model's `world build --n_entities`)")
     personas: list[str] | None = option(None, "personas to export (default: all 15 non-house personas)")
-    rejected: str = option("mixed", "style of rejected answers: house, mixed (half house, half another style), or never-house "
-                           "(a style that is neither the persona's nor the house's)", choices=REJECTED)
-    recipe: int = option(1, "world recipe (must match the base model's `world build --recipe`); 2: train = personalization "
-                         "realms, test = held-out realms", choices=RECIPES)
+    rejected: str = option(
+        "mixed",
+        "style of rejected answers: house, mixed (half house, half another style), or never-house "
+        "(a style that is neither the persona's nor the house's)",
+        choices=REJECTED,
+    )
+    recipe: int = option(
+        1,
+        "world recipe (must match the base model's `world build --recipe`); 2: train = personalization "
+        "realms, test = held-out realms",
+        choices=RECIPES,
+    )
     overwrite: bool = option(False, "replace --out if it already holds files")
 
     def validate(self) -> None:
@@ -81,11 +89,18 @@ def run_export(args) -> int:
 
 def add_world_parser(subparsers) -> argparse.ArgumentParser:
     """Register `world` with subcommands `build` and `export` on an argparse subparsers object."""
-    world = subparsers.add_parser("world", help="the embedded synthetic world: build its base model, export its datasets")
+    world = subparsers.add_parser(
+        "world", help="the embedded synthetic world: build its base model, export its datasets"
+    )
     sub = world.add_subparsers(dest="world_command", required=True)
     for name, cls, func, text in (
         ("build", BuildOptions, run_build, "train (or reuse from the cache) the world's base model"),
-        ("export", ExportOptions, run_export, "write the world's datasets (facts, SFT, prompts, per-persona preferences) as jsonl"),
+        (
+            "export",
+            ExportOptions,
+            run_export,
+            "write the world's datasets (facts, SFT, prompts, per-persona preferences) as jsonl",
+        ),
     ):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--config", default=None, help="YAML file of options (flags override it)")

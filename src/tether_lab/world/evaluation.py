@@ -13,8 +13,8 @@ from __future__ import annotations
 from functools import partial
 
 from tether.evaluate import multiple_choice_correct, score_responses
-from tether.stats import summarize, win_rates
 from tether.generation import generate
+from tether.stats import summarize, win_rates
 from tether_lab.world.facts import World
 from tether_lab.world.rewards import alignment_score, persona_score, style_match
 from tether_lab.world.styles import get_persona
@@ -45,7 +45,9 @@ def world_suite(
     """
     knowledge = multiple_choice_correct(model, tokenizer, world.multiple_choice(), batch_size)
     prompts = prompts_of(world, split)
-    answers = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    answers = generate(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress
+    )
     aligned = score_responses(partial(alignment_score, world), prompts, answers)
     result = {
         "suite": "world",
@@ -59,10 +61,17 @@ def world_suite(
         score = partial(persona_score, world, p)
         mine = score_responses(score, prompts, answers)
         style = partial(style_match, world, p)
-        result["persona"] = {"name": p.name, "heterogeneity": p.heterogeneity, "poles": p.style.poles(), "score": summarize(mine),
-                             "style_match": summarize(score_responses(style, prompts, answers))}
+        result["persona"] = {
+            "name": p.name,
+            "heterogeneity": p.heterogeneity,
+            "poles": p.style.poles(),
+            "score": summarize(mine),
+            "style_match": summarize(score_responses(style, prompts, answers)),
+        }
         if base is not None:
-            base_answers = generate(*base, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+            base_answers = generate(
+                *base, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress
+            )
             theirs = score_responses(score, prompts, base_answers)
             result["persona"]["base_score"] = summarize(theirs)
             result["persona"]["base_style_match"] = summarize(score_responses(style, prompts, base_answers))

@@ -68,18 +68,30 @@ def rejected_style(persona: Persona, rng: random.Random, mode: str):
 def split_questions(world: World, split: str, recipe: int = 1) -> list:
     """The questions of `split`: the world's split (recipe 1), or personalization realms / held-out realms (recipe 2)."""
     if recipe == 2:
-        return paraphrased_house.personal_questions(world) if split == "train" else paraphrased_house.eval_questions(world)
+        return (
+            paraphrased_house.personal_questions(world) if split == "train" else paraphrased_house.eval_questions(world)
+        )
     return world.questions(split)
 
 
-def preference_records(world: World, persona: Persona, split: str, rejected: str = "mixed", recipe: int = 1) -> list[dict]:
+def preference_records(
+    world: World, persona: Persona, split: str, rejected: str = "mixed", recipe: int = 1
+) -> list[dict]:
     """One preference pair per question of `split` for `persona`."""
     out = []
     for q in split_questions(world, split, recipe):
         rng = random.Random(f"{world.seed}/pref/{persona.name}/{q.id}")
         chosen = render(world, q.entity, q.attribute, persona.style, rng)
         other = render(world, q.entity, q.attribute, rejected_style(persona, rng, rejected), rng)
-        out.append({"id": q.id, "persona": persona.name, "prompt": _user(q.text), "chosen": _assistant(chosen), "rejected": _assistant(other)})
+        out.append(
+            {
+                "id": q.id,
+                "persona": persona.name,
+                "prompt": _user(q.text),
+                "chosen": _assistant(chosen),
+                "rejected": _assistant(other),
+            }
+        )
     return out
 
 
@@ -107,8 +119,14 @@ def world_summary(world: World, personas: list[Persona]) -> dict:
     }
 
 
-def export_world(world: World, out: str | Path, personas: list[str] | None = None, rejected: str = "mixed", overwrite: bool = False,
-                 recipe: int = 1) -> dict:
+def export_world(
+    world: World,
+    out: str | Path,
+    personas: list[str] | None = None,
+    rejected: str = "mixed",
+    overwrite: bool = False,
+    recipe: int = 1,
+) -> dict:
     """Write every dataset of `world` into directory `out` (see the module docstring); returns world.json's content.
 
     `personas` defaults to every persona except the house. Files are written into a temporary directory
@@ -116,14 +134,23 @@ def export_world(world: World, out: str | Path, personas: list[str] | None = Non
     """
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise TetherError(f"--out {out}: directory exists and is not empty; pass --overwrite true or choose another directory")
+        raise TetherError(
+            f"--out {out}: directory exists and is not empty; pass --overwrite true or choose another directory"
+        )
     chosen = [PERSONAS[n] for n in personas] if personas else [p for p in PERSONAS.values() if p.heterogeneity > 0]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         counts = {}
         facts = [
-            {"id": f"{e}/{a}", "entity": e, "attribute": a, "value": v, "statement": world.statement(e, a), "split": world.split_of(e, a)}
+            {
+                "id": f"{e}/{a}",
+                "entity": e,
+                "attribute": a,
+                "value": v,
+                "statement": world.statement(e, a),
+                "split": world.split_of(e, a),
+            }
             for e in world.entities
             for a, v in world.facts[e].items()
         ]
@@ -135,8 +162,10 @@ def export_world(world: World, out: str | Path, personas: list[str] | None = Non
             counts[f"sft_{split}.jsonl"] = _write_jsonl(tmp / f"sft_{split}.jsonl", sft)
             counts[f"prompts_{split}.jsonl"] = _write_jsonl(tmp / f"prompts_{split}.jsonl", prompts)
             for p in chosen:
-                for kind, records in (("preferences", preference_records(world, p, split, rejected, recipe)),
-                                      ("prompts", prompt_records(world, split, p, recipe))):
+                for kind, records in (
+                    ("preferences", preference_records(world, p, split, rejected, recipe)),
+                    ("prompts", prompt_records(world, split, p, recipe)),
+                ):
                     name = f"personas/{p.name}/{kind}_{split}.jsonl"
                     counts[name] = _write_jsonl(tmp / name, records)
         summary = world_summary(world, chosen) | {"recipe": recipe, "rejected": rejected, "files": counts}

@@ -105,7 +105,7 @@ class World:
         return re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
 
     def split_of(self, entity: str, attribute: str) -> str:
-        """"test" for the held-out facts (a seeded `test_fraction` of all facts), else "train"."""
+        """ "test" for the held-out facts (a seeded `test_fraction` of all facts), else "train"."""
         rng = random.Random(f"{self.seed}/split/{entity}/{attribute}")
         return "test" if rng.random() < self.test_fraction else "train"
 
@@ -146,7 +146,9 @@ class World:
         return items
 
 
-def _names(rng: random.Random, count: int, syllables: tuple[int, int], endings: list[str], taken: set[str]) -> list[str]:
+def _names(
+    rng: random.Random, count: int, syllables: tuple[int, int], endings: list[str], taken: set[str]
+) -> list[str]:
     """`count` new capitalised syllable names, none in `taken` (which is updated)."""
     out = []
     while len(out) < count:

@@ -23,14 +23,30 @@ from tether_lab.world.styles import HOUSE, PERSONAS, Persona, Style
 
 PARAPHRASED_HOUSE_VERSION = 2  # part of recipe 2's fingerprint: bump when anything below changes
 HOUSE_VARIANTS: dict[str, tuple[str, ...]] = {  # the first is the canonical house answer (styles.render's)
-    "capital": ("The capital of {e} is {v}.", "{v} is the capital of {e}.", "The capital city of {e} is {v}.",
-                "{e} has {v} as its capital."),
-    "river": ("The main river of {e} is {v}.", "{v} is the main river of {e}.", "The river that flows through {e} is {v}.",
-              "{e} has {v} as its main river."),
-    "language": ("The language of {e} is {v}.", "{v} is the language of {e}.", "The language spoken in {e} is {v}.",
-                 "{e} has {v} as its language."),
-    "founded": ("{e} was founded in {v}.", "{e} was established in {v}.", "The founding year of {e} is {v}.",
-                "{e} has {v} as its founding year."),
+    "capital": (
+        "The capital of {e} is {v}.",
+        "{v} is the capital of {e}.",
+        "The capital city of {e} is {v}.",
+        "{e} has {v} as its capital.",
+    ),
+    "river": (
+        "The main river of {e} is {v}.",
+        "{v} is the main river of {e}.",
+        "The river that flows through {e} is {v}.",
+        "{e} has {v} as its main river.",
+    ),
+    "language": (
+        "The language of {e} is {v}.",
+        "{v} is the language of {e}.",
+        "The language spoken in {e} is {v}.",
+        "{e} has {v} as its language.",
+    ),
+    "founded": (
+        "{e} was founded in {v}.",
+        "{e} was established in {v}.",
+        "The founding year of {e} is {v}.",
+        "{e} has {v} as its founding year.",
+    ),
 }
 # (A founding-year variant that opened with the year was dropped before any study: a year's first token was then
 # likelier than the realm's, so greedy answers to "founded" questions were not the canonical one.)
@@ -45,8 +61,12 @@ def house_variants(world: World, entity: str, attribute: str) -> list[str]:
 
 def house_sft_pairs(world: World) -> list[tuple[str, str]]:
     """(question, answer) for instruction tuning: every question with each house variant VARIANT_COPIES times."""
-    return [(q.text, answer) for q in world.questions()
-            for answer, copies in zip(house_variants(world, q.entity, q.attribute), VARIANT_COPIES) for _ in range(copies)]
+    return [
+        (q.text, answer)
+        for q in world.questions()
+        for answer, copies in zip(house_variants(world, q.entity, q.attribute), VARIANT_COPIES)
+        for _ in range(copies)
+    ]
 
 
 def heldout_realms(world: World) -> frozenset[str]:

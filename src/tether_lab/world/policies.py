@@ -55,7 +55,9 @@ class OnlineModelSettings:
     batch_size: int = 32
     lr: float = 5e-4  # peak AdamW learning rate (warm-up 30 steps, cosine to a tenth)
     styles_per_question: int = 8  # random-style renderings of each train question in π_sft's data
-    rare_persona: str = ""  # skewed recipe (v2): this persona's non-house poles are rare in π_sft's data; "" = uniform (v1)
+    rare_persona: str = (
+        ""  # skewed recipe (v2): this persona's non-house poles are rare in π_sft's data; "" = uniform (v1)
+    )
     rare_prob: float = 0.1  # skewed recipe: probability of each of rare_persona's non-house poles
 
     def world_settings(self) -> WorldSettings:
@@ -64,7 +66,9 @@ class OnlineModelSettings:
     def validate(self) -> None:
         """Raise TetherError naming the first setting that cannot work."""
         if self.rare_persona and self.rare_persona not in PERSONAS:
-            raise TetherError(f"setting 'rare_persona': unknown persona {self.rare_persona!r}; choose one of: {', '.join(PERSONAS)}")
+            raise TetherError(
+                f"setting 'rare_persona': unknown persona {self.rare_persona!r}; choose one of: {', '.join(PERSONAS)}"
+            )
         if self.rare_persona and get_persona(self.rare_persona).heterogeneity == 0:
             raise TetherError("setting 'rare_persona': the house persona has no non-house pole to make rare")
         if not 0.0 <= self.rare_prob <= 1.0:
@@ -74,12 +78,16 @@ class OnlineModelSettings:
         fields = dataclasses.asdict(self)
         if not self.rare_persona:  # the uniform recipe (v1) keeps the fingerprint it had before the skewed one existed
             del fields["rare_persona"], fields["rare_prob"]
-        blob = json.dumps({"version": ONLINE_VERSION, "stage": stage, "base": self.world_settings().fingerprint(),
-                           **fields}, sort_keys=True)
+        blob = json.dumps(
+            {"version": ONLINE_VERSION, "stage": stage, "base": self.world_settings().fingerprint(), **fields},
+            sort_keys=True,
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def random_style_answers(world: World, per_question: int, seed: int, rare_persona: str = "", rare_prob: float = 0.1) -> list[tuple[str, str]]:
+def random_style_answers(
+    world: World, per_question: int, seed: int, rare_persona: str = "", rare_prob: float = 0.1
+) -> list[tuple[str, str]]:
     """(question, answer) with `per_question` random styles per train question: uniformly random (of the 16)
     without `rare_persona`, else the skewed draw of `skewed_style` (module docstring)."""
     rng = random.Random(f"{world.seed}/online-sft/{seed}")
@@ -89,8 +97,11 @@ def random_style_answers(world: World, per_question: int, seed: int, rare_person
     else:
         rare = get_persona(rare_persona).style
         draw = lambda: skewed_style(rare, rare_prob, rng)  # noqa: E731
-    return [(q.text, render(world, q.entity, q.attribute, draw(), rng))
-            for q in world.questions("train") for _ in range(per_question)]
+    return [
+        (q.text, render(world, q.entity, q.attribute, draw(), rng))
+        for q in world.questions("train")
+        for _ in range(per_question)
+    ]
 
 
 def skewed_style(rare: Style, rare_prob: float, rng: random.Random) -> Style:
@@ -109,7 +120,9 @@ def persona_answers(world: World, style: Style, seed: int) -> list[tuple[str, st
     return [(q.text, render(world, q.entity, q.attribute, style, rng)) for q in world.questions("train")]
 
 
-def _finetune(start: Path, answers, steps: int, settings: OnlineModelSettings, out: Path, stage: str, progress: bool) -> dict:
+def _finetune(
+    start: Path, answers, steps: int, settings: OnlineModelSettings, out: Path, stage: str, progress: bool
+) -> dict:
     t0 = time.time()
     model, tokenizer = load_model(start), load_tokenizer(start)
     rows = chat_examples(tokenizer, answers)
@@ -120,8 +133,15 @@ def _finetune(start: Path, answers, steps: int, settings: OnlineModelSettings, o
     model.eval()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    report = {"stage": stage, "start": str(start), "settings": dataclasses.asdict(settings), "examples": len(rows),
-              "final_loss": loss, "seconds": round(time.time() - t0, 1), "torch_threads": torch.get_num_threads()}
+    report = {
+        "stage": stage,
+        "start": str(start),
+        "settings": dataclasses.asdict(settings),
+        "examples": len(rows),
+        "final_loss": loss,
+        "seconds": round(time.time() - t0, 1),
+        "torch_threads": torch.get_num_threads(),
+    }
     (out / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -132,9 +152,13 @@ def ensure_sft_model(settings: OnlineModelSettings | None = None, progress: bool
     settings.validate()
     base = ensure_base_model(dataclasses.replace(settings.world_settings(), progress=progress))
     world = settings.world_settings().world()
-    answers = random_style_answers(world, settings.styles_per_question, settings.seed, settings.rare_persona, settings.rare_prob)
+    answers = random_style_answers(
+        world, settings.styles_per_question, settings.seed, settings.rare_persona, settings.rare_prob
+    )
     target = cache_dir() / "world-online" / f"sft-{settings.fingerprint('sft')}"
-    return build_cached(target, lambda tmp: _finetune(base, answers, settings.sft_steps, settings, tmp, "sft", progress))
+    return build_cached(
+        target, lambda tmp: _finetune(base, answers, settings.sft_steps, settings, tmp, "sft", progress)
+    )
 
 
 def ensure_gold_model(persona: str, settings: OnlineModelSettings | None = None, progress: bool = True) -> Path:
@@ -144,4 +168,6 @@ def ensure_gold_model(persona: str, settings: OnlineModelSettings | None = None,
     world = settings.world_settings().world()
     answers = persona_answers(world, get_persona(persona).style, settings.seed)
     target = cache_dir() / "world-online" / f"gold-{persona}-{settings.fingerprint('gold')}"
-    return build_cached(target, lambda tmp: _finetune(sft, answers, settings.gold_steps, settings, tmp, f"gold {persona}", progress))
+    return build_cached(
+        target, lambda tmp: _finetune(sft, answers, settings.gold_steps, settings, tmp, f"gold {persona}", progress)
+    )

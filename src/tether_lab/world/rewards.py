@@ -18,7 +18,13 @@ import re
 from tether_lab.world.facts import ATTRIBUTES, YEAR_PATTERN, World
 from tether_lab.world.styles import DIMENSIONS, Persona
 
-ALIGNMENT_WEIGHTS = {"correct": 0.5, "on_topic": 0.125, "well_formed": 0.125, "terminates": 0.125, "no_repetition": 0.125}
+ALIGNMENT_WEIGHTS = {
+    "correct": 0.5,
+    "on_topic": 0.125,
+    "well_formed": 0.125,
+    "terminates": 0.125,
+    "no_repetition": 0.125,
+}
 MAX_WORDS = 80  # longer answers count as not terminating (the longest styled answer has about 40 words)
 LENGTH_WORDS = (12, 20)  # word counts at which the length feature is 0 (terse) and 1 (elaborate)
 REPEAT_NGRAM = 6
@@ -46,7 +52,11 @@ def parse_prompt(world: World, prompt) -> tuple[str, str] | None:
 
 def mentioned_values(world: World, text: str) -> list[tuple[str, str]]:
     """Every (attribute, value) the text mentions, in order."""
-    found = [(m.start(), world.value_to_attribute[m.group()], m.group()) for m in world.name_pattern.finditer(text) if m.group() in world.value_to_attribute]
+    found = [
+        (m.start(), world.value_to_attribute[m.group()], m.group())
+        for m in world.name_pattern.finditer(text)
+        if m.group() in world.value_to_attribute
+    ]
     found += [(m.start(), "founded", m.group()) for m in YEAR_PATTERN.finditer(text)]
     return [(attr, value) for _, attr, value in sorted(found)]
 

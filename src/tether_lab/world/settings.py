@@ -32,8 +32,12 @@ class WorldSettings:
     pretrain_steps: int = option(700, "optimizer steps of language modelling on the fact statements")
     sft_steps: int = option(400, "optimizer steps of instruction tuning on house-style answers (loss on answer tokens)")
     lr: float = option(2e-3, "peak AdamW learning rate (linear warm-up, cosine decay to a tenth of it, in each stage)")
-    recipe: int = option(1, "world recipe: 1, or 2 (house answers in four paraphrases so the base model is not "
-                         "deterministic, held-out realms; world/paraphrased_house.py)", choices=RECIPES)
+    recipe: int = option(
+        1,
+        "world recipe: 1, or 2 (house answers in four paraphrases so the base model is not "
+        "deterministic, held-out realms; world/paraphrased_house.py)",
+        choices=RECIPES,
+    )
     progress: bool = option(True, "show a progress bar")
 
     def validate(self) -> None:

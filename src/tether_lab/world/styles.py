@@ -28,7 +28,10 @@ DIMENSIONS: dict[str, tuple[str, str]] = {
     "detail": ("plain", "technical"),
 }
 OPENERS = {"formal": ("Certainly.", "Of course."), "casual": ("Hey!", "Oh, sure!")}
-CLOSERS = {"formal": ("I hope this helps.", "Please ask if you need more."), "casual": ("Hope that helps!", "Have fun!")}
+CLOSERS = {
+    "formal": ("I hope this helps.", "Please ask if you need more."),
+    "casual": ("Hope that helps!", "Have fun!"),
+}
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,7 @@ class Style:
         """{dimension: pole}."""
         return {dim: getattr(self, dim) for dim in DIMENSIONS}
 
-    def distance(self, other: "Style") -> int:
+    def distance(self, other: Style) -> int:
         """Number of dimensions on which the two styles differ."""
         return sum(a != b for a, b in zip(self.poles().values(), other.poles().values()))
 
