@@ -107,8 +107,14 @@ def test_every_unknown_key_is_reported_at_once_with_a_suggestion(tmp_path):
         "loss_type: 'kto_pair' is not supported",
     ):
         assert part in text, part
-    path.write_text("model: m\ntrain_file: d.jsonl\nloss_type: [sigmoid, sft]\nloss_weights: [1.0, 0.5]\n")
-    with pytest.raises(TetherError, match="loss_type: \\['sigmoid', 'sft'\\] is not supported.*loss_weights"):
+    path.write_text("model: m\ntrain_file: d.jsonl\nloss_type: [sigmoid, sft]\nloss_weights: [1.0, 0.5, 2.0]\n")
+    with pytest.raises(TetherError, match="'loss_weights' has 3 weights for the 2 losses of dpo\\+sft"):
+        load_config(TrainConfig, path)
+    path.write_text("model: m\ntrain_file: d.jsonl\nloss_type: [simpo]\nlabel_smoothing: 0.1\n")
+    with pytest.raises(TetherError, match="simpo: not a DPOTrainer loss_type, write loss: simpo"):
+        load_config(TrainConfig, path)
+    path.write_text("model: m\ntrain_file: d.jsonl\nloss_type: sigmoid\nlabel_smoothing: 0.1\n")
+    with pytest.raises(TetherError, match="label_smoothing with loss_type sigmoid: TRL 1.16 ignores it"):
         load_config(TrainConfig, path)
     path.write_text("model: m\ntrain_file: d.jsonl\nmodel_name_or_path: other\n")
     with pytest.raises(TetherError, match="'model_name_or_path' and 'model' both set 'model'"):

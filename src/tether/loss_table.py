@@ -294,7 +294,10 @@ def reference_free_names() -> tuple[str, ...]:
 def resolve_options(loss: str, weights: list[float] | None, values: dict) -> dict:
     """Check a loss (or mixture), its weights and its parameter options; returns the options with `beta`
     resolved to the loss's default when null. Raises ValueError with a message naming the option."""
-    entries = [LOSSES[name] for name in components(loss)]
+    try:
+        entries = [LOSSES[name] for name in components(loss)]
+    except ValueError as e:
+        raise ValueError(f"option 'loss': {e}") from None
     if weights is not None:
         if len(weights) != len(entries):
             raise ValueError(
