@@ -2,6 +2,7 @@
 data splits (`PATH:SPLIT`, DatasetDict, split files), implicit prompts in plain strings, max_steps 0."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ import yaml
 from conftest import run_cli
 from tether.config import TetherError, load_config
 from tether.data import load_preference_records, split_source
-from tether.train import OnlineConfig, TrainConfig
+from tether.loss_table import TRL_LOSS_TYPES
+from tether.train import OnlineConfig, TrainConfig, train
 from tether.train.card import file_fingerprint
 from tether_lab.demo import toy_preferences, write_jsonl
 
@@ -293,3 +295,31 @@ def test_max_steps_zero_trains_nothing(model_dir, data_dir, tmp_path, capsys):
     assert results["steps"] == 0 and results["initial_eval"] == results["final_eval"]
     with pytest.raises(TetherError, match="'max_steps' must be >= 0, or -1"):
         load_config(TrainConfig, overrides=dict(model="m", train_file="d", max_steps=-2))
+
+
+@pytest.mark.parametrize("loss_type", sorted(TRL_LOSS_TYPES))
+def test_a_trl_yaml_runs_with_each_trl_loss_type(loss_type, model_dir, data_dir, tmp_path):
+    smoothing = {"exo_pair": 1e-3, "robust": 0.1, "aot": 0.1, "aot_unpaired": 0.1}.get(loss_type)
+    path = tmp_path / "trl.yaml"
+    lines = [
+        f"model_name_or_path: {model_dir}",
+        f"dataset_name: {data_dir / 'train.jsonl'}",
+        f"output_dir: {tmp_path / 'run'}",
+        f"loss_type: {loss_type}",
+        "per_device_train_batch_size: 4",
+        "max_steps: 2",
+        "max_length: 64",
+        "learning_rate: 1.0e-3",
+        'save_strategy: "no"',
+        "report_to: none",
+        "disable_tqdm: true",
+        "write_report: false",
+        "progress: false",
+    ] + ([f"label_smoothing: {smoothing}"] if smoothing else [])
+    path.write_text("\n".join(lines) + "\n")
+    cfg = load_config(TrainConfig, path)
+    assert cfg.loss == TRL_LOSS_TYPES[loss_type]
+    run = train(cfg)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+    assert rows[0]["loss"] != rows[1]["loss"]  # the first step changed the policy
