@@ -12,7 +12,7 @@ from tether.logprobs import is_checkpointing, sequence_logps
 from tether.losses import objective
 from tether.models import load_model
 from tether.train import online_train, train
-from tether.train.common import load_policy, objective_options
+from tether.train.optimization import load_policy, objective_options
 
 
 def _batch(data_dir, tokenizer, n=4):
