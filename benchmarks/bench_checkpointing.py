@@ -83,8 +83,8 @@ def child(setting: str, model_dir: Path, steps: int, warmup: int, seq: int) -> d
     from tether.data import COMPLETION_KEYS, Example, collate
     from tether.logprobs import sequence_logps
     from tether.train import TrainConfig
-    from tether.train.common import load_policy, make_optimizer
-    from tether.train.offline import pair_stats
+    from tether.losses import objective
+    from tether.train.optimization import load_policy, make_optimizer, objective_options
 
     cfg = load_config(
         TrainConfig,
@@ -124,7 +124,7 @@ def child(setting: str, model_dir: Path, steps: int, warmup: int, seq: int) -> d
         sums, counts = sequence_logps(
             model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], n_groups
         )
-        loss, _ = pair_stats(cfg, sums, counts, ref, 2)
+        loss, _ = objective(sums, counts, ref, 2, **objective_options(cfg))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -30,7 +30,7 @@ Method
   completion = 63 tokens + EOS, so every sequence is ~128 tokens (= max_length, nothing is truncated);
   steps × 8 pairs (one epoch). Both tools consume the SAME batches in the SAME order: TRL with
   train_sampling_strategy="sequential", tether (which draws a seeded permutation) from a file written in the
-  inverse of that permutation (`tether.train.common.stream_indices`).
+  inverse of that permutation (`tether.train.optimization.stream_indices`).
 - Settings, identical on both sides: CPU, float32, torch threads = --threads (2), no gradient checkpointing, 8 pairs/step,
   no accumulation, max_length 128, loss sigmoid/dpo with β = 0.1, torch.optim.AdamW with the fused kernel (lr 1e-6,
   linear decay, no warm-up, betas (0.9, 0.999), eps 1e-8, no weight decay; TRL's default "adamw_torch_fused",
@@ -115,7 +115,7 @@ def fill(rng, words, cost, head: str, budget: int) -> str:
 
 def build_workdir(work: Path, model_names: list[str], n_pairs: int) -> dict:
     """Tokenizer + models + data files under `work`; returns facts the report needs."""
-    from tether.train.common import stream_indices
+    from tether.train.optimization import stream_indices
     from tether_lab.demo import COLOURS, OBJECTS, write_jsonl
     from tether_lab.tiny import tiny_llama, train_tokenizer
 

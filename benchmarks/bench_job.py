@@ -152,14 +152,14 @@ def phase_worker(argv: list[str], result: Path, launched: float) -> None:
     """Run `tether train` in this process, as the command does, with its steps time-stamped (see Phases)."""
     sys.argv = ["tether", *argv]
     import tether.cli
-    from tether.train import offline
+    from tether.train import bookkeeping, offline
 
     spans = {"import": time.time() - launched}
 
-    def timed(name: str, phase: str) -> None:
-        original = getattr(offline, name, None)
+    def timed(module, name: str, phase: str) -> None:
+        original = getattr(module, name, None)
         if original is None:  # the phases name the functions train() calls: keep this list in step with offline.py
-            raise SystemExit(f"bench_job: tether.train.offline has no {name!r}; update the phase list")
+            raise SystemExit(f"bench_job: {module.__name__} has no {name!r}; update the phase list")
 
         def wrapper(*a, **k):
             t = time.perf_counter()
@@ -168,18 +168,18 @@ def phase_worker(argv: list[str], result: Path, launched: float) -> None:
             finally:
                 spans[phase] = spans.get(phase, 0.0) + time.perf_counter() - t
 
-        setattr(offline, name, wrapper)
+        setattr(module, name, wrapper)
 
-    for name, phase in (
-        ("make_accelerator", "setup"),
-        ("load_tokenizer", "load"),
-        ("load_policy", "load"),
-        ("load_examples", "tokenize"),
-        ("claim_run_dir", "tokenize"),
-        ("reference_table", "reference"),
-        ("save_final", "save"),
+    for module, name, phase in (
+        (offline, "make_accelerator", "setup"),
+        (offline, "load_tokenizer", "load"),
+        (offline, "load_policy", "load"),
+        (offline, "load_examples", "tokenize"),
+        (offline, "claim_run_dir", "tokenize"),
+        (offline, "reference_table", "reference"),
+        (bookkeeping, "save_final", "save"),
     ):
-        timed(name, phase)
+        timed(module, name, phase)
     train = offline.train
 
     def train_timed(*a, **k):

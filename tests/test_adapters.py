@@ -7,7 +7,8 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from test_online import config as online_config  # noqa: F401 - prompt_file is a fixture
+from test_online import config as online_config
+from test_online import prompt_file  # noqa: F401 - a fixture
 from test_train import config
 from tether.cli import main
 from tether.models import load_model

@@ -4,14 +4,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_online import config as online_config  # noqa: F401 - prompt_file is a fixture
+from test_online import config as online_config
+from test_online import prompt_file  # noqa: F401 - a fixture
 from test_train import assert_params_close, config, final_params
 from tether.data import COMPLETION_KEYS, collate, load_preference_records, tokenize_records
 from tether.logprobs import is_checkpointing, sequence_logps
 from tether.losses import objective
 from tether.models import load_model
 from tether.train import online_train, train
-from tether.train.common import load_policy, objective_options
+from tether.train.optimization import load_policy, objective_options
 
 
 def _batch(data_dir, tokenizer, n=4):

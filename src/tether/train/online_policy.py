@@ -37,7 +37,7 @@ from ..logprobs import sequence_logps
 from ..losses import objective
 from ..models import disable_dropout, is_sharded, reshard
 from .checkpoint import full_tensor, shard_like, whole_tensors
-from .common import check_finite_step, load_policy, make_optimizer, objective_options
+from .optimization import check_finite_step, load_policy, make_optimizer, objective_options
 from .reference import frozen
 
 
