@@ -297,7 +297,10 @@ def test_max_steps_zero_trains_nothing(model_dir, data_dir, tmp_path, capsys):
         load_config(TrainConfig, overrides=dict(model="m", train_file="d", max_steps=-2))
 
 
-@pytest.mark.parametrize("loss_type", sorted(TRL_LOSS_TYPES))
+MPO = "[sigmoid, bco_pair, sft]\nloss_weights: [0.8, 0.2, 1.0]"
+
+
+@pytest.mark.parametrize("loss_type", sorted(TRL_LOSS_TYPES) + [MPO], ids=lambda v: "mpo" if v == MPO else v)
 def test_a_trl_yaml_runs_with_each_trl_loss_type(loss_type, model_dir, data_dir, tmp_path):
     smoothing = {"exo_pair": 1e-3, "robust": 0.1, "aot": 0.1, "aot_unpaired": 0.1}.get(loss_type)
     path = tmp_path / "trl.yaml"
@@ -318,7 +321,8 @@ def test_a_trl_yaml_runs_with_each_trl_loss_type(loss_type, model_dir, data_dir,
     ] + ([f"label_smoothing: {smoothing}"] if smoothing else [])
     path.write_text("\n".join(lines) + "\n")
     cfg = load_config(TrainConfig, path)
-    assert cfg.loss == TRL_LOSS_TYPES[loss_type]
+    assert cfg.loss == ("dpo+bco_pair+sft" if loss_type == MPO else TRL_LOSS_TYPES[loss_type])
+    assert cfg.loss_weights == ([0.8, 0.2, 1.0] if loss_type == MPO else None)
     run = train(cfg)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)

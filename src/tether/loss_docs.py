@@ -39,7 +39,8 @@ log-probs, ℓ = log π_θ − log π_ref of one response, r = β·ℓ its impli
 
 A TRL config's `loss_type` (one name or a list) and `loss_weights` are read as these. `beta` null (the default)
 is the loss's own default. An option of a loss that the chosen loss does not read is an error, as is a
-mixture whose losses have different default β without `beta` set.
+mixture whose losses have different default β without `beta` set. BAPO's anchor (`method: bapo`) adds to any
+of them. `tether eval --model M --eval_file PAIRS --losses all` reports every loss's value on a file.
 
 | `loss` | reference | length-normalized | parameters (default, range) | TRL 1.16 |
 |---|---|---|---|---|
