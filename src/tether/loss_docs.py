@@ -12,7 +12,7 @@ def _cell(text: str) -> str:
 
 def _params_text(entry: Loss) -> str:
     return "; ".join(
-        f"`{p.name}` {'required' if p.default is None else f'{p.default:g}'} in {p.range_text()}" for p in entry.params
+        f"`{p.name}` {'required' if p.default is None else f'{p.default:g}'} ({p.range_text()})" for p in entry.params
     )
 
 

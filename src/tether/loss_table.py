@@ -56,8 +56,10 @@ class Param:
         return above and below
 
     def range_text(self) -> str:
-        high = "∞" if self.high == math.inf else f"{self.high:g}"
-        return f"{'(' if self.low_open else '['}{self.low:g}, {high}{')' if self.high_open else ']'}"
+        """'> 0', '>= 0' or 'in [0, 0.5)'."""
+        if self.high == math.inf:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
 
 
 # what each parameter option means (its --help text); the defaults and ranges are per loss, in the table
@@ -319,9 +321,9 @@ def resolve_options(loss: str, weights: list[float] | None, values: dict) -> dic
         value = out[name]
         for who, p in readers:
             if p.default is None and value == OPTION_DEFAULTS[name]:
-                raise ValueError(f"loss {who} needs option '{name}' in {p.range_text()} ({PARAM_HELP[name]})")
+                raise ValueError(f"loss {who} needs option '{name}' {p.range_text()} ({PARAM_HELP[name]})")
             if not p.accepts(value):
-                raise ValueError(f"option '{name}' must be in {p.range_text()} for loss {who}, got {value}")
+                raise ValueError(f"option '{name}' must be {p.range_text()} for loss {who}, got {value}")
     for name in PARAMS:
         if name not in used and out[name] != OPTION_DEFAULTS[name]:
             readers = [e.name for e in _LOSSES if name in e.param_names]
