@@ -19,6 +19,10 @@ Claims (rules fixed before any full-mode run of this protocol):
 3. BAPO reaches a personalization gain within 5 points of DPO's best while retaining ≥ 0.95: per seed, d =
    (BAPO's highest gain over points with retention ≥ 0.95, the base model's 0 included) − (DPO's highest gain
    over its points); holds when ≥ 5 seeds and the 95% t-interval of d lies above −5.
+Verdicts are three-valued (studies/verdicts.py): a claim with a seed whose curve never reaches the matched gain,
+or with fewer than 5 seeds, is "not testable", never "does not hold"; so is claim 3 when DPO's best gain on a
+seed is below 5 points (a BAPO that never leaves the base model would pass it; this precondition was added after
+the recipe-2 results were in, and can only take a "holds" away).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import math
 from pathlib import Path
 
 from tether.stats import t_interval
+from tether_lab.studies.verdicts import FAILS, HOLDS, NOT_TESTABLE
 
 BASELINES = ("dpo", "ipo", "slic", "dpo+nll")
 MIN_SEEDS = 5
@@ -76,18 +81,30 @@ def _interval(values: list[float]) -> dict:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in t.items()}
 
 
-def verdict(per_seed: dict, threshold: float, min_seeds: int = MIN_SEEDS) -> dict:
-    """holds when every seed has a value, there are ≥ min_seeds, and the t-interval's lower end is > threshold."""
+def verdict(per_seed: dict, threshold: float, min_seeds: int = MIN_SEEDS, blocked_by: str | None = None) -> dict:
+    """Three-valued (studies/verdicts.py): not testable when `blocked_by` names a failed precondition, a seed has
+    no value (its curve never reaches the matched gain) or there are fewer than min_seeds; otherwise holds when
+    the t-interval's lower end is > threshold, and does not hold when it is not."""
     values = [v for v in per_seed.values() if v is not None]
     ci = _interval(values)
-    holds = (
-        len(values) == len(per_seed)
-        and len(values) >= min_seeds
-        and ci["ci95_low"] is not None
-        and ci["ci95_low"] > threshold
-    )
     missing = [s for s, v in per_seed.items() if v is None]
-    return {"holds": bool(holds), "interval": ci, "per_seed": per_seed, "seeds_without_value": missing}
+    reason = blocked_by
+    if reason is None and missing:
+        reason = f"not measured on seed(s) {missing}: the curve never reaches the matched value"
+    if reason is None and len(values) < min_seeds:
+        reason = f"{len(values)} seed(s), the rule needs {min_seeds}"
+    if reason is not None:
+        state = NOT_TESTABLE
+    else:
+        state = HOLDS if ci["ci95_low"] is not None and ci["ci95_low"] > threshold else FAILS
+    out = {
+        "verdict": state,
+        "holds": state == HOLDS,
+        "interval": ci,
+        "per_seed": per_seed,
+        "seeds_without_value": missing,
+    }
+    return {**out, "reason": reason} if reason else out
 
 
 def claim_values(data: dict, decoding: str) -> list[dict]:
@@ -130,11 +147,22 @@ def claim_values(data: dict, decoding: str) -> list[dict]:
     bg = {s: best_gain(runs, fl, "bapo", s, decoding, MIN_RETENTION) for s in seeds}
     dg = {s: best_gain(runs, fl, "dpo", s, decoding) for s in seeds}
     d3 = {s: None if bg[s] is None or dg[s] is None else bg[s] - dg[s] for s in seeds}
+    # (added after the recipe-2 results, in the conservative direction: it can only turn "holds" into "not testable")
+    vacuous = [s for s in seeds if dg[s] is not None and dg[s] < WITHIN_POINTS]
     out.append(
         {
             "claim": f"BAPO reaches a gain within {WITHIN_POINTS:g} points of DPO's best (h = {fl}) while retaining "
             f"≥ {MIN_RETENTION}",
-            **verdict(d3, -WITHIN_POINTS),
+            **verdict(
+                d3,
+                -WITHIN_POINTS,
+                blocked_by=(
+                    f"DPO's best gain is below {WITHIN_POINTS:g} points on seed(s) {vacuous}: a BAPO that never moves "
+                    "from the base model would pass"
+                    if vacuous
+                    else None
+                ),
+            ),
             "bapo_best_gain_retaining": bg,
             "dpo_best_gain": dg,
         }
@@ -303,7 +331,7 @@ def report(data: dict) -> str:
         "",
     ]
     for i, c in enumerate(data["claims"], 1):
-        verdict = "holds" if c["holds"] else "does not hold"
+        verdict = c["verdict"] + (f" — {c['reason']}" if c.get("reason") else "")
         s = c["sampled"]
         lines += [
             f"{i}. {c['claim']}: **{verdict}** (greedy). Paired difference over seeds: {_ci(c['interval'])}; "
@@ -313,7 +341,7 @@ def report(data: dict) -> str:
                 if c["seeds_without_value"]
                 else ""
             ),
-            f"   - sampled answers (T = 1): {'holds' if s['holds'] else 'does not hold'}; {_ci(s['interval'])}; "
+            f"   - sampled answers (T = 1): {s['verdict']}; {_ci(s['interval'])}; "
             f"per seed: {_seedvals(s['per_seed'])}.",
         ]
         for key in ("bapo_retention", "best_baseline_retention", "bapo_best_gain_retaining", "dpo_best_gain"):
@@ -326,6 +354,15 @@ def report(data: dict) -> str:
                 "   - DPO's forgetting at the matched gain (greedy), per seed: "
                 + "; ".join(f"{lv}: {_seedvals(v)}" for lv, v in c["forgetting"].items())
             )
+    if any(c["verdict"] == NOT_TESTABLE for c in data["claims"]):
+        lines += [
+            "",
+            "What would make the not-testable claims testable (a next protocol, not a retuning of this one): "
+            "personalization data inside the base model's support — chosen answers the base model itself can "
+            "write (its own samples that the persona scores higher, as the SmolLM2 study does) instead of "
+            "rendered styles whose log-probability under the base model sits tens of nats below its house "
+            "answer — so that DPO's curve reaches the matched gain between measured points on every seed.",
+        ]
     lines += [
         "",
         *why_no_gain(data),
@@ -453,8 +490,5 @@ def summary_table(data: dict) -> str:
         lines.append(
             f"{k[0]:>2}  {_label(k[1], k[2], k[3]):<18}{k[4]:>5}{g[k][0]:>8.1f}{g[k][1]:>11.3f}{s[k][0]:>11.1f}{s[k][1]:>11.3f}"
         )
-    lines += [
-        f"claim {i}: {'holds' if c['holds'] else 'does not hold'} — {c['claim']}"
-        for i, c in enumerate(data.get("claims", []), 1)
-    ]
+    lines += [f"claim {i}: {c['verdict']} — {c['claim']}" for i, c in enumerate(data.get("claims", []), 1)]
     return "\n".join(lines)
