@@ -314,7 +314,8 @@ def report(data: dict) -> str:
         f"World recipe 2 (`world/paraphrased_house.py`), seed {p['world_seed']}: personalization data from "
         "two thirds of the realms, every measure on one question per fact of the other third (held-out realms); "
         "rejected answers are never the house answer. "
-        f"{p['steps']} steps × batch {p['batch_size']}, constant learning rate {p['learning_rate']:g}, β = {p['beta']}, "
+        f"{p['steps']} steps × batch {p['batch_size']}, constant learning rate {p['learning_rate']:g}, "
+        f"β = {p['beta']}, "
         f"evaluated every {p['eval_every']} steps; seeds {p['seeds']} (seed s trains on persona s mod 2 of its level: "
         + "; ".join(
             f"h = {lv}: " + ", ".join(f"`{x}`" for x in sorted({r["persona"] for r in runs if r["level"] == lv}))
@@ -347,7 +348,8 @@ def report(data: dict) -> str:
         for key in ("bapo_retention", "best_baseline_retention", "bapo_best_gain_retaining", "dpo_best_gain"):
             if key in c:
                 lines.append(
-                    f"   - {key.replace('_', ' ')} (greedy), per seed: {_seedvals(c[key], 3 if 'retention' in key else 1)}"
+                    f"   - {key.replace('_', ' ')} (greedy), per seed: "
+                    f"{_seedvals(c[key], 3 if 'retention' in key else 1)}"
                 )
         if "forgetting" in c:
             lines.append(
@@ -376,7 +378,8 @@ def report(data: dict) -> str:
         "",
         "## Every evaluation point (means over seeds)",
         "",
-        "| h | arm | step | n | gain greedy | retention greedy | gain sampled | retention sampled | MC retained | alignment retained (greedy) |",
+        "| h | arm | step | n | gain greedy | retention greedy | gain sampled | retention sampled | MC retained "
+        "| alignment retained (greedy) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += point_table(runs)
@@ -413,7 +416,7 @@ def point_table(runs: list[dict]) -> list[str]:
     rows = []
     for (lv, m, knob, form, step), pts in sorted(acc.items()):
 
-        def avg(f):
+        def avg(f, pts=pts):
             return sum(f(x) for x in pts) / len(pts)
 
         rows.append(
@@ -436,7 +439,8 @@ def why_no_gain(data: dict) -> list[str]:
     lines = [
         f"## Why BAPO does not reach +{p['target_gain']:g} style points at h = {p['frontier_level']}",
         "",
-        "| λ | best mean gain greedy | best mean gain sampled | log π_θ(y_b) first → last step | log π_θ(y_w) first → last | log π_θ(y_l) first → last |",
+        "| λ | best mean gain greedy | best mean gain sampled | log π_θ(y_b) first → last step "
+        "| log π_θ(y_w) first → last | log π_θ(y_l) first → last |",
         "|---|---|---|---|---|---|",
     ]
     sampled = mean_points(runs, "sampled")
@@ -445,7 +449,7 @@ def why_no_gain(data: dict) -> list[str]:
         if not mine:
             continue
 
-        def ends(key):
+        def ends(key, mine=mine):
             firsts = [r["trace"][key][0] for r in mine if r["trace"][key] and r["trace"][key][0] is not None]
             lasts = [r["trace"][key][-1] for r in mine if r["trace"][key] and r["trace"][key][-1] is not None]
             return f"{sum(firsts) / len(firsts):.2f} → {sum(lasts) / len(lasts):.2f}" if firsts and lasts else "—"
@@ -453,7 +457,8 @@ def why_no_gain(data: dict) -> list[str]:
         g = max(v[0] for k, v in bapo.items() if k[2] == lam)
         gs = max(v[0] for k, v in sampled.items() if k[0] == p["frontier_level"] and k[1] == "bapo" and k[2] == lam)
         lines.append(
-            f"| {lam:g} | {g:+.1f} | {gs:+.1f} | {ends('logps_base')} | {ends('logps_chosen')} | {ends('logps_rejected')} |"
+            f"| {lam:g} | {g:+.1f} | {gs:+.1f} | {ends('logps_base')} | {ends('logps_chosen')} "
+            f"| {ends('logps_rejected')} |"
         )
     mine = [
         r
@@ -488,7 +493,8 @@ def summary_table(data: dict) -> str:
         key=lambda k: (k[0], k[1], k[2] or 0, k[4]),
     ):
         lines.append(
-            f"{k[0]:>2}  {_label(k[1], k[2], k[3]):<18}{k[4]:>5}{g[k][0]:>8.1f}{g[k][1]:>11.3f}{s[k][0]:>11.1f}{s[k][1]:>11.3f}"
+            f"{k[0]:>2}  {_label(k[1], k[2], k[3]):<18}{k[4]:>5}"
+            f"{g[k][0]:>8.1f}{g[k][1]:>11.3f}{s[k][0]:>11.1f}{s[k][1]:>11.3f}"
         )
     lines += [f"claim {i}: {c['verdict']} — {c['claim']}" for i, c in enumerate(data.get("claims", []), 1)]
     return "\n".join(lines)
