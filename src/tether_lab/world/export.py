@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tether.config import TetherError
+from tether.files import share_like_umask
 from tether_lab.world import paraphrased_house
 from tether_lab.world.facts import World
 from tether_lab.world.styles import DIMENSIONS, HOUSE, PERSONAS, Persona, render
@@ -170,6 +171,7 @@ def export_world(
                     counts[name] = _write_jsonl(tmp / name, records)
         summary = world_summary(world, chosen) | {"recipe": recipe, "rejected": rejected, "files": counts}
         (tmp / "world.json").write_text(json.dumps(summary, indent=2) + "\n")
+        share_like_umask(tmp)  # mkdtemp makes the directory private
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
