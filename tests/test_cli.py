@@ -210,7 +210,29 @@ def test_every_subcommand_parser_is_torch_free():
     ],
 )
 def test_openmp_waiting_default_and_overrides(env, expected):
+    """The `tether` command sets the default in its own process (here: a real `python -m tether.cli` run, whose
+    exit handlers print what it had)."""
     clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    code = "import os, json, tether; print(json.dumps([os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT')]))"
-    out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, check=True)
-    assert tuple(json.loads(out.stdout)) == expected
+    show = "lambda: print(json.dumps([os.environ.get(k) for k in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT')]))"
+    code = (
+        f"import atexit, json, os, runpy, sys; atexit.register({show}); "
+        "sys.argv = ['tether', 'report', '/nonexistent']; runpy.run_module('tether.cli', run_name='__main__')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True)
+    assert out.returncode == 2 and tuple(json.loads(out.stdout.splitlines()[-1])) == expected, out.stderr
+
+
+def test_importing_tether_changes_nothing_in_the_callers_environment():
+    """The Python API leaves the caller's environment (and signal handlers) as they were: no OpenMP default, no
+    HF_HUB_OFFLINE, whatever tether modules are imported (the libraries it builds on are imported first: peft
+    sets a variable of its own)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_WAIT", "GOMP_", "HF_", "TRANSFORMERS_"))}
+    code = (
+        "import json, os, signal; import torch, transformers, accelerate, peft, datasets; "
+        "before, handler = dict(os.environ), signal.getsignal(signal.SIGTERM); "
+        "import tether, tether.models, tether.train.offline, tether.train.online, tether.cli; "
+        "changed = sorted(set(os.environ.items()) ^ set(before.items())); "
+        "print(json.dumps([changed, signal.getsignal(signal.SIGTERM) == handler]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.splitlines()[-1]) == [[], True]

@@ -95,15 +95,16 @@ def test_every_run_writes_a_report_with_curves(lora_run, tmp_path):
 
 
 def test_report_command_tolerates_a_torn_metrics_line(lora_run, tmp_path, capsys):
-    import shutil
-
-    run = tmp_path / "copy"
-    shutil.copytree(lora_run, run)
-    with (run / "metrics.jsonl").open("a") as f:
-        f.write('{"step": 5, "loss": 0.')  # a run killed mid-write
-    (run / "report.md").unlink()
-    assert main(["report", str(run)]) == 0
-    assert (run / "report.md").is_file() and str(run / "report.md") in capsys.readouterr().out
+    metrics, report = (lora_run / "metrics.jsonl").read_bytes(), (lora_run / "report.md").read_bytes()
+    try:
+        with (lora_run / "metrics.jsonl").open("a") as f:
+            f.write('{"step": 5, "loss": 0.')  # a run killed mid-write
+        (lora_run / "report.md").unlink()
+        assert main(["report", str(lora_run)]) == 0
+        assert (lora_run / "report.md").is_file() and str(lora_run / "report.md") in capsys.readouterr().out
+    finally:
+        (lora_run / "metrics.jsonl").write_bytes(metrics)
+        (lora_run / "report.md").write_bytes(report)
     assert main(["report", str(tmp_path)]) == 2
     assert "not a tether run directory" in capsys.readouterr().err
 

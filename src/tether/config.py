@@ -43,6 +43,15 @@ def brief(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def value_problem(e: BaseException) -> str:
+    """A parser's complaint about a value, in words (the text of Python's own is not for users)."""
+    if isinstance(e, RecursionError):
+        return "nested too deeply to read"
+    if "integer string conversion" in str(e):
+        return "an integer with more than 4300 digits"
+    return brief(getattr(e, "problem", None) or str(e) or type(e).__name__, 200).strip("'")
+
+
 MAX_YAML_NODES = 100_000  # values after expanding aliases; a config is a few hundred at most
 
 
@@ -206,8 +215,7 @@ def read_yaml_mapping(path: str | Path) -> dict:
     except (yaml.YAMLError, ValueError, RecursionError) as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e) or type(e).__name__
-        raise TetherError(f"{path}:{where} is not valid YAML ({brief(problem, 200).strip(chr(39))})") from None
+        raise TetherError(f"{path}:{where} is not valid YAML ({value_problem(e)})") from None
     if not isinstance(data, dict):
         raise TetherError(f"{path}: a config file must be a mapping of option: value")
     return data

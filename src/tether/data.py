@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .config import TetherError, read_text
+from .config import TetherError, read_text, value_problem
 
 log = logging.getLogger("tether")
 COMPLETION_KEYS = ("chosen", "rejected")
@@ -114,9 +114,7 @@ def json_problem(e: Exception) -> str:
         return f"malformed JSON ({e.msg} at column {e.colno})"
     if isinstance(e, RecursionError):
         return "JSON nested too deeply to read"
-    if "integer string conversion" in str(e):
-        return "an integer with more than 4300 digits"
-    return f"unreadable JSON ({str(e)[:120]})"
+    return f"unreadable JSON ({value_problem(e)})"
 
 
 def _load_json_file(path: Path):
