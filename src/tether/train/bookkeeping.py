@@ -18,6 +18,7 @@ from . import checkpoint
 from .card import data_files, model_card, versions
 from .engine import crash_point, end_run
 from .report import write_report_quietly
+from .rundir import RunDir
 
 
 def start_trackers(accelerator, cfg) -> None:
@@ -112,6 +113,32 @@ def save_final(accelerator, model, tokenizer, run_dir: Path, write=None, card: s
         os.replace(tmp, final)
     accelerator.wait_for_everyone()
     return final
+
+
+class TrainingRun:
+    """What the two run objects share (`offline.OfflineRun`, `online.OnlineRun`): the constructor checks the
+    options and the data and claims the run directory (`self.claim`, `self.run_dir`); `run()` loads the models
+    (`load_models`) and trains (`_loop`)."""
+
+    claim: RunDir
+    run_dir: Path
+
+    def load_models(self) -> None:
+        raise NotImplementedError
+
+    def _loop(self) -> Path:
+        raise NotImplementedError
+
+    def run(self) -> Path:
+        """Load the models and train (a finished run is left untouched); the run directory's lock is released
+        at the end, whatever happens."""
+        try:
+            if self.claim.finished:
+                return self.run_dir
+            self.load_models()
+            return self._loop()
+        finally:
+            self.claim.release()
 
 
 def progress_bar(accelerator, cfg, total: int, initial: int, desc: str) -> tqdm:

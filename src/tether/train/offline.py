@@ -30,6 +30,7 @@ from ..models import load_tokenizer
 from . import checkpoint
 from .bookkeeping import (
     MetricsLog,
+    TrainingRun,
     finish_run,
     gathered_means,
     log_to_trackers,
@@ -123,7 +124,7 @@ def reference_table(accelerator, cfg, reference, examples, keys, pad_id, desc) -
     return table
 
 
-class OfflineRun:
+class OfflineRun(TrainingRun):
     """Everything one offline run holds; `run()` is the loop."""
 
     def __init__(self, cfg: TrainConfig, resume: bool):
@@ -168,7 +169,7 @@ class OfflineRun:
         self.steps = total_steps(cfg, len(self.train_ex), self.global_batch)
         self.optimizer, self.scheduler = make_optimizer(self.model, cfg, self.steps)
         self.sharded = self.setup["sharding"] != "none"
-        scorer = SequenceScorer(self.model, n_groups=len(self.keys))
+        scorer = SequenceScorer(self.model, n_keys=len(self.keys))
         if self.sharded:  # FSDP/DeepSpeed shard the parameters and must swap the optimizer's for the sharded ones
             self.scorer, self.optimizer = acc.prepare(scorer, self.optimizer)
         else:
@@ -201,17 +202,6 @@ class OfflineRun:
         return gathered_means(local, prefix="eval_")
 
     # ------------------------------------------------------------------------------------------ the loop
-
-    def run(self) -> Path:
-        """Load the models and train (a finished run is left untouched); the run directory's lock is released
-        at the end, whatever happens."""
-        try:
-            if self.claim.finished:
-                return self.run_dir
-            self.load_models()
-            return self._loop()
-        finally:
-            self.claim.release()
 
     def _loop(self) -> Path:
         cfg, acc, steps = self.cfg, self.acc, self.steps

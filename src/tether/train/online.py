@@ -29,18 +29,19 @@ import torch
 from accelerate.utils import gather_object, set_seed
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
-from ..base_responses import base_answers
+from ..base_responses import add_base_completions, base_answers, base_keys
 from ..config import TetherError
-from ..data import Example, collate, load_prompt_records
+from ..data import COMPLETION_KEYS, Example, collate, load_prompt_records
 from ..generation import eos_token_ids, generate_ids, prompt_ids
 from ..logprobs import completion_logps_ids
-from ..models import load_tokenizer, reshard
+from ..models import eval_mode, load_tokenizer, reshard
 from ..oracles import Annotator, load_oracle
 from ..sampling import sample_responses
 from ..stats import summarize, win_rates
 from . import checkpoint
 from .bookkeeping import (
     MetricsLog,
+    TrainingRun,
     finish_run,
     gathered_means,
     log_to_trackers,
@@ -54,13 +55,13 @@ from .ledger import Ledger
 from .online_config import OnlineConfig
 from .online_policy import OnlinePolicy
 from .optimization import stream_indices
-from .reference import frozen, online_reference, online_twins
+from .reference import online_reference, policy_copies_needed
 from .rundir import claim_run_dir
 
 log = logging.getLogger("tether")
 
 
-class OnlineRun:
+class OnlineRun(TrainingRun):
     """Everything one online run holds; `run()` is the loop."""
 
     def __init__(self, cfg: OnlineConfig, resume: bool):
@@ -108,9 +109,9 @@ class OnlineRun:
         """Load the models and the ledger (after the run directory is claimed)."""
         cfg = self.cfg
         start_trackers(self.acc, cfg)
-        keep_initial, followers = online_twins(cfg)
+        keep_initial, averages = policy_copies_needed(cfg)
         self.policy = OnlinePolicy(
-            cfg, self.acc.device, keep_initial or cfg.method == "bapo", followers, self._shard if self.sharded else None
+            cfg, self.acc.device, keep_initial or cfg.method == "bapo", averages, self._shard if self.sharded else None
         )  # BAPO: y_b from π_sft
         self.setup["parameters_sharded"] = self.policy.sharded  # what the engine really did to the weights
         self.reference = online_reference(cfg, self.policy, self.acc.device)
@@ -118,7 +119,7 @@ class OnlineRun:
         self.ledger = Ledger(self.run_dir / "ledger.jsonl", writable=self.acc.is_main_process)
         self.prompt_ids = {}
         self.max_new_tokens = min(cfg.max_new_tokens, cfg.max_length - cfg.max_prompt_length)  # sampled and y_b
-        self.keys = ("chosen", "rejected", "base") if cfg.method == "bapo" else ("chosen", "rejected")
+        self.keys = COMPLETION_KEYS + base_keys(cfg)
         self.base_cache: dict[int, tuple[list[int], float]] = {}  # BAPO anchor: prompt -> (y_b, log π_sft(y_b))
         self.timing = {"sample_s": 0.0, "annotate_s": 0.0, "reference_s": 0.0, "update_s": 0.0}
 
@@ -130,7 +131,7 @@ class OnlineRun:
         (a resumed run's first forward may be a reference log-prob, which starts below the root)."""
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         fsdp2_prepare_model(self.acc, inner)
-        with frozen(inner):  # eval mode: no dropout, nothing drawn from the random state
+        with eval_mode(inner):  # no dropout, nothing drawn from the random state
             inner(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.acc.device))
         reshard(inner)
         return model
@@ -245,10 +246,11 @@ class OnlineRun:
         for r in rows:
             win, lose = r["label"], 1 - r["label"]
             comps = {"chosen": r["response_ids"][win], "rejected": r["response_ids"][lose]}
-            if "base" in self.keys:
-                comps["base"] = r["base_ids"]
+            example = Example(self._ids(r["prompt_index"]), comps, f"step {r['step']} slot {r['slot']}")
+            if self.cfg.method == "bapo":
+                add_base_completions(example, [r["base_ids"]], self.cfg.max_length, self.tokenizer.eos_token_id)
                 logps[2].append(r["base_logp"])
-            examples.append(Example(self._ids(r["prompt_index"]), comps, f"step {r['step']} slot {r['slot']}"))
+            examples.append(example)
             logps[0].append(r["behavior_logps"][win])
             logps[1].append(r["behavior_logps"][lose])
         batch = {k: v.to(self.acc.device) for k, v in collate(examples, self.tokenizer.pad_token_id, self.keys).items()}
@@ -292,17 +294,6 @@ class OnlineRun:
         }
 
     # ------------------------------------------------------------------------------------------ the loop
-
-    def run(self) -> Path:
-        """Load the models and train (a finished run is left untouched); the run directory's lock is released
-        at the end, whatever happens."""
-        try:
-            if self.claim.finished:
-                return self.run_dir
-            self.load_models()
-            return self._loop()
-        finally:
-            self.claim.release()
 
     def _loop(self) -> Path:
         cfg, acc, policy = self.cfg, self.acc, self.policy
