@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tether: stopped by {name}; finished work is kept (a run continues with --resume)", file=sys.stderr)
         rc = 128 + signal.Signals[name].value
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # a finished multi-process run leaves without destroying its gloo process group (see train.common.end_run)
+        # a finished multi-process run leaves without destroying its gloo process group (see train.engine.end_run)
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -11,6 +11,7 @@ hub traffic, set per call, so the caller's environment is left as it was).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -204,6 +205,20 @@ def disable_dropout(model: torch.nn.Module) -> None:
     for attr in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
         if cfg is not None and isinstance(getattr(cfg, attr, None), float):
             setattr(cfg, attr, 0.0)
+
+
+@contextlib.contextmanager
+def eval_mode(model, adapter_off: bool = False):
+    """`model` in eval mode (no dropout) without gradients, with its PEFT adapters disabled when `adapter_off`
+    (no-op for a plain model); its training mode is restored afterwards."""
+    off = model.disable_adapter() if adapter_off and hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    was_training = model.training
+    model.eval()
+    try:
+        with off, torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
 
 
 def is_sharded(params) -> bool:

@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from ..config import TetherError
 from ..files import fsync_dir, new_private_dir, own_dir, share_like_umask
 from ..models import is_sharded
-from .common import crash_point
+from .engine import crash_point
 from .state_files import as_dtensors, load_state, save_state
 
 log = logging.getLogger("tether")

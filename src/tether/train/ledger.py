@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..config import TetherError
 from ..files import open_append
-from .common import crash_point
+from .engine import crash_point
 
 
 def _row(line: bytes) -> dict | None:
