@@ -39,7 +39,10 @@ def cache_dir() -> Path:
     """tether's cache directory: $TETHER_CACHE, else ~/.cache/tether."""
     root = os.environ.get("TETHER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tether")
     path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _error(f"cannot create tether's cache directory {path} ({e.strerror or e}); set TETHER_CACHE") from None
     return path
 
 
@@ -47,6 +50,20 @@ def _error(message: str):
     from .config import TetherError  # config imports this module
 
     return TetherError(message)
+
+
+def check_writable_dir(path: Path, option: str) -> Path:
+    """Before any work: `path` (a cache directory) exists or can be made, and a file can be written in it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".tether-probe-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise _error(
+            f"option '{option}': cannot write into {path} ({e.strerror or e}); choose a writable directory"
+        ) from None
+    return path
 
 
 def own_dir(path: str | os.PathLike) -> Path:

@@ -5,7 +5,6 @@ the final model, and the bookkeeping both loops share at their start (resume poi
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -13,12 +12,13 @@ import torch
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from ..files import read_json, read_json_lines, write_text_atomic
+from ..files import new_private_dir, open_append, read_json, read_json_lines, share_like_umask, write_text_atomic
 from . import checkpoint
 from .card import data_files, model_card, versions
 from .engine import crash_point, end_run
 from .report import write_report_quietly
 from .rundir import RunDir
+from .stopping import StopRequests
 
 
 def start_trackers(accelerator, cfg) -> None:
@@ -44,9 +44,8 @@ class MetricsLog:
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
+        with open_append(self.path) as f:
+            f.write((json.dumps(row) + "\n").encode("utf-8"))
 
 
 # TRL's (HF Trainer's) names for the scalars tether logs; trackers get them under train/ and eval/ as in TRL
@@ -102,15 +101,18 @@ def save_final(accelerator, model, tokenizer, run_dir: Path, write=None, card: s
     `card` (markdown) becomes final/README.md, replacing PEFT's empty template."""
     final = run_dir / "final"
     if accelerator.is_main_process:
-        tmp = run_dir / "final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        (write or model.save_pretrained)(tmp)
-        tokenizer.save_pretrained(tmp)
-        if card is not None:
-            (tmp / "README.md").write_text(card)
-        crash_point("mid_final", 0)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        tmp = new_private_dir(run_dir, "final.tmp-")  # never a final.tmp someone else put there
+        try:
+            (write or model.save_pretrained)(tmp)
+            tokenizer.save_pretrained(tmp)
+            if card is not None:
+                (tmp / "README.md").write_text(card, encoding="utf-8")
+            share_like_umask(tmp)  # safetensors writes its weight files 0600
+            crash_point("mid_final", 0)
+            checkpoint.publish(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     accelerator.wait_for_everyone()
     return final
 
@@ -122,6 +124,7 @@ class TrainingRun:
 
     claim: RunDir
     run_dir: Path
+    stop: StopRequests | None = None
 
     def load_models(self) -> None:
         raise NotImplementedError
@@ -129,16 +132,27 @@ class TrainingRun:
     def _loop(self) -> Path:
         raise NotImplementedError
 
+    def _save_checkpoint(self, step: int) -> Path:
+        raise NotImplementedError
+
     def run(self) -> Path:
         """Load the models and train (a finished run is left untouched); the run directory's lock is released
-        at the end, whatever happens."""
+        at the end, whatever happens. During the loop, Ctrl-C and SIGTERM stop the run at a step end with a
+        checkpoint (train/stopping.py)."""
         try:
             if self.claim.finished:
                 return self.run_dir
             self.load_models()
-            return self._loop()
+            with StopRequests() as self.stop:
+                return self._loop()
         finally:
+            self.stop = None
             self.claim.release()
+
+    def stop_if_asked(self, done: int, total: int) -> None:
+        """At the end of step `done` (of `total`): after a signal, save a checkpoint here and stop the run."""
+        if done < total and self.stop is not None and self.stop.requested(self.acc):
+            raise self.stop.interrupted(done, self._save_checkpoint(done))
 
 
 def progress_bar(accelerator, cfg, total: int, initial: int, desc: str) -> tqdm:

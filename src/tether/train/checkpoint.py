@@ -44,6 +44,7 @@ log = logging.getLogger("tether")
 PREFIX = "step-"
 _FINAL = re.compile(r"step-(\d+)")
 _TEMP = re.compile(r"step-\d+\.tmp.*")  # a checkpoint being written (or left by a killed process)
+_FINAL_TEMP = re.compile(r"final\.tmp.*")  # the final model being written (bookkeeping.save_final)
 _FILES = re.compile(r"trainable\.safetensors|state\.json|(optim|optim_shard_\d+|rng_\d+)\.(json|safetensors)")
 
 
@@ -108,12 +109,13 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 
 
 def remove_unfinished(run_dir: Path) -> None:
-    """Remove the temp directories of checkpoints a killed process never finished (tether's own, by name)."""
-    root = Path(run_dir) / "checkpoints"
-    if root.is_dir() and not root.is_symlink():
-        for p in root.iterdir():
-            if _TEMP.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
+    """Remove the temp directories of checkpoints (and of a final model) that a killed process never finished:
+    tether's own, by their names, in its own run directory."""
+    for root, pattern in ((Path(run_dir) / "checkpoints", _TEMP), (Path(run_dir), _FINAL_TEMP)):
+        if root.is_dir() and not root.is_symlink():
+            for p in root.iterdir():
+                if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
 
 
 def _reason(e: BaseException) -> str:
@@ -197,7 +199,7 @@ def save(
     crash_point("mid_checkpoint", step)
     if accelerator.is_main_process:
         share_like_umask(tmp)  # safetensors writes 0600, mkdtemp 0700
-        _publish(Path(tmp), final)
+        publish(Path(tmp), final)
         if keep:
             for old in checkpoint_dirs(run_dir)[keep:]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -205,14 +207,15 @@ def save(
     return final
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    """Rename the complete checkpoint `tmp` to `final` (replacing an older one of the same step)."""
+def publish(tmp: Path, final: Path) -> None:
+    """Rename the complete directory `tmp` to `final` (replacing an older one of tether's under that name; a
+    link or a file there is left alone and refused)."""
     if final.is_symlink() or (final.exists() and not final.is_dir()):
         shutil.rmtree(tmp, ignore_errors=True)
-        raise TetherError(f"{final}: is not a checkpoint directory tether wrote; it is left alone")
+        raise TetherError(f"{final}: is not a directory tether wrote (a link or a file); it is left alone")
     fsync_dir(tmp)
     if final.exists():
-        replaced = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-old-", dir=final.parent))
+        replaced = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-old-", dir=final.parent))  # a leftover on a crash
         os.replace(final, replaced)  # a rename onto an empty directory
         os.replace(tmp, final)
         shutil.rmtree(replaced, ignore_errors=True)
