@@ -12,29 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, final_params, jsonl_rows, run_cli
+from conftest import ROOT, jsonl_rows, one_error_line, run_cli, same_weights, snapshot
 
 TESTS = str(Path(__file__).parent)
-
-
-def one_error_line(res) -> str:
-    lines = [line for line in res.stderr.splitlines() if line.startswith("tether: error:")]
-    assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
-    return lines[0]
-
-
-def same_weights(a: Path, b: Path) -> bool:
-    pa, pb = final_params(a), final_params(b)
-    return pa.keys() == pb.keys() and all((pa[k] == pb[k]).all() for k in pa)
-
-
-def snapshot(d: Path) -> dict:
-    """Every file under d with its bytes and modification time (but the lock file, which holds its holder's pid)."""
-    return {
-        str(p.relative_to(d)): (p.read_bytes(), p.stat().st_mtime_ns)
-        for p in sorted(d.rglob("*"))
-        if p.is_file() and p.name != ".tether-lock"
-    }
 
 
 def steps_logged(run: Path) -> list[int]:

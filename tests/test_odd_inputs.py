@@ -1,6 +1,7 @@
 """Odd inputs a user may give (config, data, CLI, oracles), each with the one-line answer it gets, and the
 promise that nothing was written for it."""
 
+import json
 import os
 from pathlib import Path
 
@@ -223,6 +224,9 @@ def test_odd_online_input(what, extra, answer, files, model_dir, capsys, monkeyp
 def test_a_byte_order_mark_is_accepted_in_data_and_config(files, model_dir, data_dir, capsys):
     data = files / "bom.jsonl"
     data.write_bytes(b"\xef\xbb\xbf" + (data_dir / "train.jsonl").read_bytes())
+    rows = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines()]
+    split = files / "bom_split.json"  # {split: [records]} with a byte-order mark
+    split.write_bytes(b"\xef\xbb\xbf" + json.dumps({"train": rows[:40], "test": rows[40:]}).encode())
     cfg = files / "bom.yaml"
     cfg.write_bytes(b"\xef\xbb\xbfbeta: 0.2\n")
     out = files / "run"
@@ -234,6 +238,8 @@ def test_a_byte_order_mark_is_accepted_in_data_and_config(files, model_dir, data
             "--model",
             str(model_dir),
             "--train_file",
+            str(split),
+            "--eval_file",
             str(data),
             "--output_dir",
             str(out),

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
+from ..config import TetherError
 from ..files import new_private_dir, open_append, read_json, read_json_lines, share_like_umask, write_text_atomic
 from . import checkpoint
 from .card import data_files, model_card, versions
@@ -110,6 +112,12 @@ def save_final(accelerator, model, tokenizer, run_dir: Path, write=None, card: s
             share_like_umask(tmp)  # safetensors writes its weight files 0600
             crash_point("mid_final", 0)
             checkpoint.publish(tmp, final)
+        except (OSError, SafetensorError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise TetherError(
+                f"{run_dir}: the final model could not be written ({checkpoint.brief_reason(e)}); nothing half-written "
+                "is left and the checkpoints are kept: free some space and rerun with --resume"
+            ) from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

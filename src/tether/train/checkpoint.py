@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate.utils import broadcast_object_list, gather_object
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..config import TetherError
@@ -118,7 +119,8 @@ def remove_unfinished(run_dir: Path) -> None:
                     shutil.rmtree(p, ignore_errors=True)
 
 
-def _reason(e: BaseException) -> str:
+def brief_reason(e: BaseException) -> str:
+    """An exception in a few words (its type and the first line of its message, at most 200 characters)."""
     text = (str(e).splitlines() or [""])[0] if not isinstance(e, OSError) else (e.strerror or str(e))
     return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
 
@@ -181,13 +183,18 @@ def save(
         try:
             tmp = str(new_private_dir(own_dir(root), f"{final.name}.tmp-"))
         except (OSError, TetherError) as e:
-            error = _reason(e) if isinstance(e, OSError) else str(e)
+            error = brief_reason(e) if isinstance(e, OSError) else str(e)
     tmp = _from_main(accelerator, tmp)
     if tmp is not None:
         try:
             _write_files(accelerator, Path(tmp), step, optimizer, scheduler, extra, weights, sharded)
         except OSError as e:
             error = f"{e.filename or tmp}: {e.strerror or e}"
+        except SafetensorError as e:  # safetensors' own wrapping of a failed write (a full disk)
+            error = f"{tmp}: {brief_reason(e)}"
+        except BaseException:  # a second Ctrl-C, say: the half-written checkpoint goes, the previous ones stay
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     errors = _all_errors(accelerator, error)
     if errors:
         if accelerator.is_main_process and tmp is not None:
@@ -298,7 +305,7 @@ def _choose(run_dir: Path, model, tensors) -> str | None:
             old.append(path)
             continue
         except Exception as e:  # noqa: BLE001 - any damage: fall back to the previous checkpoint
-            log.warning("checkpoint %s is damaged (%s); falling back to the previous one", path, _reason(e))
+            log.warning("checkpoint %s is damaged (%s); falling back to the previous one", path, brief_reason(e))
             continue
         return path.name
     if old:
