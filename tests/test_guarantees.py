@@ -338,7 +338,16 @@ def test_every_check_comes_before_the_run_directory_is_claimed(
     if command == "train":
         base += ["--train_file", str(data_dir / "train.jsonl"), "--max_steps", "1"]
     else:
-        base += ["--prompt_file", str(prompt_file), "--oracle", "callable:toy_oracles:shorter", "--steps", "1"]
+        base += [
+            "--prompt_file",
+            str(prompt_file),
+            "--oracle",
+            "callable:toy_oracles:shorter",
+            "--steps",
+            "1",
+            "--phases",
+            "1",
+        ]
     argv = [command, *base, "--progress", "false", *[a.replace("{work}", str(odd_models)) for a in extra]]
     sys.path.insert(0, TESTS)
     rc = main(argv)
