@@ -80,7 +80,8 @@ class BapoProtocol:
         return cls(mode="full", world_seed=world_seed, seeds=[0, 1, 2, 3, 4])
 
     def arms(self) -> list[tuple[int, str, float | None, str | None]]:
-        """(level, method, knob, anchor form) of every run, seeds aside: DPO at every level; the rest at the frontier level."""
+        """(level, method, knob, anchor form) of every run, seeds aside: DPO at every level; the rest at the
+        frontier level."""
         out = []
         for level in self.levels:
             for m in self.methods:
@@ -299,6 +300,7 @@ def run_study(
     protocol: BapoProtocol | None = None,
     threads: int | None = None,
     only: list[tuple[int, str]] | None = None,
+    resume: bool = True,
 ) -> dict:
     """Run (or resume) the study; write results.json, figures and report.md into `out`.
 
@@ -312,7 +314,7 @@ def run_study(
     out = Path(out)
     set_threads(threads)
     t_start = time.perf_counter()
-    results = StudyResults(out, "bapo", asdict(protocol))
+    results = StudyResults(out, "bapo", asdict(protocol), resume=resume)
     world, base_dir, data = _world_data(out, protocol)
     evaluator = Evaluator(world, protocol)
     base = _base_eval(out, base_dir, evaluator, protocol)
