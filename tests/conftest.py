@@ -184,3 +184,23 @@ def snapshot(d: Path) -> dict:
         for p in sorted(d.rglob("*"))
         if p.is_file() and p.name != ".tether-lock"
     }
+
+
+def lora_run_args(model_dir: Path, train_file: Path, cache: Path) -> list[str]:
+    """`tether train` arguments of a small LoRA run with dropout on (a resume must bring the RNG state back too):
+    6 steps of 4 pairs, a checkpoint every 2 steps."""
+    return [
+        *("train", "--model", str(model_dir), "--train_file", str(train_file), "--learning_rate", "1e-2"),
+        *("--max_steps", "6", "--batch_size", "4", "--save_steps", "2", "--lora", "true", "--lora_r", "4"),
+        *("--lora_dropout", "0.2", "--disable_dropout", "false", "--progress", "false", "--ref_cache_dir", str(cache)),
+    ]
+
+
+def online_run_args(model_dir: Path, prompt_file: Path) -> list[str]:
+    """`tether online` arguments (but the oracle) of a small run: 6 steps of 4 prompts in 3 phases, a checkpoint
+    every 2 steps."""
+    return [
+        *("online", "--model", str(model_dir), "--prompt_file", str(prompt_file), "--steps", "6", "--phases", "3"),
+        *("--prompts_per_step", "4", "--max_new_tokens", "12", "--learning_rate", "1e-2", "--save_steps", "2"),
+        *("--progress", "false", "--max_length", "64", "--max_prompt_length", "32", "--oracle_backoff", "0"),
+    ]

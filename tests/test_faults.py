@@ -12,7 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, jsonl_rows, one_error_line, run_cli, same_weights, snapshot
+from conftest import (
+    ROOT,
+    jsonl_rows,
+    lora_run_args,
+    one_error_line,
+    online_run_args,
+    run_cli,
+    same_weights,
+    snapshot,
+)
 
 TESTS = str(Path(__file__).parent)
 
@@ -31,33 +40,7 @@ def offline(model_dir, data_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("faults")
     train_file = work / "train.jsonl"
     shutil.copy(data_dir / "train.jsonl", train_file)
-    args = [
-        "train",
-        "--model",
-        str(model_dir),
-        "--train_file",
-        str(train_file),
-        "--learning_rate",
-        "1e-2",
-        "--max_steps",
-        "6",
-        "--batch_size",
-        "4",
-        "--save_steps",
-        "2",
-        "--lora",
-        "true",
-        "--lora_r",
-        "4",
-        "--lora_dropout",
-        "0.2",
-        "--disable_dropout",
-        "false",
-        "--progress",
-        "false",
-        "--ref_cache_dir",
-        str(work / "cache"),
-    ]
+    args = lora_run_args(model_dir, train_file, work / "cache")
     full = run_cli(*args, "--output_dir", str(work / "full"))
     assert full.returncode == 0, full.stderr
     return args, work / "full"
@@ -243,33 +226,7 @@ def online_args(model_dir, tmp_path):
     from tether_lab.demo import toy_preferences, write_jsonl
 
     prompts = write_jsonl([{"prompt": r["prompt"]} for r in toy_preferences(48, seed=5)], tmp_path / "prompts.jsonl")
-    return [
-        "online",
-        "--model",
-        str(model_dir),
-        "--prompt_file",
-        str(prompts),
-        "--steps",
-        "6",
-        "--phases",
-        "3",
-        "--prompts_per_step",
-        "4",
-        "--max_new_tokens",
-        "12",
-        "--learning_rate",
-        "1e-2",
-        "--save_steps",
-        "2",
-        "--progress",
-        "false",
-        "--max_length",
-        "64",
-        "--max_prompt_length",
-        "32",
-        "--oracle_backoff",
-        "0",
-    ]
+    return online_run_args(model_dir, prompts)
 
 
 def oracle_env(log: Path, **extra) -> dict:

@@ -16,7 +16,16 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, jsonl_rows, one_error_line, run_cli, same_weights, snapshot
+from conftest import (
+    ROOT,
+    jsonl_rows,
+    lora_run_args,
+    one_error_line,
+    online_run_args,
+    run_cli,
+    same_weights,
+    snapshot,
+)
 from tether.cli import main
 from tether.config import TetherError
 
@@ -41,33 +50,7 @@ def plant_pickle(path: Path, proof: Path) -> None:
 def offline(model_dir, data_dir, tmp_path_factory):
     """A small LoRA run with dropout (the RNG state must come back too) and its uninterrupted result."""
     work = tmp_path_factory.mktemp("guarantees")
-    args = [
-        "train",
-        "--model",
-        str(model_dir),
-        "--train_file",
-        str(data_dir / "train.jsonl"),
-        "--learning_rate",
-        "1e-2",
-        "--max_steps",
-        "6",
-        "--batch_size",
-        "4",
-        "--save_steps",
-        "2",
-        "--lora",
-        "true",
-        "--lora_r",
-        "4",
-        "--lora_dropout",
-        "0.2",
-        "--disable_dropout",
-        "false",
-        "--progress",
-        "false",
-        "--ref_cache_dir",
-        str(work / "cache"),
-    ]
+    args = lora_run_args(model_dir, data_dir / "train.jsonl", work / "cache")
     full = run_cli(*args, "--output_dir", str(work / "full"))
     assert full.returncode == 0, full.stderr
     return args, work / "full"
@@ -402,35 +385,8 @@ def test_a_full_disk_abandons_the_checkpoint_and_keeps_the_previous_one(offline,
 def online_slow(model_dir, prompt_file, tmp_path_factory):
     """An online run whose oracle takes its time (so a signal lands mid-run) and its uninterrupted result."""
     work = tmp_path_factory.mktemp("online-slow")
-    args = [
-        "online",
-        "--model",
-        str(model_dir),
-        "--prompt_file",
-        str(prompt_file),
-        "--oracle",
-        "callable:toy_oracles:shorter_slowly",
-        "--steps",
-        "6",
-        "--phases",
-        "3",
-        "--prompts_per_step",
-        "4",
-        "--max_new_tokens",
-        "12",
-        "--learning_rate",
-        "1e-2",
-        "--save_steps",
-        "0",
-        "--progress",
-        "false",
-        "--max_length",
-        "64",
-        "--max_prompt_length",
-        "32",
-        "--logging_steps",
-        "1",
-    ]
+    oracle = ("--oracle", "callable:toy_oracles:shorter_slowly")
+    args = [*online_run_args(model_dir, prompt_file), *oracle, "--save_steps", "0", "--logging_steps", "1"]
     env = {"PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])}
     res = run_cli(*args, "--output_dir", str(work / "full"), env=env)
     assert res.returncode == 0, res.stderr[-2000:]
