@@ -160,7 +160,11 @@ class TrainingRun:
     def stop_if_asked(self, done: int, total: int) -> None:
         """At the end of step `done` (of `total`): after a signal, save a checkpoint here and stop the run."""
         if done < total and self.stop is not None and self.stop.requested(self.acc):
-            raise self.stop.interrupted(done, self._save_checkpoint(done))
+            save_steps = self.cfg.save_steps
+            saved = self.run_dir / "checkpoints" / f"{checkpoint.PREFIX}{done:06d}"  # just now, by the loop
+            raise self.stop.interrupted(
+                done, saved if save_steps and done % save_steps == 0 else self._save_checkpoint(done)
+            )
 
 
 def progress_bar(accelerator, cfg, total: int, initial: int, desc: str) -> tqdm:
