@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .generation import prompt_ids
-from .logprobs import completion_logps_ids
+from .logprobs import completion_logps_ids, grouped_completion_logps
 from .stats import summarize
 
 
@@ -76,15 +76,23 @@ def multiple_choice_correct(model, tokenizer, questions: Sequence[dict], batch_s
     """1.0 where the highest-likelihood option is the right one, else 0.0, per question.
 
     A question is {"prompt": str | chat messages, "options": [str, ...], "answer": index of the right option}.
+    Questions with the same number of options are scored together, each prompt run once for all its options
+    (`grouped_completion_logps`); `batch_size` counts questions.
     """
-    prompts = [q["prompt"] for q in questions for _ in q["options"]]
-    options = [o for q in questions for o in q["options"]]
-    logps = completion_logps(model, tokenizer, prompts, options, batch_size)
-    correct, k = [], 0
-    for q in questions:
-        scores = logps[k : k + len(q["options"])]
-        k += len(q["options"])
-        correct.append(float(int(np.argmax(scores)) == q["answer"]))
+    correct = [0.0] * len(questions)
+    by_count: dict[int, list[int]] = {}
+    for i, q in enumerate(questions):
+        by_count.setdefault(len(q["options"]), []).append(i)
+    for idx in by_count.values():
+        scores = grouped_completion_logps(
+            model,
+            [prompt_ids(tokenizer, questions[i]["prompt"]) for i in idx],
+            [[tokenizer(o, add_special_tokens=False)["input_ids"] for o in questions[i]["options"]] for i in idx],
+            _pad_id(tokenizer),
+            batch_size,
+        )
+        for i, s in zip(idx, scores, strict=True):
+            correct[i] = float(int(np.argmax(s)) == questions[i]["answer"])
     return correct
 
 

@@ -159,19 +159,38 @@ class SequenceScorer(nn.Module):
 def completion_logps_ids(
     model, prompts: Sequence[list[int]], completions: Sequence[list[int]], pad_id: int, batch_size: int = 32
 ) -> list[float]:
-    """Summed log π(completion | prompt) for each (prompt ids, completion ids) pair, in batches (no gradient).
-    Rows are sorted by length and right-padded, as `sequence_logps` expects."""
-    rows = [Example(list(p), {"completion": list(c)}, "") for p, c in zip(prompts, completions, strict=True)]
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt_ids) + len(rows[i].completion_ids["completion"]))
+    """Summed log π(completion | prompt) for each (prompt ids, completion ids) pair, in batches (no gradient)."""
+    return [g[0] for g in grouped_completion_logps(model, prompts, [[c] for c in completions], pad_id, batch_size)]
+
+
+@torch.no_grad()
+def grouped_completion_logps(
+    model, prompts: Sequence[list[int]], groups: Sequence[Sequence[list[int]]], pad_id: int, batch_size: int = 32
+) -> list[list[float]]:
+    """Summed log π(c | prompt) of every completion c of each prompt's group (no gradient): groups[i] holds the
+    k completions of prompts[i], the same k for every prompt. With k > 1 each prompt runs through the model once
+    for its k completions (`sequence_logps` with n_keys = k), as in training. Prompts are taken in order of
+    length (prompt + longest completion), `batch_size` prompts at a time, right-padded."""
+    k = len(groups[0]) if groups else 0
+    if any(len(g) != k for g in groups):
+        raise ValueError("every prompt needs the same number of completions")
+    keys = tuple(f"c{j}" for j in range(k))
+    rows = [
+        Example(list(p), {key: list(c) for key, c in zip(keys, g)}, "") for p, g in zip(prompts, groups, strict=True)
+    ]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt_ids) + max(map(len, groups[i]), default=0))
     device = next(model.parameters()).device
-    out = [0.0] * len(rows)
+    out: list[list[float]] = [[] for _ in rows]
     with eval_mode(model):
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            batch = collate([rows[i] for i in idx], pad_id, keys=("completion",))
+            batch = collate([rows[i] for i in idx], pad_id, keys=keys)
             sums, _ = sequence_logps(
-                model, *(batch[k].to(device) for k in ("input_ids", "attention_mask", "completion_mask"))
+                model,
+                *(batch[name].to(device) for name in ("input_ids", "attention_mask", "completion_mask")),
+                n_keys=k,
             )
+            by_key = sums.view(k, len(idx))
             for r, i in enumerate(idx):
-                out[i] = float(sums[r])
+                out[i] = [float(v) for v in by_key[:, r]]
     return out

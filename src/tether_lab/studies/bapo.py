@@ -299,6 +299,7 @@ def run_study(
     protocol: BapoProtocol | None = None,
     threads: int | None = None,
     only: list[tuple[int, str]] | None = None,
+    resume: bool = True,
 ) -> dict:
     """Run (or resume) the study; write results.json, figures and report.md into `out`.
 
@@ -312,7 +313,7 @@ def run_study(
     out = Path(out)
     set_threads(threads)
     t_start = time.perf_counter()
-    results = StudyResults(out, "bapo", asdict(protocol))
+    results = StudyResults(out, "bapo", asdict(protocol), resume=resume)
     world, base_dir, data = _world_data(out, protocol)
     evaluator = Evaluator(world, protocol)
     base = _base_eval(out, base_dir, evaluator, protocol)

@@ -15,22 +15,40 @@ def _run_bapo(args) -> int:
     if args.model and args.world_seed:
         raise TetherError("option --world_seed: applies to the embedded world, not to --model")
     if args.model:
-        from tether_lab.studies import bapo_smollm2
-
-        proto = bapo_smollm2.protocol_for(args.model, quick=args.quick, seeds=args.seeds)
-        out = args.out or f"out/study-bapo-{Path(args.model).name}{'-quick' if args.quick else ''}"
-        bapo_smollm2.run_study(out=out, protocol=proto, threads=args.threads)
-        print((Path(out) / "report.md").read_text())
-        print(f"study written to {out} (results.json, report.md)")
-        return 0
-
+        return _run_bapo_llm(args)
+    if args.seeds or args.data_seed:
+        raise TetherError(
+            "options --seeds and --data_seed: apply to a chat model's study (--model), not to the world's"
+        )
     from tether_lab.studies.bapo import BapoProtocol, run_study
 
     out = args.out or ("out/study-bapo-quick" if args.quick else "out/study-bapo")
     protocol = BapoProtocol.for_mode(args.quick, world_seed=args.world_seed)
-    data = run_study(quick=args.quick, out=out, threads=args.threads, protocol=protocol)
+    data = run_study(quick=args.quick, out=out, threads=args.threads, protocol=protocol, resume=args.resume)
     print((Path(out) / "report.md").read_text())
     print(summary_table(data))
+    print(f"study written to {out} (results.json, report.md, figures)")
+    return 0
+
+
+def _run_bapo_llm(args) -> int:
+    from tether_lab.studies import bapo_llm, bapo_llm_rules
+
+    if args.quick:
+        if args.seeds:
+            raise TetherError("option --seeds: --quick runs the calibration stage only (no study seed)")
+        proto = bapo_llm_rules.quick_protocol(args.model, args.data_seed)
+    else:
+        proto = bapo_llm_rules.LlmBapoProtocol(model=args.model, data_seed=args.data_seed)
+        if args.seeds:
+            proto.seeds = list(args.seeds)
+    if any(s >= bapo_llm_rules.TUNING_OFFSET for s in proto.seeds):
+        raise TetherError(
+            f"option --seeds: study seeds must be below {bapo_llm_rules.TUNING_OFFSET} (the calibration's)"
+        )
+    out = args.out or f"out/study-bapo-{Path(args.model).name}{'-quick' if args.quick else ''}"
+    bapo_llm.run_study(out=out, protocol=proto, resume=args.resume, threads=args.threads)
+    print((Path(out) / "report.md").read_text())
     print(f"study written to {out} (results.json, report.md, figures)")
     return 0
 
@@ -42,20 +60,24 @@ def _run_bpo(args) -> int:
 
 
 def _world_seed(text: str) -> int:
+    """A seed option: an integer in 0 .. 2**31 − 1."""
     try:
-        value = int(text)
+        value = int(text) if len(text) < 20 else -1
     except ValueError:
         value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 0, e.g. 0")
+    if not 0 <= value < 2**31:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r}: expected an integer from 0 to 2147483647, e.g. 0")
     return value
 
 
 def _seed_list(text: str) -> list[int]:
     try:
-        return [int(x) for x in text.split(",")]
+        seeds = [int(x) for x in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+        seeds = []
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text[:40]!r}: expected distinct comma-separated integers >= 0, e.g. 0,1,2")
+    return seeds
 
 
 def add_study_parser(subparsers) -> None:
@@ -75,7 +97,8 @@ def add_study_parser(subparsers) -> None:
     b.add_argument(
         "--quick",
         action="store_true",
-        help="seed 0 only (full: seeds 0-4 on the embedded world; with --model: seeds 0 and 1)",
+        help="seed 0 only on the embedded world (full: seeds 0-4); with --model: the gates and calibration curves of "
+        "a reduced grid (one persona, 10 steps; about 20 minutes for SmolLM2 on 2 cores), never a verdict",
     )
     b.add_argument(
         "--world_seed",
@@ -87,15 +110,28 @@ def add_study_parser(subparsers) -> None:
         "--model",
         default=None,
         help="run the study on this chat model instead of the embedded world (e.g. smollm2-135m-instruct): "
-        "DPO (by steps) vs BAPO (across λ) with LoRA on the instruction-defined persona `simple`, "
-        "knowledge probe with churn; a local model directory or a built-in name",
+        "a calibration (DPO over lr × β, IPO, SLiC, DPO+NLL, BAPO over λ, a null SFT run; gates), then BAPO vs "
+        "DPO and the selected baseline on the personas `simple` and `enthusiastic` (protocol version 3, "
+        "docs/studies.md); a local model directory or a built-in name",
     )
     b.add_argument(
         "--seeds",
         default=None,
         type=_seed_list,
-        help="with --model: comma-separated training seeds, replacing 0,1 (each seed adds ~27 minutes for "
-        "SmolLM2 on 2 cores: 4 trainings, 6 evaluations; verdicts need at least 2 seeds)",
+        help="with --model: comma-separated study seeds, replacing 0,1,2,3,4 (each seed has its own preference "
+        "data, data seed = --data_seed + seed; the claims need 5)",
+    )
+    b.add_argument(
+        "--data_seed",
+        type=_world_seed,
+        default=0,
+        help="with --model: offset of the data seeds (study seed s uses data_seed + s, the calibration data_seed + 1000)",
+    )
+    b.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the study in --out, keeping every finished run (a changed protocol is refused, naming what "
+        "changed); without it a directory that holds finished runs is refused",
     )
     b.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the study process")
     b.add_argument("--out", default=None, help="study directory (default: out/study-bapo or out/study-bapo-quick)")

@@ -16,13 +16,20 @@ class StudyResults:
     (setting, seed), appended as each finishes, so an interrupted study resumes where it stopped),
     `summary` and `claims` (written at the end)."""
 
-    def __init__(self, out: Path, study: str, protocol: dict):
+    def __init__(self, out: Path, study: str, protocol: dict, resume: bool = True):
+        """`resume` False: a directory that already holds this study's runs is refused (continue it with --resume)."""
         self.path = out / "results.json"
         data = _claim_study_dir(out, study)
         if data is not None:
             if data.get("protocol") != protocol:
                 raise TetherError(
-                    f"{self.path}: holds a study with another protocol; use another --out or delete the directory"
+                    f"{self.path}: holds a study with another protocol ({_changed(data.get('protocol'), protocol)}); "
+                    "use another --out, or the same options as before"
+                )
+            if not resume and data.get("runs"):
+                raise TetherError(
+                    f"{out}: already holds {len(data['runs'])} finished run(s) of this study; add --resume "
+                    "to continue it, or choose another --out"
                 )
             self.data = data
         else:
@@ -38,6 +45,14 @@ class StudyResults:
     def add(self, run: dict) -> None:
         self.data["runs"].append(run)
         self.save()
+
+
+def _changed(old, new: dict) -> str:
+    """The protocol keys whose values differ, as 'key: old → new' (at most five)."""
+    old = old if isinstance(old, dict) else {}
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    shown = [f"{k}: {old.get(k)!r} → {new.get(k)!r}"[:120] for k in keys[:5]]
+    return "; ".join(shown) + (f"; and {len(keys) - 5} more" if len(keys) > 5 else "")
 
 
 def _claim_study_dir(out: Path, study: str) -> dict | None:
