@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import run_cli
+from conftest import jsonl_rows, run_cli
 from tether.cli import main
 from tether.train import TrainConfig
 
@@ -55,7 +55,7 @@ def test_config_file_and_flags_end_to_end(model_dir, data_dir, tmp_path):
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["beta"] == 0.2 and resolved["loss"] == "ipo" and resolved["max_steps"] == 4  # flag beats file
     assert resolved["lr_scheduler"] == "linear"  # defaults are written out too
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = jsonl_rows(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(REQUIRED_METRICS <= r.keys() for r in rows)
     assert "eval_loss" in rows[1] and "eval_loss" not in rows[0]
@@ -196,7 +196,10 @@ def test_every_subcommand_parser_is_torch_free():
     import subprocess
     import sys
 
-    code = f"import sys; from tether.cli import build_parser; build_parser(); print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    code = (
+        "import sys; from tether.cli import build_parser; build_parser(); "
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.stdout.strip() == "[]", res.stdout + res.stderr
 
@@ -211,6 +214,9 @@ def test_every_subcommand_parser_is_torch_free():
 )
 def test_openmp_waiting_default_and_overrides(env, expected):
     clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    code = "import os, json, tether; print(json.dumps([os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT')]))"
+    code = (
+        "import os, json, tether; "
+        "print(json.dumps([os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT')]))"
+    )
     out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, check=True)
     assert tuple(json.loads(out.stdout)) == expected

@@ -3,7 +3,6 @@ failing oracles. Every case ends with final weights bit-identical to an uninterr
 with nothing lost."""
 
 import fcntl
-import json
 import os
 import shutil
 import subprocess
@@ -13,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_cli
-from test_train import final_params
+from conftest import ROOT, final_params, jsonl_rows, run_cli
 
 TESTS = str(Path(__file__).parent)
 
@@ -40,7 +38,7 @@ def snapshot(d: Path) -> dict:
 
 
 def steps_logged(run: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in jsonl_rows(run / "metrics.jsonl")]
 
 
 # ---------------------------------------------------------------------------------------------- offline
@@ -317,7 +315,7 @@ def test_online_killed_mid_ledger_write_resumes_bit_identical(online_args, tmp_p
     extra = sum(int(x) for x in part_log.read_text().split()) - sum(whole_calls)
     # step 3 was asked once before the crash; after it only its pairs without a complete record are asked again
     assert 0 < extra < whole_calls[2]
-    rows = [json.loads(line) for line in (tmp_path / "part" / "ledger.jsonl").read_text().splitlines()]
+    rows = jsonl_rows(tmp_path / "part" / "ledger.jsonl")
     assert sorted((r["step"], r["slot"]) for r in rows) == [(s, k) for s in range(6) for k in range(4)]
 
 
@@ -337,7 +335,7 @@ def test_online_stops_when_the_oracle_keeps_failing_and_resumes_once_it_is_back(
     assert (tmp_path / "r" / "checkpoints" / "step-000002").is_dir() and not (tmp_path / "r" / "final").exists()
     res = run_cli(*args, "--resume", env=oracle_env(tmp_path / "log"))
     assert res.returncode == 0, res.stderr
-    rows = [json.loads(line) for line in (tmp_path / "r" / "ledger.jsonl").read_text().splitlines()]
+    rows = jsonl_rows(tmp_path / "r" / "ledger.jsonl")
     # steps 1-2 were trained (without pairs) before the stop and stay as they were; step 3, not recorded at the
     # stop, was asked again
     assert {r["status"] for r in rows if r["step"] < 2} <= {"oracle_failed", "identical"}

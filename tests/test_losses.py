@@ -62,7 +62,8 @@ def test_dpo_gradient_magnitude_by_hand():
 
 
 def test_metrics_by_hand():
-    # two pairs: rewards chosen = 0.1*(−1−(−2)) = 0.1 and 0.1*(−3−(−3)) = 0; rejected: 0.1*(−2−(−1)) = −0.1 and 0.1*(−1−(−2)) = 0.1
+    # two pairs: rewards chosen = 0.1*(−1−(−2)) = 0.1 and 0.1*(−3−(−3)) = 0;
+    # rejected: 0.1*(−2−(−1)) = −0.1 and 0.1*(−1−(−2)) = 0.1
     _, s = preference_loss(t(-1.0, -3.0), t(-2.0, -1.0), t(-2.0, -3.0), t(-1.0, -2.0), t(2.0, 2.0), t(2.0, 2.0))
     assert s["rewards_chosen"].tolist() == pytest.approx([0.1, 0.0])
     assert s["rewards_rejected"].tolist() == pytest.approx([-0.1, 0.1])

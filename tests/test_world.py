@@ -246,8 +246,9 @@ def test_cli_export_and_eval(tmp_path, micro, capsys):
         args.func(args)
 
     model = str(ensure_base_model(settings))
-    argv = ["eval", "--model", model, "--suite", "world", "--base_model", model, "--world_entities", "8", "--persona", "casual",
-            "--max_new_tokens", "40", "--progress", "false", "--out", str(tmp_path / "eval.json")]  # fmt: skip
+    argv = ["eval", "--model", model, "--suite", "world", "--base_model", model, "--world_entities", "8",
+            "--persona", "casual", "--max_new_tokens", "40", "--progress", "false",
+            "--out", str(tmp_path / "eval.json")]  # fmt: skip
     args = _parser().parse_args(argv)
     assert args.func(args) == 0
     saved = json.loads((tmp_path / "eval.json").read_text())

@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tether: error: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # a finished multi-process run leaves without destroying its gloo process group (see train.common.end_run)
+        # a finished multi-process run leaves without destroying its gloo process group (see train.engine.end_run)
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

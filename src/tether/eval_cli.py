@@ -81,7 +81,8 @@ class EvalOptions:
             )
         if not 0 < self.max_prompt_length < self.max_length:
             raise TetherError(
-                f"option --max_prompt_length ({self.max_prompt_length}) must be > 0 and < --max_length ({self.max_length})"
+                f"option --max_prompt_length ({self.max_prompt_length}) must be > 0 and < --max_length "
+                f"({self.max_length})"
             )
         if self.out is not None:
             check_output_file(self.out, "--out")

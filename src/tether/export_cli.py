@@ -51,7 +51,10 @@ def export_merged(adapter_dir: str | Path, out: str | Path, dtype: str = "auto")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    note = f"Merged plain model: base `{adapter_base(adapter_dir)}` + LoRA adapter `{adapter_dir}` (written by `tether export --merge`).\n\n"
+    note = (
+        f"Merged plain model: base `{adapter_base(adapter_dir)}` + LoRA adapter `{adapter_dir}` "
+        "(written by `tether export --merge`).\n\n"
+    )
     card = adapter_dir / "README.md"
     (tmp / "README.md").write_text(note + (card.read_text() if card.is_file() else ""))
     if out.exists():

@@ -7,6 +7,7 @@ looks like a hub id is refused with a message that says so.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -67,8 +68,8 @@ def resolve_model_path(name: str | os.PathLike) -> Path:
             return path
         if not (path / "config.json").is_file():
             raise TetherError(
-                f"{path}: not a Hugging Face model directory (no config.json) nor a PEFT adapter (no adapter_config.json); "
-                f"pass a directory written by save_pretrained"
+                f"{path}: not a Hugging Face model directory (no config.json) nor a PEFT adapter "
+                "(no adapter_config.json); pass a directory written by save_pretrained"
             )
         return path
     if path.exists():
@@ -195,6 +196,20 @@ def disable_dropout(model: torch.nn.Module) -> None:
     for attr in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
         if cfg is not None and isinstance(getattr(cfg, attr, None), float):
             setattr(cfg, attr, 0.0)
+
+
+@contextlib.contextmanager
+def eval_mode(model, adapter_off: bool = False):
+    """`model` in eval mode (no dropout) without gradients, with its PEFT adapters disabled when `adapter_off`
+    (no-op for a plain model); its training mode is restored afterwards."""
+    off = model.disable_adapter() if adapter_off and hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    was_training = model.training
+    model.eval()
+    try:
+        with off, torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
 
 
 def is_sharded(params) -> bool:

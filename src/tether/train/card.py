@@ -111,7 +111,8 @@ def model_card(cfg, kind: str, run_dir: Path, results: dict) -> str:
     if lora:
         usage = (
             "A PEFT LoRA adapter. Load it with `peft.AutoPeftModelForCausalLM.from_pretrained(this_dir)`, give this "
-            "directory to tether as `--model`, or write a merged plain model with `tether export --merge this_dir --out DIR`."
+            "directory to tether as `--model`, or write a merged plain model with "
+            "`tether export --merge this_dir --out DIR`."
         )
     else:
         usage = "A full Hugging Face model: `transformers.AutoModelForCausalLM.from_pretrained(this_dir)`."

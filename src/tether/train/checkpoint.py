@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import TetherError
 from ..models import is_sharded
-from .common import crash_point
+from .engine import crash_point
 
 log = logging.getLogger("tether")
 

@@ -19,7 +19,7 @@ import json
 import os
 from pathlib import Path
 
-from .common import crash_point
+from .engine import crash_point
 
 
 class Ledger:

@@ -1,5 +1,6 @@
-"""The offline preference-optimization loop (DPO / IPO / SLiC) on `accelerate`. Reads top to bottom:
-data → policy → reference → optimizer → (resume) → steps → final model.
+"""The offline preference-optimization loop (DPO / IPO / SLiC, and BAPO's anchor to the base's own answers)
+on `accelerate`. `OfflineRun` reads top to bottom: data → policy → reference (and BAPO's y_b) → optimizer →
+(resume) → steps → final model.
 
 Batching: optimizer step t consumes positions [t·G, (t+1)·G) of the data stream (see `stream_indices`),
 G = batch_size × processes × gradient_accumulation_steps; within a step, micro-batch m of process r takes
@@ -18,33 +19,34 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object, set_seed
-from tqdm.auto import tqdm
 
 from ..base_responses import attach_base_responses, base_keys
 from ..config import TetherError
 from ..data import COMPLETION_KEYS, Example, collate, load_preference_records, tokenize_records
-from ..files import cache_dir, read_json, write_text_atomic
+from ..files import cache_dir, write_text_atomic
 from ..logprobs import SequenceScorer
 from ..losses import objective
 from ..models import load_tokenizer
 from . import checkpoint
-from .card import data_files, model_card, versions
-from .checkpoint import full_tensor
-from .common import (
+from .bookkeeping import (
     MetricsLog,
-    check_finite_step,
-    crash_point,
-    distributed_setup,
-    end_run,
+    TrainingRun,
+    finish_run,
     gathered_means,
-    load_policy,
     log_to_trackers,
-    make_accelerator,
-    make_optimizer,
     mean_stats,
-    objective_options,
-    save_final,
+    progress_bar,
+    record_start,
+    resume_point,
     start_trackers,
+)
+from .checkpoint import full_tensor
+from .engine import crash_point, distributed_setup, make_accelerator
+from .optimization import (
+    check_finite_step,
+    load_policy,
+    make_optimizer,
+    objective_options,
     stream_indices,
     total_steps,
 )
@@ -56,7 +58,6 @@ from .reference import (
     offline_reference,
     save_cached,
 )
-from .report import write_report_quietly
 from .rundir import claim_run_dir
 from .train_config import TrainConfig
 
@@ -123,28 +124,201 @@ def reference_table(accelerator, cfg, reference, examples, keys, pad_id, desc) -
     return table
 
 
-def _batch(examples, idx, table, reference, keys, pad_id, device):
-    """The collated examples `idx` and their reference log-probs (from `table` when they were precomputed)."""
-    batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id, keys).items()}
-    recorded = table[:, idx].reshape(-1).to(device) if table is not None else None  # key-major, like the batch rows
-    return batch, reference.logps(batch, len(keys), recorded)
+class OfflineRun(TrainingRun):
+    """Everything one offline run holds; `run()` is the loop."""
 
+    def __init__(self, cfg: TrainConfig, resume: bool):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.output_dir)
+        self.acc = make_accelerator(cfg, self.run_dir)
+        self.setup = distributed_setup(self.acc, cfg)  # refuses a launch that asked for sharding and did not get it
+        set_seed(cfg.seed)
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.pad_id = self.tokenizer.pad_token_id
+        # bad data fails here, before anything is written
+        self.train_ex, self.eval_ex, self.data_report = load_examples(cfg, self.tokenizer)
+        self.claim = claim_run_dir(
+            self.acc, "train", cfg, {"train_file": cfg.train_file, "eval_file": cfg.eval_file}, resume
+        )
 
-@torch.no_grad()
-def evaluate(accelerator, cfg, scorer, examples, table, reference, keys, pad_id) -> dict[str, float]:
-    """Mean loss and reward statistics over held-out examples (sharded across processes)."""
-    if not examples:
-        return {}
-    mine = list(range(accelerator.process_index, len(examples), accelerator.num_processes))
-    local: dict[str, list[float]] = {}
-    for start in range(0, len(mine), cfg.eval_batch_size):
-        idx = mine[start : start + cfg.eval_batch_size]
-        batch, ref = _batch(examples, idx, table, reference, keys, pad_id, accelerator.device)
-        sums, counts = scorer(**batch)
-        _, stats = objective(sums, counts, ref, len(keys), **objective_options(cfg))
-        for k, v in stats.items():
-            local.setdefault(k, []).extend(v.tolist())
-    return gathered_means(local, prefix="eval_")
+    def load_models(self) -> None:
+        """The policy, the reference (its log-probs precomputed when asked; BAPO's y_b first), the optimizer and
+        the engine's wrapping (after the run directory is claimed)."""
+        cfg, acc = self.cfg, self.acc
+        self.keys = COMPLETION_KEYS + base_keys(cfg)
+        start_trackers(acc, cfg)
+        if acc.is_main_process:
+            write_text_atomic(self.run_dir / "data_report.json", json.dumps(self.data_report, indent=1, default=str))
+        self.model = load_policy(cfg).to(acc.device)
+        self.reference = offline_reference(cfg, self.model, acc.device)
+        if self.keys != COMPLETION_KEYS:
+            attach_base_responses(acc, cfg, self.reference, self.tokenizer, [self.train_ex, self.eval_ex])
+        self.train_table = self.eval_table = None
+        if cfg.precompute_ref_logps:
+            self.train_table = reference_table(
+                acc, cfg, self.reference, self.train_ex, self.keys, self.pad_id, "reference log-probs (train)"
+            )
+            if self.eval_ex:
+                self.eval_table = reference_table(
+                    acc, cfg, self.reference, self.eval_ex, self.keys, self.pad_id, "reference log-probs (eval)"
+                )
+            self.reference = cached_reference(self.reference)  # nothing of the reference model stays in memory
+
+        self.procs, self.accum = acc.num_processes, cfg.gradient_accumulation_steps
+        self.global_batch = cfg.batch_size * self.procs * self.accum
+        self.steps = total_steps(cfg, len(self.train_ex), self.global_batch)
+        self.optimizer, self.scheduler = make_optimizer(self.model, cfg, self.steps)
+        self.sharded = self.setup["sharding"] != "none"
+        scorer = SequenceScorer(self.model, n_keys=len(self.keys))
+        if self.sharded:  # FSDP/DeepSpeed shard the parameters and must swap the optimizer's for the sharded ones
+            self.scorer, self.optimizer = acc.prepare(scorer, self.optimizer)
+        else:
+            self.scorer = acc.prepare(scorer)
+        self.trainable = [p for p in self.scorer.parameters() if p.requires_grad]
+        self.setup["parameters_sharded"] = checkpoint.is_sharded(self.trainable)  # what the engine really did
+
+    # ------------------------------------------------------------------------------------------ batches
+
+    def _batch(self, examples: list[Example], idx: list[int], table: torch.Tensor | None):
+        """The collated examples `idx` and their reference log-probs (from `table` when they were precomputed)."""
+        device = self.acc.device
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], self.pad_id, self.keys).items()}
+        recorded = table[:, idx].reshape(-1).to(device) if table is not None else None  # key-major, like the rows
+        return batch, self.reference.logps(batch, len(self.keys), recorded)
+
+    @torch.no_grad()
+    def evaluate(self, examples: list[Example], table: torch.Tensor | None) -> dict[str, float]:
+        """Mean loss and reward statistics over held-out examples (sharded across processes)."""
+        if not examples:
+            return {}
+        mine = list(range(self.acc.process_index, len(examples), self.procs))
+        local: dict[str, list[float]] = {}
+        for start in range(0, len(mine), self.cfg.eval_batch_size):
+            batch, ref = self._batch(examples, mine[start : start + self.cfg.eval_batch_size], table)
+            sums, counts = self.scorer(**batch)
+            _, stats = objective(sums, counts, ref, len(self.keys), **objective_options(self.cfg))
+            for k, v in stats.items():
+                local.setdefault(k, []).extend(v.tolist())
+        return gathered_means(local, prefix="eval_")
+
+    # ------------------------------------------------------------------------------------------ the loop
+
+    def _loop(self) -> Path:
+        cfg, acc, steps = self.cfg, self.acc, self.steps
+        resumed = resume_point(acc, self.claim, self.model, self.optimizer, self.scheduler)
+        start, results = resumed or (0, {})
+        if resumed is None and self.eval_ex:
+            results["initial_eval"] = self.evaluate(self.eval_ex, self.eval_table)
+            log_to_trackers(acc, results["initial_eval"], step=0)
+        record_start(
+            acc, self.run_dir, results, self.reference.label, self.setup, train=cfg.train_file, eval=cfg.eval_file
+        )
+        metrics = MetricsLog(self.run_dir / "metrics.jsonl", acc.is_main_process, start if self.claim.resumed else None)
+        bar = progress_bar(acc, cfg, steps, start, "train")
+        window: list[dict] = []
+        t0 = time.perf_counter()
+        self.scorer.train()
+        for step in range(start, steps):
+            stats, grad_norm, lr = self.step(step)
+            window.append(stats)
+            done = step + 1
+            evaluate_now = self.eval_ex and cfg.eval_steps and done % cfg.eval_steps == 0 and done < steps
+            if done % cfg.logging_steps == 0 or done == steps or evaluate_now:
+                row = {
+                    "step": done,
+                    **mean_stats(window),
+                    "lr": lr,
+                    "grad_norm": grad_norm.item(),
+                    "epoch": self._epoch(done),
+                }
+                if evaluate_now:
+                    row.update(self.evaluate(self.eval_ex, self.eval_table))
+                row["elapsed_s"] = round(time.perf_counter() - t0, 3)
+                metrics.write(row)
+                log_to_trackers(acc, row, step=done)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['reward_accuracy']:.2f}")
+                window = []
+            bar.update(1)
+            if cfg.save_steps and done % cfg.save_steps == 0 and done < steps:
+                self._save_checkpoint(done)
+            crash_point("after_step", done)
+        bar.close()
+        return self._finish(results)
+
+    def step(self, step: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, float]:
+        """One optimizer step over the global batch of `step` (this process's micro-batches, gradients
+        accumulated); returns every process's per-pair stats, the gradient norm and the learning rate used."""
+        cfg, acc, b = self.cfg, self.acc, self.cfg.batch_size
+        positions = stream_indices(step * self.global_batch, self.global_batch, len(self.train_ex), cfg.seed)
+        step_stats = []
+        for m in range(self.accum):
+            first = (m * self.procs + acc.process_index) * b
+            batch, ref = self._batch(self.train_ex, positions[first : first + b], self.train_table)
+            sync = acc.no_sync(self.scorer) if m < self.accum - 1 else contextlib.nullcontext()
+            with sync, acc.autocast():
+                sums, counts = self.scorer(**batch)
+                loss, stats = objective(sums, counts, ref, len(self.keys), **objective_options(cfg))
+                acc.backward(loss / self.accum)
+            step_stats.append(stats)
+        crash_point("mid_step", step + 1)
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm or float("inf")))
+        check_finite_step(grad_norm, step + 1)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        gathered = {k: acc.gather(torch.cat([s[k] for s in step_stats])) for k in step_stats[0]}
+        return gathered, grad_norm, lr
+
+    def _epoch(self, done: int) -> float:
+        return done * self.global_batch / len(self.train_ex)
+
+    def _save_checkpoint(self, done: int) -> None:
+        checkpoint.save(
+            self.acc,
+            self.run_dir,
+            done,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            {"epoch": self._epoch(done)},
+            self.cfg.save_total_limit,
+        )
+
+    def _finish(self, results: dict) -> Path:
+        """The final evaluation, the final model (gathered whole when sharded) and the shared bookkeeping tail."""
+        acc = self.acc
+        if self.eval_ex:
+            results["final_eval"] = self.evaluate(self.eval_ex, self.eval_table)
+            log_to_trackers(acc, results["final_eval"], step=self.steps)
+        results.update(
+            steps=self.steps,
+            num_processes=self.procs,
+            global_batch=self.global_batch,
+            train_pairs=len(self.train_ex),
+            eval_pairs=len(self.eval_ex),
+        )
+        policy = acc.unwrap_model(self.scorer).model
+        write = None
+        if self.sharded:  # every process takes part in gathering the full weights; the main process writes them
+            if self.setup["sharding"].startswith("deepspeed"):  # ZeRO-3 consolidation is DeepSpeed's own
+                state = {k.removeprefix("model."): v for k, v in acc.get_state_dict(self.scorer).items()}
+            else:  # FSDP2: gather tensor by tensor, kept by the main process only (an adapter's tensors with LoRA)
+                named = ((k, v) for k, v in policy.state_dict().items() if not self.cfg.lora or "lora_" in k)
+                state = checkpoint.whole_tensors(named, keep=acc.is_main_process)
+            write = functools.partial(policy.save_pretrained, state_dict=state)
+        return finish_run(
+            acc,
+            self.cfg,
+            "offline",
+            self.claim,
+            results,
+            policy,
+            self.tokenizer,
+            self.steps,
+            write,
+            keep=(self.scorer,),
+        )
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
@@ -153,160 +327,4 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     With `resume`, continues the run in `cfg.output_dir` from its newest readable checkpoint (a finished run is
     left untouched). Raises TetherError (one line) on bad input, a directory that is not tether's, a run already
     going on in it, changed options on resume, or a non-finite update."""
-    run_dir = Path(cfg.output_dir)
-    accelerator = make_accelerator(cfg, run_dir)
-    setup = distributed_setup(accelerator, cfg)  # refuses a launch that asked for sharding and did not get it
-    set_seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg.model)
-    train_ex, eval_ex, report = load_examples(cfg, tokenizer)  # bad data fails before anything is written
-    claim = claim_run_dir(accelerator, "train", cfg, {"train_file": cfg.train_file, "eval_file": cfg.eval_file}, resume)
-    try:
-        if claim.finished:
-            return run_dir
-        return _train(cfg, accelerator, setup, tokenizer, train_ex, eval_ex, report, claim)
-    finally:
-        claim.release()
-
-
-def _train(cfg, accelerator, setup, tokenizer, train_ex, eval_ex, report, claim) -> Path:
-    run_dir = claim.path
-    keys = COMPLETION_KEYS + base_keys(cfg)
-    start_trackers(accelerator, cfg)
-    if accelerator.is_main_process:
-        write_text_atomic(run_dir / "data_report.json", json.dumps(report, indent=1, default=str))
-    pad_id = tokenizer.pad_token_id
-
-    model = load_policy(cfg).to(accelerator.device)
-    reference = offline_reference(cfg, model, accelerator.device)
-    if keys != COMPLETION_KEYS:
-        attach_base_responses(accelerator, cfg, reference, tokenizer, [train_ex, eval_ex])
-    train_table = eval_table = None
-    if cfg.precompute_ref_logps:
-        train_table = reference_table(
-            accelerator, cfg, reference, train_ex, keys, pad_id, "reference log-probs (train)"
-        )
-        if eval_ex:
-            eval_table = reference_table(
-                accelerator, cfg, reference, eval_ex, keys, pad_id, "reference log-probs (eval)"
-            )
-        reference = cached_reference(reference)  # nothing of the reference model stays in memory
-
-    procs, b, accum = accelerator.num_processes, cfg.batch_size, cfg.gradient_accumulation_steps
-    global_batch = b * procs * accum
-    steps = total_steps(cfg, len(train_ex), global_batch)
-    optimizer, scheduler = make_optimizer(model, cfg, steps)
-    sharded = setup["sharding"] != "none"
-    if sharded:  # FSDP/DeepSpeed shard the parameters and must swap the optimizer's for the sharded ones
-        scorer, optimizer = accelerator.prepare(SequenceScorer(model, n_groups=len(keys)), optimizer)
-    else:
-        scorer = accelerator.prepare(SequenceScorer(model, n_groups=len(keys)))
-    trainable = [p for p in scorer.parameters() if p.requires_grad]
-    setup["parameters_sharded"] = checkpoint.is_sharded(trainable)  # what the engine really did to the weights
-
-    start, results = 0, {}
-    state = checkpoint.load_latest(accelerator, run_dir, model, optimizer, scheduler) if claim.resumed else None
-    if state is not None:
-        start = state["step"]
-        results = read_json(run_dir / "results.json")
-    if start == 0 and eval_ex:
-        results["initial_eval"] = evaluate(accelerator, cfg, scorer, eval_ex, eval_table, reference, keys, pad_id)
-        log_to_trackers(accelerator, results["initial_eval"], step=0)
-    if accelerator.is_main_process:
-        results.update(
-            reference=reference.label,
-            versions=versions(),
-            distributed=setup,
-            data_files=data_files(train=cfg.train_file, eval=cfg.eval_file),
-        )
-        write_text_atomic(run_dir / "results.json", json.dumps(results, indent=1))
-    metrics = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process, start if claim.resumed else None)
-
-    bar = tqdm(
-        total=steps,
-        initial=start,
-        desc="train",
-        unit="step",
-        disable=not (cfg.progress and accelerator.is_main_process),
-    )
-    window: list[dict] = []
-    t0 = time.perf_counter()
-    scorer.train()
-    for step in range(start, steps):
-        positions = stream_indices(step * global_batch, global_batch, len(train_ex), cfg.seed)
-        step_stats = []
-        for m in range(accum):
-            first = (m * procs + accelerator.process_index) * b
-            batch, ref = _batch(
-                train_ex, positions[first : first + b], train_table, reference, keys, pad_id, accelerator.device
-            )
-            sync = accelerator.no_sync(scorer) if m < accum - 1 else contextlib.nullcontext()
-            with sync, accelerator.autocast():
-                sums, counts = scorer(**batch)
-                loss, stats = objective(sums, counts, ref, len(keys), **objective_options(cfg))
-                accelerator.backward(loss / accum)
-            step_stats.append(stats)
-        crash_point("mid_step", step + 1)
-        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf")))
-        check_finite_step(grad_norm, step + 1)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        window.append({k: accelerator.gather(torch.cat([s[k] for s in step_stats])) for k in step_stats[0]})
-        done = step + 1
-        evaluate_now = eval_ex and cfg.eval_steps and done % cfg.eval_steps == 0 and done < steps
-        if done % cfg.logging_steps == 0 or done == steps or evaluate_now:
-            row = {
-                "step": done,
-                **mean_stats(window),
-                "lr": lr,
-                "grad_norm": grad_norm.item(),
-                "epoch": done * global_batch / len(train_ex),
-            }
-            if evaluate_now:
-                row.update(evaluate(accelerator, cfg, scorer, eval_ex, eval_table, reference, keys, pad_id))
-            row["elapsed_s"] = round(time.perf_counter() - t0, 3)
-            metrics.write(row)
-            log_to_trackers(accelerator, row, step=done)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['reward_accuracy']:.2f}")
-            window = []
-        bar.update(1)
-        if cfg.save_steps and done % cfg.save_steps == 0 and done < steps:
-            checkpoint.save(
-                accelerator,
-                run_dir,
-                done,
-                model,
-                optimizer,
-                scheduler,
-                {"epoch": done * global_batch / len(train_ex)},
-                cfg.save_total_limit,
-            )
-        crash_point("after_step", done)
-    bar.close()
-
-    if eval_ex:
-        results["final_eval"] = evaluate(accelerator, cfg, scorer, eval_ex, eval_table, reference, keys, pad_id)
-        log_to_trackers(accelerator, results["final_eval"], step=steps)
-    results.update(
-        steps=steps, num_processes=procs, global_batch=global_batch, train_pairs=len(train_ex), eval_pairs=len(eval_ex)
-    )
-    card = model_card(cfg, "offline", run_dir, results) if accelerator.is_main_process else None
-    policy = accelerator.unwrap_model(scorer).model
-    write = None
-    if sharded:  # every process takes part in gathering the full weights; the main process writes them
-        if setup["sharding"].startswith("deepspeed"):  # ZeRO-3 consolidation is DeepSpeed's own
-            state = {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(scorer).items()}
-        else:  # FSDP2: gather tensor by tensor; only the main process keeps them (an adapter's tensors only, with LoRA)
-            named = ((k, v) for k, v in policy.state_dict().items() if not cfg.lora or "lora_" in k)
-            state = checkpoint.whole_tensors(named, keep=accelerator.is_main_process)
-        write = functools.partial(policy.save_pretrained, state_dict=state)
-    final = save_final(accelerator, policy, tokenizer, run_dir, write=write, card=card)
-    if accelerator.is_main_process:
-        results["final_model"] = str(final)
-        write_text_atomic(run_dir / "results.json", json.dumps(results, indent=1))
-        if cfg.write_report:
-            write_report_quietly(run_dir)
-        claim.mark_finished(steps)
-    end_run(accelerator, scorer)
-    return run_dir
+    return OfflineRun(cfg, resume).run()

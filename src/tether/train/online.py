@@ -21,7 +21,6 @@ in a step trains on one of another's with weight 0.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time
 from pathlib import Path
@@ -29,43 +28,40 @@ from pathlib import Path
 import torch
 from accelerate.utils import gather_object, set_seed
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
-from tqdm.auto import tqdm
 
-from ..base_responses import base_answers
+from ..base_responses import add_base_completions, base_answers, base_keys
 from ..config import TetherError
-from ..data import Example, collate, load_prompt_records
-from ..files import read_json, write_text_atomic
+from ..data import COMPLETION_KEYS, Example, collate, load_prompt_records
 from ..generation import eos_token_ids, generate_ids, prompt_ids
 from ..logprobs import completion_logps_ids
-from ..models import load_tokenizer, reshard
+from ..models import eval_mode, load_tokenizer, reshard
 from ..oracles import Annotator, load_oracle
 from ..sampling import sample_responses
 from ..stats import summarize, win_rates
 from . import checkpoint
-from .card import data_files, model_card, versions
-from .common import (
+from .bookkeeping import (
     MetricsLog,
-    crash_point,
-    distributed_setup,
-    end_run,
+    TrainingRun,
+    finish_run,
     gathered_means,
     log_to_trackers,
-    make_accelerator,
-    save_final,
+    progress_bar,
+    record_start,
+    resume_point,
     start_trackers,
-    stream_indices,
 )
+from .engine import crash_point, distributed_setup, make_accelerator
 from .ledger import Ledger
 from .online_config import OnlineConfig
 from .online_policy import OnlinePolicy
-from .reference import frozen, online_reference, online_twins
-from .report import write_report_quietly
+from .optimization import stream_indices
+from .reference import online_reference, policy_copies_needed
 from .rundir import claim_run_dir
 
 log = logging.getLogger("tether")
 
 
-class OnlineRun:
+class OnlineRun(TrainingRun):
     """Everything one online run holds; `run()` is the loop."""
 
     def __init__(self, cfg: OnlineConfig, resume: bool):
@@ -113,9 +109,9 @@ class OnlineRun:
         """Load the models and the ledger (after the run directory is claimed)."""
         cfg = self.cfg
         start_trackers(self.acc, cfg)
-        keep_initial, followers = online_twins(cfg)
+        keep_initial, averages = policy_copies_needed(cfg)
         self.policy = OnlinePolicy(
-            cfg, self.acc.device, keep_initial or cfg.method == "bapo", followers, self._shard if self.sharded else None
+            cfg, self.acc.device, keep_initial or cfg.method == "bapo", averages, self._shard if self.sharded else None
         )  # BAPO: y_b from π_sft
         self.setup["parameters_sharded"] = self.policy.sharded  # what the engine really did to the weights
         self.reference = online_reference(cfg, self.policy, self.acc.device)
@@ -123,7 +119,7 @@ class OnlineRun:
         self.ledger = Ledger(self.run_dir / "ledger.jsonl", writable=self.acc.is_main_process)
         self.prompt_ids = {}
         self.max_new_tokens = min(cfg.max_new_tokens, cfg.max_length - cfg.max_prompt_length)  # sampled and y_b
-        self.keys = ("chosen", "rejected", "base") if cfg.method == "bapo" else ("chosen", "rejected")
+        self.keys = COMPLETION_KEYS + base_keys(cfg)
         self.base_cache: dict[int, tuple[list[int], float]] = {}  # BAPO anchor: prompt -> (y_b, log π_sft(y_b))
         self.timing = {"sample_s": 0.0, "annotate_s": 0.0, "reference_s": 0.0, "update_s": 0.0}
 
@@ -135,7 +131,7 @@ class OnlineRun:
         (a resumed run's first forward may be a reference log-prob, which starts below the root)."""
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         fsdp2_prepare_model(self.acc, inner)
-        with frozen(inner):  # eval mode: no dropout, nothing drawn from the random state
+        with eval_mode(inner):  # no dropout, nothing drawn from the random state
             inner(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.acc.device))
         reshard(inner)
         return model
@@ -250,10 +246,11 @@ class OnlineRun:
         for r in rows:
             win, lose = r["label"], 1 - r["label"]
             comps = {"chosen": r["response_ids"][win], "rejected": r["response_ids"][lose]}
-            if "base" in self.keys:
-                comps["base"] = r["base_ids"]
+            example = Example(self._ids(r["prompt_index"]), comps, f"step {r['step']} slot {r['slot']}")
+            if self.cfg.method == "bapo":
+                add_base_completions(example, [r["base_ids"]], self.cfg.max_length, self.tokenizer.eos_token_id)
                 logps[2].append(r["base_logp"])
-            examples.append(Example(self._ids(r["prompt_index"]), comps, f"step {r['step']} slot {r['slot']}"))
+            examples.append(example)
             logps[0].append(r["behavior_logps"][win])
             logps[1].append(r["behavior_logps"][lose])
         batch = {k: v.to(self.acc.device) for k, v in collate(examples, self.tokenizer.pad_token_id, self.keys).items()}
@@ -298,112 +295,31 @@ class OnlineRun:
 
     # ------------------------------------------------------------------------------------------ the loop
 
-    def run(self) -> Path:
-        """Load the models and train (a finished run is left untouched); the run directory's lock is released
-        at the end, whatever happens."""
-        try:
-            if self.claim.finished:
-                return self.run_dir
-            self.load_models()
-            return self._loop()
-        finally:
-            self.claim.release()
-
     def _loop(self) -> Path:
         cfg, acc, policy = self.cfg, self.acc, self.policy
-        k = cfg.steps // cfg.phases
-        opt, sched = policy.optimizer_state()
-        start, results = 0, {}
-        state = (
-            checkpoint.load_latest(acc, self.run_dir, policy.model, opt, sched, tensors=policy.state_tensors())
-            if self.claim.resumed
-            else None
-        )
-        if state is not None:
-            start = state["step"]
+        self.opt, self.sched = policy.optimizer_state()
+        resumed = resume_point(acc, self.claim, policy.model, self.opt, self.sched, tensors=policy.state_tensors())
+        start, results = resumed or (0, {})
+        if resumed is not None:
             log.info("the ledger holds %d annotated pairs", self.ledger.count())
-            results = read_json(self.run_dir / "results.json")
         elif self.eval_set:
             results["initial_eval"] = self.evaluate()
             log_to_trackers(acc, results["initial_eval"], step=0)
-        if acc.is_main_process:
-            results.update(
-                reference=self.reference.label,
-                versions=versions(),
-                distributed=self.setup,
-                data_files=data_files(prompts=cfg.prompt_file, eval=cfg.eval_file),
-            )
-        self._write_results(results)
-        metrics = MetricsLog(self.run_dir / "metrics.jsonl", acc.is_main_process, start if self.claim.resumed else None)
-        failing_steps = 0
-        annotations = sum(self._annotated(self.ledger.rows(s) or []) for s in range(start))
-        bar = tqdm(
-            total=cfg.steps,
-            initial=start,
-            desc="online",
-            unit="step",
-            disable=not (cfg.progress and acc.is_main_process),
+        record_start(
+            acc, self.run_dir, results, self.reference.label, self.setup, prompts=cfg.prompt_file, eval=cfg.eval_file
         )
-        t0, timing = time.perf_counter(), self.timing
+        metrics = MetricsLog(self.run_dir / "metrics.jsonl", acc.is_main_process, start if self.claim.resumed else None)
+        self.start, self.failing_steps = start, 0
+        self.annotations = sum(self._annotated(self.ledger.rows(s) or []) for s in range(start))
+        bar = progress_bar(acc, cfg, cfg.steps, start, "online")
+        self.t0 = time.perf_counter()
         for step in range(start, cfg.steps):
-            version = step // k
-            if step % k == 0:
-                policy.refresh_behavior()
-            rows = self.ledger.rows(step)
-            replayed = rows is not None
-            if not replayed:
-                rows = sorted(
-                    (r for part in gather_object([self.collect(step, version)]) for r in part), key=lambda r: r["slot"]
-                )
-                failing_steps = failing_steps + 1 if self._failure_rate(rows) > cfg.max_oracle_failure_rate else 0
-                if failing_steps >= min(cfg.oracle_failure_patience, cfg.steps - start):
-                    self._stop_for_oracle(step, rows, opt, sched)
-                self.ledger.append(step, rows)
-                acc.wait_for_everyone()  # the ledger is on disk before any process trains on these pairs
-            for r in rows:
-                r["step"] = step
-            annotations += self._annotated(rows)
-            b = cfg.prompts_per_step // self.procs
-            usable = [r for r in rows if r["label"] is not None]
-            mine = [r for r in usable if r["slot"] // b == self.rank]
-            row = {
-                "step": step + 1,
-                "pairs": len(usable),
-                "annotations": annotations,
-                "behavior_version": version,
-                "replayed": replayed,
-            }
-            row.update(
-                {status: sum(r["status"] == status for r in rows) for status in ("identical", "tie", "oracle_failed")}
-            )
-            if usable:
-                local = mine or (usable[:1] if self.sharded else [])  # sharded: every process runs the same calls
-                batch, recorded = self.batch(local) if local else (None, None)
-                t = time.perf_counter()
-                if local:  # y_b's reference stays log π_sft(y_b), from the ledger
-                    n = len(local)
-                    ref_logps = torch.cat(
-                        [self.reference.logps(batch, len(self.keys), recorded)[: 2 * n], recorded[2 * n :]]
-                    )
-                timing["reference_s"] += time.perf_counter() - t
-                t = time.perf_counter()
-                stats, grad_norm, lr = (
-                    policy.step(batch, ref_logps, len(usable), len(self.keys), step + 1, n_local=len(mine))
-                    if local
-                    else self._idle_step(len(usable), step + 1)
-                )
-                timing["update_s"] += time.perf_counter() - t
-                row.update(gathered_means({k2: v.tolist() for k2, v in stats.items()}), grad_norm=grad_norm, lr=lr)
-            else:
-                lr = policy.learning_rate()
-                policy.skip_step()
-                row.update(lr=lr, skipped=True)
-            self.reference.update()
+            row = self.step(step)
             done = step + 1
-            row.update({k2: round(v, 3) for k2, v in timing.items()})
+            row.update({name: round(v, 3) for name, v in self.timing.items()})
             if cfg.eval_steps and done % cfg.eval_steps == 0 and done < cfg.steps:
                 row.update(self.evaluate())
-            row["elapsed_s"] = round(time.perf_counter() - t0, 3)
+            row["elapsed_s"] = round(time.perf_counter() - self.t0, 3)
             if done % cfg.logging_steps == 0 or done == cfg.steps or "eval_win_rate" in row:
                 metrics.write(row)
                 log_to_trackers(acc, row, step=done)
@@ -411,20 +327,83 @@ class OnlineRun:
                 bar.set_postfix(loss=f"{row['loss']:.4f}", pairs=row["pairs"])
             bar.update(1)
             if cfg.save_steps and done % cfg.save_steps == 0 and done < cfg.steps:
-                checkpoint.save(
-                    acc,
-                    self.run_dir,
-                    done,
-                    policy.model,
-                    opt,
-                    sched,
-                    {},
-                    cfg.save_total_limit,
-                    tensors=policy.state_tensors(),
-                )
+                self._save_checkpoint(done)
             crash_point("after_step", done)
         bar.close()
+        return self._finish(results)
 
+    def step(self, step: int) -> dict:
+        """One step: refresh π_β at a phase start, this step's pairs (replayed from the ledger, or sampled,
+        annotated and recorded), one update on them; returns the step's metrics row (without timings)."""
+        k = self.cfg.steps // self.cfg.phases
+        version = step // k
+        if step % k == 0:
+            self.policy.refresh_behavior()
+        rows = self.ledger.rows(step)
+        replayed = rows is not None
+        if not replayed:
+            rows = self._new_rows(step, version)
+        for r in rows:
+            r["step"] = step
+        self.annotations += self._annotated(rows)
+        usable = [r for r in rows if r["label"] is not None]
+        row = {
+            "step": step + 1,
+            "pairs": len(usable),
+            "annotations": self.annotations,
+            "behavior_version": version,
+            "replayed": replayed,
+        }
+        row.update(
+            {status: sum(r["status"] == status for r in rows) for status in ("identical", "tie", "oracle_failed")}
+        )
+        row.update(self._update(usable, step))
+        self.reference.update()
+        return row
+
+    def _new_rows(self, step: int, version: int) -> list[dict]:
+        """Every process's rows of `step`, sampled and annotated, written to the ledger before anyone trains on
+        them; stops the run when the oracle has failed too often for too long."""
+        cfg = self.cfg
+        rows = sorted(
+            (r for part in gather_object([self.collect(step, version)]) for r in part), key=lambda r: r["slot"]
+        )
+        self.failing_steps = self.failing_steps + 1 if self._failure_rate(rows) > cfg.max_oracle_failure_rate else 0
+        if self.failing_steps >= min(cfg.oracle_failure_patience, cfg.steps - self.start):
+            self._stop_for_oracle(step, rows)
+        self.ledger.append(step, rows)
+        self.acc.wait_for_everyone()  # the ledger is on disk before any process trains on these pairs
+        return rows
+
+    def _update(self, usable: list[dict], step: int) -> dict:
+        """One optimizer step on the usable pairs of every process (each process trains on its own slots), or
+        a skipped step when there are none; returns its metrics."""
+        policy, timing = self.policy, self.timing
+        if not usable:
+            lr = policy.learning_rate()
+            policy.skip_step()
+            return {"lr": lr, "skipped": True}
+        b = self.cfg.prompts_per_step // self.procs
+        mine = [r for r in usable if r["slot"] // b == self.rank]
+        local = mine or (usable[:1] if self.sharded else [])  # sharded: every process runs the same calls
+        batch, recorded = self.batch(local) if local else (None, None)
+        t = time.perf_counter()
+        if local:  # y_b's reference stays log π_sft(y_b), from the ledger
+            n = len(local)
+            ref_logps = torch.cat([self.reference.logps(batch, len(self.keys), recorded)[: 2 * n], recorded[2 * n :]])
+        timing["reference_s"] += time.perf_counter() - t
+        t = time.perf_counter()
+        stats, grad_norm, lr = (
+            policy.step(batch, ref_logps, len(usable), len(self.keys), step + 1, n_local=len(mine))
+            if local
+            else self._idle_step(len(usable), step + 1)
+        )
+        timing["update_s"] += time.perf_counter() - t
+        return {**gathered_means({name: v.tolist() for name, v in stats.items()}), "grad_norm": grad_norm, "lr": lr}
+
+    def _finish(self, results: dict) -> Path:
+        """The final evaluation, the run's totals, the merged final model and the shared bookkeeping tail."""
+        cfg, acc, ledger = self.cfg, self.acc, self.ledger
         if self.eval_set:
             results["final_eval"] = self.evaluate()
             log_to_trackers(acc, results["final_eval"], step=cfg.steps)
@@ -434,31 +413,32 @@ class OnlineRun:
                 phases=cfg.phases,
                 num_processes=self.procs,
                 prompts_per_step=cfg.prompts_per_step,
-                annotations=self.ledger.count("ok") + self.ledger.count("tie"),
-                ledger_rows=self.ledger.count(),
-                identical_pairs=self.ledger.count("identical"),
-                ties=self.ledger.count("tie"),
-                oracle_failures=self.ledger.count("oracle_failed"),
-                seconds={**{k2: round(v, 2) for k2, v in timing.items()}, "total": round(time.perf_counter() - t0, 2)},
+                annotations=ledger.count("ok") + ledger.count("tie"),
+                ledger_rows=ledger.count(),
+                identical_pairs=ledger.count("identical"),
+                ties=ledger.count("tie"),
+                oracle_failures=ledger.count("oracle_failed"),
+                seconds={
+                    **{name: round(v, 2) for name, v in self.timing.items()},
+                    "total": round(time.perf_counter() - self.t0, 2),
+                },
             )
-        card = model_card(cfg, "online", self.run_dir, results) if acc.is_main_process else None
-        state = policy.final_state(keep=acc.is_main_process)  # every process: merging and gathering are collectives
-        final = save_final(
-            acc,
-            policy.model,
-            self.tokenizer,
+        state = self.policy.final_state(keep=acc.is_main_process)  # every process: merging, gathering are collectives
+        write = functools.partial(self.policy.write_final, state=state)
+        return finish_run(acc, cfg, "online", self.claim, results, self.policy.model, self.tokenizer, cfg.steps, write)
+
+    def _save_checkpoint(self, step: int) -> None:
+        checkpoint.save(
+            self.acc,
             self.run_dir,
-            write=functools.partial(policy.write_final, state=state),
-            card=card,
+            step,
+            self.policy.model,
+            self.opt,
+            self.sched,
+            {},
+            self.cfg.save_total_limit,
+            tensors=self.policy.state_tensors(),
         )
-        if acc.is_main_process:
-            results["final_model"] = str(final)
-            self._write_results(results)
-            if cfg.write_report:
-                write_report_quietly(self.run_dir)
-            self.claim.mark_finished(cfg.steps)
-        end_run(acc)
-        return self.run_dir
 
     @staticmethod
     def _annotated(rows: list[dict]) -> int:
@@ -476,30 +456,16 @@ class OnlineRun:
         asked = [r for r in rows if r["status"] != "identical"]
         return sum(r["status"] == "oracle_failed" for r in asked) / len(asked) if asked else 0.0
 
-    def _stop_for_oracle(self, step: int, rows: list[dict], opt, sched) -> None:
+    def _stop_for_oracle(self, step: int, rows: list[dict]) -> None:
         """The oracle failed on too many pairs for too long: keep what the run has (a checkpoint at `step`; this
         step's pairs are not recorded, so a resumed run asks about them again) and stop with an error."""
         cfg = self.cfg
-        checkpoint.save(
-            self.acc,
-            self.run_dir,
-            step,
-            self.policy.model,
-            opt,
-            sched,
-            {},
-            cfg.save_total_limit,
-            tensors=self.policy.state_tensors(),
-        )
+        self._save_checkpoint(step)
         raise TetherError(
             f"step {step + 1}: the oracle {self.annotator.oracle.id} failed on {self._failure_rate(rows):.0%} of the "
             f"pairs, above max_oracle_failure_rate {cfg.max_oracle_failure_rate:g} for {cfg.oracle_failure_patience} "
             f"steps in a row; stopped after saving a checkpoint at step {step} — fix the oracle and rerun with --resume"
         )
-
-    def _write_results(self, results: dict) -> None:
-        if self.acc.is_main_process:
-            write_text_atomic(self.run_dir / "results.json", json.dumps(results, indent=1))
 
 
 def online_train(cfg: OnlineConfig, resume: bool = False) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ..config import TetherError, option
 from .train_config import CommonConfig
@@ -60,6 +61,7 @@ class OnlineConfig(CommonConfig):
         choices=("linear", "exact"),
     )
     eval_max_new_tokens: int = option(128, "max tokens of a greedy evaluation answer")
+    base_samples: ClassVar[int] = 1  # BAPO online: one greedy y_b per prompt, from π_sft (not an option)
 
     def validate(self) -> None:
         """The one place an OnlineConfig is checked; raises a one-line TetherError naming the option."""
@@ -86,7 +88,8 @@ class OnlineConfig(CommonConfig):
                 raise TetherError(f"option '{name}' must be >= 0, got {getattr(self, name)}")
         if self.steps % self.phases:
             raise TetherError(
-                f"option 'phases' ({self.phases}) must divide 'steps' ({self.steps}) so that K = steps / phases is whole"
+                f"option 'phases' ({self.phases}) must divide 'steps' ({self.steps}) "
+                "so that K = steps / phases is whole"
             )
         if not 0.0 <= self.max_oracle_failure_rate <= 1.0:
             raise TetherError(f"option 'max_oracle_failure_rate' must be in [0, 1], got {self.max_oracle_failure_rate}")

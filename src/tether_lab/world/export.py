@@ -7,7 +7,8 @@ OUT/
   sft_{train,test}.jsonl             {"id", "prompt", "completion"}                 (house-style answers)
   prompts_{train,test}.jsonl         {"id", "prompt", "reference"}                  (reference = house answer)
   personas/<name>/preferences_{train,test}.jsonl   {"id", "persona", "prompt", "chosen", "rejected"}
-  personas/<name>/prompts_{train,test}.jsonl       {"id", "persona", "prompt", "reference"}   (reference in the persona's style)
+  personas/<name>/prompts_{train,test}.jsonl       {"id", "persona", "prompt", "reference"}
+                                                   (reference in the persona's style)
 
 A prompt is [{"role": "user", "content": question}]; a completion/chosen/rejected is
 [{"role": "assistant", "content": answer}]. Chosen is the persona's style, rejected the house style or
@@ -66,7 +67,8 @@ def rejected_style(persona: Persona, rng: random.Random, mode: str):
 
 
 def split_questions(world: World, split: str, recipe: int = 1) -> list:
-    """The questions of `split`: the world's split (recipe 1), or personalization realms / held-out realms (recipe 2)."""
+    """The questions of `split`: the world's split (recipe 1), or personalization realms / held-out realms
+    (recipe 2)."""
     if recipe == 2:
         return (
             paraphrased_house.personal_questions(world) if split == "train" else paraphrased_house.eval_questions(world)

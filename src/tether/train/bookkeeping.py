@@ -1,0 +1,190 @@
+"""What a run writes as it goes and at the end: metrics.jsonl and the trackers, the progress bar, results.json,
+the final model, and the bookkeeping both loops share at their start (resume point, results header) and end
+(final model, results.json, model card, report, finished marker)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+
+from ..files import read_json, read_json_lines, write_text_atomic
+from . import checkpoint
+from .card import data_files, model_card, versions
+from .engine import crash_point, end_run
+from .report import write_report_quietly
+from .rundir import RunDir
+
+
+def start_trackers(accelerator, cfg) -> None:
+    """Start the metric trackers (after the run directory is claimed: they write into it)."""
+    if any(t != "none" for t in cfg.report_to):
+        accelerator.init_trackers(
+            "tether", config={k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool))}
+        )
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step to metrics.jsonl (main process only), flushed each time.
+
+    On resume it keeps only the complete rows of steps up to the checkpoint: a line torn by a crash, or rows a
+    killed run wrote after its checkpoint, are dropped (those steps are run again)."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None = None):
+        self.path, self.enabled = path, enabled
+        if enabled and resume_step is not None and path.exists():
+            kept = [row for row in read_json_lines(path) if row.get("step", 0) <= resume_step]
+            write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+
+
+# TRL's (HF Trainer's) names for the scalars tether logs; trackers get them under train/ and eval/ as in TRL
+TRACKER_NAMES = {
+    "reward_accuracy": "rewards/accuracies",
+    "reward_margin": "rewards/margins",
+    "rewards_chosen": "rewards/chosen",
+    "rewards_rejected": "rewards/rejected",
+    "logps_chosen": "logps/chosen",
+    "logps_rejected": "logps/rejected",
+    "logps_base": "logps/base",
+    "lr": "learning_rate",
+    "nll": "nll_loss",
+}
+
+
+def tracker_scalars(row: dict) -> dict:
+    """A metrics row under TRL's TensorBoard/W&B names: train/rewards/margins, eval/logps/chosen,
+    train/learning_rate ..."""
+    out = {}
+    for key, value in row.items():
+        if key == "step" or not isinstance(value, (int, float)):
+            continue
+        split, name = ("eval", key[5:]) if key.startswith("eval_") else ("train", key)
+        out[f"{split}/{TRACKER_NAMES.get(name, name)}"] = value
+    return out
+
+
+def log_to_trackers(accelerator, row: dict, step: int) -> None:
+    if accelerator.trackers:
+        accelerator.log(tracker_scalars(row), step=step)
+
+
+def mean_stats(stats: list[dict[str, torch.Tensor]], prefix: str = "") -> dict[str, float]:
+    """Average per-pair statistics (lists of (n,) tensors) into one float per name."""
+    if not stats:
+        return {}
+    return {prefix + k: torch.cat([s[k] for s in stats]).float().mean().item() for k in stats[0]}
+
+
+def gathered_means(local: dict[str, list[float]], prefix: str = "") -> dict[str, float]:
+    """Per name, the mean of the values of every process (each process calls this with its own lists)."""
+    merged: dict[str, list[float]] = {}
+    for part in gather_object([local]):
+        for k, v in part.items():
+            merged.setdefault(k, []).extend(v)
+    return {prefix + k: sum(v) / len(v) for k, v in merged.items()}
+
+
+def save_final(accelerator, model, tokenizer, run_dir: Path, write=None, card: str | None = None) -> Path:
+    """Save the final model (full weights or PEFT adapter) and tokenizer atomically to run_dir/final.
+    `write(directory)` replaces `model.save_pretrained(directory)` when the model needs its own way;
+    `card` (markdown) becomes final/README.md, replacing PEFT's empty template."""
+    final = run_dir / "final"
+    if accelerator.is_main_process:
+        tmp = run_dir / "final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        (write or model.save_pretrained)(tmp)
+        tokenizer.save_pretrained(tmp)
+        if card is not None:
+            (tmp / "README.md").write_text(card)
+        crash_point("mid_final", 0)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+class TrainingRun:
+    """What the two run objects share (`offline.OfflineRun`, `online.OnlineRun`): the constructor checks the
+    options and the data and claims the run directory (`self.claim`, `self.run_dir`); `run()` loads the models
+    (`load_models`) and trains (`_loop`)."""
+
+    claim: RunDir
+    run_dir: Path
+
+    def load_models(self) -> None:
+        raise NotImplementedError
+
+    def _loop(self) -> Path:
+        raise NotImplementedError
+
+    def run(self) -> Path:
+        """Load the models and train (a finished run is left untouched); the run directory's lock is released
+        at the end, whatever happens."""
+        try:
+            if self.claim.finished:
+                return self.run_dir
+            self.load_models()
+            return self._loop()
+        finally:
+            self.claim.release()
+
+
+def progress_bar(accelerator, cfg, total: int, initial: int, desc: str) -> tqdm:
+    """The run's progress bar (on the main process, when `progress` is on)."""
+    return tqdm(
+        total=total, initial=initial, desc=desc, unit="step", disable=not (cfg.progress and accelerator.is_main_process)
+    )
+
+
+def write_results(accelerator, run_dir: Path, results: dict) -> None:
+    if accelerator.is_main_process:
+        write_text_atomic(run_dir / "results.json", json.dumps(results, indent=1))
+
+
+def resume_point(accelerator, claim, model, optimizer, scheduler, tensors=None) -> tuple[int, dict] | None:
+    """A resumed run's (step, results so far), from its newest readable checkpoint and results.json; None for
+    a run that starts from step 0 without a checkpoint."""
+    if not claim.resumed:
+        return None
+    state = checkpoint.load_latest(accelerator, claim.path, model, optimizer, scheduler, tensors=tensors)
+    if state is None:
+        return None
+    return state["step"], read_json(claim.path / "results.json")
+
+
+def record_start(accelerator, run_dir: Path, results: dict, reference_label: str, setup: dict, **files) -> None:
+    """results.json at the start of the run's steps: what π_ref is, the versions, the engine and the data files."""
+    if accelerator.is_main_process:
+        results.update(
+            reference=reference_label, versions=versions(), distributed=setup, data_files=data_files(**files)
+        )
+    write_results(accelerator, run_dir, results)
+
+
+def finish_run(accelerator, cfg, kind: str, claim, results: dict, model, tokenizer, steps: int, write, keep=()):
+    """The end both loops share, once training and the final evaluation are done: the final model (written by
+    `write(directory)`, or `model.save_pretrained`) with its card, results.json, the report, and the finished
+    marker; then every process leaves together (`end_run`, which keeps `keep` alive). Returns the run directory."""
+    run_dir = claim.path
+    card = model_card(cfg, kind, run_dir, results) if accelerator.is_main_process else None
+    final = save_final(accelerator, model, tokenizer, run_dir, write=write, card=card)
+    if accelerator.is_main_process:
+        results["final_model"] = str(final)
+        write_results(accelerator, run_dir, results)
+        if cfg.write_report:
+            write_report_quietly(run_dir)
+        claim.mark_finished(steps)
+    end_run(accelerator, *keep)
+    return run_dir

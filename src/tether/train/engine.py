@@ -1,0 +1,105 @@
+"""The engine a run runs on: the `accelerate` Accelerator (and which sharding it really engaged), how every
+process leaves a run together, and the fault-injection points the crash tests use."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from ..config import TetherError
+
+log = logging.getLogger("tether")
+
+
+def make_accelerator(cfg, run_dir: Path) -> Accelerator:
+    mixed = cfg.mixed_precision
+    if mixed == "bf16" and not torch.cuda.is_available():
+        log.warning(
+            "mixed_precision=bf16 ignored: no GPU (bf16 matrix products are very slow on CPU); training in float32"
+        )
+        mixed = "no"
+    trackers = [t for t in cfg.report_to if t != "none"] or None
+    for name in trackers or []:
+        if importlib.util.find_spec(name) is None:
+            hint = "pip install 'tether[tensorboard]'" if name == "tensorboard" else f"pip install {name}"
+            raise TetherError(f"option 'report_to': {name} is not installed; run `{hint}` or use none")
+    return Accelerator(
+        cpu=not torch.cuda.is_available(), mixed_precision=mixed, log_with=trackers, project_dir=str(run_dir)
+    )
+
+
+def distributed_setup(accelerator, cfg) -> dict:
+    """The engine the run actually ran under (what accelerate engaged, not what was asked for) and whether
+    the weights were sharded across processes. A launch that asked for FSDP or DeepSpeed but got neither
+    (accelerate falls back to plain data parallel, or to independent processes, without saying so) is refused."""
+    kind = (
+        accelerator.distributed_type.value
+        if hasattr(accelerator.distributed_type, "value")
+        else str(accelerator.distributed_type)
+    )
+    sharding = "none"
+    if kind == "FSDP":
+        plugin = accelerator.state.fsdp_plugin
+        sharding = f"fsdp{getattr(plugin, 'fsdp_version', 1)}"
+    elif kind == "DEEPSPEED":
+        plugin = accelerator.state.deepspeed_plugin
+        sharding = f"deepspeed-zero{getattr(plugin, 'zero_stage', '?')}"
+    asked = [
+        name
+        for name, env in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+        if os.environ.get(env, "false").lower() in ("1", "true")
+    ]
+    if asked and sharding == "none":
+        raise TetherError(
+            f"the launch asked for {asked[0]} but accelerate engaged {kind} with {accelerator.num_processes} "
+            "process(es): the weights would not be sharded (accelerate uses FSDP/DeepSpeed only on GPUs); "
+            "refusing to train unsharded"
+        )
+    if sharding == "fsdp1":
+        raise TetherError(
+            "FSDP version 1 is not supported; use FSDP2 (fsdp_version: 2, as in examples/accelerate/fsdp.yaml)"
+        )
+    if sharding.startswith("deepspeed") and (cfg.save_steps or getattr(cfg, "gradient_accumulation_steps", 1) > 1):
+        raise TetherError(
+            "under DeepSpeed tether does not yet write resumable checkpoints nor accumulate gradients itself: "
+            "set save_steps: 0 and gradient_accumulation_steps: 1 (batch_size per process instead)"
+        )
+    return {"distributed_type": kind, "sharding": sharding, "num_processes": accelerator.num_processes}
+
+
+_KEPT_ALIVE: list = []
+
+
+def end_run(accelerator, *keep) -> None:
+    """Every process leaves the run together. A multi-process run does NOT destroy its gloo process group, and
+    `keep` (the DDP-wrapped model, which holds the group) stays referenced until the process exits.
+
+    Why: torch's ProcessGroupGloo destructor joins its worker threads while holding the GIL, and a worker may
+    still be freeing the tensors of the last collective, which needs the GIL: a deadlock that hit about 1 run in
+    8 on a loaded 2-core machine when `train()` returned and dropped the DDP model (or when
+    `destroy_process_group` dropped the last reference). The CLI leaves multi-process runs through `os._exit`
+    (nothing is torn down); a Python caller's group goes at interpreter exit, long after the workers went idle.
+    The cost: the model stays in memory after a multi-process `train()` returns."""
+    accelerator.wait_for_everyone()
+    if accelerator.num_processes == 1:
+        accelerator.end_training()
+        return
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    _KEPT_ALIVE.extend([accelerator, *keep])
+
+
+def crash_point(name: str, step: int) -> None:
+    """Fault injection for tests: TETHER_CRASH_AT=NAME:STEP kills the process abruptly (like kill -9, exit code
+    17) when it reaches the named point at that step. Points: after_step, mid_step (after the backward pass,
+    before the optimizer step), mid_checkpoint (checkpoint files written, not yet renamed into place),
+    mid_ledger (half of a step's ledger rows written), mid_final (final model written, not yet renamed)."""
+    if os.environ.get("TETHER_CRASH_AT") == f"{name}:{step}" or (
+        name == "after_step" and os.environ.get("TETHER_CRASH_AFTER_STEP") == str(step)
+    ):
+        os._exit(17)
