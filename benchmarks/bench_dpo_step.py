@@ -31,11 +31,12 @@ Method
   steps × 8 pairs (one epoch). Both tools consume the SAME batches in the SAME order: TRL with
   train_sampling_strategy="sequential", tether (which draws a seeded permutation) from a file written in the
   inverse of that permutation (`tether.train.optimization.stream_indices`).
-- Settings, identical on both sides: CPU, float32, torch threads = --threads (2), no gradient checkpointing, 8 pairs/step,
-  no accumulation, max_length 128, loss sigmoid/dpo with β = 0.1, torch.optim.AdamW with the fused kernel (lr 1e-6,
-  linear decay, no warm-up, betas (0.9, 0.999), eps 1e-8, no weight decay; TRL's default "adamw_torch_fused",
-  and tether's `make_optimizer` uses fused=True as well), grad-norm clipping at 1.0, dropout off, no evaluation,
-  no checkpoints, metrics logged EVERY step on both sides (tether logging_steps=1, TRL logging_steps=1).
+- Settings, identical on both sides: CPU, float32, torch threads = --threads (2), no gradient checkpointing,
+  8 pairs/step, no accumulation, max_length 128, loss sigmoid/dpo with β = 0.1, torch.optim.AdamW with the
+  fused kernel (lr 1e-6, linear decay, no warm-up, betas (0.9, 0.999), eps 1e-8, no weight decay; TRL's default
+  "adamw_torch_fused", and tether's `make_optimizer` uses fused=True as well), grad-norm clipping at 1.0, dropout
+  off, no evaluation, no checkpoints, metrics logged EVERY step on both sides (tether logging_steps=1, TRL
+  logging_steps=1).
 - Reference modes: `live` = a separate frozen copy of the model scores every batch (TRL's default);
   `precomputed` = reference log-probs computed once before training (outside the timed loop).
 - Each (tool, model, mode) runs in its own subprocess, so peak RSS (ru_maxrss) is per run: it covers everything
@@ -139,7 +140,7 @@ def build_workdir(work: Path, model_names: list[str], n_pairs: int) -> dict:
         return cache[s]
 
     records = []
-    for i in range(n_pairs):
+    for _ in range(n_pairs):
         obj, col = rng.choice(OBJECTS), rng.choice(COLOURS)
         prompt = fill(rng, words, cost, f"What colour is the {obj}? Context:", PROMPT_TOKENS - 1) + "\n"
         chosen = fill(rng, words, cost, f"The {obj} is {col}, I believe.", COMPLETION_TOKENS)
@@ -578,8 +579,9 @@ def main() -> None:
             r[tool]["fraction_of_matmul_peak_cpu_time"] = r[tool]["achieved_gflops_per_cpu_s"] * 1e9 / mm_cpu
 
     print(
-        f"\nseconds per optimizer step, steps {args.warmup + 1}..{args.steps} (8 pairs × 2 rows × ≤{MAX_LENGTH} tokens, "
-        f"{args.threads} thread(s)); speed-up = TRL time / tether time = tether steps/s ÷ TRL steps/s"
+        f"\nseconds per optimizer step, steps {args.warmup + 1}..{args.steps} "
+        f"(8 pairs × 2 rows × ≤{MAX_LENGTH} tokens, {args.threads} thread(s)); "
+        "speed-up = TRL time / tether time = tether steps/s ÷ TRL steps/s"
     )
     head = (
         f"{'model':<7} {'mode':<11} | {'tether median':>13} {'min':>7} {'CPU s':>7} | {'TRL median':>10} {'min':>7} "
@@ -589,27 +591,30 @@ def main() -> None:
     for r in rows:
         t, q = r["tether"], r["trl"]
         print(
-            f"{r['model']:<7} {r['mode']:<11} | {t['median_step_s']:13.4f} {t['min_step_s']:7.4f} {t['median_step_cpu_s']:7.4f} | "
+            f"{r['model']:<7} {r['mode']:<11} | {t['median_step_s']:13.4f} {t['min_step_s']:7.4f} "
+            f"{t['median_step_cpu_s']:7.4f} | "
             f"{q['median_step_s']:10.4f} {q['min_step_s']:7.4f} {q['median_step_cpu_s']:7.4f} | "
             f"{r['speedup_tether_over_trl']:7.2f}x {r['speedup_min']:5.2f}x {r['speedup_cpu']:5.2f}x | "
             f"{t['other_processes_cores']:4.1f}/{q['other_processes_cores']:<4.1f}"
         )
     print("  others = cores kept busy by other processes during the tether/TRL run (0 = quiet machine)")
     print(
-        f"\npeak RSS per process, and achieved FLOP/s at the median step time: nominal step FLOPs = (6, or 4 with LoRA, + 2 if live)·P·T, "
-        f"P = non-embedding params incl. lm_head, T = tokens per step; %peak = of the measured matmul {mm / 1e9:.1f} GFLOP/s; "
+        "\npeak RSS per process, and achieved FLOP/s at the median step time: nominal step FLOPs = "
+        "(6, or 4 with LoRA, + 2 if live)·P·T, P = non-embedding params incl. lm_head, T = tokens per step; "
+        f"%peak = of the measured matmul {mm / 1e9:.1f} GFLOP/s; "
         f"%CPU = the same ratio per process-CPU second (matmul {mm_cpu / 1e9:.1f} GFLOP per CPU-s), steadier under load"
     )
     head = (
-        f"{'model':<7} {'mode':<11} {'P':>9} {'T':>6} | {'tether MB':>9} {'TRL MB':>8} | {'tether GFLOP/s':>14} {'%peak':>6} "
-        f"{'%CPU':>6} | {'TRL GFLOP/s':>11} {'%peak':>6} {'%CPU':>6}"
+        f"{'model':<7} {'mode':<11} {'P':>9} {'T':>6} | {'tether MB':>9} {'TRL MB':>8} | {'tether GFLOP/s':>14} "
+        f"{'%peak':>6} {'%CPU':>6} | {'TRL GFLOP/s':>11} {'%peak':>6} {'%CPU':>6}"
     )
     print(head + "\n" + "-" * len(head))
     for r in rows:
         t, q = r["tether"], r["trl"]
         print(
-            f"{r['model']:<7} {r['mode']:<11} {r['params_nonembedding']:9,} {r['tokens_per_step']:6.0f} | {t['peak_rss_mb']:9.0f} "
-            f"{q['peak_rss_mb']:8.0f} | {t['achieved_gflops']:14.2f} {100 * t['fraction_of_matmul_peak']:5.1f}% "
+            f"{r['model']:<7} {r['mode']:<11} {r['params_nonembedding']:9,} {r['tokens_per_step']:6.0f} | "
+            f"{t['peak_rss_mb']:9.0f} {q['peak_rss_mb']:8.0f} | {t['achieved_gflops']:14.2f} "
+            f"{100 * t['fraction_of_matmul_peak']:5.1f}% "
             f"{100 * t['fraction_of_matmul_peak_cpu_time']:5.1f}% | {q['achieved_gflops']:11.2f} "
             f"{100 * q['fraction_of_matmul_peak']:5.1f}% {100 * q['fraction_of_matmul_peak_cpu_time']:5.1f}%"
         )

@@ -10,13 +10,15 @@ Method
   --pairs (64) standard-format preference pairs, 1 epoch, 8 pairs per step, LoRA rank 16, max_length 256. Every
   other setting is each tool's own default, so the comparison is what a user of each gets:
     tether: python -m tether.cli train --model smollm2-135m-instruct --train_file DATA --lora true --lora_r 16
-            --max_length 256 --max_prompt_length 128 --batch_size 8 --num_epochs 1 --output_dir OUT --ref_cache_dir FRESH
+            --max_length 256 --max_prompt_length 128 --batch_size 8 --num_epochs 1 --output_dir OUT
+            --ref_cache_dir FRESH
     TRL:    trl dpo --model_name_or_path MODEL --dataset_name DATA_DIR --use_peft --lora_r 16 --max_length 256
             --per_device_train_batch_size 8 --num_train_epochs 1 --output_dir OUT --use_cpu --bf16 false
   TRL needs `--use_cpu` to run on this machine at all, and `--bf16 false` so both train in float32 (the same
   arithmetic; bf16 matrix products are very slow on this CPU); tether needs `--max_prompt_length` below max_length
-  (its default is 256; the prompts here have at most 64 tokens, so nothing is cut on either side). The defaults that differ, as shipped: tether adapts
-  every linear layer (TRL/PEFT: q_proj and v_proj only), precomputes reference log-probs and logs every step;
+  (its default is 256; the prompts here have at most 64 tokens, so nothing is cut on either side). The defaults
+  that differ, as shipped: tether adapts every linear layer (TRL/PEFT: q_proj and v_proj only), precomputes
+  reference log-probs and logs every step;
   TRL checkpoints activations (`activation_checkpointing=True`) and logs every 10 steps.
 - Nothing is reused between runs: every run gets a fresh output directory, tether a fresh reference log-prob cache
   and TRL a fresh `HF_DATASETS_CACHE` (a user's first run; tether's second run of the same job would skip the
@@ -286,8 +288,8 @@ def main() -> None:
             runs[tool].append(r)
             save()
             print(
-                f"run {i + 1} {tool:<6} {r['wall_s']:7.1f} s wall, {r['cpu_s']:7.1f} s CPU, {r['peak_rss_mb']:6.0f} MB, "
-                f"others {r['other_processes_cores']:.2f} core",
+                f"run {i + 1} {tool:<6} {r['wall_s']:7.1f} s wall, {r['cpu_s']:7.1f} s CPU, "
+                f"{r['peak_rss_mb']:6.0f} MB, others {r['other_processes_cores']:.2f} core",
                 flush=True,
             )
     med = {t: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for t, rs in runs.items()}

@@ -259,7 +259,8 @@ def main() -> None:
     build_workdir(work, models, PROMPTS_PER_STEP * args.steps)
     rows = []
     print(
-        f"{'model':6} {'tool':22} {'s/step':>8} {'vs TRL':>7}   breakdown per step (sample / annotate / reference / update)"
+        f"{'model':6} {'tool':22} {'s/step':>8} {'vs TRL':>7}   "
+        "breakdown per step (sample / annotate / reference / update)"
     )
     for model in models:
         res = {

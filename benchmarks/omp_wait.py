@@ -15,10 +15,10 @@ Workloads (--workload): "dpo5m" = one full-weight DPO-shaped training step of th
 (hidden 256 × 4 layers, vocab 2048): forward + backward over 16 rows × 128 tokens, fused AdamW; "world" = one
 step of the world build's language-model training (world/build.py's model: hidden 192 × 4 layers, vocab 1024;
 32 rows × 96 tokens, AdamW, gradient clipping) — small matrices, so OpenMP's waiting weighs more. --steps steps,
-the first 2 dropped, median seconds per step. Each (candidate, scenario) runs in its own process, candidates alternate within
-a round, and the median over rounds is reported. Scenarios: "alone" (no process of this script competes; the
-machine's other load is printed as "others") and "busy" (one extra process spinning in a Python loop for the
-whole run — one core's worth of competition, the case tether's PASSIVE default was chosen for).
+the first 2 dropped, median seconds per step. Each (candidate, scenario) runs in its own process, candidates
+alternate within a round, and the median over rounds is reported. Scenarios: "alone" (no process of this
+script competes; the machine's other load is printed as "others") and "busy" (one extra process spinning in a
+Python loop for the whole run — one core's worth of competition, the case tether's PASSIVE default was chosen for).
 """
 
 from __future__ import annotations

@@ -103,13 +103,16 @@ def report(result: dict) -> str:
 
     lines = [
         f"Date: {result['date']}  ",
-        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), Python {m['python']}; "
-        f"load average before/after: {m['load_average_1_5_15'][0]:.2f} / {result['load_average_after'][0]:.2f}  ",
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
+        f"Python {m['python']}; load average before/after: {m['load_average_1_5_15'][0]:.2f} / "
+        f"{result['load_average_after'][0]:.2f}  ",
         "Command: `python benchmarks/world_build.py` (runs `tether world build` in an empty cache)",
         "",
         "| target | measured | met |",
         "|---|---|---|",
-        f"| build <= 300 s | {result['build_seconds']:.0f} s wall, {result.get('build_cpu_seconds', float('nan')):.0f} s CPU (cache hit: {result['cached_seconds']:.1f} s) | {'yes' if result['build_seconds'] <= 300 else 'NO'} |",
+        f"| build <= 300 s | {result['build_seconds']:.0f} s wall, "
+        f"{result.get('build_cpu_seconds', float('nan')):.0f} s CPU (cache hit: {result['cached_seconds']:.1f} s) "
+        f"| {'yes' if result['build_seconds'] <= 300 else 'NO'} |",
         f"| knowledge accuracy >= 0.95 | {ci(k)} | {'yes' if k['mean'] >= 0.95 else 'NO'} |",
         f"| general alignment >= 0.9 | {ci(a)} | {'yes' if a['mean'] >= 0.9 else 'NO'} |",
         "",

@@ -1,17 +1,41 @@
-"""Shared fixtures: a tiny Llama and tokenizer trained locally on the toy task, and toy preference files."""
+"""Shared fixtures and helpers: a tiny Llama and tokenizer trained locally on the toy task, toy preference and
+prompt files; the configs of short toy runs, their final weights, and the CLI in a fresh process. Test modules
+import the helpers from here (`from conftest import train_config, final_params`); the fixtures need no import."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from tether.config import load_config
+from tether.train import OnlineConfig, TrainConfig
 from tether_lab.demo import toy_model, toy_preferences, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+# two CPU processes under accelerate (plain data parallel); FSDP2 adds the driver that engages accelerate's FSDP2
+LAUNCH = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+]
+FSDP2 = LAUNCH + [str(TESTS / "fsdp_engage.py")]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -58,6 +82,14 @@ def data_dir(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.fixture(scope="session")
+def prompt_file(tmp_path_factory) -> Path:
+    """64 toy prompts, each with a reference answer (for the online loop's evaluation)."""
+    d = tmp_path_factory.mktemp("prompts")
+    rows = toy_preferences(64, seed=5)
+    return write_jsonl([{"prompt": r["prompt"], "reference": r["chosen"]} for r in rows], d / "prompts.jsonl")
+
+
 @pytest.fixture
 def tokenizer(model_dir):
     from tether.models import load_tokenizer
@@ -70,3 +102,105 @@ def run_cli(*args: str, env: dict | None = None, launcher: list[str] | None = No
     cmd = (launcher or [sys.executable, "-m", "tether.cli"]) + list(args)
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, env=full_env, cwd=ROOT, timeout=600)
+
+
+def train_config(model_dir, data_dir, out, **overrides) -> TrainConfig:
+    """A 3-step offline toy run (batch 8, no checkpoints, no progress bar), with `overrides`."""
+    base = dict(
+        model=str(model_dir),
+        train_file=str(data_dir / "train.jsonl"),
+        output_dir=str(out),
+        learning_rate=1e-3,
+        max_steps=3,
+        batch_size=8,
+        save_steps=0,
+        progress=False,
+        max_length=64,
+        max_prompt_length=32,
+    )
+    return load_config(TrainConfig, None, {**base, **overrides})
+
+
+def online_config(model_dir, prompt_file, out, **overrides) -> OnlineConfig:
+    """A 4-step online toy run (F = 2, 4 prompts per step, the `shorter` toy oracle), with `overrides`."""
+    base = dict(
+        model=str(model_dir),
+        prompt_file=str(prompt_file),
+        output_dir=str(out),
+        oracle="callable:toy_oracles:shorter",
+        steps=4,
+        phases=2,
+        prompts_per_step=4,
+        max_new_tokens=12,
+        learning_rate=1e-2,
+        save_steps=0,
+        progress=False,
+        max_length=64,
+        max_prompt_length=32,
+        oracle_backoff=0.0,
+    )
+    return load_config(OnlineConfig, None, {**base, **overrides})
+
+
+def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a run's final/ (the adapter's with LoRA)."""
+    final = run_dir / "final"
+    name = "adapter_model.safetensors" if (final / "adapter_model.safetensors").exists() else "model.safetensors"
+    return load_file(final / name)
+
+
+def assert_params_close(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
+
+
+def jsonl_rows(path: Path) -> list[dict]:
+    """Every line of a .jsonl file, parsed (strict: a torn line fails the test)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def assert_really_sharded(run_dir: Path) -> None:
+    """The run's results.json says FSDP2 engaged over 2 processes and the parameters really were shards."""
+    setup = json.loads((run_dir / "results.json").read_text())["distributed"]
+    assert setup == {"distributed_type": "FSDP", "sharding": "fsdp2", "num_processes": 2, "parameters_sharded": True}
+
+
+def one_error_line(res) -> str:
+    lines = [line for line in res.stderr.splitlines() if line.startswith("tether: error:")]
+    assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    return lines[0]
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    pa, pb = final_params(a), final_params(b)
+    return pa.keys() == pb.keys() and all((pa[k] == pb[k]).all() for k in pa)
+
+
+def snapshot(d: Path) -> dict:
+    """Every file under d with its bytes and modification time (but the lock file, which holds its holder's pid)."""
+    return {
+        str(p.relative_to(d)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(d.rglob("*"))
+        if p.is_file() and p.name != ".tether-lock"
+    }
+
+
+def lora_run_args(model_dir: Path, train_file: Path, cache: Path) -> list[str]:
+    """`tether train` arguments of a small LoRA run with dropout on (a resume must bring the RNG state back too):
+    6 steps of 4 pairs, a checkpoint every 2 steps."""
+    return [
+        *("train", "--model", str(model_dir), "--train_file", str(train_file), "--learning_rate", "1e-2"),
+        *("--max_steps", "6", "--batch_size", "4", "--save_steps", "2", "--lora", "true", "--lora_r", "4"),
+        *("--lora_dropout", "0.2", "--disable_dropout", "false", "--progress", "false", "--ref_cache_dir", str(cache)),
+    ]
+
+
+def online_run_args(model_dir: Path, prompt_file: Path) -> list[str]:
+    """`tether online` arguments (but the oracle) of a small run: 6 steps of 4 prompts in 3 phases, a checkpoint
+    every 2 steps."""
+    return [
+        *("online", "--model", str(model_dir), "--prompt_file", str(prompt_file), "--steps", "6", "--phases", "3"),
+        *("--prompts_per_step", "4", "--max_new_tokens", "12", "--learning_rate", "1e-2", "--save_steps", "2"),
+        *("--progress", "false", "--max_length", "64", "--max_prompt_length", "32", "--oracle_backoff", "0"),
+    ]

@@ -7,9 +7,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from test_online import config as online_config
-from test_online import prompt_file  # noqa: F401 - a fixture
-from test_train import config
+from conftest import online_config, train_config
 from tether.cli import main
 from tether.models import load_model
 from tether.train import online_train, train
@@ -20,7 +18,7 @@ LORA = dict(lora=True, lora_r=4, lora_alpha=8, learning_rate=5e-2, max_steps=2)
 @pytest.fixture(scope="module")
 def lora_run(model_dir, data_dir, tmp_path_factory):
     return train(
-        config(
+        train_config(
             model_dir, data_dir, tmp_path_factory.mktemp("lora") / "run", eval_file=str(data_dir / "eval.jsonl"), **LORA
         )
     )
@@ -89,7 +87,7 @@ def test_export_merge_writes_a_plain_model_with_its_tokenizer(lora_run, tmp_path
 
 
 def test_train_from_an_adapter_trains_a_new_adapter_on_the_merged_model(lora_run, model_dir, data_dir, tmp_path):
-    run = train(config(lora_run / "final", data_dir, tmp_path / "again", **LORA))
+    run = train(train_config(lora_run / "final", data_dir, tmp_path / "again", **LORA))
     first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert first["loss"] == pytest.approx(0.693147, abs=1e-5)  # the new adapter starts at zero: policy == reference
     adapter_cfg = json.loads((run / "final" / "adapter_config.json").read_text())
@@ -98,7 +96,7 @@ def test_train_from_an_adapter_trains_a_new_adapter_on_the_merged_model(lora_run
     chained = PeftModel.from_pretrained(load_model(lora_run / "final"), run / "final")
     torch.testing.assert_close(_logits(load_model(run / "final"), ids), _logits(chained, ids), rtol=0, atol=1e-5)
     full = train(
-        config(lora_run / "final", data_dir, tmp_path / "full", max_steps=1)
+        train_config(lora_run / "final", data_dir, tmp_path / "full", max_steps=1)
     )  # full fine-tuning of the merged model
     assert "model.embed_tokens.weight" in load_file(full / "final" / "model.safetensors")
 

@@ -5,18 +5,18 @@ import json
 import pytest
 import torch
 
-from test_train import assert_params_close, config, final_params
+from conftest import assert_params_close, final_params, jsonl_rows, train_config
 from tether.train import train
 
 
 def metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return jsonl_rows(run_dir / "metrics.jsonl")
 
 
 def test_bapo_with_zero_weight_equals_dpo(model_dir, data_dir, tmp_path):
-    dpo = train(config(model_dir, data_dir, tmp_path / "dpo"))
+    dpo = train(train_config(model_dir, data_dir, tmp_path / "dpo"))
     bapo = train(
-        config(model_dir, data_dir, tmp_path / "bapo", method="bapo", anchor_weight=0.0, base_max_new_tokens=8)
+        train_config(model_dir, data_dir, tmp_path / "bapo", method="bapo", anchor_weight=0.0, base_max_new_tokens=8)
     )
     # the base rows share the forward pass but carry zero weight: same losses and parameters
     assert [m["loss"] for m in metrics(dpo)] == pytest.approx([m["loss"] for m in metrics(bapo)], abs=1e-6)
@@ -39,7 +39,9 @@ def test_base_responses_are_the_references_greedy_answers_and_cached(model_dir, 
     monkeypatch.setattr(bapo, "generate_ids", spy)
     cache = tmp_path / "cache" / "reflogps"
     run = train(
-        config(model_dir, data_dir, tmp_path / "a", method="bapo", base_max_new_tokens=6, ref_cache_dir=str(cache))
+        train_config(
+            model_dir, data_dir, tmp_path / "a", method="bapo", base_max_new_tokens=6, ref_cache_dir=str(cache)
+        )
     )
     assert seen and metrics(run)[0]["anchor"] == pytest.approx(0.0, abs=1e-4)  # policy == reference at step 1
 
@@ -54,7 +56,11 @@ def test_base_responses_are_the_references_greedy_answers_and_cached(model_dir, 
         raise AssertionError("base responses regenerated although cached")
 
     monkeypatch.setattr(bapo, "generate_ids", fail)
-    train(config(model_dir, data_dir, tmp_path / "b", method="bapo", base_max_new_tokens=6, ref_cache_dir=str(cache)))
+    train(
+        train_config(
+            model_dir, data_dir, tmp_path / "b", method="bapo", base_max_new_tokens=6, ref_cache_dir=str(cache)
+        )
+    )
 
 
 def test_squared_anchor_holds_base_likelihood_near_the_reference(model_dir, data_dir, tmp_path):
@@ -66,8 +72,8 @@ def test_squared_anchor_holds_base_likelihood_near_the_reference(model_dir, data
         anchor_form="squared",
         eval_file=str(data_dir / "eval.jsonl"),
     )
-    dpo = train(config(model_dir, data_dir, tmp_path / "dpo", method="bapo", anchor_weight=0.0, **kw))
-    bapo = train(config(model_dir, data_dir, tmp_path / "bapo", method="bapo", anchor_weight=1.0, **kw))
+    dpo = train(train_config(model_dir, data_dir, tmp_path / "dpo", method="bapo", anchor_weight=0.0, **kw))
+    bapo = train(train_config(model_dir, data_dir, tmp_path / "bapo", method="bapo", anchor_weight=1.0, **kw))
     dpo_eval = json.loads((dpo / "results.json").read_text())["final_eval"]
     bapo_eval = json.loads((bapo / "results.json").read_text())["final_eval"]
     assert dpo_eval["eval_anchor"] > 0.2 and bapo_eval["eval_anchor"] < dpo_eval["eval_anchor"] / 2

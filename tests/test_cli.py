@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import run_cli
+from conftest import jsonl_rows, run_cli
 from tether.cli import main
 from tether.loss_table import NAMES as LOSS_NAMES
 from tether.train import TrainConfig
@@ -58,7 +58,7 @@ def test_config_file_and_flags_end_to_end(model_dir, data_dir, tmp_path):
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["beta"] == 0.2 and resolved["loss"] == "ipo" and resolved["max_steps"] == 4  # flag beats file
     assert resolved["lr_scheduler"] == "linear"  # defaults are written out too
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = jsonl_rows(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(REQUIRED_METRICS <= r.keys() for r in rows)
     assert "eval_loss" in rows[1] and "eval_loss" not in rows[0]
@@ -199,7 +199,10 @@ def test_every_subcommand_parser_is_torch_free():
     import subprocess
     import sys
 
-    code = f"import sys; from tether.cli import build_parser; build_parser(); print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    code = (
+        "import sys; from tether.cli import build_parser; build_parser(); "
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.stdout.strip() == "[]", res.stdout + res.stderr
 
@@ -213,7 +216,29 @@ def test_every_subcommand_parser_is_torch_free():
     ],
 )
 def test_openmp_waiting_default_and_overrides(env, expected):
+    """The `tether` command sets the default in its own process (here: a real `python -m tether.cli` run, whose
+    exit handlers print what it had)."""
     clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    code = "import os, json, tether; print(json.dumps([os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT')]))"
-    out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, check=True)
-    assert tuple(json.loads(out.stdout)) == expected
+    show = "lambda: print(json.dumps([os.environ.get(k) for k in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT')]))"
+    code = (
+        f"import atexit, json, os, runpy, sys; atexit.register({show}); "
+        "sys.argv = ['tether', 'report', '/nonexistent']; runpy.run_module('tether.cli', run_name='__main__')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True)
+    assert out.returncode == 2 and tuple(json.loads(out.stdout.splitlines()[-1])) == expected, out.stderr
+
+
+def test_importing_tether_changes_nothing_in_the_callers_environment():
+    """The Python API leaves the caller's environment (and signal handlers) as they were: no OpenMP default, no
+    HF_HUB_OFFLINE, whatever tether modules are imported (the libraries it builds on are imported first: peft
+    sets a variable of its own)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_WAIT", "GOMP_", "HF_", "TRANSFORMERS_"))}
+    code = (
+        "import json, os, signal; import torch, transformers, accelerate, peft, datasets; "
+        "before, handler = dict(os.environ), signal.getsignal(signal.SIGTERM); "
+        "import tether, tether.models, tether.train.offline, tether.train.online, tether.cli; "
+        "changed = sorted(set(os.environ.items()) ^ set(before.items())); "
+        "print(json.dumps([changed, signal.getsignal(signal.SIGTERM) == handler]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.splitlines()[-1]) == [[], True]

@@ -87,6 +87,20 @@ def test_identical_pairs_are_skipped_and_counted(tmp_path, tokenizer):
     assert examples[0].extra == {"id": "y"}
 
 
+def test_pairs_equal_once_truncated_are_skipped_and_counted_like_equal_pairs(tmp_path, tokenizer):
+    """Two answers that differ only after max_length are the same pair to the model: not trained on."""
+    same_start = "The apple is red and round and sweet. " * 3
+    rows = [
+        {"id": "z", "prompt": "What is the apple like?", "chosen": same_start + "Yes.", "rejected": same_start + "No."}
+    ]
+    recs = load_preference_records(write_jsonl(rows, tmp_path / "t.jsonl"))
+    (full,), _ = tokenize_records(recs, tokenizer)
+    assert full.completion_ids["chosen"] != full.completion_ids["rejected"]
+    examples, report = tokenize_records(recs, tokenizer, max_length=len(full.prompt_ids) + 8)
+    assert examples == [] and report.skipped_identical == 1 and report.kept == 0
+    assert report.skipped == [{"source": recs[0].source, "reason": "chosen == rejected after truncation", "id": "z"}]
+
+
 def test_completion_tokens_and_eos(tokenizer, data_dir):
     rec = load_preference_records(data_dir / "train.jsonl")[0]
     (ex,), _ = tokenize_records([rec], tokenizer)

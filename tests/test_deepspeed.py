@@ -14,8 +14,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import run_cli
-from test_train import assert_params_close, final_params
+from conftest import assert_params_close, final_params, run_cli
 
 EXAMPLES = Path(__file__).parents[1] / "examples" / "accelerate"
 
@@ -36,7 +35,8 @@ def _why_not() -> str | None:
     if torch.cuda.device_count() < 2:
         return (
             "needs 2 GPUs: accelerate 1.15 engages DeepSpeed only on GPU processes "
-            f"(this machine has {torch.cuda.device_count()} GPU(s); on CPU it would run plain data parallel, which tether refuses)"
+            f"(this machine has {torch.cuda.device_count()} GPU(s); on CPU it would run plain data parallel, "
+            "which tether refuses)"
         )
     return None
 

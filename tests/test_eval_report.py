@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from conftest import online_config
 from tether.cli import main
 from tether.config import load_config
 from tether.train import TrainConfig, train
@@ -95,15 +96,16 @@ def test_every_run_writes_a_report_with_curves(lora_run, tmp_path):
 
 
 def test_report_command_tolerates_a_torn_metrics_line(lora_run, tmp_path, capsys):
-    import shutil
-
-    run = tmp_path / "copy"
-    shutil.copytree(lora_run, run)
-    with (run / "metrics.jsonl").open("a") as f:
-        f.write('{"step": 5, "loss": 0.')  # a run killed mid-write
-    (run / "report.md").unlink()
-    assert main(["report", str(run)]) == 0
-    assert (run / "report.md").is_file() and str(run / "report.md") in capsys.readouterr().out
+    metrics, report = (lora_run / "metrics.jsonl").read_bytes(), (lora_run / "report.md").read_bytes()
+    try:
+        with (lora_run / "metrics.jsonl").open("a") as f:
+            f.write('{"step": 5, "loss": 0.')  # a run killed mid-write
+        (lora_run / "report.md").unlink()
+        assert main(["report", str(lora_run)]) == 0
+        assert (lora_run / "report.md").is_file() and str(lora_run / "report.md") in capsys.readouterr().out
+    finally:
+        (lora_run / "metrics.jsonl").write_bytes(metrics)
+        (lora_run / "report.md").write_bytes(report)
     assert main(["report", str(tmp_path)]) == 2
     assert "not a tether run directory" in capsys.readouterr().err
 
@@ -136,36 +138,22 @@ def test_tensorboard_scalars_use_trl_names_with_before_and_after(lora_run):
 def test_online_run_report_has_win_rate_annotations_ties_and_time(model_dir, tmp_path, monkeypatch):
     from pathlib import Path
 
-    from tether.train import OnlineConfig, online_train
+    from tether.train import online_train
     from tether_lab.demo import toy_preferences, write_jsonl
 
     monkeypatch.syspath_prepend(str(Path(__file__).parent))  # the toy oracles
     rows = toy_preferences(24, seed=5)
     prompts = write_jsonl([{"prompt": r["prompt"], "reference": r["chosen"]} for r in rows], tmp_path / "p.jsonl")
     run = online_train(
-        load_config(
-            OnlineConfig,
-            None,
-            dict(
-                model=str(model_dir),
-                prompt_file=str(prompts),
-                eval_file=str(prompts),
-                eval_prompts=4,
-                eval_steps=2,
-                output_dir=str(tmp_path / "online"),
-                oracle="callable:toy_oracles:shorter",
-                steps=4,
-                phases=2,
-                prompts_per_step=4,
-                max_new_tokens=8,
-                eval_max_new_tokens=8,
-                learning_rate=1e-2,
-                save_steps=0,
-                progress=False,
-                max_length=64,
-                max_prompt_length=32,
-                oracle_backoff=0.0,
-            ),
+        online_config(
+            model_dir,
+            prompts,
+            tmp_path / "online",
+            eval_file=str(prompts),
+            eval_prompts=4,
+            eval_steps=2,
+            max_new_tokens=8,
+            eval_max_new_tokens=8,
         )
     )
     text = (run / "report.md").read_text()

@@ -3,7 +3,6 @@ failing oracles. Every case ends with final weights bit-identical to an uninterr
 with nothing lost."""
 
 import fcntl
-import json
 import os
 import shutil
 import subprocess
@@ -13,34 +12,22 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_cli
-from test_train import final_params
+from conftest import (
+    ROOT,
+    jsonl_rows,
+    lora_run_args,
+    one_error_line,
+    online_run_args,
+    run_cli,
+    same_weights,
+    snapshot,
+)
 
 TESTS = str(Path(__file__).parent)
 
 
-def one_error_line(res) -> str:
-    lines = [line for line in res.stderr.splitlines() if line.startswith("tether: error:")]
-    assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
-    return lines[0]
-
-
-def same_weights(a: Path, b: Path) -> bool:
-    pa, pb = final_params(a), final_params(b)
-    return pa.keys() == pb.keys() and all((pa[k] == pb[k]).all() for k in pa)
-
-
-def snapshot(d: Path) -> dict:
-    """Every file under d with its bytes and modification time (but the lock file, which holds its holder's pid)."""
-    return {
-        str(p.relative_to(d)): (p.read_bytes(), p.stat().st_mtime_ns)
-        for p in sorted(d.rglob("*"))
-        if p.is_file() and p.name != ".tether-lock"
-    }
-
-
 def steps_logged(run: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in jsonl_rows(run / "metrics.jsonl")]
 
 
 # ---------------------------------------------------------------------------------------------- offline
@@ -53,33 +40,7 @@ def offline(model_dir, data_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("faults")
     train_file = work / "train.jsonl"
     shutil.copy(data_dir / "train.jsonl", train_file)
-    args = [
-        "train",
-        "--model",
-        str(model_dir),
-        "--train_file",
-        str(train_file),
-        "--learning_rate",
-        "1e-2",
-        "--max_steps",
-        "6",
-        "--batch_size",
-        "4",
-        "--save_steps",
-        "2",
-        "--lora",
-        "true",
-        "--lora_r",
-        "4",
-        "--lora_dropout",
-        "0.2",
-        "--disable_dropout",
-        "false",
-        "--progress",
-        "false",
-        "--ref_cache_dir",
-        str(work / "cache"),
-    ]
+    args = lora_run_args(model_dir, train_file, work / "cache")
     full = run_cli(*args, "--output_dir", str(work / "full"))
     assert full.returncode == 0, full.stderr
     return args, work / "full"
@@ -265,33 +226,7 @@ def online_args(model_dir, tmp_path):
     from tether_lab.demo import toy_preferences, write_jsonl
 
     prompts = write_jsonl([{"prompt": r["prompt"]} for r in toy_preferences(48, seed=5)], tmp_path / "prompts.jsonl")
-    return [
-        "online",
-        "--model",
-        str(model_dir),
-        "--prompt_file",
-        str(prompts),
-        "--steps",
-        "6",
-        "--phases",
-        "3",
-        "--prompts_per_step",
-        "4",
-        "--max_new_tokens",
-        "12",
-        "--learning_rate",
-        "1e-2",
-        "--save_steps",
-        "2",
-        "--progress",
-        "false",
-        "--max_length",
-        "64",
-        "--max_prompt_length",
-        "32",
-        "--oracle_backoff",
-        "0",
-    ]
+    return online_run_args(model_dir, prompts)
 
 
 def oracle_env(log: Path, **extra) -> dict:
@@ -317,7 +252,7 @@ def test_online_killed_mid_ledger_write_resumes_bit_identical(online_args, tmp_p
     extra = sum(int(x) for x in part_log.read_text().split()) - sum(whole_calls)
     # step 3 was asked once before the crash; after it only its pairs without a complete record are asked again
     assert 0 < extra < whole_calls[2]
-    rows = [json.loads(line) for line in (tmp_path / "part" / "ledger.jsonl").read_text().splitlines()]
+    rows = jsonl_rows(tmp_path / "part" / "ledger.jsonl")
     assert sorted((r["step"], r["slot"]) for r in rows) == [(s, k) for s in range(6) for k in range(4)]
 
 
@@ -337,7 +272,7 @@ def test_online_stops_when_the_oracle_keeps_failing_and_resumes_once_it_is_back(
     assert (tmp_path / "r" / "checkpoints" / "step-000002").is_dir() and not (tmp_path / "r" / "final").exists()
     res = run_cli(*args, "--resume", env=oracle_env(tmp_path / "log"))
     assert res.returncode == 0, res.stderr
-    rows = [json.loads(line) for line in (tmp_path / "r" / "ledger.jsonl").read_text().splitlines()]
+    rows = jsonl_rows(tmp_path / "r" / "ledger.jsonl")
     # steps 1-2 were trained (without pairs) before the stop and stay as they were; step 3, not recorded at the
     # stop, was asked again
     assert {r["status"] for r in rows if r["step"] < 2} <= {"oracle_failed", "identical"}

@@ -4,8 +4,9 @@ accelerate 1.15 engages FSDP only on GPUs; on this CPU machine `accelerate launc
 parallel. So the 2-process runs here go through tests/fsdp_engage.py, which sets the accelerator state that a
 GPU launch with `--use_fsdp --fsdp_version 2` sets; from there on it is accelerate's own FSDP2 preparation
 (`fully_shard` on every decoder layer and the root) and tether's loop. Covered: full fine-tuning with gradient
-accumulation and gradient checkpointing, LoRA on sharded weights, BAPO's base responses (generation) and the reference precompute, held-out
-evaluation, checkpoint/resume, the consolidated final/ and the refusal when sharding is asked but not engaged.
+accumulation and gradient checkpointing, LoRA on sharded weights, BAPO's base responses (generation) and the
+reference precompute, held-out evaluation, checkpoint/resume, the consolidated final/ and the refusal when
+sharding is asked but not engaged.
 `tether online` under FSDP2: tests/test_fsdp_online.py.
 """
 
@@ -16,25 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import run_cli
-from test_train import assert_params_close, final_params
-
-TESTS = Path(__file__).parent
-LAUNCH = [
-    sys.executable,
-    "-m",
-    "accelerate.commands.launch",
-    "--multi_gpu",
-    "--num_processes",
-    "2",
-    "--num_machines",
-    "1",
-    "--mixed_precision",
-    "no",
-    "--dynamo_backend",
-    "no",
-]
-FSDP2 = LAUNCH + [str(TESTS / "fsdp_engage.py")]
+from conftest import FSDP2, TESTS, assert_params_close, assert_really_sharded, final_params, run_cli
 
 
 def args(model_dir, data_dir, *extra):
@@ -70,11 +53,6 @@ def both(model_dir, data_dir, tmp_path, one_batch: list[str], two_batch: list[st
     )
     assert two.returncode == 0, two.stderr
     return tmp_path / "one", tmp_path / "two"
-
-
-def assert_really_sharded(run_dir):
-    setup = json.loads((run_dir / "results.json").read_text())["distributed"]
-    assert setup == {"distributed_type": "FSDP", "sharding": "fsdp2", "num_processes": 2, "parameters_sharded": True}
 
 
 def test_fsdp2_full_finetuning_with_accumulation_and_checkpointing_matches_one_process(model_dir, data_dir, tmp_path):

@@ -16,9 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
-from test_fsdp import FSDP2, LAUNCH, assert_really_sharded
-from test_train import assert_params_close, final_params
+from conftest import FSDP2, LAUNCH, assert_params_close, assert_really_sharded, final_params, jsonl_rows, run_cli
 from tether_lab.demo import toy_preferences, write_jsonl
 
 TESTS = Path(__file__).parent
@@ -68,7 +66,7 @@ def args(model_dir, prompt_file, *extra):
 
 
 def ledger(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
+    rows = jsonl_rows(run_dir / "ledger.jsonl")
     return [(r["step"], r["slot"], r["response_ids"], r["label"], r.get("base_ids")) for r in rows]
 
 
@@ -184,7 +182,7 @@ def test_fsdp2_online_a_process_without_pairs_joins_with_weight_zero(model_dir, 
         "--reference",
         "initial",
     )
-    rows = [json.loads(line) for line in (two / "ledger.jsonl").read_text().splitlines()]
+    rows = jsonl_rows(two / "ledger.jsonl")
     usable = {(r["step"], r["slot"]): r["label"] is not None for r in rows}
     assert any(usable[(s, 0)] != usable[(s, 1)] for s in range(6))  # the idle-process path ran
     assert_params_close(final_params(one), final_params(two), atol=1e-5)

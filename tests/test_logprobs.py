@@ -99,7 +99,7 @@ def test_shared_prompt_forward_equals_separate_rows(model_dir, tokenizer, tmp_pa
     separate.sum().backward()
     want = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
-    shared, n3 = sequence_logps(model, **batch, n_groups=3)
+    shared, n3 = sequence_logps(model, **batch, n_keys=3)
     shared.sum().backward()
     torch.testing.assert_close(shared, separate, rtol=0, atol=2e-5)
     assert torch.equal(n1, n3)

@@ -1,6 +1,7 @@
 """Odd inputs a user may give (config, data, CLI, oracles), each with the one-line answer it gets, and the
 promise that nothing was written for it."""
 
+import json
 import os
 from pathlib import Path
 
@@ -52,6 +53,27 @@ TRAIN_CASES = [
         "user_chosen.jsonl:line 1: field 'chosen' holds a 'user' message",
     ),
     ("every pair identical", ["--train_file", "{tmp}/identical.jsonl"], "no usable preference pairs left"),
+    ("JSON nested 100,000 deep", ["--train_file", "{tmp}/nested.jsonl"], "nested.jsonl:line 1: JSON nested too deeply"),
+    (
+        "a 5000-digit integer",
+        ["--train_file", "{tmp}/digits.jsonl"],
+        "digits.jsonl:line 1: unreadable JSON (an integer with more than 4300 digits)",
+    ),
+    (
+        "a lone surrogate in a prompt",
+        ["--train_file", "{tmp}/surrogate.jsonl"],
+        "surrogate.jsonl:line 1: field 'prompt' holds a lone surrogate (\\ud800",
+    ),
+    (
+        "a lone surrogate in a chat message",
+        ["--train_file", "{tmp}/surrogate_chat.jsonl"],
+        "field 'chosen[0].content' holds a lone surrogate",
+    ),
+    ("seed -1", ["--seed", "-1"], "option 'seed' must be in [0, 4294967295]"),
+    ("seed 2**32", ["--seed", str(2**32)], "option 'seed' must be in [0, 4294967295]"),
+    ("seed of 5000 digits in the config", ["--config", "{tmp}/digits.yaml"], "an integer with more than 4300 digits"),
+    ("a 342-byte YAML alias bomb", ["--config", "{tmp}/bomb.yaml"], "aliases expand to more than 100000 values"),
+    ("a YAML alias that contains itself", ["--config", "{tmp}/loop.yaml"], "an alias refers to a value that contains"),
     ("config that is a list", ["--config", "{tmp}/list.yaml"], "list.yaml: a config file must be a mapping"),
     ("config that is a directory", ["--config", "{tmp}"], "is a directory, not a YAML config file"),
     ("config with a wrong type", ["--config", "{tmp}/wrongtype.yaml"], "option 'beta' must be float, got 'high'"),
@@ -112,6 +134,22 @@ def files(tmp_path):
     (tmp_path / "list.yaml").write_text("- beta\n- 0.1\n")
     (tmp_path / "wrongtype.yaml").write_text("beta: high\n")
     (tmp_path / "empty_prompt.jsonl").write_text('{"prompt": "  "}\n')
+    (tmp_path / "nested.jsonl").write_text('{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    (tmp_path / "digits.jsonl").write_text(
+        '{"prompt": "p", "chosen": "a", "rejected": "b", "id": ' + "7" * 5000 + "}\n"
+    )
+    (tmp_path / "surrogate.jsonl").write_text('{"prompt": "p\\ud800", "chosen": "a", "rejected": "b"}\n')
+    (tmp_path / "surrogate_chat.jsonl").write_text(
+        '{"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "\\udfff"}], '
+        '"rejected": [{"role": "assistant", "content": "no"}]}\n'
+    )
+    (tmp_path / "digits.yaml").write_text("seed: " + "9" * 5000 + "\n")
+    bomb = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n'
+    for prev, name in zip("abcdefgh", "bcdefghi"):
+        bomb += f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]\n"
+    assert len(bomb) == 342  # the size of the issue's bomb: it expands to 9**9 strings
+    (tmp_path / "bomb.yaml").write_text(bomb)
+    (tmp_path / "loop.yaml").write_text("beta: &x [*x]\n")
     (tmp_path / "prompts.jsonl").write_text('{"prompt": "What colour is the sky?"}\n')
     return tmp_path
 
@@ -145,6 +183,7 @@ def test_odd_train_input(what, extra, answer, files, model_dir, data_dir, capsys
     ]
     rc, lines = _run(capsys, argv)
     assert rc == 2 and len(lines) == 1 and answer in lines[0], (what, lines)
+    assert len(lines[0]) < 600  # bounded: no expanded value, no 5000-digit number
     assert not out.exists()  # nothing written
 
 
@@ -185,6 +224,9 @@ def test_odd_online_input(what, extra, answer, files, model_dir, capsys, monkeyp
 def test_a_byte_order_mark_is_accepted_in_data_and_config(files, model_dir, data_dir, capsys):
     data = files / "bom.jsonl"
     data.write_bytes(b"\xef\xbb\xbf" + (data_dir / "train.jsonl").read_bytes())
+    rows = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines()]
+    split = files / "bom_split.json"  # {split: [records]} with a byte-order mark
+    split.write_bytes(b"\xef\xbb\xbf" + json.dumps({"train": rows[:40], "test": rows[40:]}).encode())
     cfg = files / "bom.yaml"
     cfg.write_bytes(b"\xef\xbb\xbfbeta: 0.2\n")
     out = files / "run"
@@ -196,6 +238,8 @@ def test_a_byte_order_mark_is_accepted_in_data_and_config(files, model_dir, data
             "--model",
             str(model_dir),
             "--train_file",
+            str(split),
+            "--eval_file",
             str(data),
             "--output_dir",
             str(out),

@@ -3,55 +3,25 @@
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import run_cli
-from test_train import assert_params_close, final_params
-from tether.config import TetherError, load_config
+from conftest import LAUNCH, assert_params_close, final_params, jsonl_rows, online_config, run_cli
+from tether.config import TetherError
 from tether.logprobs import sequence_logps
 from tether.models import load_model
 from tether.oracles import Annotator, CallableOracle, load_oracle
 from tether.sampling import filter_logits, sample_responses
-from tether.train import OnlineConfig, online_train
+from tether.train import online_train
 from tether.train.online_policy import OnlinePolicy
-from tether_lab.demo import toy_preferences, write_jsonl
 
 TESTS = str(Path(__file__).parent)
 
 
-@pytest.fixture(scope="module")
-def prompt_file(tmp_path_factory):
-    d = tmp_path_factory.mktemp("prompts")
-    rows = toy_preferences(64, seed=5)
-    return write_jsonl([{"prompt": r["prompt"], "reference": r["chosen"]} for r in rows], d / "prompts.jsonl")
-
-
-def config(model_dir, prompt_file, out, **overrides):
-    base = dict(
-        model=str(model_dir),
-        prompt_file=str(prompt_file),
-        output_dir=str(out),
-        oracle="callable:toy_oracles:shorter",
-        steps=4,
-        phases=2,
-        prompts_per_step=4,
-        max_new_tokens=12,
-        learning_rate=1e-2,
-        save_steps=0,
-        progress=False,
-        max_length=64,
-        max_prompt_length=32,
-        oracle_backoff=0.0,
-    )
-    return load_config(OnlineConfig, None, {**base, **overrides})
-
-
 def metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return jsonl_rows(run_dir / "metrics.jsonl")
 
 
 @pytest.fixture(autouse=True)
@@ -161,29 +131,29 @@ def test_load_oracle_errors_name_the_option():
 @pytest.mark.parametrize("lora", [False, True])
 def test_behavior_refreshed_exactly_at_phase_starts(model_dir, prompt_file, tmp_path, lora):
     kw = dict(lora=True, lora_r=4, lora_alpha=8, learning_rate=5e-2) if lora else {}
-    run = online_train(config(model_dir, prompt_file, tmp_path / "run", steps=6, phases=3, **kw))
+    run = online_train(online_config(model_dir, prompt_file, tmp_path / "run", steps=6, phases=3, **kw))
     rows = metrics(run)
     assert [r["behavior_version"] for r in rows] == [0, 0, 1, 1, 2, 2]
     for r in rows:
         at_refresh = (r["step"] - 1) % 2 == 0
         # right after a refresh π_θ = π_β: every log-ratio is 0 and the DPO loss is log 2
         assert (abs(r["loss"] - math.log(2)) < 1e-4) == at_refresh, r
-    ledger = [json.loads(l) for l in (run / "ledger.jsonl").read_text().splitlines()]
+    ledger = jsonl_rows(run / "ledger.jsonl")
     assert len(ledger) == 6 * 4 and {row["behavior_version"] for row in ledger if row["step"] in (2, 3)} == {1}
 
 
 def test_ema_with_rate_one_is_bpo_sampling_every_step(model_dir, prompt_file, tmp_path):
-    bpo = online_train(config(model_dir, prompt_file, tmp_path / "bpo", phases=4))
-    ema = online_train(config(model_dir, prompt_file, tmp_path / "ema", phases=4, reference="ema", ema_rate=1.0))
+    bpo = online_train(online_config(model_dir, prompt_file, tmp_path / "bpo", phases=4))
+    ema = online_train(online_config(model_dir, prompt_file, tmp_path / "ema", phases=4, reference="ema", ema_rate=1.0))
     # BPO takes log π_β from the sampling pass (cached keys/values), EMA from a full forward: ~1e-6 apart in
     # log-probs, ~1e-5 in weights after 4 steps at lr 1e-2
     assert_params_close(final_params(bpo), final_params(ema), atol=5e-5)
 
 
 def test_fixed_reference_equal_to_the_initial_model_is_the_initial_reference(model_dir, prompt_file, tmp_path):
-    initial = online_train(config(model_dir, prompt_file, tmp_path / "init", reference="initial", phases=4))
+    initial = online_train(online_config(model_dir, prompt_file, tmp_path / "init", reference="initial", phases=4))
     fixed = online_train(
-        config(model_dir, prompt_file, tmp_path / "fixed", reference="fixed", ref_model=str(model_dir), phases=4)
+        online_config(model_dir, prompt_file, tmp_path / "fixed", reference="fixed", ref_model=str(model_dir), phases=4)
     )
     assert_params_close(final_params(initial), final_params(fixed), atol=1e-6)
     assert metrics(initial)[1]["loss"] != pytest.approx(math.log(2), abs=1e-4)  # π_ref stays π_sft while π_θ moves
@@ -193,7 +163,7 @@ def test_fixed_reference_equal_to_the_initial_model_is_the_initial_reference(mod
 def test_ensemble_merges_match_the_matrix_math(model_dir, prompt_file, tmp_path, merge):
     from peft.tuners.lora import LoraLayer
 
-    cfg = config(
+    cfg = online_config(
         model_dir, prompt_file, tmp_path / "m", lora=True, lora_r=4, lora_alpha=8, ensemble_size=3, ensemble_merge=merge
     )
     policy = OnlinePolicy(cfg, torch.device("cpu"))
@@ -223,7 +193,7 @@ def test_lora_ensemble_run_exports_the_merged_adapter(model_dir, prompt_file, tm
     from peft import PeftModel
 
     run = online_train(
-        config(
+        online_config(
             model_dir,
             prompt_file,
             tmp_path / "ens",
@@ -245,7 +215,7 @@ def test_lora_ensemble_run_exports_the_merged_adapter(model_dir, prompt_file, tm
 
 def test_failing_oracle_skips_pairs_and_the_run_finishes(model_dir, prompt_file, tmp_path):
     run = online_train(
-        config(
+        online_config(
             model_dir,
             prompt_file,
             tmp_path / "down",
@@ -340,27 +310,10 @@ def test_two_processes_equal_one(model_dir, prompt_file, tmp_path):
     ]
     one = run_cli(*args, "--output_dir", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
-    launcher = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "tether.cli",
-    ]
+    launcher = [*LAUNCH, "-m", "tether.cli"]
     two = run_cli(*args, "--output_dir", str(tmp_path / "two"), launcher=launcher)
     assert two.returncode == 0, two.stderr[-3000:]
-    ledgers = [
-        [json.loads(l) for l in (tmp_path / d / "ledger.jsonl").read_text().splitlines()] for d in ("one", "two")
-    ]
+    ledgers = [jsonl_rows(tmp_path / d / "ledger.jsonl") for d in ("one", "two")]
     assert [(r["response_ids"], r["label"]) for r in ledgers[0]] == [
         (r["response_ids"], r["label"]) for r in ledgers[1]
     ]
@@ -380,7 +333,9 @@ def test_bad_online_input_gets_one_clear_line(model_dir, prompt_file, tmp_path):
     ]
     for overrides, words in cases:
         with pytest.raises(TetherError, match=words):
-            online_train(config(model_dir, overrides.pop("prompt_file", prompt_file), tmp_path / "never", **overrides))
+            online_train(
+                online_config(model_dir, overrides.pop("prompt_file", prompt_file), tmp_path / "never", **overrides)
+            )
         assert not (tmp_path / "never").exists()
 
 
@@ -414,7 +369,7 @@ def test_reward_model_oracle_from_a_local_directory(model_dir, tokenizer, tmp_pa
 def test_online_bapo_anchor_on_the_initial_models_own_answers(model_dir, prompt_file, tmp_path, reference, lora):
     kw = dict(lora=True, lora_r=4, lora_alpha=8, learning_rate=5e-2) if lora else {}
     run = online_train(
-        config(
+        online_config(
             model_dir,
             prompt_file,
             tmp_path / "anchor",
@@ -431,5 +386,5 @@ def test_online_bapo_anchor_on_the_initial_models_own_answers(model_dir, prompt_
     assert all(r["anchor"] >= 0 for r in rows) and rows[-1]["logps_base"] != rows[0]["logps_base"]
     if lora:  # at this learning rate the policy's log-prob of its initial answers drops: the hinge is active
         assert rows[-1]["anchor"] > 0
-    ledger = [json.loads(l) for l in (run / "ledger.jsonl").read_text().splitlines()]
+    ledger = jsonl_rows(run / "ledger.jsonl")
     assert all(r["base_ids"] and isinstance(r["base_logp"], float) for r in ledger)

@@ -4,9 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_online import config as online_config
-from test_online import prompt_file  # noqa: F401 - a fixture
-from test_train import assert_params_close, config, final_params
+from conftest import assert_params_close, final_params, online_config, train_config
 from tether.data import COMPLETION_KEYS, collate, load_preference_records, tokenize_records
 from tether.logprobs import is_checkpointing, sequence_logps
 from tether.losses import objective
@@ -34,9 +32,9 @@ def _loss_and_grads(cfg, batch):
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(model_dir, data_dir, tokenizer, tmp_path, lora):
     batch = _batch(data_dir, tokenizer)
     kw = dict(lora=lora, lora_r=4, lora_alpha=8)
-    loss0, grads0 = _loss_and_grads(config(model_dir, data_dir, tmp_path / "a", **kw), batch)
+    loss0, grads0 = _loss_and_grads(train_config(model_dir, data_dir, tmp_path / "a", **kw), batch)
     loss1, grads1 = _loss_and_grads(
-        config(model_dir, data_dir, tmp_path / "b", gradient_checkpointing=True, **kw), batch
+        train_config(model_dir, data_dir, tmp_path / "b", gradient_checkpointing=True, **kw), batch
     )
     assert loss1 == pytest.approx(loss0, abs=1e-5)
     assert grads0.keys() == grads1.keys() and grads0
@@ -47,12 +45,14 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(model_dir, dat
 
 
 def test_gradient_checkpointing_is_really_on_and_training_matches(model_dir, data_dir, tmp_path):
-    cfg = config(model_dir, data_dir, tmp_path / "x", gradient_checkpointing=True, lora=True, lora_r=4, lora_alpha=8)
+    cfg = train_config(
+        model_dir, data_dir, tmp_path / "x", gradient_checkpointing=True, lora=True, lora_r=4, lora_alpha=8
+    )
     model = load_policy(cfg)
     assert is_checkpointing(model)
     kw = dict(max_steps=2, learning_rate=1e-2, lora=True, lora_r=4, lora_alpha=8)
-    plain = train(config(model_dir, data_dir, tmp_path / "plain", **kw))
-    ckpt = train(config(model_dir, data_dir, tmp_path / "ckpt", gradient_checkpointing=True, **kw))
+    plain = train(train_config(model_dir, data_dir, tmp_path / "plain", **kw))
+    ckpt = train(train_config(model_dir, data_dir, tmp_path / "ckpt", gradient_checkpointing=True, **kw))
     assert_params_close(final_params(plain), final_params(ckpt), atol=1e-5)
 
 
@@ -64,7 +64,7 @@ def test_online_gradient_checkpointing_matches(model_dir, prompt_file, tmp_path)
 
 
 def test_bfloat16_base_keeps_a_float32_adapter_and_trains(model_dir, data_dir, tmp_path):
-    cfg = config(
+    cfg = train_config(
         model_dir,
         data_dir,
         tmp_path / "bf16",
@@ -86,7 +86,7 @@ def test_bfloat16_base_keeps_a_float32_adapter_and_trains(model_dir, data_dir, t
 
 
 def test_full_finetuning_in_bfloat16_saves_bfloat16_and_auto_reads_it_back(model_dir, data_dir, tmp_path):
-    run = train(config(model_dir, data_dir, tmp_path / "bf16", torch_dtype="bfloat16", max_steps=1, batch_size=2))
+    run = train(train_config(model_dir, data_dir, tmp_path / "bf16", torch_dtype="bfloat16", max_steps=1, batch_size=2))
     weights = load_file(run / "final" / "model.safetensors")
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}
     assert next(load_model(run / "final", "auto").parameters()).dtype == torch.bfloat16

@@ -30,7 +30,7 @@ def _refuse(*args, **kwargs):
 @pytest.mark.parametrize("precompute", [True, False])
 def test_offline_simpo_loads_and_scores_no_reference(model_dir, data_dir, tmp_path, monkeypatch, precompute):
     monkeypatch.setattr(offline, "reference_table", _refuse)
-    monkeypatch.setattr(reference, "frozen_model", _refuse)
+    monkeypatch.setattr(reference, "load_reference_model", _refuse)
     monkeypatch.setattr(reference.LiveReference, "logps", _refuse)
     run = train(
         offline_config(
@@ -62,7 +62,7 @@ def test_offline_bapo_with_a_reference_free_loss_scores_only_the_base_responses(
         return compute(ref, examples, keys, *args, **kwargs)
 
     monkeypatch.setattr(offline, "compute_logps_table", spy)
-    monkeypatch.setattr(reference, "frozen_model", _refuse)
+    monkeypatch.setattr(reference, "load_reference_model", _refuse)
     run = train(
         offline_config(
             model_dir,

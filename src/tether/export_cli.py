@@ -1,4 +1,9 @@
-"""`tether export --merge ADAPTER_DIR --out DIR`: write base + PEFT adapter as one plain Hugging Face model."""
+"""`tether export --merge ADAPTER_DIR --out DIR`: write base + PEFT adapter as one plain Hugging Face model.
+
+Like a run, it writes only what it creates: `--out` must be new or an empty directory (not a symbolic link);
+the model is written into a new temp directory beside it that this command created, and renamed to `--out`
+when complete. A failure removes that temp directory and nothing else.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from .config import TetherError, add_dataclass_arguments, load_config, option
+from .files import new_private_dir, share_like_umask
 
 
 @dataclasses.dataclass
@@ -35,9 +41,15 @@ class ExportOptions:
             raise TetherError(
                 f"--merge {self.merge}: not a PEFT adapter directory (no adapter_config.json, or it holds a full model)"
             )
-        out = Path(self.out)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise TetherError(f"--out {out}: already exists and is not an empty directory; choose another")
+        check_new_output_dir(Path(self.out))
+
+
+def check_new_output_dir(out: Path) -> None:
+    """`out` may become a directory tether writes: it does not exist, or is an empty directory, not a link."""
+    if out.is_symlink():
+        raise TetherError(f"--out {out}: is a symbolic link; give the path of a new directory")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise TetherError(f"--out {out}: already exists and is not an empty directory; choose another")
 
 
 def export_merged(adapter_dir: str | Path, out: str | Path, dtype: str = "auto") -> Path:
@@ -47,16 +59,26 @@ def export_merged(adapter_dir: str | Path, out: str | Path, dtype: str = "auto")
     adapter_dir, out = Path(adapter_dir), Path(out)
     model = load_merged_adapter(adapter_dir, dtype)
     tokenizer = load_tokenizer(adapter_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    note = f"Merged plain model: base `{adapter_base(adapter_dir)}` + LoRA adapter `{adapter_dir}` (written by `tether export --merge`).\n\n"
-    card = adapter_dir / "README.md"
-    (tmp / "README.md").write_text(note + (card.read_text() if card.is_file() else ""))
-    if out.exists():
-        out.rmdir()  # empty, checked by validate
-    os.replace(tmp, out)
+    check_new_output_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = new_private_dir(out.parent, f".{out.name}.tmp-")
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        note = (
+            f"Merged plain model: base `{adapter_base(adapter_dir)}` + LoRA adapter `{adapter_dir}` "
+            "(written by `tether export --merge`).\n\n"
+        )
+        card = adapter_dir / "README.md"
+        (tmp / "README.md").write_text(note + (card.read_text(encoding="utf-8") if card.is_file() else ""))
+        share_like_umask(tmp)  # safetensors writes its weight files 0600
+        check_new_output_dir(out)  # still new or empty (checked again: the merge took a while)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 

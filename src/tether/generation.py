@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from .models import forward_is_collective
+from .models import eval_mode, forward_is_collective
 
 
 def prompt_ids(tokenizer, prompt) -> list[int]:
@@ -35,14 +35,26 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return ids
 
 
-def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), both (rows, longest row) on `device`: each row right-aligned, so that every row
+    ends where generation starts."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        ids[i, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
         mask[i, width - len(r) :] = 1
     return ids.to(device), mask.to(device)
+
+
+def cut_at_eos(ids: list[int], eos_ids) -> list[int]:
+    """`ids` up to and including the first end-of-sequence token (all of them when none came)."""
+    return ids[: next((k + 1 for k, t in enumerate(ids) if t in eos_ids), len(ids))]
+
+
+def completion_text(tokenizer, ids: Sequence[int], eos_ids) -> str:
+    """A completion's text: end-of-sequence and other special tokens dropped, surrounding whitespace stripped."""
+    return tokenizer.decode([t for t in ids if t not in eos_ids], skip_special_tokens=True).strip()
 
 
 @torch.no_grad()
@@ -81,21 +93,16 @@ def generate_ids(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     synced = forward_is_collective(model)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     out: list[list[int]] = [[] for _ in prompts]
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with eval_mode(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         if seed is not None:
             torch.manual_seed(seed)
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, unit="batch"):
             idx = order[start : start + batch_size]
-            ids, mask = _left_pad([list(prompts[i]) for i in idx], pad_id, device)
+            ids, mask = left_pad([prompts[i] for i in idx], pad_id, device)
             gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, synced_gpus=synced)
             for row, i in enumerate(idx):
-                new = gen[row, ids.size(1) :].tolist()
-                cut = next((k + 1 for k, t in enumerate(new) if t in eos_ids), len(new))
-                out[i] = new[:cut]
-    model.train(was_training)
+                out[i] = cut_at_eos(gen[row, ids.size(1) :].tolist(), eos_ids)
     return out
 
 
@@ -104,4 +111,4 @@ def generate(model, tokenizer, prompts: Sequence, **decoding) -> list[str]:
     end of sequence. `decoding`: the keyword options of `generate_ids` (greedy by default)."""
     ids = generate_ids(model, tokenizer, [prompt_ids(tokenizer, p) for p in prompts], **decoding)
     eos_ids = eos_token_ids(model, tokenizer)
-    return [tokenizer.decode([t for t in row if t not in eos_ids], skip_special_tokens=True).strip() for row in ids]
+    return [completion_text(tokenizer, row, eos_ids) for row in ids]

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .data import Example, collate
+from .models import eval_mode
 
 
 def gather_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -52,17 +53,17 @@ def is_checkpointing(model: nn.Module) -> bool:
     return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
-def _prompt_lengths(completion_mask: torch.Tensor, n_groups: int) -> torch.Tensor | None:
-    """Per-example prompt length when rows come as n_groups key-major groups sharing prompts, else None."""
+def _prompt_lengths(completion_mask: torch.Tensor, n_keys: int) -> torch.Tensor | None:
+    """Per-example prompt length when rows come as n_keys key-major groups sharing prompts, else None."""
     n = completion_mask.size(0)
-    if n_groups < 2 or n % n_groups or not bool(completion_mask.any(dim=1).all()):
+    if n_keys < 2 or n % n_keys or not bool(completion_mask.any(dim=1).all()):
         return None
-    start = completion_mask.int().argmax(dim=1).view(n_groups, -1)
+    start = completion_mask.int().argmax(dim=1).view(n_keys, -1)
     return start[0] if bool((start == start[0]).all()) and int(start.min()) >= 1 else None
 
 
-def shared_prompt_logps(backbone, head, input_ids, attention_mask, completion_mask, prompt_len, n_groups):
-    """Like `sequence_logps`, but each prompt goes through the model ONCE for its n_groups completions.
+def shared_prompt_logps(backbone, head, input_ids, attention_mask, completion_mask, prompt_len, n_keys):
+    """Like `sequence_logps`, but each prompt goes through the model ONCE for its n_keys completions.
 
     Rows are key-major groups (all chosen, all rejected, ...) whose row j of every group shares the same
     prompt of prompt_len[j] tokens. The prompts run left-padded as one batch with a key/value cache; the
@@ -78,20 +79,20 @@ def shared_prompt_logps(backbone, head, input_ids, attention_mask, completion_ma
     p_ids = torch.where(p_mask.bool(), input_ids[:b].gather(1, (cols - left).clamp(min=0)), pad)
     out = backbone(input_ids=p_ids, attention_mask=p_mask, position_ids=(cols - left).clamp(min=0), use_cache=True)
     cache = out.past_key_values
-    cache.reorder_cache(torch.arange(b, device=device).repeat(n_groups))
+    cache.reorder_cache(torch.arange(b, device=device).repeat(n_keys))
 
-    starts = prompt_len.repeat(n_groups).unsqueeze(1)  # (n, 1)
+    starts = prompt_len.repeat(n_keys).unsqueeze(1)  # (n, 1)
     c_len = completion_mask.sum(dim=1)
     c_width = int(c_len.max())
     c_cols = torch.arange(c_width, device=device)
     c_mask = (c_cols < c_len.unsqueeze(1)).long()
     c_ids = torch.where(c_mask.bool(), input_ids.gather(1, (starts + c_cols).clamp(max=input_ids.size(1) - 1)), pad)
-    full_mask = torch.cat([p_mask.repeat(n_groups, 1), c_mask], dim=1)
+    full_mask = torch.cat([p_mask.repeat(n_keys, 1), c_mask], dim=1)
     hidden = backbone(
         input_ids=c_ids, attention_mask=full_mask, position_ids=starts + c_cols, past_key_values=cache, use_cache=True
     ).last_hidden_state
     # token t of a completion is predicted by the hidden state before it: the prompt's last one for t = 0
-    before = torch.cat([out.last_hidden_state[:, -1:].repeat(n_groups, 1, 1), hidden[:, :-1]], dim=1)
+    before = torch.cat([out.last_hidden_state[:, -1:].repeat(n_keys, 1, 1), hidden[:, :-1]], dim=1)
     target = c_mask.bool()
     token_logps = gather_logps(head(before[target]), c_ids[target])
     rows = torch.arange(n, device=device).unsqueeze(1).expand_as(target)[target]
@@ -104,14 +105,15 @@ def sequence_logps(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     completion_mask: torch.Tensor,
-    n_groups: int = 1,
+    n_keys: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs and completion lengths, one row per sequence.
 
     input_ids, attention_mask, completion_mask: (N, L); completion_mask[i, t] = 1 when token t of row i
     is a completion token (never the first token of a row). Returns (sum_logps (N,) float32,
-    n_tokens (N,) float32). Mean log-prob = sum_logps / n_tokens. With n_groups > 1 the rows are that
-    many key-major groups sharing prompts (as `data.collate` builds them) and each prompt is computed once.
+    n_tokens (N,) float32). Mean log-prob = sum_logps / n_tokens. With n_keys > 1 the rows are that
+    many key-major groups, one per completion key, sharing prompts (as `data.collate` builds them; the same
+    `n_keys` as `losses.objective` takes) and each prompt is computed once.
     """
     target_mask = completion_mask[:, 1:].bool()  # position t predicts token t+1
     labels = input_ids[:, 1:][target_mask]
@@ -119,9 +121,9 @@ def sequence_logps(
     split = _backbone_and_head(model)
     # gradient checkpointing drops the key/value cache a shared prompt needs: whole sequences then
     share = split is not None and not (model.training and is_checkpointing(model))
-    prompt_len = _prompt_lengths(completion_mask, n_groups) if share else None
+    prompt_len = _prompt_lengths(completion_mask, n_keys) if share else None
     if prompt_len is not None:
-        return shared_prompt_logps(*split, input_ids, attention_mask, completion_mask, prompt_len, n_groups)
+        return shared_prompt_logps(*split, input_ids, attention_mask, completion_mask, prompt_len, n_keys)
     if split is not None:
         backbone, head = split
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
@@ -141,16 +143,16 @@ class SequenceScorer(nn.Module):
     Hugging Face model stays available as `.model` for saving and generation.
     """
 
-    def __init__(self, model: nn.Module, n_groups: int = 1):
+    def __init__(self, model: nn.Module, n_keys: int = 1):
         super().__init__()
         self.model = model
-        self.n_groups = n_groups  # rows come as this many key-major groups sharing prompts
+        self.n_keys = n_keys  # rows come as this many key-major groups (one per completion key) sharing prompts
         # the layer classes FSDP wraps one by one (accelerate's transformer-based auto-wrap reads this)
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._no_split_modules = getattr(inner, "_no_split_modules", None)
 
     def forward(self, input_ids, attention_mask, completion_mask):
-        return sequence_logps(self.model, input_ids, attention_mask, completion_mask, self.n_groups)
+        return sequence_logps(self.model, input_ids, attention_mask, completion_mask, self.n_keys)
 
 
 @torch.no_grad()
@@ -167,7 +169,7 @@ def grouped_completion_logps(
 ) -> list[list[float]]:
     """Summed log π(c | prompt) of every completion c of each prompt's group (no gradient): groups[i] holds the
     k completions of prompts[i], the same k for every prompt. With k > 1 each prompt runs through the model once
-    for its k completions (`sequence_logps` with n_groups = k), as in training. Prompts are taken in order of
+    for its k completions (`sequence_logps` with n_keys = k), as in training. Prompts are taken in order of
     length (prompt + longest completion), `batch_size` prompts at a time, right-padded."""
     k = len(groups[0]) if groups else 0
     if any(len(g) != k for g in groups):
@@ -178,17 +180,17 @@ def grouped_completion_logps(
     ]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt_ids) + max(map(len, groups[i]), default=0))
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     out: list[list[float]] = [[] for _ in rows]
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        batch = collate([rows[i] for i in idx], pad_id, keys=keys)
-        sums, _ = sequence_logps(
-            model, *(batch[name].to(device) for name in ("input_ids", "attention_mask", "completion_mask")), n_groups=k
-        )
-        by_key = sums.view(k, len(idx))
-        for r, i in enumerate(idx):
-            out[i] = [float(v) for v in by_key[:, r]]
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = collate([rows[i] for i in idx], pad_id, keys=keys)
+            sums, _ = sequence_logps(
+                model,
+                *(batch[name].to(device) for name in ("input_ids", "attention_mask", "completion_mask")),
+                n_keys=k,
+            )
+            by_key = sums.view(k, len(idx))
+            for r, i in enumerate(idx):
+                out[i] = [float(v) for v in by_key[:, r]]
     return out

@@ -3,20 +3,24 @@
 tether never downloads: a model is a local Hugging Face directory or a built-in name that another package
 registered (tether.registry; tether_lab registers the embedded world's models and SmolLM2). Anything that
 looks like a hub id is refused with a message that says so.
+
+Nothing a model directory holds runs as code: every `from_pretrained` of tether's passes `LOCAL_ONLY`
+(trust_remote_code=False — a config with `auto_map` is refused, never imported — and local_files_only=True — no
+hub traffic, set per call, so the caller's environment is left as it was).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: no hub traffic from anything tether loads
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-import torch  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel  # noqa: E402
+from .config import TetherError
 
-from .config import TetherError  # noqa: E402
+LOCAL_ONLY = {"trust_remote_code": False, "local_files_only": True}
 
 
 def builtin_models() -> dict[str, str]:
@@ -47,7 +51,13 @@ def adapter_base(adapter_dir: Path) -> Path:
     """The base model directory an adapter was trained on (adapter_config.json's base_model_name_or_path)."""
     import json
 
-    base = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        raise TetherError(f"{adapter_dir}: adapter_config.json is unreadable (not a JSON object)") from None
+    base = (config.get("base_model_name_or_path") if isinstance(config, dict) else None) or ""
+    if not isinstance(base, str):
+        raise TetherError(f"{adapter_dir}: adapter_config.json's base_model_name_or_path is not a path")
     if not base:
         raise TetherError(f"{adapter_dir}: adapter_config.json names no base model (base_model_name_or_path)")
     try:
@@ -67,8 +77,8 @@ def resolve_model_path(name: str | os.PathLike) -> Path:
             return path
         if not (path / "config.json").is_file():
             raise TetherError(
-                f"{path}: not a Hugging Face model directory (no config.json) nor a PEFT adapter (no adapter_config.json); "
-                f"pass a directory written by save_pretrained"
+                f"{path}: not a Hugging Face model directory (no config.json) nor a PEFT adapter (no "
+                "adapter_config.json); pass a directory written by save_pretrained"
             )
         return path
     if path.exists():
@@ -88,7 +98,7 @@ def load_tokenizer(name: str | os.PathLike):
     if is_adapter_dir(path) and not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         path = adapter_base(path)  # an adapter saved without its tokenizer uses the base model's
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path, **LOCAL_ONLY)
     except Exception as e:  # noqa: BLE001 - any loader failure becomes one clear line
         raise TetherError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if tok.pad_token_id is None:
@@ -114,9 +124,9 @@ def load_model(name: str | os.PathLike, dtype: str | torch.dtype = torch.float32
     if is_adapter_dir(path):
         return load_merged_adapter(path, dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path.resolve(), dtype=torch_dtype(dtype)
-        )  # absolute: an adapter records it
+        model = AutoModelForCausalLM.from_pretrained(  # absolute path: an adapter records it
+            path.resolve(), dtype=torch_dtype(dtype), **LOCAL_ONLY
+        )
     except Exception as e:  # noqa: BLE001
         raise TetherError(f"{path}: cannot load the model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     return model
@@ -130,7 +140,7 @@ def load_adapter(adapter_dir: Path, dtype: str | torch.dtype = torch.float32):
     base_dir = adapter_base(adapter_dir)
     base = load_model(base_dir, dtype)
     try:
-        return PeftModel.from_pretrained(base, adapter_dir)
+        return PeftModel.from_pretrained(base, adapter_dir, local_files_only=True)
     except Exception as e:  # noqa: BLE001
         raise TetherError(
             f"{adapter_dir}: cannot apply the adapter to {base_dir} ({type(e).__name__}: {str(e).splitlines()[0]})"
@@ -144,7 +154,7 @@ def load_merged_adapter(adapter_dir: Path, dtype: str | torch.dtype = torch.floa
     merged = load_adapter(adapter_dir, torch.float32).merge_and_unload()
     target = torch_dtype(dtype)
     if target == "auto":
-        target = getattr(AutoConfig.from_pretrained(base_dir), "dtype", None) or torch.float32
+        target = getattr(AutoConfig.from_pretrained(base_dir, **LOCAL_ONLY), "dtype", None) or torch.float32
         target = getattr(torch, target) if isinstance(target, str) else target
     merged.config.name_or_path = merged.name_or_path = str(
         adapter_dir.resolve()
@@ -195,6 +205,20 @@ def disable_dropout(model: torch.nn.Module) -> None:
     for attr in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
         if cfg is not None and isinstance(getattr(cfg, attr, None), float):
             setattr(cfg, attr, 0.0)
+
+
+@contextlib.contextmanager
+def eval_mode(model, adapter_off: bool = False):
+    """`model` in eval mode (no dropout) without gradients, with its PEFT adapters disabled when `adapter_off`
+    (no-op for a plain model); its training mode is restored afterwards."""
+    off = model.disable_adapter() if adapter_off and hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    was_training = model.training
+    model.eval()
+    try:
+        with off, torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
 
 
 def is_sharded(params) -> bool:

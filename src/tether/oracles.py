@@ -15,6 +15,7 @@ Oracles by spec string (`load_oracle(spec)`):
 
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
 import math
@@ -57,12 +58,14 @@ class RewardModelOracle(Oracle):
     def __init__(self, path: str, batch_size: int = 16):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from .models import resolve_model_path
+        from .models import LOCAL_ONLY, resolve_model_path
 
         where = resolve_model_path(path)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(where)
-            self.model = AutoModelForSequenceClassification.from_pretrained(where, dtype=torch.float32).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(where, **LOCAL_ONLY)
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                where, dtype=torch.float32, **LOCAL_ONLY
+            ).eval()
         except Exception as e:  # noqa: BLE001
             raise TetherError(
                 f"{where}: cannot load a reward model ({type(e).__name__}: {str(e).splitlines()[0]})"
@@ -153,7 +156,9 @@ class Annotator:
 
     def _timed(self, prompts, responses) -> list[float]:
         """One oracle call, bounded by `timeout`: the call runs in a daemon thread, and a call that does not
-        return in time is abandoned (the thread cannot be killed, but it never keeps the process alive)."""
+        return in time is abandoned (the thread cannot be killed, but it never keeps the process alive). The
+        oracle gets copies: whatever it does to them, tether's prompts (and so the ledger) stay as they were."""
+        prompts, responses = copy.deepcopy(list(prompts)), list(responses)
         if not self.timeout:
             return [float(s) for s in self.oracle.score(prompts, responses)]
         box: dict = {}

@@ -16,9 +16,8 @@ import logging
 from pathlib import Path
 
 import torch
-import yaml
 
-from .config import TetherError
+from .config import TetherError, read_yaml_mapping
 from .data import COMPLETION_KEYS, collate, load_preference_records, tokenize_records
 from .logprobs import sequence_logps
 from .loss_table import LOSSES, OPTION_DEFAULTS, PARAMS, needs_reference, resolve_options
@@ -65,7 +64,7 @@ def load_policy_and_reference(model: str, ref_model: str | None, need_reference:
         )
     run_cfg = path.parent / "config.yaml"
     if ref_model is None and path.name == "final" and run_cfg.is_file():
-        cfg = yaml.safe_load(run_cfg.read_text()) or {}
+        cfg = read_yaml_mapping(run_cfg)  # aliases bounded, a non-mapping refused in one line
         ref_model = cfg.get("ref_model") or cfg.get("model")
     if ref_model is None:
         raise TetherError(

@@ -9,10 +9,10 @@ The log-probability of each sampled response under the model itself (temperature
 summed on the way, from the same logits: online training needs log π_β(y) of every sampled pair, and this
 gives it without a second forward pass.
 
-Under OMP_WAIT_POLICY=PASSIVE (tether's default, with a bounded spin) the token-by-token loop runs on ONE torch thread when a
-decoding step is small (under DECODE_PARALLEL_FLOPS, e.g. models of a few million parameters): each step is then
-many operations of a few microseconds, and waking a sleeping OpenMP thread for each costs more than it saves
-(2 threads → 1: tiny 0.127 → 0.062 s, 5m 0.289 → 0.230 s per 16 × 32 tokens; with ACTIVE waiting 2 threads
+Under OMP_WAIT_POLICY=PASSIVE (tether's default, with a bounded spin) the token-by-token loop runs on ONE torch
+thread when a decoding step is small (under DECODE_PARALLEL_FLOPS, e.g. models of a few million parameters): each
+step is then many operations of a few microseconds, and waking a sleeping OpenMP thread for each costs more than it
+saves (2 threads → 1: tiny 0.127 → 0.062 s, 5m 0.289 → 0.230 s per 16 × 32 tokens; with ACTIVE waiting 2 threads
 stay 8-12% faster, so they are kept). The prompt's forward pass keeps every thread.
 """
 
@@ -25,8 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .generation import cut_at_eos, left_pad
 from .logprobs import gather_logps
-from .models import any_process, forward_is_collective
+from .models import any_process, eval_mode, forward_is_collective
 
 DECODE_PARALLEL_FLOPS = 1e9  # per decoding step (2 · parameters · rows); below it, PASSIVE waiting decodes on 1 thread
 
@@ -92,60 +93,48 @@ def sample_responses(
     """
     device = next(model.parameters()).device
     b = len(prompts)
-    width = max(len(p) for p in prompts)
-    ids = torch.full((b, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((b, width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
-        mask[i, width - len(p) :] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = left_pad(prompts, pad_id, device)
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    was_training = model.training
-    model.eval()
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    rows = torch.arange(b, device=device).repeat_interleave(n)  # row r = sample r % n of prompt r // n
-    cache = out.past_key_values
-    cache.reorder_cache(rows)
-    logits = out.logits[:, -1].float()[rows]
-    mask, position = mask[rows], positions[rows, -1:]
-    gens = [torch.Generator().manual_seed(int(seeds[r // n]) * 1000 + r % n) for r in range(b * n)]
-    eos = torch.tensor(list(eos_ids) or [-1], device=device)
+    with eval_mode(model):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        rows = torch.arange(b, device=device).repeat_interleave(n)  # row r = sample r % n of prompt r // n
+        cache = out.past_key_values
+        cache.reorder_cache(rows)
+        logits = out.logits[:, -1].float()[rows]
+        mask, position = mask[rows], positions[rows, -1:]
+        gens = [torch.Generator().manual_seed(int(seeds[r // n]) * 1000 + r % n) for r in range(b * n)]
+        eos = torch.tensor(list(eos_ids) or [-1], device=device)
 
-    tokens, done = [], torch.zeros(b * n, dtype=torch.bool, device=device)
-    total = torch.zeros(b * n, dtype=torch.float32, device=device)
-    synced = forward_is_collective(model)
-    small = 2 * sum(p.numel() for p in model.parameters()) * b * n < DECODE_PARALLEL_FLOPS
-    passive = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
-    with at_most_threads(1 if small and passive else torch.get_num_threads()):
-        for _ in range(max_new_tokens):
-            cdf = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1).cumsum(dim=-1)
-            u = torch.cat([torch.rand(1, generator=g) for g in gens]).to(device) * cdf[:, -1]
-            token = torch.searchsorted(cdf, u.unsqueeze(1), right=True).squeeze(1).clamp(max=cdf.size(1) - 1)
-            token = torch.where(done, torch.full_like(token, pad_id), token)
-            total += torch.where(done, 0.0, gather_logps(logits, token))
-            tokens.append(token)
-            done |= torch.isin(token, eos)
-            unfinished = not bool(done.all())
-            if not (any_process(unfinished, device) if synced else unfinished):
-                break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            position = position + 1
-            out = model(
-                input_ids=token.unsqueeze(1),
-                attention_mask=mask,
-                position_ids=position,
-                past_key_values=out.past_key_values,
-                use_cache=True,
-            )
-            logits = out.logits[:, -1].float()
-    model.train(was_training)
+        tokens, done = [], torch.zeros(b * n, dtype=torch.bool, device=device)
+        total = torch.zeros(b * n, dtype=torch.float32, device=device)
+        synced = forward_is_collective(model)
+        small = 2 * sum(p.numel() for p in model.parameters()) * b * n < DECODE_PARALLEL_FLOPS
+        passive = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
+        with at_most_threads(1 if small and passive else torch.get_num_threads()):
+            for _ in range(max_new_tokens):
+                cdf = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1).cumsum(dim=-1)
+                u = torch.cat([torch.rand(1, generator=g) for g in gens]).to(device) * cdf[:, -1]
+                token = torch.searchsorted(cdf, u.unsqueeze(1), right=True).squeeze(1).clamp(max=cdf.size(1) - 1)
+                token = torch.where(done, torch.full_like(token, pad_id), token)
+                total += torch.where(done, 0.0, gather_logps(logits, token))
+                tokens.append(token)
+                done |= torch.isin(token, eos)
+                unfinished = not bool(done.all())
+                if not (any_process(unfinished, device) if synced else unfinished):
+                    break
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                position = position + 1
+                out = model(
+                    input_ids=token.unsqueeze(1),
+                    attention_mask=mask,
+                    position_ids=position,
+                    past_key_values=out.past_key_values,
+                    use_cache=True,
+                )
+                logits = out.logits[:, -1].float()
 
-    gen = torch.stack(tokens, dim=1).tolist()
     eos_set = set(eos_ids)
-    completions = []
-    for row in gen:
-        cut = next((k + 1 for k, t in enumerate(row) if t in eos_set), len(row))
-        completions.append(row[:cut])
+    completions = [cut_at_eos(row, eos_set) for row in torch.stack(tokens, dim=1).tolist()]
     logps = total.tolist()
     return Samples(
         ids=[completions[i * n : (i + 1) * n] for i in range(b)],

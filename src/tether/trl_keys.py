@@ -195,7 +195,7 @@ TRL_KEYS: dict[str, Callable[[Any], dict]] = {
         "max_completion_length", None, "use max_length (prompt + completion) and max_prompt_length"
     ),
     "model_revision": _must_be("model_revision", "main", "tether loads local directories, which have no revisions"),
-    # accepted, no effect on the result: tether has no such knob or does it always
+    # accepted, no effect on the result: tether has no such setting or always does what it asks
     **dict.fromkeys(
         (
             "remove_unused_columns",

@@ -100,7 +100,8 @@ def run_demo(out: str | Path = "out/demo", steps: int = 40) -> dict:
     for key in ("loss", "reward_accuracy", "reward_margin", "logps_chosen", "logps_rejected"):
         print(f"{key:<28}{before['eval_' + key]:>10.3f}{after['eval_' + key]:>10.3f}")
     print(
-        f"\nrun directory: {run_dir} (config.yaml, metrics.jsonl, checkpoints/, final/; report.md with curves in plots/)"
+        f"\nrun directory: {run_dir} (config.yaml, metrics.jsonl, checkpoints/, final/; "
+        "report.md with curves in plots/)"
     )
     return results
 
@@ -131,9 +132,9 @@ def main() -> None:
     print(bapo_table(first))  # the claims need every arm (and 5 seeds): the quick study's table below states them
     print(
         f"\n{_clock(t0)} first look done. The rest: the quick BAPO study's other 4 runs (about {REST_MINUTES['bapo']} "
-        f"min on 2 cores) and the quick BPO study (about {REST_MINUTES['bpo']} min, plus {REST_MINUTES['bpo_build']} the "
-        f"first time, to build the recipe-1 world and its skewed π_sft): about {sum(REST_MINUTES.values())} minutes more from a clean cache. "
-        f"Ctrl-C stops; `make demo` again resumes.\n",
+        f"min on 2 cores) and the quick BPO study (about {REST_MINUTES['bpo']} min, plus {REST_MINUTES['bpo_build']} "
+        f"the first time, to build the recipe-1 world and its skewed π_sft): about {sum(REST_MINUTES.values())} "
+        "minutes more from a clean cache. Ctrl-C stops; `make demo` again resumes.\n",
         flush=True,
     )
     for name, study, table in (("BAPO", bapo, bapo_table), ("BPO", bpo, bpo_table)):
@@ -141,7 +142,8 @@ def main() -> None:
         t1 = time.perf_counter()
         data = study.run_study(quick=True, out=out)
         print(
-            f"\n{_clock(t0)} quick {name} study: {time.perf_counter() - t1:.0f} s; report in {out}/report.md, figures beside it\n"
+            f"\n{_clock(t0)} quick {name} study: {time.perf_counter() - t1:.0f} s; report in {out}/report.md, "
+            "figures beside it\n"
         )
         print(table(data), flush=True)
 

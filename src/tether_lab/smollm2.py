@@ -65,9 +65,13 @@ def build(source: Path, out: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
+    from tether.models import LOCAL_ONLY
+
     _check_gguf_reader()
-    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-    loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name, **LOCAL_ONLY)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        source.parent, gguf_file=source.name, dtype=torch.float32, **LOCAL_ONLY
+    )
     # a fresh plain LlamaForCausalLM, so nothing GGUF-specific lingers in the saved config
     config = loaded.config
     for attr in ("quantization_config", "gguf_file"):

@@ -5,19 +5,22 @@ the final model, and the bookkeeping both loops share at their start (resume poi
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
-from ..files import read_json, read_json_lines, write_text_atomic
+from ..config import TetherError
+from ..files import new_private_dir, open_append, read_json, read_json_lines, share_like_umask, write_text_atomic
 from . import checkpoint
 from .card import data_files, model_card, versions
 from .engine import crash_point, end_run
 from .report import write_report_quietly
+from .rundir import RunDir
+from .stopping import StopRequests
 
 
 def start_trackers(accelerator, cfg) -> None:
@@ -43,9 +46,8 @@ class MetricsLog:
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
+        with open_append(self.path) as f:
+            f.write((json.dumps(row) + "\n").encode("utf-8"))
 
 
 # TRL's (HF Trainer's) names for the scalars tether logs; trackers get them under train/ and eval/ as in TRL
@@ -101,17 +103,68 @@ def save_final(accelerator, model, tokenizer, run_dir: Path, write=None, card: s
     `card` (markdown) becomes final/README.md, replacing PEFT's empty template."""
     final = run_dir / "final"
     if accelerator.is_main_process:
-        tmp = run_dir / "final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        (write or model.save_pretrained)(tmp)
-        tokenizer.save_pretrained(tmp)
-        if card is not None:
-            (tmp / "README.md").write_text(card)
-        crash_point("mid_final", 0)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        tmp = new_private_dir(run_dir, "final.tmp-")  # never a final.tmp someone else put there
+        try:
+            (write or model.save_pretrained)(tmp)
+            tokenizer.save_pretrained(tmp)
+            if card is not None:
+                (tmp / "README.md").write_text(card, encoding="utf-8")
+            share_like_umask(tmp)  # safetensors writes its weight files 0600
+            crash_point("mid_final", 0)
+            checkpoint.publish(tmp, final)
+        except (OSError, SafetensorError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise TetherError(
+                f"{run_dir}: the final model could not be written ({checkpoint.brief_reason(e)}); nothing half-written "
+                "is left and the checkpoints are kept: free some space and rerun with --resume"
+            ) from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     accelerator.wait_for_everyone()
     return final
+
+
+class TrainingRun:
+    """What the two run objects share (`offline.OfflineRun`, `online.OnlineRun`): the constructor checks the
+    options and the data and claims the run directory (`self.claim`, `self.run_dir`); `run()` loads the models
+    (`load_models`) and trains (`_loop`)."""
+
+    claim: RunDir
+    run_dir: Path
+    stop: StopRequests | None = None
+
+    def load_models(self) -> None:
+        raise NotImplementedError
+
+    def _loop(self) -> Path:
+        raise NotImplementedError
+
+    def _save_checkpoint(self, step: int) -> Path:
+        raise NotImplementedError
+
+    def run(self) -> Path:
+        """Load the models and train (a finished run is left untouched); the run directory's lock is released
+        at the end, whatever happens. During the loop, Ctrl-C and SIGTERM stop the run at a step end with a
+        checkpoint (train/stopping.py)."""
+        try:
+            if self.claim.finished:
+                return self.run_dir
+            self.load_models()
+            with StopRequests() as self.stop:
+                return self._loop()
+        finally:
+            self.stop = None
+            self.claim.release()
+
+    def stop_if_asked(self, done: int, total: int) -> None:
+        """At the end of step `done` (of `total`): after a signal, save a checkpoint here and stop the run."""
+        if done < total and self.stop is not None and self.stop.requested(self.acc):
+            save_steps = self.cfg.save_steps
+            saved = self.run_dir / "checkpoints" / f"{checkpoint.PREFIX}{done:06d}"  # just now, by the loop
+            raise self.stop.interrupted(
+                done, saved if save_steps and done % save_steps == 0 else self._save_checkpoint(done)
+            )
 
 
 def progress_bar(accelerator, cfg, total: int, initial: int, desc: str) -> tqdm:

@@ -41,6 +41,39 @@ def file_fingerprint(path: str | Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".npz")
+WHOLE_FILE_LIMIT = 16 << 20  # other files up to this size are hashed whole (configs, tokenizers, templates)
+SAMPLES, SAMPLE_BYTES = 16, 4096
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """A cheap fingerprint of a model (or adapter) directory, in O(files) reads however large the weights: every
+    file's relative name and size; for a weight file its safetensors header (names, dtypes, shapes, offsets) and
+    16 blocks of 4 KiB spread evenly over it; any other file of at most 16 MiB whole. Hidden entries (.git,
+    .cache) are left out. Retrained or swapped weights change it; a change confined to bytes between the sampled
+    blocks of one weight file can go unseen."""
+    root = Path(path)
+    h = hashlib.sha256()
+    files = sorted(
+        p for p in root.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(root).parts)
+    )
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(root).as_posix()}\0{size}\0".encode())
+        with f.open("rb") as fh:
+            if not f.name.endswith(WEIGHT_SUFFIXES) and size <= WHOLE_FILE_LIMIT:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+                continue
+            if f.suffix == ".safetensors" and size >= 8:
+                header = int.from_bytes(fh.read(8), "little")
+                h.update(fh.read(min(header, 100 << 20)))
+            for i in range(SAMPLES):
+                fh.seek(max(0, (size - SAMPLE_BYTES) * i // (SAMPLES - 1)))
+                h.update(fh.read(SAMPLE_BYTES))
+    return "cheap-sha256:" + h.hexdigest()
+
+
 def data_files(**files: str | None) -> dict[str, dict]:
     """role -> {path, fingerprint} for each data file given (None skipped)."""
     return {role: {"path": str(p), "fingerprint": file_fingerprint(p)} for role, p in files.items() if p}
@@ -111,7 +144,8 @@ def model_card(cfg, kind: str, run_dir: Path, results: dict) -> str:
     if lora:
         usage = (
             "A PEFT LoRA adapter. Load it with `peft.AutoPeftModelForCausalLM.from_pretrained(this_dir)`, give this "
-            "directory to tether as `--model`, or write a merged plain model with `tether export --merge this_dir --out DIR`."
+            "directory to tether as `--model`, or write a merged plain model with "
+            "`tether export --merge this_dir --out DIR`."
         )
     else:
         usage = "A full Hugging Face model: `transformers.AutoModelForCausalLM.from_pretrained(this_dir)`."

@@ -24,7 +24,7 @@ from accelerate.utils import gather_object, set_seed
 from ..base_responses import attach_base_responses, base_keys
 from ..config import TetherError
 from ..data import COMPLETION_KEYS, Example, collate, load_preference_records, tokenize_records
-from ..files import cache_dir, write_text_atomic
+from ..files import cache_dir, check_writable_dir, write_text_atomic
 from ..logprobs import SequenceScorer
 from ..loss_table import needs_reference
 from ..losses import objective
@@ -32,6 +32,7 @@ from ..models import load_tokenizer
 from . import checkpoint
 from .bookkeeping import (
     MetricsLog,
+    TrainingRun,
     finish_run,
     gathered_means,
     log_to_trackers,
@@ -125,7 +126,7 @@ def reference_table(accelerator, cfg, reference, examples, keys, pad_id, desc) -
     return table
 
 
-class OfflineRun:
+class OfflineRun(TrainingRun):
     """Everything one offline run holds; `run()` is the loop."""
 
     def __init__(self, cfg: TrainConfig, resume: bool):
@@ -136,22 +137,25 @@ class OfflineRun:
         set_seed(cfg.seed)
         self.tokenizer = load_tokenizer(cfg.model)
         self.pad_id = self.tokenizer.pad_token_id
-        # bad data fails here, before anything is written
+        # every check that can be made fails here, before the run directory is claimed: the data, the policy
+        # (lora_target_modules, an adapter that does not fit its base), the reference model, the caches
         self.train_ex, self.eval_ex, self.data_report = load_examples(cfg, self.tokenizer)
+        self.model = load_policy(cfg).to(self.acc.device)
+        self.reference = offline_reference(cfg, self.model, self.acc.device)
+        if cfg.precompute_ref_logps or cfg.method == "bapo":
+            check_writable_dir(Path(cfg.ref_cache_dir or cache_dir() / "reflogps"), "ref_cache_dir")
         self.claim = claim_run_dir(
             self.acc, "train", cfg, {"train_file": cfg.train_file, "eval_file": cfg.eval_file}, resume
         )
 
     def load_models(self) -> None:
-        """The policy, the reference (its log-probs precomputed when asked; BAPO's y_b first), the optimizer and
-        the engine's wrapping (after the run directory is claimed)."""
+        """BAPO's y_b, the reference log-probs (precomputed when asked), the optimizer and the engine's wrapping
+        (after the run directory is claimed)."""
         cfg, acc = self.cfg, self.acc
         self.keys = COMPLETION_KEYS + base_keys(cfg)
         start_trackers(acc, cfg)
         if acc.is_main_process:
             write_text_atomic(self.run_dir / "data_report.json", json.dumps(self.data_report, indent=1, default=str))
-        self.model = load_policy(cfg).to(acc.device)
-        self.reference = offline_reference(cfg, self.model, acc.device)
         if self.keys != COMPLETION_KEYS:
             attach_base_responses(acc, cfg, self.reference, self.tokenizer, [self.train_ex, self.eval_ex])
         self.train_table = self.eval_table = None
@@ -173,7 +177,7 @@ class OfflineRun:
         self.steps = total_steps(cfg, len(self.train_ex), self.global_batch)
         self.optimizer, self.scheduler = make_optimizer(self.model, cfg, self.steps)
         self.sharded = self.setup["sharding"] != "none"
-        scorer = SequenceScorer(self.model, n_groups=len(self.keys))
+        scorer = SequenceScorer(self.model, n_keys=len(self.keys))
         if self.sharded:  # FSDP/DeepSpeed shard the parameters and must swap the optimizer's for the sharded ones
             self.scorer, self.optimizer = acc.prepare(scorer, self.optimizer)
         else:
@@ -206,17 +210,6 @@ class OfflineRun:
         return gathered_means(local, prefix="eval_")
 
     # ------------------------------------------------------------------------------------------ the loop
-
-    def run(self) -> Path:
-        """Load the models and train (a finished run is left untouched); the run directory's lock is released
-        at the end, whatever happens."""
-        try:
-            if self.claim.finished:
-                return self.run_dir
-            self.load_models()
-            return self._loop()
-        finally:
-            self.claim.release()
 
     def _loop(self) -> Path:
         cfg, acc, steps = self.cfg, self.acc, self.steps
@@ -257,6 +250,7 @@ class OfflineRun:
             if cfg.save_steps and done % cfg.save_steps == 0 and done < steps:
                 self._save_checkpoint(done)
             crash_point("after_step", done)
+            self.stop_if_asked(done, steps)
         bar.close()
         return self._finish(results)
 
@@ -288,8 +282,8 @@ class OfflineRun:
     def _epoch(self, done: int) -> float:
         return done * self.global_batch / len(self.train_ex)
 
-    def _save_checkpoint(self, done: int) -> None:
-        checkpoint.save(
+    def _save_checkpoint(self, done: int) -> Path:
+        return checkpoint.save(
             self.acc,
             self.run_dir,
             done,

@@ -24,24 +24,26 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from array import array
 from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object, set_seed
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
-from ..base_responses import base_answers
-from ..config import TetherError
-from ..data import Example, collate, load_prompt_records
+from ..base_responses import add_base_completions, base_answers, base_keys
+from ..config import TetherError, brief
+from ..data import COMPLETION_KEYS, Example, collate, load_prompt_records
 from ..generation import eos_token_ids, generate_ids, prompt_ids
 from ..logprobs import completion_logps_ids
-from ..models import load_tokenizer, reshard
+from ..models import eval_mode, load_tokenizer, reshard
 from ..oracles import Annotator, load_oracle
 from ..sampling import sample_responses
 from ..stats import summarize, win_rates
 from . import checkpoint
 from .bookkeeping import (
     MetricsLog,
+    TrainingRun,
     finish_run,
     gathered_means,
     log_to_trackers,
@@ -55,13 +57,13 @@ from .ledger import Ledger
 from .online_config import OnlineConfig
 from .online_policy import OnlinePolicy
 from .optimization import stream_indices
-from .reference import frozen, online_reference, online_twins
+from .reference import online_reference, policy_copies_needed
 from .rundir import claim_run_dir
 
 log = logging.getLogger("tether")
 
 
-class OnlineRun:
+class OnlineRun(TrainingRun):
     """Everything one online run holds; `run()` is the loop."""
 
     def __init__(self, cfg: OnlineConfig, resume: bool):
@@ -101,25 +103,28 @@ class OnlineRun:
         # the sampler seam (docs/scaling.md): anything with sample_responses' signature and result, e.g. the client
         # of an inference engine that receives π_β's weights whenever policy.refresh_behavior() runs
         self.sample = sample_responses
+        # every prompt is tokenized and the models are loaded before the run directory is claimed: a prompt that
+        # cannot be tokenized, a lora_target_modules typo or a missing ref_model fail here, leaving nothing behind
+        self.prompt_ids = tokenize_prompts(self.tokenizer, self.prompts, cfg.max_prompt_length)
+        self.eval_ids = tokenize_prompts(self.tokenizer, self.eval_set)
+        keep_initial, averages = policy_copies_needed(cfg)
+        self.policy = OnlinePolicy(
+            cfg, self.acc.device, keep_initial or cfg.method == "bapo", averages, self._shard if self.sharded else None
+        )  # BAPO: y_b from π_sft
+        self.setup["parameters_sharded"] = self.policy.sharded  # what the engine really did to the weights
+        self.reference = online_reference(cfg, self.policy, self.acc.device)
         self.claim = claim_run_dir(
             self.acc, "online", cfg, {"prompt_file": cfg.prompt_file, "eval_file": cfg.eval_file}, resume
         )
 
     def load_models(self) -> None:
-        """Load the models and the ledger (after the run directory is claimed)."""
+        """The trackers, the ledger and the loop's state (after the run directory is claimed)."""
         cfg = self.cfg
         start_trackers(self.acc, cfg)
-        keep_initial, followers = online_twins(cfg)
-        self.policy = OnlinePolicy(
-            cfg, self.acc.device, keep_initial or cfg.method == "bapo", followers, self._shard if self.sharded else None
-        )  # BAPO: y_b from π_sft
-        self.setup["parameters_sharded"] = self.policy.sharded  # what the engine really did to the weights
-        self.reference = online_reference(cfg, self.policy, self.acc.device)
         self.eos = eos_token_ids(self.policy.model, self.tokenizer)
         self.ledger = Ledger(self.run_dir / "ledger.jsonl", writable=self.acc.is_main_process)
-        self.prompt_ids = {}
         self.max_new_tokens = min(cfg.max_new_tokens, cfg.max_length - cfg.max_prompt_length)  # sampled and y_b
-        self.keys = ("chosen", "rejected", "base") if cfg.method == "bapo" else ("chosen", "rejected")
+        self.keys = COMPLETION_KEYS + base_keys(cfg)
         self.base_cache: dict[int, tuple[list[int], float]] = {}  # BAPO anchor: prompt -> (y_b, log π_sft(y_b))
         self.timing = {"sample_s": 0.0, "annotate_s": 0.0, "reference_s": 0.0, "update_s": 0.0}
 
@@ -131,7 +136,7 @@ class OnlineRun:
         (a resumed run's first forward may be a reference log-prob, which starts below the root)."""
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         fsdp2_prepare_model(self.acc, inner)
-        with frozen(inner):  # eval mode: no dropout, nothing drawn from the random state
+        with eval_mode(inner):  # no dropout, nothing drawn from the random state
             inner(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.acc.device))
         reshard(inner)
         return model
@@ -139,10 +144,7 @@ class OnlineRun:
     # ------------------------------------------------------------------------------------------ data
 
     def _ids(self, index: int) -> list[int]:
-        if index not in self.prompt_ids:
-            ids = prompt_ids(self.tokenizer, self.prompts[index].prompt)
-            self.prompt_ids[index] = ids[-self.cfg.max_prompt_length :]
-        return self.prompt_ids[index]
+        return list(self.prompt_ids[index])
 
     def _share(self, items: list) -> tuple[list, int]:
         """This process's round-robin share of `items` (the same list on every process) and how many of its
@@ -246,10 +248,11 @@ class OnlineRun:
         for r in rows:
             win, lose = r["label"], 1 - r["label"]
             comps = {"chosen": r["response_ids"][win], "rejected": r["response_ids"][lose]}
-            if "base" in self.keys:
-                comps["base"] = r["base_ids"]
+            example = Example(self._ids(r["prompt_index"]), comps, f"step {r['step']} slot {r['slot']}")
+            if self.cfg.method == "bapo":
+                add_base_completions(example, [r["base_ids"]], self.cfg.max_length, self.tokenizer.eos_token_id)
                 logps[2].append(r["base_logp"])
-            examples.append(Example(self._ids(r["prompt_index"]), comps, f"step {r['step']} slot {r['slot']}"))
+            examples.append(example)
             logps[0].append(r["behavior_logps"][win])
             logps[1].append(r["behavior_logps"][lose])
         batch = {k: v.to(self.acc.device) for k, v in collate(examples, self.tokenizer.pad_token_id, self.keys).items()}
@@ -267,7 +270,7 @@ class OnlineRun:
             ids = generate_ids(
                 model,
                 self.tokenizer,
-                [prompt_ids(self.tokenizer, self.eval_set[i].prompt) for i in mine],
+                [list(self.eval_ids[i]) for i in mine],
                 max_new_tokens=self.cfg.eval_max_new_tokens,
                 batch_size=self.cfg.eval_batch_size,
             )
@@ -293,17 +296,6 @@ class OnlineRun:
         }
 
     # ------------------------------------------------------------------------------------------ the loop
-
-    def run(self) -> Path:
-        """Load the models and train (a finished run is left untouched); the run directory's lock is released
-        at the end, whatever happens."""
-        try:
-            if self.claim.finished:
-                return self.run_dir
-            self.load_models()
-            return self._loop()
-        finally:
-            self.claim.release()
 
     def _loop(self) -> Path:
         cfg, acc, policy = self.cfg, self.acc, self.policy
@@ -339,6 +331,7 @@ class OnlineRun:
             if cfg.save_steps and done % cfg.save_steps == 0 and done < cfg.steps:
                 self._save_checkpoint(done)
             crash_point("after_step", done)
+            self.stop_if_asked(done, cfg.steps)
         bar.close()
         return self._finish(results)
 
@@ -439,8 +432,8 @@ class OnlineRun:
         write = functools.partial(self.policy.write_final, state=state)
         return finish_run(acc, cfg, "online", self.claim, results, self.policy.model, self.tokenizer, cfg.steps, write)
 
-    def _save_checkpoint(self, step: int) -> None:
-        checkpoint.save(
+    def _save_checkpoint(self, step: int) -> Path:
+        return checkpoint.save(
             self.acc,
             self.run_dir,
             step,
@@ -478,6 +471,23 @@ class OnlineRun:
             f"pairs, above max_oracle_failure_rate {cfg.max_oracle_failure_rate:g} for {cfg.oracle_failure_patience} "
             f"steps in a row; stopped after saving a checkpoint at step {step} — fix the oracle and rerun with --resume"
         )
+
+
+def tokenize_prompts(tokenizer, records, keep_last: int | None = None) -> list[array]:
+    """Token ids of every record's prompt (the last `keep_last` of them, when given), compactly; a prompt that
+    cannot be tokenized, or tokenizes to nothing, is a one-line error naming its record."""
+    out = []
+    for rec in records:
+        try:
+            ids = prompt_ids(tokenizer, rec.prompt)
+        except Exception as e:  # noqa: BLE001 - a template or tokenizer failure on this record
+            raise TetherError(
+                f"{rec.source}: cannot tokenize the prompt ({type(e).__name__}: {brief(str(e), 150)})"
+            ) from None
+        if not ids:
+            raise TetherError(f"{rec.source}: the prompt tokenizes to no token at all; give it some text")
+        out.append(array("q", ids[-keep_last:] if keep_last else ids))
+    return out
 
 
 def online_train(cfg: OnlineConfig, resume: bool = False) -> Path:

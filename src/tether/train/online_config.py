@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ..config import TetherError, option
 from ..loss_table import needs_reference, reference_free_names
@@ -62,6 +63,7 @@ class OnlineConfig(CommonConfig):
         choices=("linear", "exact"),
     )
     eval_max_new_tokens: int = option(128, "max tokens of a greedy evaluation answer")
+    base_samples: ClassVar[int] = 1  # BAPO online: one greedy y_b per prompt, from π_sft (not an option)
 
     def validate(self) -> None:
         """The one place an OnlineConfig is checked; raises a one-line TetherError naming the option."""

@@ -1,8 +1,8 @@
 """The models of an online run: the trained policy π_θ, the behavior snapshot π_β and the reference π_ref.
 
 Full fine-tuning: π_θ is the model; π_β is a frozen copy taken at each phase start (only when K > 1 — with
-K = 1 the policy at sampling time IS π_β); π_sft and the followers a reference asks for (an `ema` reference)
-are frozen copies.
+K = 1 the policy at sampling time IS π_β); π_sft and the moving averages of π_θ a reference asks for (an `ema`
+reference) are frozen copies.
 
 LoRA: π_θ is n adapters on one base ("default", "e1", …, each from its own seed, each with its own AdamW and
 schedule, each taking one step per batch on the same pairs). π_β is one more adapter, "behavior", holding the
@@ -10,7 +10,7 @@ merged ensemble at the phase start — an adapter copy, never a model copy:
     linear  A_β = mean_i A_i, B_β = Σ_i B_i           → ΔW_β = (s/n)(Σ_i B_i)(Σ_j A_j)
             (PEFT add_weighted_adapter "linear" with weights 1/n, as in the paper's code; cross terms included)
     exact   A_β = [A_1; …; A_n], B_β = [B_1 … B_n]/n  → ΔW_β = (s/n) Σ_i B_i A_i      (rank n·r, alpha n·alpha)
-With n = 1 both are a plain copy. π_sft is the base with adapters disabled; a follower is one more adapter;
+With n = 1 both are a plain copy. π_sft is the base with adapters disabled; a moving average is one more adapter;
 the evaluated and exported model is the merged ensemble ("merged" adapter when n > 1).
 
 Sharded weights (FSDP2, `shard` given): the policy and every frozen copy are sharded the same way, so a
@@ -19,7 +19,8 @@ factors, which every process gathers (they are small), merges, and keeps its own
 the same forward calls (the loop pads an idle process with a zero-weight pair).
 
 Which reference the loss uses is not this module's business: `reference.online_reference` builds it on the
-policy (`initial`, `twin`, `follow`), and `reference.online_twins` says what the policy must keep for it.
+policy (`initial`, `average`, `update_average`), and `reference.policy_copies_needed` says what the policy must
+keep for it.
 """
 
 from __future__ import annotations
@@ -35,15 +36,14 @@ import torch
 
 from ..logprobs import sequence_logps
 from ..losses import objective
-from ..models import disable_dropout, is_sharded, reshard
+from ..models import disable_dropout, eval_mode, is_sharded, reshard
 from .checkpoint import full_tensor, shard_like, whole_tensors
 from .optimization import check_finite_step, load_policy, make_optimizer, objective_options
-from .reference import frozen
 
 
-def _frozen_copy(model):
-    twin = copy.deepcopy(model).eval()
-    return twin.requires_grad_(False)
+def _snapshot(model):
+    """A copy of `model` that is never trained: eval mode, no gradients."""
+    return copy.deepcopy(model).eval().requires_grad_(False)
 
 
 class StateList:
@@ -62,18 +62,19 @@ class StateList:
 
 class OnlinePolicy:
     """π_θ (n adapters, or the model), π_β, and what a reference needs: π_sft when `keep_initial` (a frozen copy
-    with full fine-tuning; with LoRA the base is always at hand), and one frozen copy per name in `followers`
-    that `follow` moves toward π_θ. `shard(model)`, when given, shards a model in place across the processes
-    (accelerate's FSDP2 preparation); it is applied to π_θ and to every frozen copy before the optimizers exist."""
+    with full fine-tuning; with LoRA the base is always at hand), and one moving average of π_θ per name in
+    `averages` (an adapter with LoRA, a frozen copy otherwise) that `update_average` moves toward π_θ.
+    `shard(model)`, when given, shards a model in place across the processes (accelerate's FSDP2 preparation); it
+    is applied to π_θ and to every frozen copy before the optimizers exist."""
 
-    def __init__(self, cfg, device, keep_initial: bool = False, followers: tuple[str, ...] = (), shard=None):
+    def __init__(self, cfg, device, keep_initial: bool = False, averages: tuple[str, ...] = (), shard=None):
         self.cfg, self.device = cfg, device
         n, k = cfg.ensemble_size, cfg.steps // cfg.phases
         model = load_policy(cfg)  # with LoRA: the "default" adapter
         self.names: list[str | None] = [None]
         self.aux_adapters: list[str] = []  # LoRA adapters besides the trained ones: behavior (π_β), ema, merged
         self.behavior_model = self.initial_model = None
-        self.followers: dict[str, torch.nn.Module] = {}  # full fine-tuning: name -> frozen copy
+        self.average_models: dict[str, torch.nn.Module] = {}  # full fine-tuning: name -> frozen copy
         if cfg.lora:
             self.names = ["default"] + [f"e{i}" for i in range(1, n)]
             for i, name in enumerate(self.names[1:], 1):
@@ -81,7 +82,7 @@ class OnlinePolicy:
                 model.add_adapter(name, copy.deepcopy(model.peft_config["default"]))
             shape = dict(r=cfg.lora_r * n, lora_alpha=cfg.lora_alpha * n) if cfg.ensemble_merge == "exact" else {}
             merged_cfg = dataclasses.replace(copy.deepcopy(model.peft_config["default"]), **shape)
-            needed = [("behavior", n > 1 or k > 1), *((f, True) for f in followers), ("merged", n > 1)]
+            needed = [("behavior", n > 1 or k > 1), *((a, True) for a in averages), ("merged", n > 1)]
             self.aux_adapters = [a for a, need in needed if need]
             for name in self.aux_adapters:
                 model.add_adapter(name, copy.deepcopy(merged_cfg))
@@ -90,16 +91,16 @@ class OnlinePolicy:
         self.model = model.to(device)
         if not cfg.lora:
             if k > 1:
-                self.behavior_model = _frozen_copy(model)
+                self.behavior_model = _snapshot(model)
             if keep_initial:
-                self.initial_model = _frozen_copy(model)
-            self.followers = {f: _frozen_copy(model) for f in followers}
+                self.initial_model = _snapshot(model)
+            self.average_models = {a: _snapshot(model) for a in averages}
         if shard is not None:
             self.model = shard(self.model)
             self.behavior_model, self.initial_model = (
                 m if m is None else shard(m) for m in (self.behavior_model, self.initial_model)
             )
-            self.followers = {f: shard(m) for f, m in self.followers.items()}
+            self.average_models = {a: shard(m) for a, m in self.average_models.items()}
         self.sharded = is_sharded(self.model.parameters())
         self.params = [self._params_of(name) for name in self.names]
         self.optimizers, self.schedulers = [], []
@@ -110,8 +111,8 @@ class OnlinePolicy:
             self.schedulers.append(sched)
         self._activate(self.names[0])
         if cfg.lora:
-            for f in followers:
-                self._merge_into(f)
+            for a in averages:
+                self._merge_into(a)
 
     # ------------------------------------------------------------------------------------------ adapters
 
@@ -157,13 +158,14 @@ class OnlinePolicy:
                     b.copy_(p)
 
     @contextlib.contextmanager
-    def _frozen(self, adapter: str | None = None, disabled: bool = False, model=None):
-        """The model to run without gradients: a separate one, the base (adapters off), or an adapter."""
+    def _evaluating(self, adapter: str | None = None, adapter_off: bool = False, model=None):
+        """Context yielding a model to run in eval mode without gradients: a separate one, the base (adapters
+        off), or an adapter."""
         target = model if model is not None else self.model
         try:
             if adapter is not None:
                 self._activate(adapter, trainable=False)
-            with frozen(target, adapter_off=disabled):
+            with eval_mode(target, adapter_off):
                 yield target
         finally:
             reshard(target)  # sharded: parameter-wise ops after this see the shards
@@ -173,31 +175,31 @@ class OnlinePolicy:
     def behavior(self):
         """Context yielding π_β (for sampling and its log-probs)."""
         if self.cfg.lora and "behavior" in self.aux_adapters:
-            return self._frozen(adapter="behavior")
-        return self._frozen(model=self.behavior_model)
+            return self._evaluating(adapter="behavior")
+        return self._evaluating(model=self.behavior_model)
 
     def merged(self):
         """Context yielding the merged ensemble (what is evaluated and exported)."""
         if "merged" in self.aux_adapters:
             self._merge_into("merged")
-            return self._frozen(adapter="merged")
-        return self._frozen(adapter=self.names[0])
+            return self._evaluating(adapter="merged")
+        return self._evaluating(adapter=self.names[0])
 
     def initial(self):
         """Context yielding π_sft, the policy before training (the base with adapters off, or a frozen copy)."""
-        return self._frozen(disabled=True) if self.cfg.lora else self._frozen(model=self.initial_model)
+        return self._evaluating(adapter_off=True) if self.cfg.lora else self._evaluating(model=self.initial_model)
 
-    def twin(self, name: str):
-        """Context yielding the follower `name` (an adapter with LoRA, a frozen copy otherwise)."""
-        return self._frozen(adapter=name) if self.cfg.lora else self._frozen(model=self.followers[name])
+    def average(self, name: str):
+        """Context yielding the moving average `name` of π_θ (an adapter with LoRA, a frozen copy otherwise)."""
+        return self._evaluating(adapter=name) if self.cfg.lora else self._evaluating(model=self.average_models[name])
 
     @torch.no_grad()
-    def follow(self, name: str, rate: float) -> None:
-        """follower ← (1 − rate)·follower + rate·π_θ (the merged ensemble with LoRA)."""
+    def update_average(self, name: str, rate: float) -> None:
+        """average ← (1 − rate)·average + rate·π_θ (the merged ensemble with LoRA)."""
         if self.cfg.lora:
             self._merge_into(name, rate)
         else:
-            for e, p in zip(self.followers[name].parameters(), self.model.parameters()):
+            for e, p in zip(self.average_models[name].parameters(), self.model.parameters()):
                 e.lerp_(p, rate)
 
     # ------------------------------------------------------------------------------------------ training
@@ -268,9 +270,9 @@ class OnlinePolicy:
         if self.cfg.lora:
             return {n: p for n, p in self.model.named_parameters() if "lora_" in n}
         out = {f"policy.{n}": p for n, p in self.model.named_parameters()}
-        for prefix, twin in (("behavior", self.behavior_model), *self.followers.items()):
-            if twin is not None:
-                out.update({f"{prefix}.{n}": p for n, p in twin.named_parameters()})
+        for prefix, snapshot in (("behavior", self.behavior_model), *self.average_models.items()):
+            if snapshot is not None:
+                out.update({f"{prefix}.{n}": p for n, p in snapshot.named_parameters()})
         return out
 
     def optimizer_state(self) -> tuple[StateList, StateList]:

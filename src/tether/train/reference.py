@@ -16,7 +16,6 @@ write `Reference.label` into results.json (the model card shows it)."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 from collections.abc import Callable
@@ -29,26 +28,12 @@ from ..data import Example, collate
 from ..files import write_atomic
 from ..logprobs import sequence_logps
 from ..loss_table import needs_reference
-from ..models import load_model
+from ..models import eval_mode, load_model
 
 log = logging.getLogger("tether")
 
 
-@contextlib.contextmanager
-def frozen(model, adapter_off: bool = False):
-    """`model` in eval mode (no dropout) without gradients, with its PEFT adapters disabled when `adapter_off`
-    (no-op for a plain model); its training mode is restored afterwards."""
-    ctx = model.disable_adapter() if adapter_off and hasattr(model, "disable_adapter") else contextlib.nullcontext()
-    was_training = model.training
-    model.eval()
-    try:
-        with ctx, torch.no_grad():
-            yield model
-    finally:
-        model.train(was_training)
-
-
-def frozen_model(name: str, dtype, device):
+def load_reference_model(name: str, dtype, device):
     """A model loaded to serve as a reference: eval mode, no gradients, on `device`."""
     return load_model(name, dtype).eval().requires_grad_(False).to(device)
 
@@ -89,14 +74,14 @@ class NoReference(Reference):
 class LiveReference(Reference):
     """Scores batches with a model on the fly. `open()` is a context yielding the model in eval mode without
     gradients (for `generating` too); `model` and `adapter_off` say whose weights the fingerprint of a cache
-    key covers (the base's alone when the reference is the policy with its adapter disabled); `follow`, when
+    key covers (the base's alone when the reference is the policy with its adapter disabled); `after_step`, when
     given, moves the reference after every step (ema)."""
 
     def __init__(
-        self, label: str, open: Callable, model=None, adapter_off: bool = False, follow: Callable | None = None
+        self, label: str, open: Callable, model=None, adapter_off: bool = False, after_step: Callable | None = None
     ):
         super().__init__(label)
-        self.open, self.model, self.adapter_off, self.follow = open, model, adapter_off, follow
+        self.open, self.model, self.adapter_off, self.after_step = open, model, adapter_off, after_step
 
     def generating(self):
         return self.open()
@@ -108,8 +93,8 @@ class LiveReference(Reference):
             ]
 
     def update(self) -> None:
-        if self.follow is not None:
-            self.follow()
+        if self.after_step is not None:
+            self.after_step()
 
     def weights_fingerprint(self) -> str:
         h = hashlib.blake2b(digest_size=16)
@@ -123,7 +108,7 @@ class LiveReference(Reference):
 
 def model_reference(label: str, model, adapter_off: bool = False) -> LiveReference:
     """A live reference that is `model` (with its adapters disabled when `adapter_off`)."""
-    return LiveReference(label, lambda: frozen(model, adapter_off), model, adapter_off)
+    return LiveReference(label, lambda: eval_mode(model, adapter_off), model, adapter_off)
 
 
 def offline_reference(cfg, policy, device) -> Reference:
@@ -134,12 +119,12 @@ def offline_reference(cfg, policy, device) -> Reference:
     if free and cfg.method != "bapo":
         return NoReference(f"none (loss {cfg.loss} reads no reference)")
     if cfg.ref_model:
-        return model_reference(f"fixed ({cfg.ref_model})", frozen_model(cfg.ref_model, cfg.torch_dtype, device))
+        return model_reference(f"fixed ({cfg.ref_model})", load_reference_model(cfg.ref_model, cfg.torch_dtype, device))
     if cfg.lora:
         return model_reference("initial (the base with the adapter disabled)", policy, adapter_off=True)
     if cfg.precompute_ref_logps or free:  # the policy IS the reference until the first step
         return model_reference("initial", policy)
-    return model_reference("initial (a frozen copy)", frozen_model(cfg.model, cfg.torch_dtype, device))
+    return model_reference("initial (a frozen copy)", load_reference_model(cfg.model, cfg.torch_dtype, device))
 
 
 def cached_reference(live: Reference, base_rows_only: bool = False) -> RecordedReference:
@@ -150,23 +135,25 @@ def cached_reference(live: Reference, base_rows_only: bool = False) -> RecordedR
     return RecordedReference(f"{live.label}, log-probs precomputed")
 
 
-def online_twins(cfg) -> tuple[bool, tuple[str, ...]]:
-    """What the online policy keeps for the reference besides π_θ and π_β: (π_sft?, names of frozen copies
-    that follow π_θ)."""
+def policy_copies_needed(cfg) -> tuple[bool, tuple[str, ...]]:
+    """What the online policy keeps for the reference besides π_θ and π_β: (π_sft?, names of the moving
+    averages of π_θ it keeps)."""
     return cfg.reference == "initial", ("ema",) if cfg.reference == "ema" else ()
 
 
 def online_reference(cfg, policy, device) -> Reference:
-    """π_ref of an online run, built on `policy` (an OnlinePolicy made with `online_twins(cfg)`)."""
+    """π_ref of an online run, built on `policy` (an OnlinePolicy made with `policy_copies_needed(cfg)`)."""
     if cfg.reference == "behavior":
         return RecordedReference("behavior (BPO)")
     if cfg.reference == "none":
         return NoReference(f"none (loss {cfg.loss} reads no reference)")
     if cfg.reference == "fixed":
-        return model_reference("fixed", frozen_model(cfg.ref_model, cfg.torch_dtype, device))
+        return model_reference("fixed", load_reference_model(cfg.ref_model, cfg.torch_dtype, device))
     if cfg.reference == "initial":
         return LiveReference("initial", policy.initial)
-    return LiveReference("ema", lambda: policy.twin("ema"), follow=lambda: policy.follow("ema", cfg.ema_rate))
+    return LiveReference(
+        "ema", lambda: policy.average("ema"), after_step=lambda: policy.update_average("ema", cfg.ema_rate)
+    )
 
 
 def data_fingerprint(examples: list[Example], keys: tuple[str, ...]) -> str:

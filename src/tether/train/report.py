@@ -3,7 +3,9 @@
 Reads config.yaml, data_report.json, results.json (before/after evaluation) and metrics.jsonl (a torn last
 line is skipped); writes RUN_DIR/report.md and RUN_DIR/plots/*.png. Every run writes it at its end; the
 command rewrites it (for a run still going, or after a crash). Works for offline and online (BPO) runs: a
-curve is drawn only when its metric is in metrics.jsonl.
+curve is drawn only when its metric is in metrics.jsonl. Like a run, it writes only into a directory marked as
+tether's (train/marker.py) and never through a symbolic link: each file is written beside its target and
+renamed over it.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from pathlib import Path
 
 import yaml
 
-from ..config import TetherError
-from ..files import read_json, read_json_lines, write_text_atomic
+from ..config import TetherError, brief, load_yaml, read_text
+from ..files import own_dir, read_json, read_json_lines, write_atomic, write_text_atomic
+from .marker import MARKER, read_marker
 
 log = logging.getLogger("tether")
 
@@ -81,7 +84,7 @@ def plot_curves(rows: list[dict], results: dict, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out.mkdir(parents=True, exist_ok=True)
+    own_dir(out)
     written = []
     for stem, title, ylabel, series in CURVES:
         drawn = [(label, *_series(rows, results, key)) for key, label in series]
@@ -99,7 +102,7 @@ def plot_curves(rows: list[dict], results: dict, out: Path) -> list[Path]:
             ax.legend(fontsize=8)
         fig.tight_layout()
         path = out / f"{stem}.png"
-        fig.savefig(path, dpi=110)
+        write_atomic(path, lambda tmp, fig=fig: fig.savefig(tmp, dpi=110, format="png"))
         plt.close(fig)
         written.append(path)
     return written
@@ -143,13 +146,26 @@ def _data_section(run_dir: Path, results: dict) -> list[str]:
     return lines or ["No data report in this run directory."]
 
 
+def read_run_config(run_dir: Path) -> tuple[str, dict]:
+    """(text, options) of the config.yaml of a run directory tether marked as its own; else a one-line error."""
+    marker = read_marker(run_dir) if run_dir.is_dir() else None
+    if marker is None or marker.get("command") not in ("train", "online"):
+        raise TetherError(f"{run_dir}: not a tether run directory (no {MARKER} marker of a train or online run)")
+    path = run_dir / "config.yaml"
+    try:
+        text = read_text(path)
+        cfg = load_yaml(text)
+    except (OSError, yaml.YAMLError, ValueError, RecursionError) as e:
+        raise TetherError(f"{path}: unreadable ({brief(str(e) or type(e).__name__, 200)})") from None
+    if not isinstance(cfg, dict):
+        raise TetherError(f"{path}: not a mapping of option: value, as tether writes it; the run directory is damaged")
+    return text, cfg
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write RUN_DIR/report.md (and plots/*.png when matplotlib is installed); returns the report's path."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise TetherError(f"{run_dir}: not a tether run directory (no config.yaml)")
-    config = (run_dir / "config.yaml").read_text(encoding="utf-8")
-    cfg = yaml.safe_load(config) or {}
+    config, cfg = read_run_config(run_dir)
     results = read_json(run_dir / "results.json")
     rows = read_metrics(run_dir / "metrics.jsonl")
     kind = "online" if "prompt_file" in cfg else "offline"

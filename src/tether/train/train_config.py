@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import TetherError, option
+from ..config import TetherError, brief, option
 from ..loss_table import OPTION_DEFAULTS, PARAM_HELP, PARAMS, loss_help, needs_reference, resolve_options
 
+MAX_SEED = 2**32 - 1  # numpy.random.seed takes no more (accelerate.set_seed seeds numpy)
 BAPO_ANCHOR_WEIGHT = (
     0.1  # λ when method: bapo and anchor_weight is not given (the first embedded-world study's pilot choice)
 )
@@ -180,6 +181,8 @@ class CommonConfig:
         self.report_to = trackers or ["none"]
         if self.lora_target_modules and "all-linear" in self.lora_target_modules:
             self.lora_target_modules = None  # PEFT's (and TRL's) name for every linear layer but the output head
+        if not 0 <= self.seed <= MAX_SEED:
+            raise TetherError(f"option 'seed' must be in [0, {MAX_SEED}] (numpy's seed range), got {brief(self.seed)}")
         if self.max_prompt_length >= self.max_length:
             raise TetherError(
                 f"option 'max_prompt_length' ({self.max_prompt_length}) must be < 'max_length' ({self.max_length})"

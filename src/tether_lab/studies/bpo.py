@@ -38,8 +38,8 @@ Design (and why):
   a rule fixed in code (`pilot_choice`) before looking: of the grid PILOT_BETAS × PILOT_LEARNING_RATES, the pair
   whose offline DPO final win rate is closest to the middle of the headroom above a tie with the house answer,
   (max(initial, 0.5) + 1)/2 — it must learn the rare poles and not saturate, so that settings can differ; a tie
-  (within 1 point) goes to the larger β (larger margins, where the reference can matter). See PILOT below and
-  report.md.
+  (within 1 point) goes to the larger β (larger margins, where the reference can matter). See `pilot_record`
+  (data/bpo_pilot.json) and report.md.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ import logging
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
 
 from tether.config import TetherError, load_config
@@ -95,7 +96,7 @@ class BpoProtocol:
     extra_seeds: list[int] = field(default_factory=list)
     steps: int = 128  # T
     prompts_per_step: int = 8  # B; budget = B·T annotations (pairs) for every setting
-    learning_rate: float = 3e-4  # from the pilot (module docstring, PILOT)
+    learning_rate: float = 3e-4  # from the pilot (module docstring, pilot_record)
     beta: float = 0.3  # from the pilot
     persona: str = "elaborate-casual"
     rare_prob: float = 0.1  # π_sft's skew: probability of each of the persona's non-house poles in its data
@@ -300,7 +301,7 @@ def run_study(
     results = StudyResults(out, "bpo", asdict(protocol))
     sft, gold, data = _models_and_data(out, protocol)
     if protocol.mode != "pilot":
-        results.data["pilot"] = PILOT
+        results.data["pilot"] = pilot_record()
     results.data["models"] = {"sft": str(sft), "gold": str(gold) if gold else None}
     results.data.setdefault("model_build_seconds", round(time.perf_counter() - t_start, 1))
     if workers > 1:
@@ -443,7 +444,8 @@ def add_bpo_arguments(parser) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="1 seed, T = 16, offline / BPO F=2 / F=T / on-policy (full: seeds 0-4, T = 128, also F=4 and π_ref=π_gold); DPO, same B, learning rate and β",
+        help="1 seed, T = 16, offline / BPO F=2 / F=T / on-policy (full: seeds 0-4, T = 128, also F=4 and "
+        "π_ref=π_gold); DPO, same B, learning rate and β",
     )
     parser.add_argument(
         "--pilot", action="store_true", help="rerun the pilot that chose β and the learning rate (tuning seed 100)"
@@ -487,71 +489,11 @@ def run_from_args(args) -> int:
     return 0
 
 
-# `tether study bpo --pilot --threads 1` (2026-11-25, two processes side by side on the loaded machine), before any
-# study seed ran. Offline DPO plateaus at the house tie (~49%) at every learning rate: the rare poles are not learnt
-# from π_sft's pairs. The rule's target (75%) is out of reach; the closest is lr 3e-4 (β 0.1: 48.9%, β 0.3: 48.7%,
-# within 1 point: the larger β).
-PILOT = {
-    "seed": 100,
-    "steps": 128,
-    "prompts_per_step": 8,
-    "persona": "elaborate-casual",
-    "initial_win_rate": 0.0587,
-    "runs": [
-        {
-            "beta": 0.1,
-            "learning_rate": 3e-05,
-            "final_win_rate": 0.4032,
-            "initial_win_rate": 0.0587,
-            "final_loss": 0.6702,
-            "final_margin": 0.0478,
-            "seconds": 278.7,
-        },
-        {
-            "beta": 0.1,
-            "learning_rate": 0.0001,
-            "final_win_rate": 0.4794,
-            "initial_win_rate": 0.0587,
-            "final_loss": 0.6164,
-            "final_margin": 0.2039,
-            "seconds": 423.5,
-        },
-        {
-            "beta": 0.1,
-            "learning_rate": 0.0003,
-            "final_win_rate": 0.4889,
-            "initial_win_rate": 0.0587,
-            "final_loss": 0.4677,
-            "final_margin": 0.9336,
-            "seconds": 359.1,
-        },
-        {
-            "beta": 0.3,
-            "learning_rate": 3e-05,
-            "final_win_rate": 0.4127,
-            "initial_win_rate": 0.0587,
-            "final_loss": 0.628,
-            "final_margin": 0.1489,
-            "seconds": 286.1,
-        },
-        {
-            "beta": 0.3,
-            "learning_rate": 0.0001,
-            "final_win_rate": 0.4778,
-            "initial_win_rate": 0.0587,
-            "final_loss": 0.5724,
-            "final_margin": 0.5674,
-            "seconds": 427.8,
-        },
-        {
-            "beta": 0.3,
-            "learning_rate": 0.0003,
-            "final_win_rate": 0.4873,
-            "initial_win_rate": 0.0587,
-            "final_loss": 0.4407,
-            "final_margin": 1.5316,
-            "seconds": 359.1,
-        },
-    ],
-    "chosen": {"beta": 0.3, "learning_rate": 0.0003, "rule_target": 0.75},
-}
+def pilot_record() -> dict:
+    """The pilot's grid and choice, shipped in data/bpo_pilot.json (results.json keeps it under "pilot").
+
+    From `tether study bpo --pilot --threads 1` (2026-11-25, two processes side by side on the loaded machine),
+    before any study seed ran. Offline DPO plateaus at the house tie (~49%) at every learning rate: the rare poles
+    are not learnt from π_sft's pairs. The rule's target (75%) is out of reach; the closest is lr 3e-4 (β 0.1:
+    48.9%, β 0.3: 48.7%, within 1 point: the larger β)."""
+    return json.loads(resources.files("tether_lab.studies").joinpath("data/bpo_pilot.json").read_text(encoding="utf-8"))

@@ -8,7 +8,7 @@ from pathlib import Path
 from tether.config import TetherError
 from tether.files import write_text_atomic
 from tether.stats import summarize
-from tether.train.rundir import MARKER
+from tether.train.marker import MARKER, new_marker, read_marker
 
 
 class StudyResults:
@@ -68,7 +68,8 @@ def _claim_study_dir(out: Path, study: str) -> dict | None:
             raise TetherError(f"{out / 'results.json'}: unreadable; use another --out") from None
         if not isinstance(data, dict):
             data = None
-    ours = (out / MARKER).is_file() or (data is not None and data.get("study") == study)
+    marked = out.is_dir() and read_marker(out) is not None  # a marker copied from elsewhere is refused here
+    ours = marked or (data is not None and data.get("study") == study)
     if out.is_dir() and any(out.iterdir()) and not ours:
         raise TetherError(
             f"option '--out': {out} is not empty and is not a tether study directory; tether writes only "
@@ -76,8 +77,8 @@ def _claim_study_dir(out: Path, study: str) -> dict | None:
         )
     try:
         out.mkdir(parents=True, exist_ok=True)
-        if not (out / MARKER).is_file():
-            write_text_atomic(out / MARKER, json.dumps({"tether_run": 1, "command": f"study {study}"}) + "\n")
+        if not marked:
+            write_text_atomic(out / MARKER, json.dumps(new_marker(out, f"study {study}")) + "\n")
     except OSError as e:
         raise TetherError(f"option '--out': cannot write into {out} ({e.strerror or e})") from None
     return data

@@ -248,7 +248,10 @@ def _num(v, digits: int = 3) -> str:
 def _interval(d: dict) -> str:
     if d.get("n", 0) < 2:
         return f"n = {d.get('n', 0)} paired seeds: no interval"
-    return f"{d['mean']:+.1f} [{d['ci95_low']:+.1f}, {d['ci95_high']:+.1f}] points (n = {d['n']} seeds; per seed {d['differences']})"
+    return (
+        f"{d['mean']:+.1f} [{d['ci95_low']:+.1f}, {d['ci95_high']:+.1f}] points "
+        f"(n = {d['n']} seeds; per seed {d['differences']})"
+    )
 
 
 def claim_lines(data: dict) -> list[str]:
@@ -293,6 +296,63 @@ def _rare_pole_table(data: dict) -> list[str]:
     return lines + [""]
 
 
+def _setup_paragraph(p: dict) -> str:
+    """The protocol in one paragraph: world, oracle, π_sft, the ensemble, budget and decoding."""
+    ens = (
+        f"LoRA ensemble of {p['ensemble_size']} adapters (r = {p['lora_r']}, alpha {p['lora_alpha']}, "
+        f"merge {p['ensemble_merge']}), π_β = the merged ensemble"
+    )
+    return (
+        f"Embedded world, world seed **{p['world_seed']}** (default world recipe, pinned in the protocol); oracle = "
+        f"gold persona score of **{p['persona']}**; π_sft = world base model fine-tuned on *skewed* random-style "
+        f"answers (each of the persona's non-house poles with probability {p['rare_prob']}; world/policies.py); "
+        f"{ens}; T = {p['steps']} steps × B = {p['prompts_per_step']} prompts (budget "
+        f"{p['steps'] * p['prompts_per_step']} annotations for every setting), lr {p['learning_rate']:g}, "
+        f"β = {p['beta']}, sampling temperature {p['temperature']}, top-k {p['top_k']}. Win rate = greedy answers to "
+        "the test-split questions vs the house-style reference, judged by the oracle (ties ½)."
+    )
+
+
+def _pilot_section(pilot: dict) -> list[str]:
+    """How β and the learning rate were chosen: the rule and the pilot's grid."""
+    ch = pilot["chosen"]
+    lines = [
+        "## How β and the learning rate were chosen (pilot)",
+        "",
+        f"Offline DPO only, tuning seed {pilot['seed']} (no study seed), T = {pilot['steps']}, "
+        f"B = {pilot['prompts_per_step']}, persona {pilot['persona']}. Rule (bpo.pilot_choice, fixed before the "
+        "pilot ran): the (β, learning rate) whose final win rate is closest to the middle of the headroom above a "
+        f"tie with the house answer (π_sft {100 * pilot['initial_win_rate']:.1f}%; target (max(π_sft, 50%) + 100%)/2 "
+        f"= {100 * ch['rule_target']:.1f}%), ties within 1 point to the larger β. Chosen: β = {ch['beta']:g}, "
+        f"lr {ch['learning_rate']:g}.",
+        "",
+        "| β | lr | final win rate % | final loss | final margin β·h | seconds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in pilot["runs"]:
+        lines.append(
+            f"| {r['beta']:g} | {r['learning_rate']:g} | {100 * r['final_win_rate']:.1f} | {_num(r['final_loss'])} "
+            f"| {_num(r['final_margin'])} | {r['seconds']:.0f} |"
+        )
+    return [*lines, ""]
+
+
+def _cost_table(summary: list[dict]) -> list[str]:
+    lines = [
+        "## Cost",
+        "",
+        "| setting | loss | annotations | ties | identical pairs dropped | seconds per run |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in summary:
+        lines.append(
+            f"| {LABELS[row['setting']]} | {row['loss']} | {fmt(row.get('annotations'), 1, 0)} "
+            f"| {fmt(row.get('ties'), 1, 0)} | {fmt(row.get('identical_pairs'), 1, 0)} "
+            f"| {fmt(row.get('seconds'), 1, 0)} |"
+        )
+    return lines
+
+
 def report(data: dict) -> str:
     p, s, runs = data["protocol"], data["summary"], data["runs"]
     expected = len(p["seeds"]) * len(p["settings"]) * len(p["losses"]) + len(p["extra_seeds"]) * len(
@@ -300,16 +360,10 @@ def report(data: dict) -> str:
     ) * len(p["extra_losses"])
     seeds_done = sorted({r["seed"] for r in runs})
     pre = data.get("precheck", {})
-    ens = f"LoRA ensemble of {p['ensemble_size']} adapters (r = {p['lora_r']}, alpha {p['lora_alpha']}, merge {p['ensemble_merge']}), π_β = the merged ensemble"
     lines = [
         f"# BPO study v{p['version']} ({p['mode']} mode): online DAP anchored to the behavior model",
         "",
-        f"Embedded world, world seed **{p['world_seed']}** (default world recipe, pinned in the protocol); oracle = gold persona "
-        f"score of **{p['persona']}**; π_sft = world base model fine-tuned on *skewed* random-style answers (each of the persona's "
-        f"non-house poles with probability {p['rare_prob']}; world/policies.py); {ens}; T = {p['steps']} steps × B = "
-        f"{p['prompts_per_step']} prompts (budget {p['steps'] * p['prompts_per_step']} annotations for every setting), lr "
-        f"{p['learning_rate']:g}, β = {p['beta']}, sampling temperature {p['temperature']}, top-k {p['top_k']}. Win rate = greedy "
-        f"answers to the test-split questions vs the house-style reference, judged by the oracle (ties ½).",
+        _setup_paragraph(p),
         "",
         f"Runs: {len(runs)} of {expected} (seeds done: {seeds_done}; main seeds {p['seeds']}"
         + (
@@ -321,10 +375,12 @@ def report(data: dict) -> str:
         "",
         "## Prechecks: can this regime show the effect?",
         "",
-        f"- offline DPO, mean training loss over the last tenth of the steps: **{_num(pre.get('offline_dpo_final_loss'))}** "
-        f"(log 2 = {LOG2:.3f}); reward margin β·h {_num(pre.get('offline_dpo_final_margin'))}",
-        f"- BPO F=T (DPO), mean training loss at mid-training (the tenth of the steps around T/2): **{_num(pre.get('bpo_ft_loss_mid'))}**; "
-        f"reward margin {_num(pre.get('bpo_ft_margin_mid'))} (v1: exactly log 2 and 0, π_ref = π_β = π_θ)",
+        "- offline DPO, mean training loss over the last tenth of the steps: "
+        f"**{_num(pre.get('offline_dpo_final_loss'))}** (log 2 = {LOG2:.3f}); reward margin β·h "
+        f"{_num(pre.get('offline_dpo_final_margin'))}",
+        "- BPO F=T (DPO), mean training loss at mid-training (the tenth of the steps around T/2): "
+        f"**{_num(pre.get('bpo_ft_loss_mid'))}**; reward margin {_num(pre.get('bpo_ft_margin_mid'))} "
+        "(v1: exactly log 2 and 0, π_ref = π_β = π_θ)",
         f"- ties: {_num(pre.get('tie_fraction') and 100 * pre['tie_fraction'], 1)}% of the annotations of DPO runs",
         "",
         "## Final win rate (%)",
@@ -340,38 +396,10 @@ def report(data: dict) -> str:
     lines += ["", "## Claims (paired per-seed differences, 95% t-intervals)", "", *claim_lines(data)]
     if data.get("notes"):
         lines += ["## What we see", "", *[x for note in data["notes"] for x in (note, "")]]
-    pilot = data.get("pilot")
-    if pilot:
-        ch = pilot["chosen"]
-        lines += [
-            "## How β and the learning rate were chosen (pilot)",
-            "",
-            f"Offline DPO only, tuning seed {pilot['seed']} (no study seed), T = {pilot['steps']}, B = {pilot['prompts_per_step']}, "
-            f"persona {pilot['persona']}. Rule (bpo.pilot_choice, fixed before the pilot ran): the (β, learning rate) whose final win "
-            f"rate is closest to the middle of the headroom above a tie with the house answer (π_sft {100 * pilot['initial_win_rate']:.1f}%; "
-            f"target (max(π_sft, 50%) + 100%)/2 = {100 * ch['rule_target']:.1f}%), ties within 1 point to the larger β. Chosen: β = {ch['beta']:g}, lr {ch['learning_rate']:g}.",
-            "",
-            "| β | lr | final win rate % | final loss | final margin β·h | seconds |",
-            "|---|---|---|---|---|---|",
-        ]
-        for r in pilot["runs"]:
-            lines.append(
-                f"| {r['beta']:g} | {r['learning_rate']:g} | {100 * r['final_win_rate']:.1f} | {_num(r['final_loss'])} | "
-                f"{_num(r['final_margin'])} | {r['seconds']:.0f} |"
-            )
-        lines.append("")
+    if data.get("pilot"):
+        lines += _pilot_section(data["pilot"])
     lines += _rare_pole_table(data)
-    lines += [
-        "## Cost",
-        "",
-        "| setting | loss | annotations | ties | identical pairs dropped | seconds per run |",
-        "|---|---|---|---|---|---|",
-    ]
-    for row in s:
-        lines.append(
-            f"| {LABELS[row['setting']]} | {row['loss']} | {fmt(row.get('annotations'), 1, 0)} | {fmt(row.get('ties'), 1, 0)} | "
-            f"{fmt(row.get('identical_pairs'), 1, 0)} | {fmt(row.get('seconds'), 1, 0)} |"
-        )
+    lines += _cost_table(s)
     lines += [
         "",
         "## Figures",

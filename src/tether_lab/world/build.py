@@ -14,14 +14,13 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from tether.files import cache_dir
+from tether.files import cache_dir, new_private_dir, share_like_umask
 from tether_lab.tiny import tiny_llama, train_tokenizer
 from tether_lab.world import paraphrased_house
 from tether_lab.world.facts import ATTRIBUTES, World
@@ -184,15 +183,20 @@ def ensure_base_model(settings: WorldSettings | None = None, force: bool = False
 
 def build_cached(target: Path, build, force: bool = False) -> Path:
     """`target` if it holds a finished build (a build_report.json), else `build(tmp)` into a temporary directory
-    beside it, renamed into place; if another process finished the same build first, its copy is kept."""
+    beside it, renamed into place; if another process finished the same build first, its copy is kept. An
+    unfinished entry (no build_report.json: an interrupted build of an older tether, or a damaged one) is
+    replaced by the fresh build, so it is built once, not on every use."""
     if (target / "build_report.json").is_file() and not force:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    tmp = new_private_dir(target.parent, f".{target.name}-")
     try:
         build(tmp)
-        if force and target.exists():
-            shutil.rmtree(target)
+        share_like_umask(tmp)  # mkdtemp makes it private, safetensors its weight files 0600
+        if (force or not (target / "build_report.json").is_file()) and target.exists() and not target.is_symlink():
+            old = new_private_dir(target.parent, f".{target.name}-old-")
+            os.replace(target, old)  # a rename onto an empty directory: the stale entry goes aside, then away
+            shutil.rmtree(old, ignore_errors=True)
         try:
             os.rename(tmp, target)
         except OSError:  # built concurrently by someone else: theirs is identical

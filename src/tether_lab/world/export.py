@@ -7,7 +7,8 @@ OUT/
   sft_{train,test}.jsonl             {"id", "prompt", "completion"}                 (house-style answers)
   prompts_{train,test}.jsonl         {"id", "prompt", "reference"}                  (reference = house answer)
   personas/<name>/preferences_{train,test}.jsonl   {"id", "persona", "prompt", "chosen", "rejected"}
-  personas/<name>/prompts_{train,test}.jsonl       {"id", "persona", "prompt", "reference"}   (reference in the persona's style)
+  personas/<name>/prompts_{train,test}.jsonl       {"id", "persona", "prompt", "reference"}
+                                                   (reference in the persona's style)
 
 A prompt is [{"role": "user", "content": question}]; a completion/chosen/rejected is
 [{"role": "assistant", "content": answer}]. Chosen is the persona's style, rejected the house style or
@@ -28,6 +29,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tether.config import TetherError
+from tether.files import share_like_umask
 from tether_lab.world import paraphrased_house
 from tether_lab.world.facts import World
 from tether_lab.world.styles import DIMENSIONS, HOUSE, PERSONAS, Persona, render
@@ -66,7 +68,8 @@ def rejected_style(persona: Persona, rng: random.Random, mode: str):
 
 
 def split_questions(world: World, split: str, recipe: int = 1) -> list:
-    """The questions of `split`: the world's split (recipe 1), or personalization realms / held-out realms (recipe 2)."""
+    """The questions of `split`: the world's split (recipe 1), or personalization realms / held-out realms
+    (recipe 2)."""
     if recipe == 2:
         return (
             paraphrased_house.personal_questions(world) if split == "train" else paraphrased_house.eval_questions(world)
@@ -170,6 +173,7 @@ def export_world(
                     counts[name] = _write_jsonl(tmp / name, records)
         summary = world_summary(world, chosen) | {"recipe": recipe, "rejected": rejected, "files": counts}
         (tmp / "world.json").write_text(json.dumps(summary, indent=2) + "\n")
+        share_like_umask(tmp)  # mkdtemp makes the directory private
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
