@@ -9,9 +9,9 @@ import pytest
 
 import tether.train.offline as offline
 import tether.train.reference as reference
-from test_online import _toy_oracles_importable, prompt_file  # noqa: F401 (fixtures)
-from test_online import config as online_config
-from test_train import config as offline_config
+from conftest import online_config
+from conftest import train_config as offline_config
+from test_online import _toy_oracles_importable  # noqa: F401 (a fixture)
 from tether.train import online_train, train
 
 
@@ -82,7 +82,7 @@ def test_offline_bapo_with_a_reference_free_loss_scores_only_the_base_responses(
 
 
 @pytest.mark.parametrize("method", ["dap", "bapo"])
-def test_online_reference_none_trains_a_reference_free_loss(model_dir, prompt_file, tmp_path, method):  # noqa: F811
+def test_online_reference_none_trains_a_reference_free_loss(model_dir, prompt_file, tmp_path, method):
     run = online_train(
         online_config(
             model_dir,
