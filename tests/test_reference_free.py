@@ -4,15 +4,23 @@ computed (once, before training); online it needs reference: none."""
 
 import json
 import math
+import os
+from pathlib import Path
 
 import pytest
 
 import tether.train.offline as offline
 import tether.train.reference as reference
-from test_online import _toy_oracles_importable, prompt_file  # noqa: F401 (fixtures)
-from test_online import config as online_config
-from test_train import config as offline_config
+from conftest import online_config
+from conftest import train_config as offline_config
 from tether.train import online_train, train
+
+
+@pytest.fixture(autouse=True)
+def _toy_oracles_importable(monkeypatch):
+    tests = str(Path(__file__).parent)
+    monkeypatch.syspath_prepend(tests)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]))
 
 
 def _metrics(run):
