@@ -80,7 +80,8 @@ class BapoProtocol:
         return cls(mode="full", world_seed=world_seed, seeds=[0, 1, 2, 3, 4])
 
     def arms(self) -> list[tuple[int, str, float | None, str | None]]:
-        """(level, method, knob, anchor form) of every run, seeds aside: DPO at every level; the rest at the frontier level."""
+        """(level, method, knob, anchor form) of every run, seeds aside: DPO at every level; the rest at the
+        frontier level."""
         out = []
         for level in self.levels:
             for m in self.methods:

@@ -125,7 +125,8 @@ def add_study_parser(subparsers) -> None:
         "--data_seed",
         type=_world_seed,
         default=0,
-        help="with --model: offset of the data seeds (study seed s uses data_seed + s, the calibration data_seed + 1000)",
+        help="with --model: offset of the data seeds (study seed s uses data_seed + s, the calibration "
+        "data_seed + 1000)",
     )
     b.add_argument(
         "--resume",

@@ -119,4 +119,5 @@ def fmt(cell: dict | None, scale: float = 1.0, digits: int = 1) -> str:
         return "—"
     if cell["n"] < 2:
         return f"{cell['mean'] * scale:.{digits}f}"
-    return f"{cell['mean'] * scale:.{digits}f} [{cell['ci95_low'] * scale:.{digits}f}, {cell['ci95_high'] * scale:.{digits}f}]"
+    lo, hi = cell["ci95_low"] * scale, cell["ci95_high"] * scale
+    return f"{cell['mean'] * scale:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"

@@ -19,6 +19,10 @@ Claims (rules fixed before any full-mode run of this protocol):
 3. BAPO reaches a personalization gain within 5 points of DPO's best while retaining ≥ 0.95: per seed, d =
    (BAPO's highest gain over points with retention ≥ 0.95, the base model's 0 included) − (DPO's highest gain
    over its points); holds when ≥ 5 seeds and the 95% t-interval of d lies above −5.
+Verdicts are three-valued (studies/verdicts.py): a claim with a seed whose curve never reaches the matched gain,
+or with fewer than 5 seeds, is "not testable", never "does not hold"; so is claim 3 when DPO's best gain on a
+seed is below 5 points (a BAPO that never leaves the base model would pass it; this precondition was added after
+the recipe-2 results were in, and can only take a "holds" away).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import math
 from pathlib import Path
 
 from tether.stats import t_interval
+from tether_lab.studies.verdicts import FAILS, HOLDS, NOT_TESTABLE
 
 BASELINES = ("dpo", "ipo", "slic", "dpo+nll")
 MIN_SEEDS = 5
@@ -76,18 +81,30 @@ def _interval(values: list[float]) -> dict:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in t.items()}
 
 
-def verdict(per_seed: dict, threshold: float, min_seeds: int = MIN_SEEDS) -> dict:
-    """holds when every seed has a value, there are ≥ min_seeds, and the t-interval's lower end is > threshold."""
+def verdict(per_seed: dict, threshold: float, min_seeds: int = MIN_SEEDS, blocked_by: str | None = None) -> dict:
+    """Three-valued (studies/verdicts.py): not testable when `blocked_by` names a failed precondition, a seed has
+    no value (its curve never reaches the matched gain) or there are fewer than min_seeds; otherwise holds when
+    the t-interval's lower end is > threshold, and does not hold when it is not."""
     values = [v for v in per_seed.values() if v is not None]
     ci = _interval(values)
-    holds = (
-        len(values) == len(per_seed)
-        and len(values) >= min_seeds
-        and ci["ci95_low"] is not None
-        and ci["ci95_low"] > threshold
-    )
     missing = [s for s, v in per_seed.items() if v is None]
-    return {"holds": bool(holds), "interval": ci, "per_seed": per_seed, "seeds_without_value": missing}
+    reason = blocked_by
+    if reason is None and missing:
+        reason = f"not measured on seed(s) {missing}: the curve never reaches the matched value"
+    if reason is None and len(values) < min_seeds:
+        reason = f"{len(values)} seed(s), the rule needs {min_seeds}"
+    if reason is not None:
+        state = NOT_TESTABLE
+    else:
+        state = HOLDS if ci["ci95_low"] is not None and ci["ci95_low"] > threshold else FAILS
+    out = {
+        "verdict": state,
+        "holds": state == HOLDS,
+        "interval": ci,
+        "per_seed": per_seed,
+        "seeds_without_value": missing,
+    }
+    return {**out, "reason": reason} if reason else out
 
 
 def claim_values(data: dict, decoding: str) -> list[dict]:
@@ -130,11 +147,22 @@ def claim_values(data: dict, decoding: str) -> list[dict]:
     bg = {s: best_gain(runs, fl, "bapo", s, decoding, MIN_RETENTION) for s in seeds}
     dg = {s: best_gain(runs, fl, "dpo", s, decoding) for s in seeds}
     d3 = {s: None if bg[s] is None or dg[s] is None else bg[s] - dg[s] for s in seeds}
+    # (added after the recipe-2 results, in the conservative direction: it can only turn "holds" into "not testable")
+    vacuous = [s for s in seeds if dg[s] is not None and dg[s] < WITHIN_POINTS]
     out.append(
         {
             "claim": f"BAPO reaches a gain within {WITHIN_POINTS:g} points of DPO's best (h = {fl}) while retaining "
             f"≥ {MIN_RETENTION}",
-            **verdict(d3, -WITHIN_POINTS),
+            **verdict(
+                d3,
+                -WITHIN_POINTS,
+                blocked_by=(
+                    f"DPO's best gain is below {WITHIN_POINTS:g} points on seed(s) {vacuous}: a BAPO that never moves "
+                    "from the base model would pass"
+                    if vacuous
+                    else None
+                ),
+            ),
             "bapo_best_gain_retaining": bg,
             "dpo_best_gain": dg,
         }
@@ -286,7 +314,8 @@ def report(data: dict) -> str:
         f"World recipe 2 (`world/paraphrased_house.py`), seed {p['world_seed']}: personalization data from "
         "two thirds of the realms, every measure on one question per fact of the other third (held-out realms); "
         "rejected answers are never the house answer. "
-        f"{p['steps']} steps × batch {p['batch_size']}, constant learning rate {p['learning_rate']:g}, β = {p['beta']}, "
+        f"{p['steps']} steps × batch {p['batch_size']}, constant learning rate {p['learning_rate']:g}, "
+        f"β = {p['beta']}, "
         f"evaluated every {p['eval_every']} steps; seeds {p['seeds']} (seed s trains on persona s mod 2 of its level: "
         + "; ".join(
             f"h = {lv}: " + ", ".join(f"`{x}`" for x in sorted({r["persona"] for r in runs if r["level"] == lv}))
@@ -303,7 +332,7 @@ def report(data: dict) -> str:
         "",
     ]
     for i, c in enumerate(data["claims"], 1):
-        verdict = "holds" if c["holds"] else "does not hold"
+        verdict = c["verdict"] + (f" — {c['reason']}" if c.get("reason") else "")
         s = c["sampled"]
         lines += [
             f"{i}. {c['claim']}: **{verdict}** (greedy). Paired difference over seeds: {_ci(c['interval'])}; "
@@ -313,19 +342,29 @@ def report(data: dict) -> str:
                 if c["seeds_without_value"]
                 else ""
             ),
-            f"   - sampled answers (T = 1): {'holds' if s['holds'] else 'does not hold'}; {_ci(s['interval'])}; "
+            f"   - sampled answers (T = 1): {s['verdict']}; {_ci(s['interval'])}; "
             f"per seed: {_seedvals(s['per_seed'])}.",
         ]
         for key in ("bapo_retention", "best_baseline_retention", "bapo_best_gain_retaining", "dpo_best_gain"):
             if key in c:
                 lines.append(
-                    f"   - {key.replace('_', ' ')} (greedy), per seed: {_seedvals(c[key], 3 if 'retention' in key else 1)}"
+                    f"   - {key.replace('_', ' ')} (greedy), per seed: "
+                    f"{_seedvals(c[key], 3 if 'retention' in key else 1)}"
                 )
         if "forgetting" in c:
             lines.append(
                 "   - DPO's forgetting at the matched gain (greedy), per seed: "
                 + "; ".join(f"{lv}: {_seedvals(v)}" for lv, v in c["forgetting"].items())
             )
+    if any(c["verdict"] == NOT_TESTABLE for c in data["claims"]):
+        lines += [
+            "",
+            "What would make the not-testable claims testable (a next protocol, not a retuning of this one): "
+            "personalization data inside the base model's support — chosen answers the base model itself can "
+            "write (its own samples that the persona scores higher, as the SmolLM2 study does) instead of "
+            "rendered styles whose log-probability under the base model sits tens of nats below its house "
+            "answer — so that DPO's curve reaches the matched gain between measured points on every seed.",
+        ]
     lines += [
         "",
         *why_no_gain(data),
@@ -339,7 +378,8 @@ def report(data: dict) -> str:
         "",
         "## Every evaluation point (means over seeds)",
         "",
-        "| h | arm | step | n | gain greedy | retention greedy | gain sampled | retention sampled | MC retained | alignment retained (greedy) |",
+        "| h | arm | step | n | gain greedy | retention greedy | gain sampled | retention sampled | MC retained "
+        "| alignment retained (greedy) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += point_table(runs)
@@ -376,7 +416,7 @@ def point_table(runs: list[dict]) -> list[str]:
     rows = []
     for (lv, m, knob, form, step), pts in sorted(acc.items()):
 
-        def avg(f):
+        def avg(f, pts=pts):
             return sum(f(x) for x in pts) / len(pts)
 
         rows.append(
@@ -399,7 +439,8 @@ def why_no_gain(data: dict) -> list[str]:
     lines = [
         f"## Why BAPO does not reach +{p['target_gain']:g} style points at h = {p['frontier_level']}",
         "",
-        "| λ | best mean gain greedy | best mean gain sampled | log π_θ(y_b) first → last step | log π_θ(y_w) first → last | log π_θ(y_l) first → last |",
+        "| λ | best mean gain greedy | best mean gain sampled | log π_θ(y_b) first → last step "
+        "| log π_θ(y_w) first → last | log π_θ(y_l) first → last |",
         "|---|---|---|---|---|---|",
     ]
     sampled = mean_points(runs, "sampled")
@@ -408,7 +449,7 @@ def why_no_gain(data: dict) -> list[str]:
         if not mine:
             continue
 
-        def ends(key):
+        def ends(key, mine=mine):
             firsts = [r["trace"][key][0] for r in mine if r["trace"][key] and r["trace"][key][0] is not None]
             lasts = [r["trace"][key][-1] for r in mine if r["trace"][key] and r["trace"][key][-1] is not None]
             return f"{sum(firsts) / len(firsts):.2f} → {sum(lasts) / len(lasts):.2f}" if firsts and lasts else "—"
@@ -416,7 +457,8 @@ def why_no_gain(data: dict) -> list[str]:
         g = max(v[0] for k, v in bapo.items() if k[2] == lam)
         gs = max(v[0] for k, v in sampled.items() if k[0] == p["frontier_level"] and k[1] == "bapo" and k[2] == lam)
         lines.append(
-            f"| {lam:g} | {g:+.1f} | {gs:+.1f} | {ends('logps_base')} | {ends('logps_chosen')} | {ends('logps_rejected')} |"
+            f"| {lam:g} | {g:+.1f} | {gs:+.1f} | {ends('logps_base')} | {ends('logps_chosen')} "
+            f"| {ends('logps_rejected')} |"
         )
     mine = [
         r
@@ -451,10 +493,8 @@ def summary_table(data: dict) -> str:
         key=lambda k: (k[0], k[1], k[2] or 0, k[4]),
     ):
         lines.append(
-            f"{k[0]:>2}  {_label(k[1], k[2], k[3]):<18}{k[4]:>5}{g[k][0]:>8.1f}{g[k][1]:>11.3f}{s[k][0]:>11.1f}{s[k][1]:>11.3f}"
+            f"{k[0]:>2}  {_label(k[1], k[2], k[3]):<18}{k[4]:>5}"
+            f"{g[k][0]:>8.1f}{g[k][1]:>11.3f}{s[k][0]:>11.1f}{s[k][1]:>11.3f}"
         )
-    lines += [
-        f"claim {i}: {'holds' if c['holds'] else 'does not hold'} — {c['claim']}"
-        for i, c in enumerate(data.get("claims", []), 1)
-    ]
+    lines += [f"claim {i}: {c['verdict']} — {c['claim']}" for i, c in enumerate(data.get("claims", []), 1)]
     return "\n".join(lines)
