@@ -13,8 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
-# subcommands that exist only once the example package of docs/architecture.md ("The registry") is installed
-EXAMPLE_PLUGIN_COMMANDS = {"hello"}
+# the example package of docs/architecture.md ("The registry"): its module, and the subcommand it adds once installed
+EXAMPLE_PLUGIN_MODULE, EXAMPLE_PLUGIN_COMMANDS = "my_plugins.py", {"hello"}
 
 
 def test_site_builds_strict_and_offline(tmp_path):
@@ -140,3 +140,17 @@ def test_every_tether_command_shown_parses():
                 bad.append(f"{where}: unknown {extras}" if extras else f"{where}: not a whole command")
     assert seen > 20, f"only {seen} tether commands found in the pages"
     assert not bad, "\n".join(bad)
+
+
+def test_the_architecture_page_names_every_module():
+    """docs/architecture.md lists every module of both packages and names none that does not exist, so a module
+    added, moved or renamed shows up here."""
+    text = re.sub(r"```.*?```", "", (ROOT / "docs" / "architecture.md").read_text(), flags=re.S)
+    named = set(re.findall(r"`([\w/]+\.py)`", text)) - {EXAMPLE_PLUGIN_MODULE}
+    packages = [ROOT / "src" / "tether", ROOT / "src" / "tether_lab"]
+    modules = {p.name for pkg in packages for p in pkg.rglob("*.py") if p.name != "__init__.py"}
+    missing = sorted(modules - {Path(n).name for n in named})
+    assert not missing, f"docs/architecture.md does not name these modules: {missing}"
+    bases = [ROOT, *packages]
+    unknown = sorted(n for n in named if not any((base / n).exists() for base in bases) and n not in modules)
+    assert not unknown, f"docs/architecture.md names modules that do not exist: {unknown}"
