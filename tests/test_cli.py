@@ -12,6 +12,7 @@ import yaml
 
 from conftest import jsonl_rows, run_cli
 from tether.cli import main
+from tether.loss_table import NAMES as LOSS_NAMES
 from tether.train import TrainConfig
 
 REQUIRED_METRICS = {"step", "loss", "reward_accuracy", "reward_margin", "logps_chosen", "logps_rejected"}
@@ -25,7 +26,9 @@ def test_help_lists_every_option_with_default(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for f in dataclasses.fields(TrainConfig):
         assert f"--{f.name}" in text, f.name
-    assert "(default: 0.1)" in text and "--resume" in text and "--config" in text
+    assert "(default: 1e-06)" in text and "--resume" in text and "--config" in text
+    for name in LOSS_NAMES:  # every loss of the table, by name
+        assert f" {name}" in text.split("preference loss (docs/losses.md):")[1].split("--loss_weights")[0], name
 
 
 def test_config_file_and_flags_end_to_end(model_dir, data_dir, tmp_path):
@@ -133,7 +136,7 @@ def test_study_seeds_option_parses_or_names_the_bad_value(capsys):
     assert args.seeds == [0, 1, 2]
     with pytest.raises(SystemExit) as e:
         main(["study", "bapo", "--model", "m", "--seeds", "0,x"])
-    assert e.value.code == 2 and "'0,x': expected comma-separated integers" in capsys.readouterr().err
+    assert e.value.code == 2 and "'0,x': expected distinct comma-separated integers" in capsys.readouterr().err
 
 
 def test_study_world_seed_option_parses_or_names_the_bad_value(capsys):
@@ -144,7 +147,9 @@ def test_study_world_seed_option_parses_or_names_the_bad_value(capsys):
         with pytest.raises(SystemExit) as e:
             main(["study", "bapo", "--world_seed", bad])
         err = capsys.readouterr().err
-        assert e.value.code == 2 and f"argument --world_seed: '{bad}': expected an integer >= 0" in err, err
+        assert (
+            e.value.code == 2 and f"argument --world_seed: '{bad}': expected an integer from 0 to 2147483647" in err
+        ), err
     assert main(["study", "bapo", "--model", "m", "--world_seed", "2"]) == 2  # the embedded world's option only
     assert "option --world_seed: applies to the embedded world" in capsys.readouterr().err
 

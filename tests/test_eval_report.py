@@ -161,3 +161,20 @@ def test_online_run_report_has_win_rate_annotations_ties_and_time(model_dir, tmp
     assert "| eval_win_rate |" in text and "annotations" in text
     for stem in ("win_rate", "annotations", "ties", "time", "loss"):
         assert (run / "plots" / f"{stem}.png").is_file(), stem
+
+
+def test_eval_file_reports_every_loss_when_asked(lora_run, data_dir, capsys):
+    from tether.loss_table import NAMES
+
+    args = ["--model", str(lora_run / "final"), "--eval_file", str(data_dir / "eval.jsonl")]
+    got = _eval(capsys, *args, "--beta", "0.2", "--label_smoothing", "0.1", "--loss", "robust", "--losses", "all")
+    assert list(got["losses"]) == list(NAMES)
+    assert got["losses"]["robust"]["mean"] == pytest.approx(got["aggregate"]["loss"]["mean"], abs=1e-6)
+    assert got["losses"]["exo_pair"]["beta"] == 0.2 and got["losses"]["simpo"]["beta"] == 0.2  # --beta for all
+    assert all(v["n"] == 12 for v in got["losses"].values())
+    # only reference-free losses: no reference is loaded, and each loss takes its own default β
+    free = _eval(capsys, *args, "--loss", "simpo", "--losses", "orpo", "cpo")
+    assert free["ref_model"] is None and free["beta"] == 2.0 and free["losses"]["orpo"]["beta"] == 0.1
+    assert "ref_logps_chosen" not in free["aggregate"]
+    default_beta = _eval(capsys, *args, "--losses", "exo_pair")
+    assert "needs option 'label_smoothing'" in default_beta["losses"]["exo_pair"]["skipped"]

@@ -262,8 +262,8 @@ def test_a_byte_order_mark_is_accepted_in_data_and_config(files, model_dir, data
 @pytest.mark.parametrize(
     "extra, answer",
     [
-        (["--beta", "0"], "options --beta (> 0), --label_smoothing"),
-        (["--label_smoothing", "0.5"], "options --beta (> 0), --label_smoothing"),
+        (["--beta", "0"], "option 'beta' must be > 0 for loss dpo, got 0.0"),
+        (["--label_smoothing", "0.5"], "option 'label_smoothing' must be in [0, 0.5) for loss dpo, got 0.5"),
         (["--beta", "inf"], "option 'beta' must be a finite number"),
         (["--max_prompt_length", "600"], "option --max_prompt_length (600) must be > 0 and < --max_length (512)"),
     ],

@@ -2,6 +2,7 @@
 data splits (`PATH:SPLIT`, DatasetDict, split files), implicit prompts in plain strings, max_steps 0."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ import yaml
 from conftest import run_cli
 from tether.config import TetherError, load_config
 from tether.data import load_preference_records, split_source
-from tether.train import OnlineConfig, TrainConfig
+from tether.loss_table import TRL_LOSS_TYPES
+from tether.train import OnlineConfig, TrainConfig, train
 from tether.train.card import file_fingerprint
 from tether_lab.demo import toy_preferences, write_jsonl
 
@@ -107,8 +109,14 @@ def test_every_unknown_key_is_reported_at_once_with_a_suggestion(tmp_path):
         "loss_type: 'kto_pair' is not supported",
     ):
         assert part in text, part
-    path.write_text("model: m\ntrain_file: d.jsonl\nloss_type: [sigmoid, sft]\nloss_weights: [1.0, 0.5]\n")
-    with pytest.raises(TetherError, match="loss_type: \\['sigmoid', 'sft'\\] is not supported.*loss_weights"):
+    path.write_text("model: m\ntrain_file: d.jsonl\nloss_type: [sigmoid, sft]\nloss_weights: [1.0, 0.5, 2.0]\n")
+    with pytest.raises(TetherError, match="'loss_weights' has 3 weights for the 2 losses of dpo\\+sft"):
+        load_config(TrainConfig, path)
+    path.write_text("model: m\ntrain_file: d.jsonl\nloss_type: [simpo]\nlabel_smoothing: 0.1\n")
+    with pytest.raises(TetherError, match="simpo: not a DPOTrainer loss_type, write loss: simpo"):
+        load_config(TrainConfig, path)
+    path.write_text("model: m\ntrain_file: d.jsonl\nloss_type: sigmoid\nlabel_smoothing: 0.1\n")
+    with pytest.raises(TetherError, match="label_smoothing with loss_type sigmoid: TRL 1.16 ignores it"):
         load_config(TrainConfig, path)
     path.write_text("model: m\ntrain_file: d.jsonl\nmodel_name_or_path: other\n")
     with pytest.raises(TetherError, match="'model_name_or_path' and 'model' both set 'model'"):
@@ -287,3 +295,35 @@ def test_max_steps_zero_trains_nothing(model_dir, data_dir, tmp_path, capsys):
     assert results["steps"] == 0 and results["initial_eval"] == results["final_eval"]
     with pytest.raises(TetherError, match="'max_steps' must be >= 0, or -1"):
         load_config(TrainConfig, overrides=dict(model="m", train_file="d", max_steps=-2))
+
+
+MPO = "[sigmoid, bco_pair, sft]\nloss_weights: [0.8, 0.2, 1.0]"
+
+
+@pytest.mark.parametrize("loss_type", sorted(TRL_LOSS_TYPES) + [MPO], ids=lambda v: "mpo" if v == MPO else v)
+def test_a_trl_yaml_runs_with_each_trl_loss_type(loss_type, model_dir, data_dir, tmp_path):
+    smoothing = {"exo_pair": 1e-3, "robust": 0.1, "aot": 0.1, "aot_unpaired": 0.1}.get(loss_type)
+    path = tmp_path / "trl.yaml"
+    lines = [
+        f"model_name_or_path: {model_dir}",
+        f"dataset_name: {data_dir / 'train.jsonl'}",
+        f"output_dir: {tmp_path / 'run'}",
+        f"loss_type: {loss_type}",
+        "per_device_train_batch_size: 4",
+        "max_steps: 2",
+        "max_length: 64",
+        "learning_rate: 1.0e-3",
+        'save_strategy: "no"',
+        "report_to: none",
+        "disable_tqdm: true",
+        "write_report: false",
+        "progress: false",
+    ] + ([f"label_smoothing: {smoothing}"] if smoothing else [])
+    path.write_text("\n".join(lines) + "\n")
+    cfg = load_config(TrainConfig, path)
+    assert cfg.loss == ("dpo+bco_pair+sft" if loss_type == MPO else TRL_LOSS_TYPES[loss_type])
+    assert cfg.loss_weights == ([0.8, 0.2, 1.0] if loss_type == MPO else None)
+    run = train(cfg)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+    assert rows[0]["loss"] != rows[1]["loss"]  # the first step changed the policy

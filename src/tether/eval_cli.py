@@ -14,7 +14,8 @@ import json
 
 from .config import TetherError, add_dataclass_arguments, check_output_file, load_config, option, read_yaml_mapping
 from .files import write_text_atomic
-from .train.train_config import LOSSES
+from .loss_table import NAMES
+from .train.train_config import check_loss_options, loss_param
 
 # torch-free at import (models and the suites load inside run_eval): see tether.cli
 
@@ -52,10 +53,19 @@ class EvalOptions:
         "reference for the rewards; null = the adapter's base (adapter disabled), or the "
         "run's reference for RUN/final; a full model elsewhere needs it",
     )
-    loss: str = option("dpo", "loss to report: dpo (sigmoid), ipo or slic (hinge)", choices=LOSSES)
-    beta: float = option(0.1, "β of the rewards and the loss")
-    label_smoothing: float = option(0.0, "ε of conservative DPO (dpo only)")
-    nll_weight: float = option(0.0, "α of the NLL term added to the reported loss")
+    loss: str = loss_param("loss")
+    loss_weights: list[float] | None = loss_param("loss_weights")
+    beta: float | None = loss_param("beta")
+    label_smoothing: float = loss_param("label_smoothing")
+    discopop_tau: float = loss_param("discopop_tau")
+    simpo_gamma: float = loss_param("simpo_gamma")
+    cpo_alpha: float = loss_param("cpo_alpha")
+    nll_weight: float = loss_param("nll_weight")
+    losses: list[str] | None = option(
+        None,
+        "also report the value of each of these losses on the file (names from docs/losses.md, or all), each at "
+        "its own default β unless --beta is given",
+    )
     max_length: int = option(512, "max tokens of prompt + completion (as in training)")
     max_prompt_length: int = option(256, "max prompt tokens (as in training)")
     progress: bool = option(True, "show progress bars")
@@ -73,12 +83,14 @@ class EvalOptions:
             raise TetherError("options --suite and --eval_file: give one of them")
         if self.batch_size < 1:
             raise TetherError("option --batch_size: must be at least 1")
-        if self.loss not in LOSSES:
-            raise TetherError(f"option --loss: unknown loss '{self.loss}'; choose one of {', '.join(LOSSES)}")
-        if not self.beta > 0 or not 0.0 <= self.label_smoothing < 0.5 or self.nll_weight < 0:
-            raise TetherError(
-                "options --beta (> 0), --label_smoothing (in [0, 0.5)) and --nll_weight (>= 0) are out of range"
-            )
+        if self.nll_weight < 0:
+            raise TetherError(f"option --nll_weight must be >= 0, got {self.nll_weight}")
+        self.losses = list(NAMES) if self.losses == ["all"] else self.losses
+        unknown = [name for name in self.losses or [] if name not in NAMES]
+        if unknown:
+            raise TetherError(f"option --losses: unknown loss {unknown[0]!r}; choose from {', '.join(NAMES)} or all")
+        self._beta_given = self.beta is not None  # the other --losses then use it too
+        check_loss_options(self)
         if not 0 < self.max_prompt_length < self.max_length:
             raise TetherError(
                 f"option --max_prompt_length ({self.max_prompt_length}) must be > 0 and < --max_length "

@@ -3,7 +3,7 @@
 A TRL YAML (or `--flag` on the command line) may use TRL's names: each entry of `TRL_KEYS` turns one TRL key
 and its value into tether options (`{}` = accepted, no effect on the result). A key whose value has no
 tether meaning raises `Unsupported` with the reason. Keys that tether spells like TRL (beta, learning_rate,
-max_steps, ...) need no entry: they are tether options already. README "Coming from TRL" is the table.
+max_steps, ...) need no entry: they are tether options already. docs/trl.md is the table.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import difflib
 import os
 from collections.abc import Callable
 from typing import Any
+
+from .loss_table import NAMES, TRL_LOSS_TYPES
 
 
 class Unsupported(ValueError):
@@ -33,18 +35,38 @@ def _one_of(key: str, value: Any, allowed: dict[Any, dict], reason: str) -> dict
 
 
 def _loss_type(value: Any) -> dict:
-    return _one_of(
-        "loss_type",
-        value,
-        {"sigmoid": {"loss": "dpo"}, "ipo": {"loss": "ipo"}, "hinge": {"loss": "slic"}},
-        "tether implements sigmoid, ipo and hinge; a weighted mix of losses is not implemented",
-    )
+    """TRL's loss_type (one name or a list, combined with loss_weights) as tether's loss (a mixture a+b+c)."""
+    names = value if isinstance(value, list) else [value]
+    unknown = [n for n in names if not isinstance(n, str) or n.lower() not in TRL_LOSS_TYPES]
+    if unknown or not names:
+        others = [n for n in unknown if isinstance(n, str) and n.lower() in NAMES]
+        hint = f"; {', '.join(others)}: not a DPOTrainer loss_type, write loss: {others[0]}" if others else ""
+        raise Unsupported(
+            f"loss_type: {value!r} is not supported (TRL 1.16's DPOTrainer loss types are "
+            f"{', '.join(TRL_LOSS_TYPES)}{hint})"
+        )
+    return {"loss": "+".join(TRL_LOSS_TYPES[n.lower()] for n in names)}
 
 
 def _loss_weights(value: Any) -> dict:
-    if value is None or value == [1.0] or value == [1]:
+    if value is None:
         return {}
-    raise Unsupported(f"loss_weights: {value!r} is not supported (one loss type with weight 1 only)")
+    if isinstance(value, list):
+        return {"loss_weights": value}
+    raise Unsupported(f"loss_weights: {value!r} is not supported (a list of weights, one per loss_type)")
+
+
+def cross_key_problems(data: dict[str, Any]) -> list[str]:
+    """TRL keys whose meaning depends on another key: TRL 1.16's sigmoid ignores label_smoothing (its robust,
+    exo_pair and aot losses read it), while tether's dpo applies it as conservative DPO."""
+    types = data.get("loss_type", [])
+    types = types if isinstance(types, list) else [types]
+    if "sigmoid" in [t.lower() for t in types if isinstance(t, str)] and data.get("label_smoothing"):
+        return [
+            "label_smoothing with loss_type sigmoid: TRL 1.16 ignores it there, tether's dpo would apply it "
+            "(conservative DPO); drop label_smoothing, or write loss: dpo to mean conservative DPO"
+        ]
+    return []
 
 
 def _scheduler(value: Any) -> dict:
@@ -146,7 +168,11 @@ TRL_KEYS: dict[str, Callable[[Any], dict]] = {
         "keep_start",
         "tether keeps the start: prompts are cut from the left to max_prompt_length, then completions from the right",
     ),
-    "reference_free": _must_be("reference_free", False, "tether always uses a reference"),
+    "reference_free": _must_be(
+        "reference_free",
+        False,
+        "write the loss instead: cpo with cpo_alpha: 0 is sigmoid without a reference; simpo and orpo need none",
+    ),
     "sync_ref_model": _must_be(
         "sync_ref_model",
         False,
@@ -254,6 +280,7 @@ def translate(
     if "dataset_name" in data and str(strategy).lower() != "no" and "eval_file" in names and "eval_file" not in values:
         values["eval_file"] = coerce("eval_file", data["dataset_name"])
         values.setdefault("eval_split", coerce("eval_split", data.get("dataset_test_split", "test")))
+    problems += [dash + p for p in cross_key_problems(data)]
     for key in unknown:
         problems.append(f"unknown option '{dash}{key}'" + did_you_mean(key, names | set(TRL_KEYS), dash))
     return values, problems, ignored

@@ -1,11 +1,12 @@
-"""The offline preference-optimization loop (DPO / IPO / SLiC, and BAPO's anchor to the base's own answers)
-on `accelerate`. `OfflineRun` reads top to bottom: data → policy → reference (and BAPO's y_b) → optimizer →
+"""The offline preference-optimization loop (any loss of tether.loss_table, and BAPO's anchor to the base's own
+answers) on `accelerate`. `OfflineRun` reads top to bottom: data → policy → reference (and BAPO's y_b) → optimizer →
 (resume) → steps → final model.
 
 Batching: optimizer step t consumes positions [t·G, (t+1)·G) of the data stream (see `stream_indices`),
 G = batch_size × processes × gradient_accumulation_steps; within a step, micro-batch m of process r takes
 the slice [(m·P + r)·b, (m·P + r + 1)·b). So 2 processes × batch b see exactly the pairs that 1 process ×
-batch 2b sees, and gradients (averaged by DDP) are the same up to floating-point summation order.
+batch 2b sees, and gradients (averaged by DDP) are the same up to floating-point summation order — for every
+loss that is a mean over pairs; sft and aot take the micro-batch as their batch, as TRL does (docs/losses.md).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ..config import TetherError
 from ..data import COMPLETION_KEYS, Example, collate, load_preference_records, tokenize_records
 from ..files import cache_dir, check_writable_dir, write_text_atomic
 from ..logprobs import SequenceScorer
+from ..loss_table import needs_reference
 from ..losses import objective
 from ..models import load_tokenizer
 from . import checkpoint
@@ -157,15 +159,18 @@ class OfflineRun(TrainingRun):
         if self.keys != COMPLETION_KEYS:
             attach_base_responses(acc, cfg, self.reference, self.tokenizer, [self.train_ex, self.eval_ex])
         self.train_table = self.eval_table = None
-        if cfg.precompute_ref_logps:
+        # a loss that reads no reference: only BAPO's base rows have reference log-probs, always precomputed
+        free = not needs_reference(cfg.loss)
+        ref_keys = self.keys[len(COMPLETION_KEYS) :] if free else self.keys
+        if ref_keys and (cfg.precompute_ref_logps or free):
             self.train_table = reference_table(
-                acc, cfg, self.reference, self.train_ex, self.keys, self.pad_id, "reference log-probs (train)"
+                acc, cfg, self.reference, self.train_ex, ref_keys, self.pad_id, "reference log-probs (train)"
             )
             if self.eval_ex:
                 self.eval_table = reference_table(
-                    acc, cfg, self.reference, self.eval_ex, self.keys, self.pad_id, "reference log-probs (eval)"
+                    acc, cfg, self.reference, self.eval_ex, ref_keys, self.pad_id, "reference log-probs (eval)"
                 )
-            self.reference = cached_reference(self.reference)  # nothing of the reference model stays in memory
+            self.reference = cached_reference(self.reference, base_rows_only=free)  # no reference model stays
 
         self.procs, self.accum = acc.num_processes, cfg.gradient_accumulation_steps
         self.global_batch = cfg.batch_size * self.procs * self.accum

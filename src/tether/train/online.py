@@ -5,7 +5,8 @@ prompts → oracle → models → (resume) → steps → final model.
         if t mod K == 0: π_β ← π_θ                                   (K = T / F)
         B new prompts; 2 responses each sampled from π_β; identical pairs dropped
         the oracle labels each pair; the pairs go to the ledger (fsynced) BEFORE training
-        one optimizer step on L_DAP(·; π_θ, π_ref) with π_ref = π_β (BPO), π_sft, a fixed model, or an EMA
+        one optimizer step on L_DAP(·; π_θ, π_ref) with π_ref = π_β (BPO), π_sft, a fixed model, an EMA, or none
+        (reference: none, for a loss that reads no reference)
 
 Sharding: step t takes prompt stream positions [t·B, (t+1)·B); process r samples and annotates the slots
 [r·B/P, (r+1)·B/P). Sampling is seeded per stream position, and the loss is normalised by the number of usable
@@ -392,7 +393,9 @@ class OnlineRun(TrainingRun):
         t = time.perf_counter()
         if local:  # y_b's reference stays log π_sft(y_b), from the ledger
             n = len(local)
-            ref_logps = torch.cat([self.reference.logps(batch, len(self.keys), recorded)[: 2 * n], recorded[2 * n :]])
+            base_ref = recorded[2 * n :] if len(self.keys) > 2 else None
+            pair_ref = self.reference.logps(batch, len(self.keys), recorded)  # None: the loss reads no reference
+            ref_logps = base_ref if pair_ref is None else torch.cat([pair_ref[: 2 * n], recorded[2 * n :]])
         timing["reference_s"] += time.perf_counter() - t
         t = time.perf_counter()
         stats, grad_norm, lr = (

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..config import TetherError, option
+from ..loss_table import needs_reference, reference_free_names
 from .train_config import CommonConfig
 
-REFERENCES = ("behavior", "initial", "fixed", "ema")
+REFERENCES = ("behavior", "initial", "fixed", "ema", "none")
 
 
 @dataclass
@@ -42,7 +43,8 @@ class OnlineConfig(CommonConfig):
     prompts_per_step: int = option(16, "B: new prompts per step over all processes (2 responses sampled for each)")
     reference: str = option(
         "behavior",
-        "π_ref of the loss: behavior (BPO: π_β), initial (π_sft: on-policy DAP), fixed (ref_model), ema",
+        "π_ref of the loss: behavior (BPO: π_β), initial (π_sft: on-policy DAP), fixed (ref_model), ema, or none "
+        f"(only for a loss that uses no reference: {', '.join(reference_free_names())})",
         choices=REFERENCES,
     )
     ref_model: str | None = option(None, "the fixed reference model directory (reference: fixed)")
@@ -97,6 +99,7 @@ class OnlineConfig(CommonConfig):
             raise TetherError(f"option 'oracle_failure_patience' must be >= 1, got {self.oracle_failure_patience}")
         if not 0.0 < self.top_p <= 1.0:
             raise TetherError(f"option 'top_p' must be in (0, 1], got {self.top_p}")
+        self._check_reference_against_loss()
         if self.reference == "fixed" and not self.ref_model:
             raise TetherError("reference: fixed needs option 'ref_model' (the fixed reference model directory)")
         if self.ref_model and self.reference != "fixed":
@@ -107,3 +110,17 @@ class OnlineConfig(CommonConfig):
             raise TetherError(f"option 'ema_rate' must be in (0, 1], got {self.ema_rate}")
         if self.ensemble_size > 1 and not self.lora:
             raise TetherError("option 'ensemble_size' > 1 needs lora: true (the ensemble is of LoRA adapters)")
+
+    def _check_reference_against_loss(self) -> None:
+        """A reference mode is the point of an online setting (BPO: π_ref = π_β): it needs a loss that reads π_ref,
+        and a loss that reads none needs reference: none."""
+        if self.reference != "none" and not needs_reference(self.loss):
+            raise TetherError(
+                f"loss {self.loss} uses no reference, so reference: {self.reference} would have no effect (the "
+                f"point of that setting is π_ref); use a loss with a reference, or reference: none"
+            )
+        if self.reference == "none" and needs_reference(self.loss):
+            raise TetherError(
+                f"reference: none, but loss {self.loss} needs a reference; use a loss without one "
+                f"({', '.join(reference_free_names())}) or another reference"
+            )

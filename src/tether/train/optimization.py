@@ -11,6 +11,7 @@ from transformers import get_scheduler
 
 from ..config import TetherError
 from ..models import add_lora, disable_dropout, enable_gradient_checkpointing, load_model
+from .train_config import loss_options
 
 
 def load_policy(cfg):
@@ -32,10 +33,7 @@ def load_policy(cfg):
 def objective_options(cfg) -> dict:
     """The values `losses.objective` takes from a run's options (the anchor's weight is 0 unless BAPO is on)."""
     return dict(
-        loss=cfg.loss,
-        beta=cfg.beta,
-        label_smoothing=cfg.label_smoothing,
-        nll_weight=cfg.nll_weight,
+        **loss_options(cfg),
         anchor_weight=cfg.anchor_weight,
         anchor_form=cfg.anchor_form,
         anchor_normalize=cfg.anchor_normalize,

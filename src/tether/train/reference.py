@@ -5,6 +5,8 @@
     fixed     a separate frozen model (`ref_model`)
     behavior  π_β, the behavior policy of BPO (docs/methods.md §5): its log-probs are recorded when it samples
     ema       an exponential moving average of π_θ, moved after every step (online)
+    none      no reference: the loss reads none (docs/losses.md, "No reference"); with BAPO only the base
+              responses' log π_ref(y_b) are known (precomputed offline, from the ledger online)
     cached    (offline) any of the above, its log-probs computed once before training and cached on disk
               (keyed by a fingerprint of the model weights + tokenized data)
 
@@ -25,6 +27,7 @@ from tqdm.auto import tqdm
 from ..data import Example, collate
 from ..files import write_atomic
 from ..logprobs import sequence_logps
+from ..loss_table import needs_reference
 from ..models import eval_mode, load_model
 
 log = logging.getLogger("tether")
@@ -58,6 +61,14 @@ class RecordedReference(Reference):
         if recorded is None:
             raise ValueError(f"the {self.label} reference scores nothing itself: its log-probs must be given")
         return recorded
+
+
+class NoReference(Reference):
+    """The loss reads no reference: no model, no pass, and `logps` is None (BAPO's log π_ref(y_b) are kept
+    apart: a table of the base rows alone offline, the ledger's online)."""
+
+    def logps(self, batch, n_keys, recorded=None):
+        return None
 
 
 class LiveReference(Reference):
@@ -100,20 +111,27 @@ def model_reference(label: str, model, adapter_off: bool = False) -> LiveReferen
     return LiveReference(label, lambda: eval_mode(model, adapter_off), model, adapter_off)
 
 
-def offline_reference(cfg, policy, device) -> LiveReference:
+def offline_reference(cfg, policy, device) -> Reference:
     """π_ref of an offline run, as a live scorer (precomputing turns it into a cached one, `cached_reference`):
-    a separate frozen model, the LoRA base (adapter disabled) or the initial policy."""
+    a separate frozen model, the LoRA base (adapter disabled) or the initial policy; for a loss that reads no
+    reference, nothing (`NoReference`), or with BAPO the initial policy for the base responses alone."""
+    free = not needs_reference(cfg.loss)
+    if free and cfg.method != "bapo":
+        return NoReference(f"none (loss {cfg.loss} reads no reference)")
     if cfg.ref_model:
         return model_reference(f"fixed ({cfg.ref_model})", load_reference_model(cfg.ref_model, cfg.torch_dtype, device))
     if cfg.lora:
         return model_reference("initial (the base with the adapter disabled)", policy, adapter_off=True)
-    if cfg.precompute_ref_logps:  # the policy IS the reference until the first step
+    if cfg.precompute_ref_logps or free:  # the policy IS the reference until the first step
         return model_reference("initial", policy)
     return model_reference("initial (a frozen copy)", load_reference_model(cfg.model, cfg.torch_dtype, device))
 
 
-def cached_reference(live: Reference) -> RecordedReference:
-    """`live` once its log-probs are precomputed for every example: nothing of its model is needed any more."""
+def cached_reference(live: Reference, base_rows_only: bool = False) -> RecordedReference:
+    """`live` once its log-probs are precomputed for every example: nothing of its model is needed any more.
+    `base_rows_only`: only BAPO's base responses were scored (the loss reads no reference)."""
+    if base_rows_only:
+        return RecordedReference(f"none for y_w, y_l; {live.label} for the base responses, log-probs precomputed")
     return RecordedReference(f"{live.label}, log-probs precomputed")
 
 
@@ -127,6 +145,8 @@ def online_reference(cfg, policy, device) -> Reference:
     """π_ref of an online run, built on `policy` (an OnlinePolicy made with `policy_copies_needed(cfg)`)."""
     if cfg.reference == "behavior":
         return RecordedReference("behavior (BPO)")
+    if cfg.reference == "none":
+        return NoReference(f"none (loss {cfg.loss} reads no reference)")
     if cfg.reference == "fixed":
         return model_reference("fixed", load_reference_model(cfg.ref_model, cfg.torch_dtype, device))
     if cfg.reference == "initial":

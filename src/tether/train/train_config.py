@@ -8,12 +8,40 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import TetherError, brief, option
+from ..loss_table import OPTION_DEFAULTS, PARAM_HELP, PARAMS, loss_help, needs_reference, resolve_options
 
 MAX_SEED = 2**32 - 1  # numpy.random.seed takes no more (accelerate.set_seed seeds numpy)
-LOSSES = ("dpo", "ipo", "slic")  # the names tether.losses.preference_loss accepts (here so --help needs no torch)
 BAPO_ANCHOR_WEIGHT = (
     0.1  # λ when method: bapo and anchor_weight is not given (the first embedded-world study's pilot choice)
 )
+
+
+def loss_param(name: str):
+    """The option `name` of the loss (the same in `tether train`, `tether online` and `tether eval`)."""
+    if name == "loss":
+        return option("dpo", loss_help())
+    if name == "loss_weights":
+        return option(None, "weights of a mixture's losses, in order (as TRL's loss_weights); null = 1 each")
+    if name == "nll_weight":
+        return option(0.0, "α: weight of the NLL (−mean log-prob) of the chosen response added to the loss")
+    return option(OPTION_DEFAULTS[name], PARAM_HELP[name])
+
+
+def check_loss_options(cfg) -> None:
+    """Check cfg's loss, loss_weights and loss parameters against the table (one-line TetherError naming the
+    option); a null beta becomes the loss's default."""
+    try:
+        resolved = resolve_options(cfg.loss, cfg.loss_weights, {name: getattr(cfg, name) for name in PARAMS})
+    except ValueError as e:
+        raise TetherError(str(e)) from None
+    cfg.beta = resolved["beta"]
+
+
+def loss_options(cfg) -> dict:
+    """What `tether.losses.objective` / `preference_loss` take from cfg's loss options."""
+    return dict(
+        loss=cfg.loss, loss_weights=cfg.loss_weights, nll_weight=cfg.nll_weight, **{p: getattr(cfg, p) for p in PARAMS}
+    )
 
 
 @dataclass
@@ -21,10 +49,14 @@ class CommonConfig:
     model: str = option("", "policy model: a local Hugging Face directory or a built-in name (required)")
     output_dir: str = option("runs/train", "run directory: config.yaml, metrics.jsonl, checkpoints/, final/")
     # the loss
-    loss: str = option("dpo", "preference loss: dpo (sigmoid), ipo (mean log-probs) or slic (hinge)", choices=LOSSES)
-    beta: float = option(0.1, "β: strength of the tie to the reference (all three losses)")
-    label_smoothing: float = option(0.0, "ε of conservative DPO, in [0, 0.5); dpo only")
-    nll_weight: float = option(0.0, "α: weight of the NLL (−mean log-prob) of the chosen response added to the loss")
+    loss: str = loss_param("loss")
+    loss_weights: list[float] | None = loss_param("loss_weights")
+    beta: float | None = loss_param("beta")
+    label_smoothing: float = loss_param("label_smoothing")
+    discopop_tau: float = loss_param("discopop_tau")
+    simpo_gamma: float = loss_param("simpo_gamma")
+    cpo_alpha: float = loss_param("cpo_alpha")
+    nll_weight: float = loss_param("nll_weight")
     # BAPO: anchor the policy to the base model's own responses (docs/methods.md §3); the one switch is `method`
     method: str = option(
         "dap",
@@ -34,7 +66,7 @@ class CommonConfig:
     anchor_weight: float | None = option(
         None,
         f"λ: weight of the BAPO anchor (method: bapo only); null = {BAPO_ANCHOR_WEIGHT} with bapo (the "
-        'first embedded-world study\'s pilot choice; README "BAPO"), 0 with dap',
+        "first embedded-world study's pilot choice; docs/bapo.md), 0 with dap",
     )
     anchor_form: str = option(
         "hinge",
@@ -101,10 +133,8 @@ class CommonConfig:
             self.max_prompt_length = self.max_length // 2
         if not self.model:
             raise TetherError("option 'model' is required (a local model directory or a built-in name)")
-        if self.loss not in LOSSES:
-            raise TetherError(f"option 'loss': unknown loss '{self.loss}'; choose one of {', '.join(LOSSES)}")
+        check_loss_options(self)
         positive = (
-            "beta",
             "learning_rate",
             "max_length",
             "max_prompt_length",
@@ -132,10 +162,6 @@ class CommonConfig:
                 raise TetherError(f"option '{name}' must be in [0, 1), got {getattr(self, name)}")
         if self.adam_epsilon <= 0:
             raise TetherError(f"option 'adam_epsilon' must be > 0, got {self.adam_epsilon}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise TetherError(f"option 'label_smoothing' must be in [0, 0.5), got {self.label_smoothing}")
-        if self.label_smoothing and self.loss != "dpo":
-            raise TetherError("option 'label_smoothing' applies to loss 'dpo' only")
         if self.method == "dap" and self.anchor_weight:
             raise TetherError(
                 f"option 'anchor_weight' ({self.anchor_weight}) is BAPO's anchor, but method is dap: set "
@@ -221,6 +247,10 @@ class TrainConfig(CommonConfig):
             raise TetherError(f"option 'base_top_k' must be >= 0, got {self.base_top_k}")
         if not 0.0 < self.base_top_p <= 1.0:
             raise TetherError(f"option 'base_top_p' must be in (0, 1], got {self.base_top_p}")
+        if self.ref_model and not needs_reference(self.loss):
+            raise TetherError(
+                f"option 'ref_model': loss {self.loss} uses no reference (it is trained without one); drop ref_model"
+            )
         if self.method == "bapo":
             if self.base_samples < 1 or self.base_max_new_tokens < 1:
                 raise TetherError("options 'base_samples' and 'base_max_new_tokens' must be >= 1")

@@ -55,13 +55,14 @@ from pathlib import Path
 
 from tether.config import TetherError, load_config
 from tether.files import read_json, write_text_atomic
+from tether.loss_table import LOSSES as LOSS_TABLE
 from tether_lab.world.settings import NOT_FINGERPRINTED, WorldSettings
 
 # torch, tqdm and the report are imported inside the functions: `tether --help` builds this study's parser
 
 log = logging.getLogger("tether")
 
-LOSSES = ("dpo", "ipo", "slic")
+LOSSES = tuple(name for name, entry in LOSS_TABLE.items() if entry.reference)  # an arm's π_ref is the point
 # setting -> (phases as a function of T, reference)
 SETTINGS = {
     "offline": (lambda t: 1, "behavior"),

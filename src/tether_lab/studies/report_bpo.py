@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from tether.loss_table import NAMES as LOSS_NAMES
 from tether.stats import paired_t_interval
 from tether_lab.studies.common import fmt
 
@@ -143,7 +144,7 @@ def _plt():
 
 
 def _losses(data: dict) -> list[str]:
-    return sorted({r["loss"] for r in data["runs"]}, key=lambda x: ("dpo", "ipo", "slic").index(x))
+    return sorted({r["loss"] for r in data["runs"]}, key=LOSS_NAMES.index)
 
 
 def _curve(runs: list[dict], x: str, y: str, source: str) -> tuple[list, list]:
@@ -281,7 +282,7 @@ def _rare_pole_table(data: dict) -> list[str]:
         "|---|---|" + "---|" * len(dims),
     ]
     for setting in LABELS:
-        for loss in ("dpo", "ipo", "slic"):
+        for loss in _losses({"runs": runs}):
             mine = [r for r in runs if r["setting"] == setting and r["loss"] == loss]
             if mine:
                 cells = [
