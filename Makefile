@@ -4,11 +4,11 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install smollm2 demo test test-slow test-all bench clean
+.PHONY: install smollm2 demo test test-slow test-all bench docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,plots,tensorboard]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,plots,tensorboard,docs]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -32,6 +32,9 @@ test-all: $(STAMP)
 bench: $(STAMP)  ## speed benchmarks against TRL (installs the bench extra)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[bench]'
 	$(PY) benchmarks/bench_dpo_step.py
+
+docs: $(STAMP)  ## the documentation site (MkDocs, Material theme, API reference from the docstrings) into site/, offline
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

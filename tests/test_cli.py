@@ -136,7 +136,7 @@ def test_study_seeds_option_parses_or_names_the_bad_value(capsys):
     assert args.seeds == [0, 1, 2]
     with pytest.raises(SystemExit) as e:
         main(["study", "bapo", "--model", "m", "--seeds", "0,x"])
-    assert e.value.code == 2 and "'0,x': expected comma-separated integers" in capsys.readouterr().err
+    assert e.value.code == 2 and "'0,x': expected distinct comma-separated integers" in capsys.readouterr().err
 
 
 def test_study_world_seed_option_parses_or_names_the_bad_value(capsys):
@@ -147,7 +147,9 @@ def test_study_world_seed_option_parses_or_names_the_bad_value(capsys):
         with pytest.raises(SystemExit) as e:
             main(["study", "bapo", "--world_seed", bad])
         err = capsys.readouterr().err
-        assert e.value.code == 2 and f"argument --world_seed: '{bad}': expected an integer >= 0" in err, err
+        assert (
+            e.value.code == 2 and f"argument --world_seed: '{bad}': expected an integer from 0 to 2147483647" in err
+        ), err
     assert main(["study", "bapo", "--model", "m", "--world_seed", "2"]) == 2  # the embedded world's option only
     assert "option --world_seed: applies to the embedded world" in capsys.readouterr().err
 

@@ -101,7 +101,9 @@ def test_fsdp2_online_full_finetuning_bapo_with_evaluation_matches_one_process(m
     assert all(r["base_ids"] for r in map(json.loads, (two / "ledger.jsonl").read_text().splitlines()))
     r1, r2 = (json.loads((d / "results.json").read_text()) for d in (one, two))
     assert r1["final_eval"] == r2["final_eval"] and r2["final_eval"]["eval_n"] == 5
-    assert {"optim_shard_0.pt", "optim_shard_1.pt"} <= {p.name for p in (two / "checkpoints" / "step-000002").iterdir()}
+    assert {"optim_shard_0.json", "optim_shard_1.json", "optim_shard_1.safetensors"} <= {
+        p.name for p in (two / "checkpoints" / "step-000002").iterdir()
+    }
 
 
 @pytest.mark.parametrize(
@@ -215,7 +217,9 @@ def test_fsdp2_online_kill_and_resume_matches_the_uninterrupted_run(model_dir, p
     )
     assert crashed.returncode != 0 and not (tmp_path / "resumed" / "final").exists()
     ckpt = tmp_path / "resumed" / "checkpoints" / "step-000002"
-    assert {"optim_shard_0.pt", "optim_shard_1.pt", "trainable.safetensors"} <= {p.name for p in ckpt.iterdir()}
+    assert {"optim_shard_0.json", "optim_shard_1.json", "optim_shard_1.safetensors", "trainable.safetensors"} <= {
+        p.name for p in ckpt.iterdir()
+    }
     resumed = run_cli(*common, "--output_dir", str(tmp_path / "resumed"), "--resume", launcher=FSDP2, env=ENV)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert ledger(tmp_path / "full") == ledger(tmp_path / "resumed")  # step 3 replayed from the ledger

@@ -4,6 +4,8 @@ computed (once, before training); online it needs reference: none."""
 
 import json
 import math
+import os
+from pathlib import Path
 
 import pytest
 
@@ -11,8 +13,14 @@ import tether.train.offline as offline
 import tether.train.reference as reference
 from conftest import online_config
 from conftest import train_config as offline_config
-from test_online import _toy_oracles_importable  # noqa: F401 (a fixture)
 from tether.train import online_train, train
+
+
+@pytest.fixture(autouse=True)
+def _toy_oracles_importable(monkeypatch):
+    tests = str(Path(__file__).parent)
+    monkeypatch.syspath_prepend(tests)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]))
 
 
 def _metrics(run):
@@ -82,7 +90,7 @@ def test_offline_bapo_with_a_reference_free_loss_scores_only_the_base_responses(
 
 
 @pytest.mark.parametrize("method", ["dap", "bapo"])
-def test_online_reference_none_trains_a_reference_free_loss(model_dir, prompt_file, tmp_path, method):
+def test_online_reference_none_trains_a_reference_free_loss(model_dir, prompt_file, tmp_path, method):  # noqa: F811
     run = online_train(
         online_config(
             model_dir,

@@ -121,8 +121,8 @@ def _add_run_parser(sub, name: str, cls, func, help: str, description: str) -> N
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description=description + " Options come from --config FILE.yaml, then from flags (a flag wins over the "
         "file). TRL's DPOConfig names are accepted in the file and as flags where the meaning agrees "
-        "(model_name_or_path, per_device_train_batch_size, loss_type: sigmoid|ipo|hinge, use_peft, ...; README "
-        "'Coming from TRL'). Works under `accelerate launch` for several processes.",
+        "(model_name_or_path, per_device_train_batch_size, loss_type: sigmoid|ipo|hinge, use_peft, ...; "
+        "docs/trl.md). Works under `accelerate launch` for several processes.",
     )
     p.set_defaults(accepts_extra_flags=True)
     p.add_argument("--config", default=None, help="YAML file of options (any option below)")

@@ -24,9 +24,7 @@ def methods_table() -> str:
     return "\n".join(rows) + "\n"
 
 
-def losses_page() -> str:
-    """docs/losses.md, generated from the table (`python -m tether.loss_docs > docs/losses.md`)."""
-    head = """# Losses
+_HEAD = """# Losses
 
 Every loss tether trains with, from its one table (`tether.loss_table`; this page is generated from it by
 `python -m tether.loss_docs > docs/losses.md`, and `tests/test_losses.py` checks that it is current). The
@@ -45,6 +43,11 @@ of them. `tether eval --model M --eval_file PAIRS --losses all` reports every lo
 | `loss` | reference | length-normalized | parameters (default, range) | TRL 1.16 |
 |---|---|---|---|---|
 """
+
+
+def losses_page() -> str:
+    """docs/losses.md, generated from the table (`python -m tether.loss_docs > docs/losses.md`)."""
+    head = _HEAD
     rows = []
     for e in LOSSES.values():
         trl = f"`{e.trl}`" if e.trl else "—"

@@ -3,7 +3,7 @@
 A TRL YAML (or `--flag` on the command line) may use TRL's names: each entry of `TRL_KEYS` turns one TRL key
 and its value into tether options (`{}` = accepted, no effect on the result). A key whose value has no
 tether meaning raises `Unsupported` with the reason. Keys that tether spells like TRL (beta, learning_rate,
-max_steps, ...) need no entry: they are tether options already. README "Coming from TRL" is the table.
+max_steps, ...) need no entry: they are tether options already. docs/trl.md is the table.
 """
 
 from __future__ import annotations

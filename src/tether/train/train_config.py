@@ -66,7 +66,7 @@ class CommonConfig:
     anchor_weight: float | None = option(
         None,
         f"λ: weight of the BAPO anchor (method: bapo only); null = {BAPO_ANCHOR_WEIGHT} with bapo (the "
-        'first embedded-world study\'s pilot choice; README "BAPO"), 0 with dap',
+        "first embedded-world study's pilot choice; docs/bapo.md), 0 with dap",
     )
     anchor_form: str = option(
         "hinge",

@@ -49,7 +49,7 @@ DECODINGS = ("greedy", "sampled")
 
 @dataclass
 class BapoProtocol:
-    """Fixed on the tuning seed 100 (never a study seed), before any study seed ran (README "Studies"): at 40 steps
+    """Fixed on the tuning seed 100 (never a study seed), before any study seed ran (docs/studies.md): at 40 steps
     a constant learning rate of 1e-3 collapses DPO's answers within 10 steps and 5e-4 makes them degenerate after
     20, while 3e-4 keeps them readable; λ spans the crossover of the anchor's per-pair gradient (λ) with DPO's
     (β·σ(−βh) ≤ 0.05) by about a decade each side. Quick mode is the full protocol's seed 0."""

@@ -8,7 +8,7 @@ from pathlib import Path
 from tether.config import TetherError
 from tether.files import write_text_atomic
 from tether.stats import summarize
-from tether.train.marker import MARKER, new_marker, read_marker
+from tether.train.marker import MARKER, read_marker
 
 
 class StudyResults:
@@ -78,7 +78,9 @@ def _claim_study_dir(out: Path, study: str) -> dict | None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         if not marked:
-            write_text_atomic(out / MARKER, json.dumps(new_marker(out, f"study {study}")) + "\n")
+            # no directory identity: a study directory is committed with its results and resumed from another
+            # clone (a run directory's marker records its inode, train/marker.py)
+            write_text_atomic(out / MARKER, json.dumps({"tether_run": 1, "command": f"study {study}"}) + "\n")
     except OSError as e:
         raise TetherError(f"option '--out': cannot write into {out} ({e.strerror or e})") from None
     return data

@@ -297,6 +297,37 @@ def _seedvals(d: dict, digits: int = 3) -> str:
     return ", ".join(f"{s}: {'—' if v is None else f'{v:.{digits}f}'}" for s, v in d.items())
 
 
+def claim_lines(data: dict) -> list[str]:
+    """The report's claims, each with its verdict (greedy, and the same rule on sampled answers) and numbers."""
+    lines: list[str] = []
+    for i, c in enumerate(data["claims"], 1):
+        verdict = c["verdict"] + (f" — {c['reason']}" if c.get("reason") else "")
+        s = c["sampled"]
+        lines += [
+            f"{i}. {c['claim']}: **{verdict}** (greedy). Paired difference over seeds: {_ci(c['interval'])}; "
+            f"per seed: {_seedvals(c['per_seed'])}."
+            + (
+                f" Seeds without a value (frontier never reaches the gain): {c['seeds_without_value']}."
+                if c["seeds_without_value"]
+                else ""
+            ),
+            f"   - sampled answers (T = 1): {s['verdict']}; {_ci(s['interval'])}; "
+            f"per seed: {_seedvals(s['per_seed'])}.",
+        ]
+        for key in ("bapo_retention", "best_baseline_retention", "bapo_best_gain_retaining", "dpo_best_gain"):
+            if key in c:
+                lines.append(
+                    f"   - {key.replace('_', ' ')} (greedy), per seed: "
+                    f"{_seedvals(c[key], 3 if 'retention' in key else 1)}"
+                )
+        if "forgetting" in c:
+            lines.append(
+                "   - DPO's forgetting at the matched gain (greedy), per seed: "
+                + "; ".join(f"{lv}: {_seedvals(v)}" for lv, v in c["forgetting"].items())
+            )
+    return lines
+
+
 def report(data: dict) -> str:
     p, runs, pre = data["protocol"], data["runs"], data["precheck"]
     lines = [
@@ -331,31 +362,7 @@ def report(data: dict) -> str:
         "## Claims",
         "",
     ]
-    for i, c in enumerate(data["claims"], 1):
-        verdict = c["verdict"] + (f" — {c['reason']}" if c.get("reason") else "")
-        s = c["sampled"]
-        lines += [
-            f"{i}. {c['claim']}: **{verdict}** (greedy). Paired difference over seeds: {_ci(c['interval'])}; "
-            f"per seed: {_seedvals(c['per_seed'])}."
-            + (
-                f" Seeds without a value (frontier never reaches the gain): {c['seeds_without_value']}."
-                if c["seeds_without_value"]
-                else ""
-            ),
-            f"   - sampled answers (T = 1): {s['verdict']}; {_ci(s['interval'])}; "
-            f"per seed: {_seedvals(s['per_seed'])}.",
-        ]
-        for key in ("bapo_retention", "best_baseline_retention", "bapo_best_gain_retaining", "dpo_best_gain"):
-            if key in c:
-                lines.append(
-                    f"   - {key.replace('_', ' ')} (greedy), per seed: "
-                    f"{_seedvals(c[key], 3 if 'retention' in key else 1)}"
-                )
-        if "forgetting" in c:
-            lines.append(
-                "   - DPO's forgetting at the matched gain (greedy), per seed: "
-                + "; ".join(f"{lv}: {_seedvals(v)}" for lv, v in c["forgetting"].items())
-            )
+    lines += claim_lines(data)
     if any(c["verdict"] == NOT_TESTABLE for c in data["claims"]):
         lines += [
             "",
