@@ -256,7 +256,8 @@ def run_study(out: str | Path, protocol: LlmBapoProtocol, resume: bool = False, 
     calib = study.unit("calibration", primary, TUNING_OFFSET)
     gates = [rules.data_gate(primary, calib["chosen_wins"])]
     replication = [study.unit("calibration", name, TUNING_OFFSET) for name in p.personas[1:]]
-    gates += [rules.data_gate(u["persona"], u["chosen_wins"]) for u in replication]
+    replication_gates = [rules.data_gate(u["persona"], u["chosen_wins"]) for u in replication]
+    gates += replication_gates
     arms = {a.name: a for a in p.arms()}
     if gates[0]["passed"]:
         runs = study.run_all(calib, list(arms.values()),
@@ -267,11 +268,11 @@ def run_study(out: str | Path, protocol: LlmBapoProtocol, resume: bool = False, 
     data["gates"] = gates
     stopping = [g["gate"] for g in gates if not g["passed"] and g["gate"] in (*rules.STOPPING_GATES, f"data-{primary}")]
     if not stopping and not p.quick:
-        chosen = [arms[n] for n in rules._names(data["selection"]["arms"])]
+        chosen = [arms[n] for n in rules.selected_arms(data["selection"]["arms"])]
         steps = data["selection"]["eval_steps"]
         units = [("confirmatory", primary, s) for s in p.seeds]
-        units += [("confirmatory", g["gate"][5:], s) for g in gates[1 : len(p.personas)] if g["passed"]
-                  for s in p.replication_seeds]  # fmt: skip
+        passed = [u["persona"] for u, g in zip(replication, replication_gates, strict=True) if g["passed"]]
+        units += [("confirmatory", persona, s) for persona in passed for s in p.replication_seeds]
         for stage, persona, seed in units:
             study.run_all(study.unit(stage, persona, seed), chosen, lambda a: steps[a.name])
     data["stopped_at_gates"] = stopping

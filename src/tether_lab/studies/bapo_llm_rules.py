@@ -174,7 +174,7 @@ def select(p: LlmBapoProtocol, calibration: list[dict]) -> tuple[dict, list[dict
         "baseline": min(base_ok)[1] if base_ok else None,
         "null": "null" if null else None,
     }
-    steps = {r["arm"]: eval_steps(r["points"], gains) for r in calibration if r["arm"] in _names(chosen)}
+    steps = {r["arm"]: eval_steps(r["points"], gains) for r in calibration if r["arm"] in selected_arms(chosen)}
     if chosen["null"] and chosen["dpo"]:
         steps["null"] = steps[chosen["dpo"]]
     gates = [
@@ -210,7 +210,8 @@ def select(p: LlmBapoProtocol, calibration: list[dict]) -> tuple[dict, list[dict
     return {"arms": chosen, "eval_steps": steps}, gates
 
 
-def _names(chosen: dict) -> list[str]:
+def selected_arms(chosen: dict) -> list[str]:
+    """The arm names of a selection's "arms" (a name, a list of names, or None per kind)."""
     return [n for v in chosen.values() for n in (v if isinstance(v, list) else [v]) if n]
 
 
@@ -225,7 +226,7 @@ def eval_steps(points: list[dict], gains: list[float]) -> list[int]:
         if len(steps) >= MAX_EVAL_STEPS:
             break
         steps.add(pt["step"])
-    return sorted(steps)[:MAX_EVAL_STEPS] if len(steps) > MAX_EVAL_STEPS else sorted(steps)
+    return sorted(steps)[:MAX_EVAL_STEPS]
 
 
 # ---------------------------------------------------------------- claims
