@@ -305,3 +305,15 @@ def test_the_instructed_oracle_is_a_persona_score():
     assert oracle.id == "instructed:simple"
     with pytest.raises(TetherError, match="option 'oracle': unknown instructed persona 'nobody'"):
         load_oracle("instructed:nobody")
+
+
+def test_a_protocol_the_rules_cannot_judge_is_refused_before_anything_is_written(model_dir, tmp_path):
+    for bad, match in (
+        (dict(settings=["offline", "bpo-f3"]), "unknown setting"),
+        (dict(eval_points=3, steps=6), "must evaluate T/2"),
+        (dict(train_prompts=4), "4 training prompts for B·T = 8"),
+        (dict(persona="nobody"), "unknown instructed persona"),
+    ):
+        with pytest.raises(TetherError, match=match):
+            bpo_llm.run_study(tmp_path / "s", replace(_micro(model_dir), **bad))
+        assert not (tmp_path / "s").exists()

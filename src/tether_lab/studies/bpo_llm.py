@@ -29,7 +29,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from tether.config import load_config
+from tether.config import TetherError, load_config
 from tether.data import Example, collate
 from tether.files import read_json, read_json_lines, write_text_atomic
 from tether.generation import completion_text, eos_token_ids, generate_ids, prompt_ids
@@ -175,7 +175,8 @@ class StudyRun(OnlineRun):
         with self.policy.merged() as model:
             answers = sampled_texts(model, self.tokenizer, ids, POLICY_SAMPLE_SEED, self.study_protocol)
         prompts = [r.prompt for r in self.eval_set]
-        return {**out, **sampled_metrics(self.annotator.oracle.score, prompts, answers, self.sft_answers)}
+        sampled = sampled_metrics(self.annotator.oracle.score, prompts, answers, self.sft_answers)
+        return {**out, **sampled, "sample": answers[0] if answers else ""}
 
 
 def online_config(p: LlmBpoProtocol, setting: str, loss: str, seed: int, lr: float, files: dict, run_dir: Path):
@@ -244,14 +245,17 @@ class Study:
         from tether.models import load_tokenizer
 
         self.out, self.p = out, p
-        self.results = StudyResults(out, "bpo-llm", p.to_dict(), resume=resume)
-        self.tok = load_tokenizer(p.model)
         self.pool = prompt_pool(p.data_seed, p.heldout_topics)
         train = self.pool["train"][: p.train_prompts or None]
+        if len(train) < p.steps * p.prompts_per_step:
+            raise TetherError(f"protocol: {len(train)} training prompts for B·T = {p.steps * p.prompts_per_step}: "
+                              "a run would reuse prompts; use fewer steps or more prompts")  # fmt: skip
+        self.score = persona_oracle(p).score  # an unknown persona fails here, before anything is written
+        self.tok = load_tokenizer(p.model)
+        self.results = StudyResults(out, "bpo-llm", p.to_dict(), resume=resume)
         self.train_file = out / "data" / f"train-data{p.data_seed}-n{len(train)}.jsonl"
         if not self.train_file.exists():
             _write_jsonl(self.train_file, [{"prompt": x} for x in train])
-        self.score = rules_oracle(p).score
 
     def split(self, name: str) -> dict:
         """The evaluation split `name` (dev | test): its file (prompt, π_sft's greedy reference and sample) and
@@ -295,7 +299,7 @@ class Study:
         return record
 
 
-def rules_oracle(p: LlmBpoProtocol):
+def persona_oracle(p: LlmBpoProtocol):
     from tether.oracles import load_oracle
 
     return load_oracle(f"instructed:{p.persona}")
@@ -333,6 +337,7 @@ def run_study(out: str | Path, protocol: LlmBpoProtocol, resume: bool = False, t
     """Run (or, with `resume`, continue) the study in `out`; writes results.json, report.md and the figures."""
     set_threads(threads)
     out, p, t_start = Path(out), protocol, time.perf_counter()
+    p.validate()
     study = Study(out, p, resume)
     data = study.results.data
     data["gates"] = tuning_stage(study)

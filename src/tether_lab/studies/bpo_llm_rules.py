@@ -69,6 +69,7 @@ import math
 import statistics
 from dataclasses import asdict, dataclass, field
 
+from tether.config import TetherError
 from tether.stats import t_interval, t_quantile
 from tether_lab.studies.aggregate import aggregate
 from tether_lab.studies.verdicts import HOLDS, failed_gates, gate, holm, paired_claim
@@ -134,6 +135,16 @@ class LlmBpoProtocol:
     temperature: float = 1.0
     top_k: int = 50
     budget_hours: float = 8.0
+
+    def validate(self) -> None:
+        """A protocol the rules can judge: known settings, T/2 an evaluated step, a learning-rate grid."""
+        unknown = [s for s in (*self.settings, *self.second_loss_settings) if s not in SETTINGS]
+        if unknown:
+            raise TetherError(f"protocol: unknown setting(s) {unknown}; choose from {', '.join(SETTINGS)}")
+        if self.steps % self.eval_points or self.steps // 2 not in self.eval_steps() or self.steps % 2:
+            raise TetherError(f"protocol: steps {self.steps} and eval_points {self.eval_points} must evaluate T/2")
+        if not self.learning_rates:
+            raise TetherError("protocol: learning_rates is empty (the calibration's grid)")
 
     def phases(self, setting: str) -> int:
         return {"1": 1, "2": 2, "T": self.steps}[SETTINGS[setting][0]]
@@ -323,7 +334,8 @@ def seed_plan(p: LlmBpoProtocol, runs: list[dict]) -> tuple[dict, dict]:
     """The number of study seeds from the two pilot seeds' spread (sd of claim 1's paired differences): enough
     for a ±HALF_WIDTH-point 95% t-interval, at least MIN_SEEDS; the gate `seeds` fails when the budget holds
     fewer (the claims are then not testable, underpowered: they are never run at a smaller n and judged)."""
-    diffs, cap = pilot_differences(runs), max_seeds(p)
+    diffs = pilot_differences(runs)
+    cap = max_seeds(LlmBpoProtocol(model=p.model) if p.quick else p)  # quick: what the full protocol's budget holds
     if None in diffs:
         return {"seeds": [], "needed": None, "max_seeds": cap}, gate("seeds", None, "two pilot seeds", False)
     sd = statistics.stdev(diffs)
