@@ -312,8 +312,37 @@ def test_a_protocol_the_rules_cannot_judge_is_refused_before_anything_is_written
         (dict(settings=["offline", "bpo-f3"]), "unknown setting"),
         (dict(eval_points=3, steps=6), "must evaluate T/2"),
         (dict(train_prompts=4), "4 training prompts for B·T = 8"),
+        (dict(eval_prompts=9), "eval_prompts 9 > the 8 prompts"),
         (dict(persona="nobody"), "unknown instructed persona"),
     ):
         with pytest.raises(TetherError, match=match):
             bpo_llm.run_study(tmp_path / "s", replace(_micro(model_dir), **bad))
         assert not (tmp_path / "s").exists()
+
+
+def test_quick_mode_runs_the_gates_and_never_a_verdict(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(rules, "GOLD_WIN_MIN", 0.0)
+    monkeypatch.setattr(rules, "OFFLINE_RANGE", (0.0, 1.0))
+    monkeypatch.setattr(rules, "RISE_MIN", -101.0)
+    p = replace(_micro(model_dir), quick=True, settings=[], second_loss_settings=[])
+    data = bpo_llm.run_study(tmp_path / "q", p)
+    assert {r["stage"] for r in data["runs"]} == {"tuning"} and len(data["runs"]) >= 2
+    assert all(c["verdict"] == NOT_TESTABLE and "quick mode" in c["reason"] for c in data["claims"])
+    assert "quick mode" in (tmp_path / "q" / "report.md").read_text()
+
+
+def test_the_command_builds_the_protocol(monkeypatch, tmp_path, capsys):
+    from tether.cli import main
+
+    seen = {}
+
+    def fake_run(out, protocol, resume, threads):
+        seen.update(out=out, protocol=protocol, resume=resume)
+        (tmp_path / "report.md").write_text("the report")
+
+    monkeypatch.setattr(bpo_llm, "run_study", fake_run)
+    argv = ["study", "bpo", "--model", "smollm2-135m-instruct", "--data_seed", "3", "--out", str(tmp_path)]
+    assert main([*argv, "--quick", "--resume"]) == 0
+    assert seen["protocol"] == rules.quick_protocol("smollm2-135m-instruct", 3) and seen["resume"]
+    assert main(argv) == 0 and seen["protocol"] == LlmBpoProtocol(data_seed=3) and not seen["resume"]
+    assert "the report" in capsys.readouterr().out

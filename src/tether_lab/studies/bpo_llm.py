@@ -200,9 +200,10 @@ CURVE_KEYS = {"win_rate": "eval_win_rate", "greedy_score": "eval_reward", "sampl
 TRACE_KEYS = {"loss": "loss", "margin": "reward_margin", "pairs": "pairs", "identical": "identical", "ties": "tie"}
 
 
-def run_record(run_dir: Path, job: dict, pair_margins: list[list[float]]) -> dict:
+def run_record(run_dir: Path, job: dict, pair_margins: list[list[float]], score) -> dict:
     """What the study keeps of a finished run: its final metrics, the curves at every evaluation against the
-    annotations spent, per-step traces (the loss's terms, the oracle's mean score of π_β's samples) and β·h."""
+    annotations spent, per-step traces (the loss's terms; `score`'s mean over every answer π_β sampled, identical
+    pairs too) and β·h."""
     res = read_json(run_dir / "results.json")
     rows = read_json_lines(run_dir / "metrics.jsonl")
     points = [(0, 0, res["initial_eval"])] + [(r["step"], r["annotations"], r) for r in rows if "eval_win_rate" in r]
@@ -211,8 +212,7 @@ def run_record(run_dir: Path, job: dict, pair_margins: list[list[float]]) -> dic
     curves |= {name: [e.get(key) for _, _, e in points] for name, key in CURVE_KEYS.items()}
     behavior: dict[int, list[float]] = {}
     for row in read_json_lines(run_dir / "ledger.jsonl"):
-        if row["scores"]:
-            behavior.setdefault(row["step"], []).extend(row["scores"])
+        behavior.setdefault(row["step"], []).extend(score([row["prompt"]] * 2, row["responses"]))
     trace = {name: [r.get(key) for r in rows if "pairs" in r] for name, key in TRACE_KEYS.items()}
     trace["behavior_score"] = [round(_mean(behavior[s]), 4) if s in behavior else None for s in range(res["steps"])]
     return {
@@ -293,7 +293,10 @@ class Study:
         cfg = online_config(self.p, setting, loss, seed, lr, split, run_dir)
         run = StudyRun(cfg, self.p, split["sft"], gold=SETTINGS[setting][1] == "gold")
         run.run()
-        record = {**run_record(run_dir, job, run.pair_margins), "seconds": round(time.perf_counter() - t0, 1)}
+        record = {
+            **run_record(run_dir, job, run.pair_margins, self.score),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
         shutil.rmtree(run_dir / "final", ignore_errors=True)  # the study keeps metrics, not models
         self.results.add(record)
         return record

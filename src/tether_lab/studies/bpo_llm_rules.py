@@ -137,7 +137,8 @@ class LlmBpoProtocol:
     budget_hours: float = 8.0
 
     def validate(self) -> None:
-        """A protocol the rules can judge: known settings, T/2 an evaluated step, a learning-rate grid."""
+        """A protocol the rules can judge: known settings, T/2 an evaluated step, a learning-rate grid, enough
+        held-out prompts."""
         unknown = [s for s in (*self.settings, *self.second_loss_settings) if s not in SETTINGS]
         if unknown:
             raise TetherError(f"protocol: unknown setting(s) {unknown}; choose from {', '.join(SETTINGS)}")
@@ -145,6 +146,9 @@ class LlmBpoProtocol:
             raise TetherError(f"protocol: steps {self.steps} and eval_points {self.eval_points} must evaluate T/2")
         if not self.learning_rates:
             raise TetherError("protocol: learning_rates is empty (the calibration's grid)")
+        if self.eval_prompts > 2 * self.heldout_topics:
+            raise TetherError(f"protocol: eval_prompts {self.eval_prompts} > the {2 * self.heldout_topics} prompts of "
+                              f"{self.heldout_topics} held-out topics")  # fmt: skip
 
     def phases(self, setting: str) -> int:
         return {"1": 1, "2": 2, "T": self.steps}[SETTINGS[setting][0]]
