@@ -120,7 +120,7 @@ def test_the_budget_arithmetic_of_the_docstring():
     full, quick = LlmBpoProtocol(), rules.quick_protocol()
     assert rules.max_seeds(full) == 7 and rules.estimated_seconds(full, 7) <= full.budget_hours * 3600
     assert rules.estimated_seconds(full, 5) / 3600 == pytest.approx(5.4, abs=0.05)
-    assert rules.estimated_seconds(quick, 0, clean_cache=True) <= 15 * 60
+    assert 1.5 * rules.estimated_seconds(quick, 0, clean_cache=True) <= 15 * 60  # with a margin for the estimate
     assert rules.max_seeds(quick) == 0 and quick.jobs() == []
     assert len(full.jobs()) == 7 and full.eval_steps() == [8, 16, 24, 32] and quick.eval_steps() == [4, 8]
 
