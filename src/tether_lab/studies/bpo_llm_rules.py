@@ -55,14 +55,16 @@ sampling 16 answers (8 prompts × 2) of 64 tokens ≈ 5 s (4.9 ms per token row,
 helps, so this overestimates), a LoRA update on 8 pairs ≈ 7 s (BENCHMARKS.md's LoRA DPO step: 6.7 s for 8 pairs
 of ≤ 128 tokens; scaled by pair length; × 1.4 with a live reference, on-policy and π_gold), 20 s of fixed cost per
 run. (Once, under load — 1 thread at nice 19 beside a 2-thread study — one step of 16 prompts × 2 answers × 48
-tokens took 17 s of sampling and 42 s of update, its first: warm-up included; a loaded machine is slower.) Full mode, 40 new tokens: a step ≈ 3.1 s of
-sampling + 5.4 s of update (7.5 s with a live reference), so T = 32 steps ≈ 4.5 min; 4 evaluation points × 96
-prompts × (a greedy + a sampled answer) ≈ 2.5 min; a run ≈ 7.4 min (8.5 with a live reference). Tuning (3
-calibration runs, 4 pilots, the dev data) ≈ 54 min; one study seed (7 runs) ≈ 54 min; so 8 hours hold 7 study
-seeds (7.2 h with the test data), 5 seeds take 5.4 h, and the number the pilots ask for decides. Every run is
-saved as it finishes; `--resume` continues across sittings. `--quick` (T = 8, 32 new tokens, 32 dev prompts,
-2 evaluation points, one learning rate, the 5 gate runs, no study seed): ≈ 8.7 min, ≈ 9.2 from a clean cache
-(≈ 25 s to convert SmolLM2's weights), within 15 even if the step costs are 1.5 times the estimate.
+tokens took 17 s of sampling and 42 s of update, its first: warm-up included; a loaded machine is slower.)
+
+Full mode, 40 new tokens: a step ≈ 3.1 s of sampling + 5.4 s of update (7.5 s with a live reference), so T = 32
+steps ≈ 4.5 min; 4 evaluation points × 96 prompts × (a greedy + a sampled answer) ≈ 2.5 min; a run ≈ 7.4 min
+(8.5 with a live reference). Tuning (3 calibration runs, 4 pilots, the dev data) ≈ 54 min; one study seed (7
+runs) ≈ 54 min; so 8 hours hold 7 study seeds (7.2 h with the test data), 5 seeds take 5.4 h, and the number the
+pilots ask for decides. Every run is saved as it finishes; `--resume` continues across sittings. `--quick`
+(T = 8, 32 new tokens, 32 dev prompts, 2 evaluation points, one learning rate, the 5 gate runs, no study seed):
+≈ 8.7 min, ≈ 9.2 from a clean cache (≈ 25 s to convert SmolLM2's weights), within 15 even if the step costs are
+1.5 times the estimate.
 """
 
 from __future__ import annotations
