@@ -258,8 +258,8 @@ class Study:
             _write_jsonl(self.train_file, [{"prompt": x} for x in train])
 
     def split(self, name: str) -> dict:
-        """The evaluation split `name` (dev | test): its file (prompt, π_sft's greedy reference and sample) and
-        π_sft's and π_gold's measurements on it, made once and kept under out/data."""
+        """The evaluation split `name` (dev | test): its file (prompt, π_sft's greedy answer as the reference text,
+        π_sft's sampled answer) and π_sft's and π_gold's measurements on it, made once and kept under out/data."""
         p, stem = self.p, self.out / "data" / f"{name}-data{self.p.data_seed}-n{self.p.eval_prompts}"
         path, measured = stem.with_suffix(".jsonl"), stem.with_name(stem.name + "-models.json")
         if not measured.exists():
@@ -271,7 +271,8 @@ class Study:
                 greedy_texts(model, self.tok, ids, p),
                 sampled_texts(model, self.tok, ids, SFT_SAMPLE_SEED, p),
             )
-            rows = [{"prompt": x, "reference": r, "sft_sample": s} for x, r, s in zip(prompts, refs, samples)]
+            # a prompt π_sft answers with nothing has no reference text to compare with: left out (eval_n says)
+            rows = [{"prompt": x, "reference": r, "sft_sample": s} for x, r, s in zip(prompts, refs, samples) if r]
             _write_jsonl(path, rows)
             models = {who: measure_model(model, self.tok, rows, self.score, p, instruction=who == "gold")
                       for who in ("sft", "gold")}  # fmt: skip

@@ -164,14 +164,20 @@ def _aggregates(data: dict) -> list[str]:
     return lines
 
 
+def _quote(text: str | None, chars: int = 80) -> str:
+    """A model's answer as a table cell: its first characters, quoted, newlines and | escaped."""
+    return repr((text or "")[:chars]).replace("|", "\\|")
+
+
 def _reference_models(data: dict) -> list[str]:
-    lines = ["", "## π_sft and π_gold", "", "| split | model | greedy win rate | greedy score | sampled score | "
-             "sampled win rate vs π_sft | greedy sample |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["", "## π_sft and π_gold (π_sft's greedy answers are the reference texts)", "",
+             "| split | model | prompts | greedy win rate | greedy score | sampled score | sampled win rate vs π_sft | "
+             "first greedy answer |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for split, models in data.get("reference_models", {}).items():
         for who, m in models.items():
-            lines.append(f"| {split} | π_{who} | {_pct(m['eval_win_rate'])} | {m['eval_reward']:.3f} | "
+            lines.append(f"| {split} | π_{who} | {m['eval_n']} | {_pct(m['eval_win_rate'])} | {m['eval_reward']:.3f} | "
                          f"{m['eval_sampled_score']:.3f} | {_pct(m['eval_sampled_win_rate'])} | "
-                         f"{m['sample'][:80]!r} |")  # fmt: skip
+                         f"{_quote(m['sample'])} |")  # fmt: skip
     return lines
 
 
@@ -192,6 +198,9 @@ def _runs(data: dict, stage: str) -> list[str]:
         lines.append(f"| {LABELS[r['setting']]} | {r['loss']} | {r['seed']} | {r['learning_rate']:g} | {curve} | "
                      f"{r['sampled_score']:.3f} | {_pct(r['sampled_win_rate'])} | {100 * identical_share(r):.0f}% | "
                      f"{margin} | {r['annotations']} | {r['seconds']:.0f} |")  # fmt: skip
+    first = min(r["seed"] for r in runs)
+    lines += ["", f"What each run samples at the end for the first evaluation prompt (seed {first}):", ""]
+    lines += [f"- {_label(r, stage)}: {_quote(r.get('sample'), 160)}" for r in runs if r["seed"] == first]
     return lines
 
 
