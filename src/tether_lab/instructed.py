@@ -9,13 +9,21 @@ judge model; `tests/test_instructed.py` checks every score on hand-written examp
     simple        Flesch reading ease / 100, clipped to [0, 1] (short sentences, short words)
     enthusiastic  ½·min(1, exclamation marks per sentence) + ½·min(1, enthusiasm words per 20 words)
     formal        1 − min(1, informal markers (contractions, "!", casual words) per 20 words)
+
+Prompts: `general_prompts` (200 about 50 everyday topics, the BAPO study's) and `prompt_pool` (the BPO chat study's:
+over 250 topics in 8 templates, split by a data seed into training, dev and test topics). `InstructedOracle` is a
+persona's score as a preference oracle, registered as `instructed:NAME` (`tether online --oracle instructed:simple`).
 """
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from tether.config import TetherError
+from tether.oracles import Oracle
 
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
 _SENTENCE = re.compile(r"[^.!?]+[.!?]*")
@@ -195,6 +203,98 @@ def general_prompts(split: str | None = None) -> list[list[dict]]:
                 )
             )
     return [p for s, p in rows if split is None or s == split]
+
+
+# ---------------------------------------------------------------- the BPO study's prompt pool
+
+# topics beyond TOPICS (which general_prompts keeps as they are: the BAPO study's data depends on them)
+_MORE_TOPICS = """
+glaciers, penguins, tornadoes, hurricanes, rivers, mountains, caves, fossils, butterflies, ants, spiders, whales,
+sharks, owls, frogs, mushrooms, cactus plants, tulips, rain, fog, thunder, the northern lights, comets, stars,
+black holes, the sun, Mars, Jupiter, telescopes, microscopes, atoms, light, sound, heat, ice, steam, salt, sugar,
+soil, rocks, sand, earthworms, seeds, tree rings, autumn leaves, bird migration, hibernation, camouflage,
+the food chain, evolution, DNA, cells, germs, the immune system, blood, the lungs, muscles, skin, the eyes,
+the ears, digestion, dreams, memory, yawning, hiccups, sneezing, fevers, allergies, sunburn, vitamins, fruit,
+vegetables, milk, cheese, eggs, chocolate, tea, pizza, soup, pasta, spices, salads, breakfast, smartphones,
+email, passwords, robots, video games, cameras, television, radio, the telephone, light bulbs, refrigerators,
+microwave ovens, washing machines, cars, electric cars, rockets, satellites, GPS, solar panels, bridges,
+skyscrapers, elevators, clocks, calculators, printers, 3D printing, artificial intelligence, search engines,
+social media, online shopping, wifi, engines, submarines, helicopters, sailing boats, traffic lights, tunnels,
+dams, wind turbines, homework, studying for exams, taking notes, writing a letter, keeping a diary, budgeting,
+grocery shopping, cleaning a room, doing laundry, washing dishes, tying shoelaces, swimming, running, yoga,
+stretching, walking a dog, caring for a cat, keeping fish, feeding birds, composting, camping, hiking, fishing,
+packing for a trip, drawing, painting, playing the guitar, singing, dancing, photography, knitting,
+baking cookies, making a sandwich, birthdays, holidays, weddings, libraries, museums, zoos, parks, playgrounds,
+schools, teachers, doctors, nurses, firefighters, farmers, post offices, banks, coins, taxes, job interviews,
+teamwork, kindness, honesty, patience, saying sorry, gratitude, stress, meditation, posture, handwashing,
+healthy eating, naps, calendars, the pyramids, the Romans, castles, knights, pirates, Vikings,
+the printing press, the Olympic Games, the alphabet, the number zero, fractions, geometry, flags, poetry,
+fairy tales, myths, theatre, movies, cartoons, comic books, statues, orchestras, drums, pianos, violins, jazz,
+football, basketball, tennis, board games, jigsaw puzzles, kites, balloons, fireworks, magic tricks, circuses,
+continents, islands, rainforests, the Arctic, Antarctica, the equator, time zones, weather forecasts, climate,
+air pollution, plastic waste, floods, droughts, earth's core, sound waves, rainbows in bubbles, shadows,
+mirrors, echoes, friction, wheels, levers, pulleys, bees' dances, spider webs, nests, eggs hatching
+"""
+POOL_TEMPLATES = TEMPLATES + (
+    "Explain {t}.",
+    "What should I know about {t}?",
+    "How would you describe {t} to a friend?",
+    "What are some interesting facts about {t}?",
+)
+
+
+def pool_topics() -> list[str]:
+    """Every topic of the prompt pool: TOPICS, then the pool's own."""
+    more = [t.strip() for t in _MORE_TOPICS.replace("\n", " ").split(",")]
+    return list(TOPICS) + [t for t in more if t]
+
+
+def _chat(template: str, topic: str) -> list[dict]:
+    text = template.format(t=topic)
+    return [{"role": "user", "content": text[0].upper() + text[1:]}]
+
+
+def prompt_pool(data_seed: int, heldout_topics: int = 48, per_topic: int = 2) -> dict[str, list[list[dict]]]:
+    """The BPO chat study's prompts of one data seed: {"train", "dev", "test"}. The topics are shuffled by the data
+    seed; the first `heldout_topics` are the dev split's, the next as many the test split's, each asked in
+    `per_topic` of the POOL_TEMPLATES (drawn by the same seed); "train" is every other topic in every template, in
+    an order drawn by the same seed. So no topic of dev or test is ever a training topic."""
+    rng = random.Random(data_seed)
+    topics = pool_topics()
+    rng.shuffle(topics)
+    if 2 * heldout_topics >= len(topics):
+        raise ValueError(f"heldout_topics {heldout_topics}: the pool has only {len(topics)} topics")
+
+    def held(chosen: list[str]) -> list[list[dict]]:
+        picks = [sorted(rng.sample(range(len(POOL_TEMPLATES)), per_topic)) for _ in chosen]
+        return [_chat(POOL_TEMPLATES[j], t) for t, js in zip(chosen, picks) for j in js]
+
+    dev, test = held(topics[:heldout_topics]), held(topics[heldout_topics : 2 * heldout_topics])
+    train = [_chat(template, t) for t in topics[2 * heldout_topics :] for template in POOL_TEMPLATES]
+    rng.shuffle(train)
+    return {"train": train, "dev": dev, "test": test}
+
+
+# ---------------------------------------------------------------- a persona as an oracle
+
+
+class InstructedOracle(Oracle):
+    """A persona's programmatic score as a preference oracle (`--oracle instructed:NAME`, e.g. instructed:simple)."""
+
+    def __init__(self, persona: InstructedPersona):
+        self.persona, self.id = persona, f"instructed:{persona.name}"
+
+    def score(self, prompts, responses) -> list[float]:
+        return [self.persona.score(r) for r in responses]
+
+
+def instructed_oracle(rest: str):
+    """The registered oracle factory: `rest` is the persona's name (what follows `instructed:`)."""
+    try:
+        persona = get_instructed_persona(rest)
+    except ValueError as e:
+        raise TetherError(f"option 'oracle': {e}") from None
+    return InstructedOracle(persona)
 
 
 def get_instructed_persona(name: str) -> InstructedPersona:

@@ -445,7 +445,8 @@ def add_bpo_arguments(parser) -> None:
         "--quick",
         action="store_true",
         help="1 seed, T = 16, offline / BPO F=2 / F=T / on-policy (full: seeds 0-4, T = 128, also F=4 and "
-        "π_ref=π_gold); DPO, same B, learning rate and β",
+        "π_ref=π_gold); DPO, same B, learning rate and β. With --model: every gate on a reduced regime (T = 8), no "
+        "study seed, never a verdict (about 9 minutes for SmolLM2 on 2 cores, estimated)",
     )
     parser.add_argument(
         "--pilot", action="store_true", help="rerun the pilot that chose β and the learning rate (tuning seed 100)"
@@ -460,7 +461,8 @@ def add_bpo_arguments(parser) -> None:
     parser.add_argument(
         "--out",
         default=None,
-        help="study directory (default: out/study-bpo, out/study-bpo-quick or out/study-bpo-pilot)",
+        help="study directory (default: out/study-bpo, out/study-bpo-quick or out/study-bpo-pilot; with --model: "
+        "out/study-bpo-MODEL[-quick])",
     )
 
 

@@ -54,9 +54,32 @@ def _run_bapo_llm(args) -> int:
 
 
 def _run_bpo(args) -> int:
+    if args.model:
+        return _run_bpo_llm(args)
+    if args.data_seed:
+        raise TetherError("option --data_seed: applies to a chat model's study (--model), not to the world's")
     from tether_lab.studies.bpo import run_from_args
 
-    return run_from_args(args)
+    return run_from_args(args)  # the world study resumes when rerun: --resume changes nothing there
+
+
+def _run_bpo_llm(args) -> int:
+    from tether_lab.studies import bpo_llm, bpo_llm_rules
+
+    for name, given in (("--world_seed", args.world_seed), ("--pilot", args.pilot), ("--workers", args.workers != 1)):
+        if given:
+            raise TetherError(f"option {name}: applies to the embedded world's study, not to --model")
+    if args.threads is not None and args.threads < 1:
+        raise TetherError(f"option '--threads' must be >= 1, got {args.threads}")
+    if args.quick:
+        proto = bpo_llm_rules.quick_protocol(args.model, args.data_seed)
+    else:
+        proto = bpo_llm_rules.LlmBpoProtocol(model=args.model, data_seed=args.data_seed)
+    out = args.out or f"out/study-bpo-{Path(args.model).name}{'-quick' if args.quick else ''}"
+    bpo_llm.run_study(out=out, protocol=proto, resume=args.resume, threads=args.threads)
+    print((Path(out) / "report.md").read_text())
+    print(f"study written to {out} (results.json, report.md, figures)")
+    return 0
 
 
 def _world_seed(text: str) -> int:
@@ -143,4 +166,30 @@ def add_study_parser(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_bpo_arguments(q)
+    _add_bpo_llm_arguments(q)
     q.set_defaults(func=_run_bpo)
+
+
+def _add_bpo_llm_arguments(parser) -> None:
+    """The options of `tether study bpo --model M` (the chat-model study; the world study's are in bpo.py)."""
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="run the study on this chat model instead of the embedded world (e.g. smollm2-135m-instruct), with an "
+        "instructed persona's score as the oracle: gates on tuning seeds (π_gold's win rate, a calibration of offline "
+        "DPO, identical pairs and β|h| of on-policy DAP, the seed count), then offline / BPO F=2 / F=T / on-policy / "
+        "π_ref=π_gold with DPO and IPO at F=1, 2 (protocol version 3, docs/studies.md); a local directory or a "
+        "built-in name",
+    )
+    parser.add_argument(
+        "--data_seed",
+        type=_world_seed,
+        default=0,
+        help="with --model: the prompt pool's split into training, dev and test topics (a replication names another)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --model: continue the study in --out, keeping every finished run (a changed protocol is refused); "
+        "without it a directory that holds finished runs is refused. The world study always resumes when rerun",
+    )
