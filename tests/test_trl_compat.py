@@ -132,11 +132,39 @@ def test_launcher_keys_of_the_trl_cli(tmp_path):
         load_config(TrainConfig, path)
 
 
-def test_trl_keys_that_do_not_apply_are_unknown_for_online(tmp_path):
+def test_trl_keys_for_online_and_those_that_do_not_apply(tmp_path):
     path = tmp_path / "o.yaml"
-    path.write_text("model: m\nprompt_file: p.jsonl\ndataset_name: d\n")
-    with pytest.raises(TetherError, match="unknown option 'dataset_name'"):
+    path.write_text(
+        "model_name_or_path: m\ndataset_name: p.jsonl\noracle: world\nreward_model_path: rm\nmax_steps: 4\n"
+        "loss_type: ipo\nbeta: [0.2]\ntemperature: 0.9\n"
+    )
+    with pytest.raises(TetherError, match="'reward_model_path' and 'oracle' both set 'oracle' to different values"):
         load_config(OnlineConfig, path)
+    path.write_text(path.read_text().replace("oracle: world\n", ""))
+    cfg = load_config(OnlineConfig, path)
+    assert (cfg.model, cfg.prompt_file, cfg.oracle, cfg.steps, cfg.loss, cfg.beta, cfg.temperature) == (
+        "m",
+        "p.jsonl",
+        "reward-model:rm",
+        4,
+        "ipo",
+        0.2,
+        0.9,
+    )
+    path.write_text(
+        "model: m\nprompt_file: p.jsonl\noracle: world\ndataset_train_split: x\nloss_type: hinge\n"
+        "beta: [0.1, 0.2]\nper_device_train_batch_size: 2\nuse_vllm: true\n"
+    )
+    with pytest.raises(TetherError) as err:
+        load_config(OnlineConfig, path)
+    for part in (
+        "'dataset_train_split' sets 'train_split', an option this command does not have",
+        "loss_type: 'hinge' is not an OnlineDPOTrainer loss type",
+        "a β per epoch) is not supported",
+        "write prompts_per_step",
+        "use_vllm: True is not supported",
+    ):
+        assert part in str(err.value), part
 
 
 def test_cli_flags_trl_names_and_all_unknown_flags(model_dir, data_dir, tmp_path):
