@@ -506,6 +506,12 @@ _ONLINE = {
     "ds3_gather_for_generation": ignored("DeepSpeed generation internals"),
     "reward_weights": refused((None,), "one oracle"),
     "max_steps": to("steps", "T, the optimizer steps"),
+    "dataset_train_split": refused(("train",), "prompt_file takes PATH:SPLIT for another split"),
+    "dataset_test_split": ignored("tether online evaluates on eval_file (prompts with a reference answer)"),
+    "test_split_size": refused((None,), "give eval_file (prompts with a reference answer)"),
+    "precompute_ref_log_probs": refused((False,), "online pairs are new at every step: nothing to precompute"),
+    "num_train_epochs": ignored("each prompt is used once; steps × prompts_per_step decide the run's length"),
+    "gradient_accumulation_steps": only((1,), "one optimizer step per batch of prompts_per_step prompts"),
     "per_device_train_batch_size": refused((), "write prompts_per_step (B, over all processes; TRL's is per device)"),
 }
 TRL_KEYS: dict[str, Key] = {**_SCRIPT, **_MODEL, **_DPO, **_TRAINING, **_OLDER}
