@@ -158,7 +158,7 @@ def test_trl_keys_for_online_and_those_that_do_not_apply(tmp_path):
     with pytest.raises(TetherError) as err:
         load_config(OnlineConfig, path)
     for part in (
-        "'dataset_train_split' sets 'train_split', an option this command does not have",
+        "dataset_train_split: 'x' is not supported (prompt_file takes PATH:SPLIT for another split)",
         "loss_type: 'hinge' is not an OnlineDPOTrainer loss type",
         "a β per epoch) is not supported",
         "write prompts_per_step",
@@ -356,3 +356,29 @@ def test_a_trl_yaml_runs_with_each_trl_loss_type(loss_type, model_dir, data_dir,
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
     assert rows[0]["loss"] != rows[1]["loss"]  # the first step changed the policy
+
+
+def test_a_config_built_in_python_is_checked_whole_and_validate_is_idempotent():
+    """TrainConfig(...) from Python gets the CLI's checks through validate(): every problem at once, types too;
+    a valid config validated twice is the same config."""
+    bad = TrainConfig(model="m", train_file="d", beta=-1.0, learning_rate=0.0, lr_scheduler="foo", batch_size="x")
+    with pytest.raises(TetherError) as err:
+        bad.validate()
+    for part in (
+        "option 'beta' must be > 0 for loss dpo, got -1.0",
+        "option 'learning_rate' must be > 0, got 0.0",
+        "option 'lr_scheduler' must be one of linear, cosine, constant, got 'foo'",
+        "option 'batch_size' must be int, got 'x'",
+    ):
+        assert part in str(err.value), part
+    cfg = TrainConfig(model="m", train_file="d", method="bapo", lora_target_modules=["all-linear"], report_to="none")
+    cfg.validate()
+    once = dict(vars(cfg))
+    cfg.validate()
+    assert vars(cfg) == once and cfg.beta == 0.1 and cfg.anchor_weight == 0.1 and cfg.max_prompt_length == 256
+    assert cfg.report_to == ["none"] and cfg.lora_target_modules is None
+    online = OnlineConfig(model="m", prompt_file="p", oracle="world", steps=5, phases=2, top_p=0.0)
+    with pytest.raises(
+        TetherError, match="'phases' \\(2\\) must divide 'steps' \\(5\\).*'top_p' must be in \\(0, 1\\]"
+    ):
+        online.validate()

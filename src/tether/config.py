@@ -1,8 +1,9 @@
 """Typed configuration: dataclasses whose fields carry their own help text, read from YAML and CLI flags.
 
 Every command's options are a dataclass. `add_dataclass_arguments` turns its fields into `--field value`
-flags whose `--help` shows the default and meaning; `load_config` merges defaults < YAML file < flags and
-calls the dataclass's `validate()` — the one place where a config is checked.
+flags whose `--help` shows the default and meaning; `load_config` merges defaults < YAML file < flags, checks
+every field's type, choices and range (`field_problems`) and calls the dataclass's `validate()` — the one place
+where a config is checked — and reports every problem it finds at once, in one TetherError.
 """
 
 from __future__ import annotations
@@ -202,6 +203,8 @@ def _coerce(cls, name: str, value: Any, source: str = ""):
     tp, is_list = _base_type(hints[name])
     where = f"{source}: " if source else ""
     if value is None:
+        if not _is_optional(hints[name]):
+            raise OptionProblem(f"{where}option '{name}' must be {tp.__name__}, got null")
         return None
     items = value if is_list and isinstance(value, (list, tuple)) else [value]
     if is_list and items and all(item is None for item in items) and _is_optional(hints[name]):
@@ -326,14 +329,6 @@ def read_yaml_mapping(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise TetherError(f"{path}: a config file must be a mapping of option: value")
     return data
-
-
-def check_finite(cfg) -> None:
-    """Every number option must be a finite number (nan and inf are refused, naming the option) and an integer
-    must fit in 64 bits; the first problem raises TetherError."""
-    problems, _ = field_problems(cfg)
-    if problems:
-        raise TetherError(problems[0])
 
 
 def _flag_value(key: str, text: str):
