@@ -73,6 +73,34 @@ def test_eval_file_of_an_adapter_matches_the_training_run(lora_run, data_dir, ca
     )
 
 
+def test_eval_of_a_run_takes_its_beta_lengths_and_reference(lora_run, data_dir, capsys):
+    """`tether eval --model RUN/final` measures as the run did (β 0.2 here, not the default 0.1), says so, and a
+    flag overrides the run's value."""
+    final = json.loads((lora_run / "results.json").read_text())["final_eval"]
+    got = _eval(capsys, "--model", str(lora_run / "final"), "--eval_file", str(data_dir / "eval.jsonl"))
+    assert got["beta"] == 0.2 and got["aggregate"]["loss"]["mean"] == pytest.approx(final["eval_loss"], rel=1e-4)
+    taken = got["options_from_run"]["taken"]
+    assert got["options_from_run"]["config"] == str(lora_run / "config.yaml") and taken["beta"] == 0.2
+    assert taken["loss"] == "dpo" and taken["max_length"] == 512 and taken["max_prompt_length"] == 256
+    assert (
+        main(["eval", "--model", str(lora_run / "final"), "--eval_file", str(data_dir / "eval.jsonl"), "--beta", "1"])
+        == 0
+    )
+    out, err = capsys.readouterr()
+    over = json.loads(out)
+    assert over["beta"] == 1.0 and over["options_from_run"]["overridden"] == {"beta": {"run": 0.2, "given": 1.0}}
+    assert (
+        f"tether eval: from {lora_run / 'config.yaml'}: loss dpo" in err and "overridden: --beta 1.0 (run: 0.2)" in err
+    )
+    assert over["aggregate"]["loss"]["mean"] != pytest.approx(got["aggregate"]["loss"]["mean"])
+
+
+def test_eval_needs_a_file_or_a_suite(lora_run, capsys):
+    """No silent default: without --eval_file or --suite, tether eval says what to give."""
+    assert main(["eval", "--model", str(lora_run / "final")]) == 2
+    assert "say what to evaluate on: --eval_file PAIRS or --suite NAME" in capsys.readouterr().err
+
+
 def test_eval_file_of_a_full_model_and_its_reference(model_dir, data_dir, capsys):
     from tether.cli import main as cli_main
 

@@ -207,3 +207,20 @@ if __name__ == "__main__":  # the closing note's numbers: the largest deviation 
                         worst[k] = max(worst[k], v)
         label = "+".join(types) if len(types) < 4 else f"all {len(types)} but sigmoid"
         print(f"{label:32s} loss {worst['loss']:.1e}  grad {worst['grad']:.1e}  metrics {worst['metrics']:.1e}")
+
+
+def test_which_trl_losses_read_label_smoothing():
+    """TRL 1.16 reads label_smoothing in exactly the loss types tether.trl_key_table names (sigmoid ignores it,
+    so tether refuses sigmoid + label_smoothing rather than train conservative DPO: tests/test_trl_keys.py)."""
+    from tether.trl_key_table import TRL_SMOOTHED_LOSS_TYPES
+
+    per_token, mask, ref_c, ref_r = token_logps(seed=5)
+    reads = []
+    for t in TRL_LOSS_TYPES:
+        smoothed = 1e-3 if t == "exo_pair" else 0.0  # exo_pair refuses 0
+        plain, _ = trl_dpo([t], None, per_token, mask, ref_c, ref_r, 0.1, smoothed)
+        other, _ = trl_dpo([t], None, per_token, mask, ref_c, ref_r, 0.1, 0.2)
+        if abs(plain.item() - other.item()) > 1e-9:
+            reads.append(t)
+    assert sorted(reads) == sorted(TRL_SMOOTHED_LOSS_TYPES)
+    assert "sigmoid" not in reads

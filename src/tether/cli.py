@@ -81,8 +81,7 @@ def _run_train(args: argparse.Namespace) -> int:
     cfg = _run_config(TrainConfig, args)  # option errors answer before torch loads
     from .train.offline import train
 
-    run_dir = train(cfg, resume=args.resume)
-    print(f"run written to {run_dir}")
+    _print_summary(train(cfg, resume=args.resume))
     return 0
 
 
@@ -92,9 +91,16 @@ def _run_online(args: argparse.Namespace) -> int:
     cfg = _run_config(OnlineConfig, args)
     from .train.online import online_train
 
-    run_dir = online_train(cfg, resume=args.resume)
-    print(f"run written to {run_dir}")
+    _print_summary(online_train(cfg, resume=args.resume))
     return 0
+
+
+def _print_summary(run_dir) -> None:
+    """The end of a run on the console (the main process): before/after metrics, where the run and its report are."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        from .train.bookkeeping import run_summary
+
+        print(run_summary(run_dir), flush=True)
 
 
 def _run_report(args: argparse.Namespace) -> int:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
+from pathlib import Path
 
 from .config import TetherError, add_dataclass_arguments, check_output_file, load_config, option, read_yaml_mapping
 from .files import write_text_atomic
-from .loss_table import NAMES
+from .loss_table import NAMES, PARAMS
 from .train.train_config import check_loss_options, loss_param
 
 # torch-free at import (models and the suites load inside run_eval): see tether.cli
@@ -68,6 +70,7 @@ class EvalOptions:
     )
     max_length: int = option(512, "max tokens of prompt + completion (as in training)")
     max_prompt_length: int = option(256, "max prompt tokens (as in training)")
+    # --model RUN/final: the loss options, lengths, dtype and reference default to the run's (RUN/config.yaml)
     progress: bool = option(True, "show progress bars")
 
     def validate(self) -> None:
@@ -111,17 +114,53 @@ def _field_names(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
+# the options of a run's config.yaml that `tether eval --model RUN/final` takes unless given: how the run measured
+# its loss and rewards (the reference is the run's ref_model, or else its initial model). The loss's options are
+# taken together, and only when --loss is not given or is the run's loss.
+LOSS_OPTIONS = ("loss", "loss_weights", *PARAMS, "nll_weight")
+FROM_RUN = (*LOSS_OPTIONS, "max_length", "max_prompt_length", "torch_dtype", "ref_model")
+
+
+def run_of(model: str | None) -> Path | None:
+    """The config.yaml of the run a model directory came from (RUN/final), or None."""
+    if not model or Path(model).name != "final":
+        return None
+    path = Path(model).parent / "config.yaml"
+    return path if path.is_file() else None
+
+
+def options_from_run(model: str | None, given: dict) -> tuple[dict, dict]:
+    """(values, provenance): the FROM_RUN options of the run `model` came from that `given` does not set, and
+    what to say about them (the run's config file, the options taken, the ones `given` overrides)."""
+    path = run_of(model)
+    if path is None:
+        return {}, {}
+    run = read_yaml_mapping(path)
+    names = FROM_RUN
+    if given.get("loss", run.get("loss")) != run.get("loss"):
+        names = tuple(k for k in FROM_RUN if k not in LOSS_OPTIONS)  # another loss: none of the run's loss options
+    taken = {k: run[k] for k in names if k in run and k not in given and run[k] is not None}
+    overridden = {k: {"run": run[k], "given": given[k]} for k in FROM_RUN if k in run and k in given}
+    overridden = {k: v for k, v in overridden.items() if v["run"] != v["given"]}
+    return taken, {"config": str(path), "taken": taken, "overridden": overridden}
+
+
 def run_eval(args) -> int:
     """Evaluate --model on pairs or a suite; print the JSON result."""
     common, registered = _field_names(EvalOptions), suites()
     known = common.union(*(_field_names(cls) for cls in registered.values()))
     given = {k: v for k, v in vars(args).items() if k in known}
     from_file = read_yaml_mapping(args.config) if getattr(args, "config", None) else {}
-    opts = load_config(EvalOptions, None, {k: v for k, v in {**from_file, **given}.items() if k in common})
+    values = {k: v for k, v in {**from_file, **given}.items() if k in common}
+    run_values, provenance = options_from_run(values.get("model"), values)
+    opts = load_config(EvalOptions, None, {**run_values, **values})
+    opts._beta_given = "beta" in values  # --losses take the run's β only when --beta says so
     suite_values = {k: v for k, v in {**from_file, **given}.items() if k not in common}
+    if provenance:
+        _say_from_run(provenance)
     if opts.eval_file:
         _no_stray_suite_options(suite_values, None)
-        return _emit_pairs(opts)
+        return _emit_pairs(opts, provenance)
     suite_cls = registered[opts.suite]
     _no_stray_suite_options(suite_values, suite_cls)
     suite = load_config(suite_cls, None, {k: v for k, v in suite_values.items() if k in _field_names(suite_cls)})
@@ -138,10 +177,22 @@ def _no_stray_suite_options(values: dict, suite_cls) -> None:
         )
 
 
-def _emit_pairs(opts) -> int:
+def _say_from_run(provenance: dict) -> None:
+    """One line on stderr: which options came from the run's config.yaml, and which flags overrode it."""
+    taken = ", ".join(f"{k} {v}" for k, v in provenance["taken"].items()) or "nothing"
+    over = ", ".join(f"--{k} {v['given']} (run: {v['run']})" for k, v in provenance["overridden"].items())
+    print(
+        f"tether eval: from {provenance['config']}: {taken}" + (f"; overridden: {over}" if over else ""),
+        file=sys.stderr,
+    )
+
+
+def _emit_pairs(opts, provenance: dict | None = None) -> int:
     from .pair_eval import evaluate_pairs
 
     result = evaluate_pairs(opts)
+    if provenance:
+        result["options_from_run"] = provenance
     if opts.out:
         write_text_atomic(opts.out, json.dumps(result, indent=1) + "\n")
         result = {k: v for k, v in result.items() if k != "pairs"} | {"pairs_written_to": str(opts.out)}

@@ -317,17 +317,20 @@ def resolve_options(loss: str, weights: list[float] | None, values: dict) -> dic
         if len(defaults) > 1:
             raise ValueError(f"losses {loss} have different default β ({sorted(defaults)}): set option 'beta'")
         out["beta"] = defaults.pop()
+    problems = []  # every parameter's problem at once
     for name, readers in used.items():
         value = out[name]
         for who, p in readers:
             if p.default is None and value == OPTION_DEFAULTS[name]:
-                raise ValueError(f"loss {who} needs option '{name}' {p.range_text()} ({PARAM_HELP[name]})")
-            if not p.accepts(value):
-                raise ValueError(f"option '{name}' must be {p.range_text()} for loss {who}, got {value}")
+                problems.append(f"loss {who} needs option '{name}' {p.range_text()} ({PARAM_HELP[name]})")
+            elif not p.accepts(value):
+                problems.append(f"option '{name}' must be {p.range_text()} for loss {who}, got {value}")
     for name in PARAMS:
         if name not in used and out[name] != OPTION_DEFAULTS[name]:
             readers = [e.name for e in _LOSSES if name in e.param_names]
-            raise ValueError(f"option '{name}' is a parameter of {', '.join(readers)} only; loss is {loss}")
+            problems.append(f"option '{name}' is a parameter of {', '.join(readers)} only; loss is {loss}")
+    if problems:
+        raise ValueError("; ".join(problems))
     return out
 
 

@@ -40,20 +40,20 @@ PER_PAIR = (
 )
 
 
-def load_policy_and_reference(model: str, ref_model: str | None, need_reference: bool = True):
-    """(policy, reference, tokenizer, description). An adapter directory (adapter_config.json) is loaded on its
-    base, which is also the reference (the adapter disabled) unless `ref_model` is given; a full model needs
-    `ref_model`, except a tether run's final/ model, whose reference is the run's (config.yaml beside it).
-    Without `need_reference` no reference is loaded (it is None)."""
+def load_policy_and_reference(model: str, ref_model: str | None, need_reference: bool = True, dtype: str = "float32"):
+    """(policy, reference, tokenizer, description), weights in `dtype`. An adapter directory (adapter_config.json)
+    is loaded on its base, which is also the reference (the adapter disabled) unless `ref_model` is given; a full
+    model needs `ref_model`, except a tether run's final/ model, whose reference is the run's (config.yaml beside
+    it: its ref_model, or its initial model). Without `need_reference` no reference is loaded (it is None)."""
     path = Path(model)
     if not need_reference:
-        policy = load_adapter(path) if is_adapter_dir(path) else load_model(model)
+        policy = load_adapter(path, dtype) if is_adapter_dir(path) else load_model(model, dtype)
         return policy.eval(), None, load_tokenizer(path), {"model": str(path), "ref_model": None}
     if is_adapter_dir(path):
-        policy = load_adapter(path).eval()
+        policy = load_adapter(path, dtype).eval()
         base = adapter_base(path)
         if ref_model:
-            reference = model_reference(str(ref_model), load_model(ref_model).eval())
+            reference = model_reference(str(ref_model), load_model(ref_model, dtype).eval())
         else:
             reference = model_reference(f"{base} (adapter disabled)", policy, adapter_off=True)
         return (
@@ -70,9 +70,9 @@ def load_policy_and_reference(model: str, ref_model: str | None, need_reference:
         raise TetherError(
             f"--model {model}: a full model needs --ref_model (the reference its rewards are measured against)"
         )
-    reference = model_reference(str(ref_model), load_model(ref_model).eval())
+    reference = model_reference(str(ref_model), load_model(ref_model, dtype).eval())
     return (
-        load_model(model).eval(),
+        load_model(model, dtype).eval(),
         reference,
         load_tokenizer(model),
         {"model": str(model), "ref_model": str(ref_model)},
@@ -85,7 +85,7 @@ def evaluate_pairs(opts) -> dict:
     records = load_preference_records(opts.eval_file, split=opts.eval_split)  # bad data fails before models load
     asked = [opts.loss, *(opts.losses or [])]
     policy, ref, tokenizer, who = load_policy_and_reference(
-        opts.model, opts.ref_model, need_reference=any(needs_reference(name) for name in asked)
+        opts.model, opts.ref_model, any(needs_reference(name) for name in asked), opts.torch_dtype
     )
     examples, report = tokenize_records(records, tokenizer, opts.max_length, opts.max_prompt_length)
     if not examples:

@@ -5,10 +5,12 @@ the final model, and the bookkeeping both loops share at their start (resume poi
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import torch
+from accelerate.tracking import GeneralTracker
 from accelerate.utils import gather_object
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
@@ -23,12 +25,74 @@ from .rundir import RunDir
 from .stopping import StopRequests
 
 
+def tensorboard_dir(cfg, run_dir: Path) -> Path:
+    """Where TensorBoard writes: option logging_dir, else $TENSORBOARD_LOGGING_DIR (transformers 5's variable), else
+    the run's tensorboard/."""
+    return Path(cfg.logging_dir or os.environ.get("TENSORBOARD_LOGGING_DIR") or Path(run_dir) / "tensorboard")
+
+
+class TensorBoardWriter(GeneralTracker):
+    """accelerate's tracker interface over a TensorBoard writer that opens at the first logged step, with that step
+    as its purge step: a resumed run's first step hides the events a killed run wrote from there on, so no step
+    appears twice (TensorBoard's own rule for a restarted writer in the same directory)."""
+
+    name = "tensorboard"
+    requires_logging_directory = True
+
+    def __init__(self, log_dir: Path):
+        super().__init__()
+        self.log_dir, self.writer, self.config = Path(log_dir), None, {}
+
+    @property
+    def tracker(self):
+        return self.writer
+
+    def store_init_configuration(self, values: dict) -> None:
+        self.config = values
+
+    def log(self, values: dict, step: int | None = None, **kwargs) -> None:
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.log_dir), purge_step=step)
+            self.writer.add_text("config", json.dumps(self.config, indent=1, default=str), global_step=step)
+        for key, value in values.items():
+            if isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, global_step=step)
+        self.writer.flush()
+
+    def finish(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
 def start_trackers(accelerator, cfg) -> None:
-    """Start the metric trackers (after the run directory is claimed: they write into it)."""
-    if any(t != "none" for t in cfg.report_to):
-        accelerator.init_trackers(
-            "tether", config={k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool))}
-        )
+    """Start the metric trackers of report_to (after the run directory is claimed: they write into it). Each run
+    is named after its directory in project "tether"; mlflow without MLFLOW_TRACKING_URI stores in the run's
+    mlflow.db (SQLite: mlflow 3 refuses a new file store), trackio in its own local store ($TRACKIO_DIR, else
+    ~/.cache/huggingface/trackio)."""
+    wanted = [t for t in cfg.report_to if t != "none"]
+    if not wanted:
+        return
+    run_dir = Path(accelerator.project_dir)
+    config = {k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool))}
+    others = [t for t in wanted if t != "tensorboard"]  # accelerate starts these (engine.make_accelerator)
+    if others:
+        if "mlflow" in others and accelerator.is_main_process and not os.environ.get("MLFLOW_TRACKING_URI"):
+            import mlflow
+
+            mlflow.set_tracking_uri(f"sqlite:///{(run_dir / 'mlflow.db').resolve()}")
+        names = {
+            "wandb": {"name": run_dir.name},
+            "trackio": {"name": run_dir.name},
+            "mlflow": {"run_name": run_dir.name},
+        }
+        accelerator.init_trackers("tether", config=config, init_kwargs={t: names[t] for t in others})
+    if "tensorboard" in wanted and accelerator.is_main_process:
+        writer = TensorBoardWriter(tensorboard_dir(cfg, run_dir))
+        writer.store_init_configuration(config)
+        accelerator.trackers.append(writer)
 
 
 class MetricsLog:
@@ -214,3 +278,25 @@ def finish_run(accelerator, cfg, kind: str, claim, results: dict, model, tokeniz
         claim.mark_finished(steps)
     end_run(accelerator, *keep)
     return run_dir
+
+
+def run_summary(run_dir: Path) -> str:
+    """The console summary at the end of a run (the `tether` command prints it): the held-out metrics before and
+    after training, and where the run, its report and its final model are."""
+    run_dir = Path(run_dir)
+    results = read_json(run_dir / "results.json")
+    before, after = results.get("initial_eval") or {}, results.get("final_eval") or {}
+    lines = [f"run finished: {run_dir} ({results.get('steps', '?')} steps)"]
+    keys = [k for k in {**before, **after} if isinstance({**before, **after}[k], (int, float))]
+    if keys:
+        width = max(len(k) for k in keys) - len("eval_")
+        lines.append(f"  {'held-out':<{width}}  {'before':>10}  {'after':>10}")
+        for k in keys:
+            cells = [f"{d[k]:>10.4g}" if isinstance(d.get(k), (int, float)) else f"{'':>10}" for d in (before, after)]
+            lines.append(f"  {k.removeprefix('eval_'):<{width}}  {cells[0]}  {cells[1]}")
+    else:
+        lines.append("  no held-out evaluation (set eval_file or eval_fraction)")
+    for label, name in (("final model", "final"), ("report", "report.md"), ("metrics", "metrics.jsonl")):
+        if (run_dir / name).exists():
+            lines.append(f"  {label + ':':<13}{run_dir / name}")
+    return "\n".join(lines)

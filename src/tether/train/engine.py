@@ -23,13 +23,17 @@ def make_accelerator(cfg, run_dir: Path) -> Accelerator:
             "mixed_precision=bf16 ignored: no GPU (bf16 matrix products are very slow on CPU); training in float32"
         )
         mixed = "no"
-    trackers = [t for t in cfg.report_to if t != "none"] or None
-    for name in trackers or []:
-        if importlib.util.find_spec(name) is None:
-            hint = "pip install 'tether[tensorboard]'" if name == "tensorboard" else f"pip install {name}"
-            raise TetherError(f"option 'report_to': {name} is not installed; run `{hint}` or use none")
+    trackers = [t for t in cfg.report_to if t != "none"]
+    missing = [name for name in trackers if importlib.util.find_spec(name) is None]
+    if missing:
+        hint = " ".join(f"'tether[{name}]'" if name != "wandb" else name for name in missing)
+        raise TetherError(
+            f"option 'report_to': {', '.join(missing)} not installed; run `pip install {hint}` or use none"
+        )
+    # accelerate starts every tracker but TensorBoard, whose writer tether opens itself (bookkeeping.start_trackers)
+    log_with = [t for t in trackers if t != "tensorboard"] or None
     return Accelerator(
-        cpu=not torch.cuda.is_available(), mixed_precision=mixed, log_with=trackers, project_dir=str(run_dir)
+        cpu=not torch.cuda.is_available(), mixed_precision=mixed, log_with=log_with, project_dir=str(run_dir)
     )
 
 

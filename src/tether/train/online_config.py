@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..config import TetherError, option
+from ..config import Checks, option
 from ..loss_table import needs_reference, reference_free_names
+from ..trl_key_table import ONLINE_TRL_KEYS
 from .train_config import CommonConfig
 
 REFERENCES = ("behavior", "initial", "fixed", "ema", "none")
@@ -64,63 +65,54 @@ class OnlineConfig(CommonConfig):
     )
     eval_max_new_tokens: int = option(128, "max tokens of a greedy evaluation answer")
     base_samples: ClassVar[int] = 1  # BAPO online: one greedy y_b per prompt, from π_sft (not an option)
+    trl_keys: ClassVar[dict] = ONLINE_TRL_KEYS  # TRL's names `tether online` reads (OnlineDPOConfig's too)
 
-    def validate(self) -> None:
-        """The one place an OnlineConfig is checked; raises a one-line TetherError naming the option."""
-        super().validate()
-        if not self.prompt_file:
-            raise TetherError("option 'prompt_file' is required (a file of training prompts)")
-        if not self.oracle:
-            raise TetherError(
-                "option 'oracle' is required (world, world:persona=NAME, reward-model:PATH or callable:MODULE:FUNC)"
+    def _check(self, c: Checks) -> None:
+        """The online options (after the shared ones)."""
+        super()._check(c)
+        if c.usable("prompt_file") and not self.prompt_file:
+            c.add("option 'prompt_file' is required (a file of training prompts)", "prompt_file")
+        if c.usable("oracle") and not self.oracle:
+            c.add(
+                "option 'oracle' is required (world, world:persona=NAME, reward-model:PATH or callable:MODULE:FUNC)",
+                "oracle",
             )
-        for name in (
-            "steps",
-            "phases",
-            "prompts_per_step",
-            "max_new_tokens",
-            "eval_max_new_tokens",
-            "ensemble_size",
-            "temperature",
-        ):
-            if getattr(self, name) <= 0:
-                raise TetherError(f"option '{name}' must be > 0, got {getattr(self, name)}")
-        for name in ("eval_prompts", "oracle_noise", "oracle_retries", "oracle_timeout", "oracle_backoff", "top_k"):
-            if getattr(self, name) < 0:
-                raise TetherError(f"option '{name}' must be >= 0, got {getattr(self, name)}")
-        if self.steps % self.phases:
-            raise TetherError(
+        positive = ("steps", "phases", "prompts_per_step", "max_new_tokens", "eval_max_new_tokens", "ensemble_size")
+        c.at_least(0, *positive, "temperature", strict=True)
+        c.at_least(0, "eval_prompts", "oracle_noise", "oracle_retries", "oracle_timeout", "oracle_backoff", "top_k")
+        if c.usable("steps", "phases") and self.phases > 0 and self.steps % self.phases:
+            c.add(
                 f"option 'phases' ({self.phases}) must divide 'steps' ({self.steps}) "
                 "so that K = steps / phases is whole"
             )
-        if not 0.0 <= self.max_oracle_failure_rate <= 1.0:
-            raise TetherError(f"option 'max_oracle_failure_rate' must be in [0, 1], got {self.max_oracle_failure_rate}")
-        if self.oracle_failure_patience < 1:
-            raise TetherError(f"option 'oracle_failure_patience' must be >= 1, got {self.oracle_failure_patience}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise TetherError(f"option 'top_p' must be in (0, 1], got {self.top_p}")
-        self._check_reference_against_loss()
+        c.within("max_oracle_failure_rate", 0.0, 1.0, high_open=False)
+        c.at_least(1, "oracle_failure_patience")
+        c.within("top_p", 0.0, 1.0, low_open=True, high_open=False)
+        if c.usable("reference", "loss"):
+            self._check_reference_against_loss(c)
         if self.reference == "fixed" and not self.ref_model:
-            raise TetherError("reference: fixed needs option 'ref_model' (the fixed reference model directory)")
+            c.add("reference: fixed needs option 'ref_model' (the fixed reference model directory)")
         if self.ref_model and self.reference != "fixed":
-            raise TetherError(
-                f"option 'ref_model' is used only with reference: fixed (got reference: {self.reference})"
-            )
-        if self.reference == "ema" and not 0.0 < self.ema_rate <= 1.0:
-            raise TetherError(f"option 'ema_rate' must be in (0, 1], got {self.ema_rate}")
-        if self.ensemble_size > 1 and not self.lora:
-            raise TetherError("option 'ensemble_size' > 1 needs lora: true (the ensemble is of LoRA adapters)")
+            c.add(f"option 'ref_model' is used only with reference: fixed (got reference: {self.reference})")
+        if self.reference == "ema":
+            c.within("ema_rate", 0.0, 1.0, low_open=True, high_open=False)
+        if c.usable("ensemble_size", "lora") and self.ensemble_size > 1 and not self.lora:
+            c.add("option 'ensemble_size' > 1 needs lora: true (the ensemble is of LoRA adapters)")
 
-    def _check_reference_against_loss(self) -> None:
+    def _check_reference_against_loss(self, c: Checks) -> None:
         """A reference mode is the point of an online setting (BPO: π_ref = π_β): it needs a loss that reads π_ref,
         and a loss that reads none needs reference: none."""
-        if self.reference != "none" and not needs_reference(self.loss):
-            raise TetherError(
+        try:
+            needed = needs_reference(self.loss)
+        except ValueError:
+            return  # the loss itself is reported
+        if self.reference != "none" and not needed:
+            c.add(
                 f"loss {self.loss} uses no reference, so reference: {self.reference} would have no effect (the "
                 f"point of that setting is π_ref); use a loss with a reference, or reference: none"
             )
-        if self.reference == "none" and needs_reference(self.loss):
-            raise TetherError(
+        if self.reference == "none" and needed:
+            c.add(
                 f"reference: none, but loss {self.loss} needs a reference; use a loss without one "
                 f"({', '.join(reference_free_names())}) or another reference"
             )

@@ -51,6 +51,7 @@ SAFE_TO_CHANGE = frozenset(
         "save_steps",
         "save_total_limit",
         "report_to",
+        "logging_dir",
         "eval_steps",
         "oracle_timeout",
         "oracle_retries",

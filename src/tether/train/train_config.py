@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import TetherError, brief, option
+from ..config import Checks, TetherError, brief, option
 from ..loss_table import OPTION_DEFAULTS, PARAM_HELP, PARAMS, loss_help, needs_reference, resolve_options
 
 MAX_SEED = 2**32 - 1  # numpy.random.seed takes no more (accelerate.set_seed seeds numpy)
@@ -35,6 +35,9 @@ def check_loss_options(cfg) -> None:
     except ValueError as e:
         raise TetherError(str(e)) from None
     cfg.beta = resolved["beta"]
+
+
+TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")  # accelerate's trackers that report_to may name
 
 
 def loss_options(cfg) -> dict:
@@ -120,7 +123,12 @@ class CommonConfig:
     save_steps: int = option(100, "write a resumable checkpoint every N steps; 0 = none")
     save_total_limit: int = option(2, "keep only the newest N checkpoints; 0 = keep all")
     report_to: list[str] = option(
-        ["none"], "also log metrics to these trackers: tensorboard, wandb or none (a list, as in TRL)"
+        ["none"], f"also log metrics to these trackers: {', '.join(TRACKERS)} or none (a list, as in TRL)"
+    )
+    logging_dir: str | None = option(
+        None,
+        "TensorBoard's event directory; null = $TENSORBOARD_LOGGING_DIR if set (as transformers 5), else "
+        "output_dir/tensorboard",
     )
     progress: bool = option(True, "show a progress bar")
     write_report: bool = option(
@@ -128,65 +136,72 @@ class CommonConfig:
     )
 
     def validate(self) -> None:
-        """Checks of the shared options; raises a one-line TetherError naming the option."""
-        if self.max_prompt_length is None:  # a TRL config sets max_length alone
-            self.max_prompt_length = self.max_length // 2
-        if not self.model:
-            raise TetherError("option 'model' is required (a local model directory or a built-in name)")
-        check_loss_options(self)
-        positive = (
-            "learning_rate",
-            "max_length",
-            "max_prompt_length",
-            "eval_batch_size",
-            "logging_steps",
-            "lora_r",
-            "lora_alpha",
+        """Check every option; raise one TetherError naming every problem at once. Idempotent: the defaults it
+        resolves (max_prompt_length, beta, anchor_weight, report_to, lora_target_modules) stay as resolved."""
+        problems = self.problems()
+        if problems:
+            raise TetherError("; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Every problem of the options, each one phrase naming its option (`tether.config.Checks`)."""
+        checks = Checks(self)
+        self._check(checks)
+        return list(dict.fromkeys(checks.found))
+
+    def _check(self, c: Checks) -> None:
+        """The shared options."""
+        c.at_least(
+            0, "learning_rate", "max_length", "eval_batch_size", "logging_steps", "lora_r", "lora_alpha", strict=True
         )
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise TetherError(f"option '{name}' must be > 0, got {getattr(self, name)}")
-        for name in (
-            "warmup_steps",
-            "eval_steps",
-            "save_steps",
-            "save_total_limit",
-            "max_grad_norm",
-            "weight_decay",
-            "nll_weight",
-        ):
-            if getattr(self, name) < 0:
-                raise TetherError(f"option '{name}' must be >= 0, got {getattr(self, name)}")
-        for name in ("adam_beta1", "adam_beta2", "lora_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise TetherError(f"option '{name}' must be in [0, 1), got {getattr(self, name)}")
-        if self.adam_epsilon <= 0:
-            raise TetherError(f"option 'adam_epsilon' must be > 0, got {self.adam_epsilon}")
+        if c.usable("max_length", "max_prompt_length") and self.max_prompt_length is None:
+            self.max_prompt_length = self.max_length // 2  # a TRL config sets max_length alone
+        if c.usable("model") and not self.model:
+            c.add("option 'model' is required (a local model directory or a built-in name)", "model")
+        if c.usable("loss", "loss_weights", *PARAMS):
+            try:
+                check_loss_options(self)
+            except TetherError as e:
+                c.add(str(e), "loss")
+        if self.max_prompt_length is not None:
+            c.at_least(0, "max_prompt_length", strict=True)
+        c.at_least(0, "warmup_steps", "eval_steps", "save_steps", "save_total_limit", "max_grad_norm", "weight_decay")
+        c.at_least(0, "nll_weight")
+        for name in ("adam_beta1", "adam_beta2", "lora_dropout", "warmup_ratio"):
+            c.within(name, 0.0, 1.0)
+        c.at_least(0, "adam_epsilon", strict=True)
+        self._check_anchor(c)
+        self._check_trackers(c)
+        if c.usable("lora_target_modules") and self.lora_target_modules and "all-linear" in self.lora_target_modules:
+            self.lora_target_modules = None  # PEFT's (and TRL's) name for every linear layer but the output head
+        if c.usable("seed") and not 0 <= self.seed <= MAX_SEED:
+            c.add(f"option 'seed' must be in [0, {MAX_SEED}] (numpy's seed range), got {brief(self.seed)}", "seed")
+        if c.usable("max_length", "max_prompt_length") and self.max_prompt_length >= self.max_length:
+            c.add(f"option 'max_prompt_length' ({self.max_prompt_length}) must be < 'max_length' ({self.max_length})")
+
+    def _check_anchor(self, c: Checks) -> None:
+        if not c.usable("method", "anchor_weight"):
+            return
         if self.method == "dap" and self.anchor_weight:
-            raise TetherError(
+            c.add(
                 f"option 'anchor_weight' ({self.anchor_weight}) is BAPO's anchor, but method is dap: set "
                 "method: bapo, or drop anchor_weight"
             )
+            return
         if self.anchor_weight is None:
             self.anchor_weight = BAPO_ANCHOR_WEIGHT if self.method == "bapo" else 0.0
-        if self.anchor_weight < 0:
-            raise TetherError(f"option 'anchor_weight' must be >= 0, got {self.anchor_weight}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise TetherError(f"option 'warmup_ratio' must be in [0, 1), got {self.warmup_ratio}")
+        c.at_least(0, "anchor_weight")
+
+    def _check_trackers(self, c: Checks) -> None:
+        """report_to: a list of TRACKERS, or none (TRL writes one name as a string)."""
+        if not c.usable("report_to"):
+            return
         given = [self.report_to] if isinstance(self.report_to, str) else self.report_to or []
-        trackers = [t.lower() for t in given if t.lower() not in ("none", "no")]
-        for t in trackers:
-            if t not in ("tensorboard", "wandb"):
-                raise TetherError(f"option 'report_to': unknown tracker '{t}'; use tensorboard, wandb or none")
-        self.report_to = trackers or ["none"]
-        if self.lora_target_modules and "all-linear" in self.lora_target_modules:
-            self.lora_target_modules = None  # PEFT's (and TRL's) name for every linear layer but the output head
-        if not 0 <= self.seed <= MAX_SEED:
-            raise TetherError(f"option 'seed' must be in [0, {MAX_SEED}] (numpy's seed range), got {brief(self.seed)}")
-        if self.max_prompt_length >= self.max_length:
-            raise TetherError(
-                f"option 'max_prompt_length' ({self.max_prompt_length}) must be < 'max_length' ({self.max_length})"
-            )
+        trackers = [str(t).lower() for t in given if t is not None and str(t).lower() not in ("none", "no")]
+        unknown = [t for t in trackers if t not in TRACKERS]
+        if unknown:
+            c.add(f"option 'report_to': unknown tracker '{unknown[0]}'; use {', '.join(TRACKERS)} or none", "report_to")
+            return
+        self.report_to = list(dict.fromkeys(trackers)) or ["none"]
 
 
 @dataclass
@@ -225,34 +240,23 @@ class TrainConfig(CommonConfig):
     precompute_ref_logps: bool = option(True, "compute reference log-probs once before training and cache them on disk")
     ref_cache_dir: str | None = option(None, "where cached reference log-probs live; null = $TETHER_CACHE/reflogps")
 
-    def validate(self) -> None:
-        """The one place a TrainConfig is checked; raises a one-line TetherError naming the option."""
-        super().validate()
-        if not self.train_file:
-            raise TetherError("option 'train_file' is required (a preference data file)")
-        for name in ("batch_size", "gradient_accumulation_steps"):
-            if getattr(self, name) <= 0:
-                raise TetherError(f"option '{name}' must be > 0, got {getattr(self, name)}")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise TetherError(f"option 'eval_fraction' must be in [0, 1), got {self.eval_fraction}")
-        if self.max_steps < -1:
-            raise TetherError(
-                f"option 'max_steps' must be >= 0, or -1 to derive it from num_epochs; got {self.max_steps}"
-            )
-        if self.max_steps == -1 and self.num_epochs <= 0:
-            raise TetherError("set 'max_steps' >= 0 or 'num_epochs' > 0")
-        if self.base_temperature <= 0:
-            raise TetherError(f"option 'base_temperature' must be > 0, got {self.base_temperature}")
-        if self.base_top_k < 0:
-            raise TetherError(f"option 'base_top_k' must be >= 0, got {self.base_top_k}")
-        if not 0.0 < self.base_top_p <= 1.0:
-            raise TetherError(f"option 'base_top_p' must be in (0, 1], got {self.base_top_p}")
-        if self.ref_model and not needs_reference(self.loss):
-            raise TetherError(
-                f"option 'ref_model': loss {self.loss} uses no reference (it is trained without one); drop ref_model"
-            )
-        if self.method == "bapo":
+    def _check(self, c: Checks) -> None:
+        """The offline options (after the shared ones)."""
+        super()._check(c)
+        if c.usable("train_file") and not self.train_file:
+            c.add("option 'train_file' is required (a preference data file)", "train_file")
+        c.at_least(0, "batch_size", "gradient_accumulation_steps", "base_temperature", strict=True)
+        c.within("eval_fraction", 0.0, 1.0)
+        if c.usable("max_steps") and self.max_steps < -1:
+            c.add(f"option 'max_steps' must be >= 0, or -1 to derive it from num_epochs; got {self.max_steps}")
+        if c.usable("max_steps", "num_epochs") and self.max_steps == -1 and self.num_epochs <= 0:
+            c.add("set 'max_steps' >= 0 or 'num_epochs' > 0")
+        c.at_least(0, "base_top_k")
+        c.within("base_top_p", 0.0, 1.0, low_open=True, high_open=False)
+        if c.usable("ref_model", "loss") and self.ref_model and not needs_reference(self.loss):
+            c.add(f"option 'ref_model': loss {self.loss} uses no reference (it is trained without one); drop ref_model")
+        if self.method == "bapo" and c.usable("base_samples", "base_max_new_tokens", "base_decoding"):
             if self.base_samples < 1 or self.base_max_new_tokens < 1:
-                raise TetherError("options 'base_samples' and 'base_max_new_tokens' must be >= 1")
-            if self.base_samples > 1 and self.base_decoding != "sampled":
-                raise TetherError("option 'base_samples' > 1 needs base_decoding: sampled (greedy gives one response)")
+                c.add("options 'base_samples' and 'base_max_new_tokens' must be >= 1")
+            elif self.base_samples > 1 and self.base_decoding != "sampled":
+                c.add("option 'base_samples' > 1 needs base_decoding: sampled (greedy gives one response)")
