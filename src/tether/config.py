@@ -271,6 +271,15 @@ def parse_extra_flags(tokens: list[str]) -> tuple[dict[str, Any], list[str]]:
     return values, stray
 
 
+def check_config(cfg):
+    """Check a config object as the command line checks it (every number finite, then its `validate()`); returns
+    it. A config built in Python (`TrainConfig(...)`) is checked so before a run or a trainer uses it."""
+    check_finite(cfg)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
 def load_config(
     cls,
     config_file: str | Path | None = None,
@@ -309,11 +318,7 @@ def load_config(
     if bad:
         raise TetherError(f"unknown option(s) {', '.join('--' + k for k in bad)}; see --help for the list of options")
     values.update(overrides or {})
-    cfg = cls(**values)
-    check_finite(cfg)
-    if hasattr(cfg, "validate"):
-        cfg.validate()
-    return cfg
+    return check_config(cls(**values))
 
 
 def config_to_dict(cfg) -> dict[str, Any]:
