@@ -365,6 +365,16 @@ def parse_extra_flags(tokens: list[str]) -> tuple[dict[str, Any], list[str]]:
     return values, stray
 
 
+def check_config(cfg):
+    """Check a config object as the command line checks it (types, choices, finiteness, then what its
+    `validate()` finds; every problem in one TetherError); returns it. A config built in Python
+    (`TrainConfig(...)`) is checked so before a run or a trainer uses it."""
+    problems = _validation_problems(cfg, skip=set())
+    if problems:
+        raise TetherError("; ".join(problems))
+    return cfg
+
+
 def load_config(
     cls,
     config_file: str | Path | None = None,

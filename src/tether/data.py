@@ -310,8 +310,16 @@ def load_prompt_records(path: str | Path, need_reference: bool = False) -> list[
     """Prompt records for online training or evaluation: a 'prompt' (string or chat messages) and, when
     present (required with need_reference), a 'reference' answer (string or assistant messages) kept as
     text in `completions["reference"]`."""
+    records = prompt_records(read_rows(path), need_reference)
+    if not records:
+        raise TetherError(f"{path}: holds no records")
+    return records
+
+
+def prompt_records(rows: list[tuple[str, dict]], need_reference: bool = False) -> list[Record]:
+    """Validated prompt records of (source, raw row) pairs (see `load_prompt_records`)."""
     records = []
-    for source, row in read_rows(path):
+    for source, row in rows:
         if not isinstance(row, dict):
             raise TetherError(f"{source}: a record must be a JSON object, got {type(row).__name__}")
         if row.get("prompt") is None:
@@ -337,8 +345,6 @@ def load_prompt_records(path: str | Path, need_reference: bool = False) -> list[
         records.append(
             Record(prompt, comps, source, {k: v for k, v in row.items() if k not in ("prompt", "reference")})
         )
-    if not records:
-        raise TetherError(f"{path}: holds no records")
     return records
 
 

@@ -101,9 +101,16 @@ def load_tokenizer(name: str | os.PathLike):
         tok = AutoTokenizer.from_pretrained(path, **LOCAL_ONLY)
     except Exception as e:  # noqa: BLE001 - any loader failure becomes one clear line
         raise TetherError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
+    return pad_token_set(tok)
+
+
+def pad_token_set(tokenizer):
+    """`tokenizer` with a padding token (its end-of-sequence token when it has none, as TRL does)."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise TetherError(f"{type(tokenizer).__name__}: the tokenizer has neither a pad nor an eos token; set one")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def torch_dtype(name: str | torch.dtype) -> torch.dtype | str:

@@ -90,16 +90,10 @@ def evaluate_pairs(opts) -> dict:
     examples, report = tokenize_records(records, tokenizer, opts.max_length, opts.max_prompt_length)
     if not examples:
         raise TetherError(f"{opts.eval_file}: no usable preference pairs ({report.summary()})")
-    pol, lens, ref_sums = _file_logps(policy, ref, examples, tokenizer.pad_token_id, opts.batch_size)
-    n = len(examples)
     options = dict(loss=opts.loss, loss_weights=opts.loss_weights, nll_weight=opts.nll_weight, **_params(opts))
-    _, stats = preference_loss(*_pairs(pol, lens, ref_sums, n), **options)
+    pairs, (pol, lens, ref_sums) = pair_metrics(policy, ref, examples, tokenizer.pad_token_id, opts.batch_size, options)
     per_pair = PER_PAIR if ref is not None else PER_PAIR[:-2]
-    if ref is not None:
-        stats.update(ref_logps_chosen=ref_sums[:n], ref_logps_rejected=ref_sums[n:])
-    pairs = [
-        {"source": ex.source, **ex.extra, **{k: float(stats[k][i]) for k in per_pair}} for i, ex in enumerate(examples)
-    ]
+    n = len(examples)
     result = {
         **who,
         "eval_file": str(opts.eval_file),
@@ -112,6 +106,22 @@ def evaluate_pairs(opts) -> dict:
     if opts.losses:
         result["losses"] = {name: _one_loss(opts, name, pol, lens, ref_sums, n) for name in opts.losses}
     return {**result, "pairs": pairs}
+
+
+def pair_metrics(policy, ref, examples, pad_id: int, batch_size: int, options: dict):
+    """Per pair (a dict per example: source, extra fields, PER_PAIR values; no ref_* without a reference) under
+    `policy` and `ref` (a Reference or None) with the loss `options` (preference_loss's keywords), and the
+    summed log-probs behind them (policy, lengths, reference)."""
+    pol, lens, ref_sums = _file_logps(policy, ref, examples, pad_id, batch_size)
+    n = len(examples)
+    _, stats = preference_loss(*_pairs(pol, lens, ref_sums, n), **options)
+    per_pair = PER_PAIR if ref is not None else PER_PAIR[:-2]
+    if ref is not None:
+        stats.update(ref_logps_chosen=ref_sums[:n], ref_logps_rejected=ref_sums[n:])
+    pairs = [
+        {"source": ex.source, **ex.extra, **{k: float(stats[k][i]) for k in per_pair}} for i, ex in enumerate(examples)
+    ]
+    return pairs, (pol, lens, ref_sums)
 
 
 def _file_logps(policy, ref, examples, pad_id, batch_size):

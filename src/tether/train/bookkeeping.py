@@ -17,7 +17,9 @@ from tqdm.auto import tqdm
 
 from ..config import TetherError
 from ..files import new_private_dir, open_append, read_json, read_json_lines, share_like_umask, write_text_atomic
+from ..models import any_process
 from . import checkpoint
+from .callbacks import Callbacks
 from .card import data_files, model_card, versions
 from .engine import crash_point, end_run
 from .report import write_report_quietly
@@ -196,6 +198,7 @@ class TrainingRun:
 
     claim: RunDir
     run_dir: Path
+    callbacks: Callbacks
     stop: StopRequests | None = None
 
     def load_models(self) -> None:
@@ -216,19 +219,41 @@ class TrainingRun:
                 return self.run_dir
             self.load_models()
             with StopRequests() as self.stop:
-                return self._loop()
+                run_dir = self._loop()
+            self.callbacks.fire("on_train_end", run_dir=run_dir)
+            return run_dir
         finally:
             self.stop = None
             self.claim.release()
 
+    def saved(self, checkpoint_dir: Path) -> Path:
+        """A checkpoint was just written: tell the callbacks."""
+        self.callbacks.fire("on_save", checkpoint=checkpoint_dir)
+        return checkpoint_dir
+
     def stop_if_asked(self, done: int, total: int) -> None:
-        """At the end of step `done` (of `total`): after a signal, save a checkpoint here and stop the run."""
-        if done < total and self.stop is not None and self.stop.requested(self.acc):
+        """At the end of step `done` (of `total`): after a signal, or when a callback set
+        `control.should_training_stop`, save a checkpoint here and stop the run."""
+        if done >= total:
+            return
+        by_callback = self.callbacks.stop_requested
+        if self.callbacks.callbacks and self.acc.num_processes > 1:  # every process has the same callbacks
+            by_callback = any_process(by_callback, self.acc.device)
+        if by_callback or (self.stop is not None and self.stop.requested(self.acc)):
             save_steps = self.cfg.save_steps
             saved = self.run_dir / "checkpoints" / f"{checkpoint.PREFIX}{done:06d}"  # just now, by the loop
-            raise self.stop.interrupted(
-                done, saved if save_steps and done % save_steps == 0 else self._save_checkpoint(done)
-            )
+            saved = saved if save_steps and done % save_steps == 0 else self._save_checkpoint(done)
+            if by_callback:
+                raise StoppedByCallback(done, saved)
+            raise self.stop.interrupted(done, saved)
+
+
+class StoppedByCallback(Exception):
+    """A callback asked the run to stop (`control.should_training_stop`); a checkpoint of `step` is saved."""
+
+    def __init__(self, step: int, checkpoint_dir: Path):
+        super().__init__(f"stopped by a callback after step {step}; checkpoint {checkpoint_dir} saved")
+        self.step, self.checkpoint = step, checkpoint_dir
 
 
 def progress_bar(accelerator, cfg, total: int, initial: int, desc: str) -> tqdm:

@@ -22,13 +22,13 @@ import torch
 from accelerate.utils import gather_object, set_seed
 
 from ..base_responses import attach_base_responses, base_keys
-from ..config import TetherError
+from ..config import TetherError, check_config
 from ..data import COMPLETION_KEYS, Example, collate, load_preference_records, tokenize_records
 from ..files import cache_dir, check_writable_dir, write_text_atomic
 from ..logprobs import SequenceScorer
 from ..loss_table import needs_reference
 from ..losses import objective
-from ..models import load_tokenizer
+from ..models import load_tokenizer, pad_token_set
 from . import checkpoint
 from .bookkeeping import (
     MetricsLog,
@@ -42,8 +42,10 @@ from .bookkeeping import (
     resume_point,
     start_trackers,
 )
+from .callbacks import Callbacks
 from .checkpoint import full_tensor
 from .engine import crash_point, distributed_setup, make_accelerator
+from .inputs import RunObjects
 from .optimization import (
     check_finite_step,
     load_policy,
@@ -129,23 +131,29 @@ def reference_table(accelerator, cfg, reference, examples, keys, pad_id, desc) -
 class OfflineRun(TrainingRun):
     """Everything one offline run holds; `run()` is the loop."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool):
-        self.cfg = cfg
+    def __init__(self, cfg: TrainConfig, resume: bool, objects: RunObjects | None = None):
+        self.cfg, objects = cfg, objects or RunObjects()
+        self.callbacks = objects.callbacks or Callbacks(args=cfg)
         self.run_dir = Path(cfg.output_dir)
         self.acc = make_accelerator(cfg, self.run_dir)
         self.setup = distributed_setup(self.acc, cfg)  # refuses a launch that asked for sharding and did not get it
         set_seed(cfg.seed)
-        self.tokenizer = load_tokenizer(cfg.model)
+        self.tokenizer = pad_token_set(objects.tokenizer) if objects.tokenizer else load_tokenizer(cfg.model)
         self.pad_id = self.tokenizer.pad_token_id
         # every check that can be made fails here, before the run directory is claimed: the data, the policy
         # (lora_target_modules, an adapter that does not fit its base), the reference model, the caches
         self.train_ex, self.eval_ex, self.data_report = load_examples(cfg, self.tokenizer)
-        self.model = load_policy(cfg).to(self.acc.device)
-        self.reference = offline_reference(cfg, self.model, self.acc.device)
+        self.model = load_policy(cfg, objects.model).to(self.acc.device)
+        self.reference = offline_reference(cfg, self.model, self.acc.device, objects.ref_model, objects.initial)
         if cfg.precompute_ref_logps or cfg.method == "bapo":
             check_writable_dir(Path(cfg.ref_cache_dir or cache_dir() / "reflogps"), "ref_cache_dir")
         self.claim = claim_run_dir(
-            self.acc, "train", cfg, {"train_file": cfg.train_file, "eval_file": cfg.eval_file}, resume
+            self.acc,
+            "train",
+            cfg,
+            {"train_file": cfg.train_file, "eval_file": cfg.eval_file},
+            resume,
+            objects.fingerprints,
         )
 
     def load_models(self) -> None:
@@ -215,9 +223,11 @@ class OfflineRun(TrainingRun):
         cfg, acc, steps = self.cfg, self.acc, self.steps
         resumed = resume_point(acc, self.claim, self.model, self.optimizer, self.scheduler)
         start, results = resumed or (0, {})
+        self.callbacks.begin(acc, start, steps)
         if resumed is None and self.eval_ex:
             results["initial_eval"] = self.evaluate(self.eval_ex, self.eval_table)
             log_to_trackers(acc, results["initial_eval"], step=0)
+            self.callbacks.evaluate(results["initial_eval"])
         record_start(
             acc, self.run_dir, results, self.reference.label, self.setup, train=cfg.train_file, eval=cfg.eval_file
         )
@@ -239,14 +249,17 @@ class OfflineRun(TrainingRun):
                     "grad_norm": grad_norm.item(),
                     "epoch": self._epoch(done),
                 }
-                if evaluate_now:
-                    row.update(self.evaluate(self.eval_ex, self.eval_table))
+                evaluated = self.evaluate(self.eval_ex, self.eval_table) if evaluate_now else {}
+                row.update(evaluated)
                 row["elapsed_s"] = round(time.perf_counter() - t0, 3)
                 metrics.write(row)
                 log_to_trackers(acc, row, step=done)
+                self.callbacks.evaluate(evaluated)
+                self.callbacks.log(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['reward_accuracy']:.2f}")
                 window = []
             bar.update(1)
+            self.callbacks.step_end(done)
             if cfg.save_steps and done % cfg.save_steps == 0 and done < steps:
                 self._save_checkpoint(done)
             crash_point("after_step", done)
@@ -283,15 +296,17 @@ class OfflineRun(TrainingRun):
         return done * self.global_batch / len(self.train_ex)
 
     def _save_checkpoint(self, done: int) -> Path:
-        return checkpoint.save(
-            self.acc,
-            self.run_dir,
-            done,
-            self.model,
-            self.optimizer,
-            self.scheduler,
-            {"epoch": self._epoch(done)},
-            self.cfg.save_total_limit,
+        return self.saved(
+            checkpoint.save(
+                self.acc,
+                self.run_dir,
+                done,
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                {"epoch": self._epoch(done)},
+                self.cfg.save_total_limit,
+            )
         )
 
     def _finish(self, results: dict) -> Path:
@@ -300,6 +315,7 @@ class OfflineRun(TrainingRun):
         if self.eval_ex:
             results["final_eval"] = self.evaluate(self.eval_ex, self.eval_table)
             log_to_trackers(acc, results["final_eval"], step=self.steps)
+            self.callbacks.evaluate(results["final_eval"])
         results.update(
             steps=self.steps,
             num_processes=self.procs,
@@ -333,7 +349,8 @@ class OfflineRun(TrainingRun):
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
     """Run offline preference optimization as configured; returns the run directory.
 
-    With `resume`, continues the run in `cfg.output_dir` from its newest readable checkpoint (a finished run is
-    left untouched). Raises TetherError (one line) on bad input, a directory that is not tether's, a run already
-    going on in it, changed options on resume, or a non-finite update."""
-    return OfflineRun(cfg, resume).run()
+    `cfg` is checked first (`tether.config.check_config`: as the command line checks it). With `resume`,
+    continues the run in `cfg.output_dir` from its newest readable checkpoint (a finished run is left untouched).
+    Raises TetherError (one line) on bad input, a directory that is not tether's, a run already going on in it,
+    changed options on resume, or a non-finite update. `tether.DPOTrainer` is the same run over objects."""
+    return OfflineRun(check_config(cfg), resume).run()

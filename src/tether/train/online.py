@@ -32,11 +32,11 @@ from accelerate.utils import gather_object, set_seed
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
 from ..base_responses import add_base_completions, base_answers, base_keys
-from ..config import TetherError, brief
+from ..config import TetherError, brief, check_config
 from ..data import COMPLETION_KEYS, Example, collate, load_prompt_records
 from ..generation import eos_token_ids, generate_ids, prompt_ids
 from ..logprobs import completion_logps_ids
-from ..models import eval_mode, load_tokenizer, reshard
+from ..models import eval_mode, load_tokenizer, pad_token_set, reshard
 from ..oracles import Annotator, load_oracle
 from ..sampling import sample_responses
 from ..stats import summarize, win_rates
@@ -52,7 +52,9 @@ from .bookkeeping import (
     resume_point,
     start_trackers,
 )
+from .callbacks import Callbacks
 from .engine import crash_point, distributed_setup, make_accelerator
+from .inputs import RunObjects
 from .ledger import Ledger
 from .online_config import OnlineConfig
 from .online_policy import OnlinePolicy
@@ -66,8 +68,9 @@ log = logging.getLogger("tether")
 class OnlineRun(TrainingRun):
     """Everything one online run holds; `run()` is the loop."""
 
-    def __init__(self, cfg: OnlineConfig, resume: bool):
-        self.cfg, self.resume = cfg, resume
+    def __init__(self, cfg: OnlineConfig, resume: bool, objects: RunObjects | None = None):
+        self.cfg, self.resume, objects = cfg, resume, objects or RunObjects()
+        self.callbacks = objects.callbacks or Callbacks(args=cfg)
         self.run_dir = Path(cfg.output_dir)
         self.acc = make_accelerator(cfg, self.run_dir)
         self.setup = distributed_setup(self.acc, cfg)  # refuses a launch that asked for sharding and did not get it
@@ -78,14 +81,18 @@ class OnlineRun(TrainingRun):
             )
         self.sharded = self.setup["sharding"] == "fsdp2"
         set_seed(cfg.seed)
-        self.tokenizer = load_tokenizer(cfg.model)
+        self.tokenizer = pad_token_set(objects.tokenizer) if objects.tokenizer else load_tokenizer(cfg.model)
         # bad input fails here, before anything is written
         self.prompts = load_prompt_records(cfg.prompt_file)
         self.eval_set = load_prompt_records(cfg.eval_file, need_reference=True) if cfg.eval_file else []
         if cfg.eval_prompts:
             self.eval_set = self.eval_set[: cfg.eval_prompts]
         self.annotator = Annotator(
-            load_oracle(cfg.oracle), cfg.oracle_noise, cfg.oracle_retries, cfg.oracle_timeout, cfg.oracle_backoff
+            objects.oracle or load_oracle(cfg.oracle),
+            cfg.oracle_noise,
+            cfg.oracle_retries,
+            cfg.oracle_timeout,
+            cfg.oracle_backoff,
         )
         self.procs, self.rank = self.acc.num_processes, self.acc.process_index
         if cfg.prompts_per_step % self.procs:
@@ -109,12 +116,22 @@ class OnlineRun(TrainingRun):
         self.eval_ids = tokenize_prompts(self.tokenizer, self.eval_set)
         keep_initial, averages = policy_copies_needed(cfg)
         self.policy = OnlinePolicy(
-            cfg, self.acc.device, keep_initial or cfg.method == "bapo", averages, self._shard if self.sharded else None
+            cfg,
+            self.acc.device,
+            keep_initial or cfg.method == "bapo",
+            averages,
+            self._shard if self.sharded else None,
+            model=objects.model,
         )  # BAPO: y_b from π_sft
         self.setup["parameters_sharded"] = self.policy.sharded  # what the engine really did to the weights
-        self.reference = online_reference(cfg, self.policy, self.acc.device)
+        self.reference = online_reference(cfg, self.policy, self.acc.device, objects.ref_model)
         self.claim = claim_run_dir(
-            self.acc, "online", cfg, {"prompt_file": cfg.prompt_file, "eval_file": cfg.eval_file}, resume
+            self.acc,
+            "online",
+            cfg,
+            {"prompt_file": cfg.prompt_file, "eval_file": cfg.eval_file},
+            resume,
+            objects.fingerprints,
         )
 
     def load_models(self) -> None:
@@ -304,9 +321,11 @@ class OnlineRun(TrainingRun):
         start, results = resumed or (0, {})
         if resumed is not None:
             log.info("the ledger holds %d annotated pairs", self.ledger.count())
-        elif self.eval_set:
+        self.callbacks.begin(acc, start, cfg.steps)
+        if resumed is None and self.eval_set:
             results["initial_eval"] = self.evaluate()
             log_to_trackers(acc, results["initial_eval"], step=0)
+            self.callbacks.evaluate(results["initial_eval"])
         record_start(
             acc, self.run_dir, results, self.reference.label, self.setup, prompts=cfg.prompt_file, eval=cfg.eval_file
         )
@@ -319,15 +338,18 @@ class OnlineRun(TrainingRun):
             row = self.step(step)
             done = step + 1
             row.update({name: round(v, 3) for name, v in self.timing.items()})
-            if cfg.eval_steps and done % cfg.eval_steps == 0 and done < cfg.steps:
-                row.update(self.evaluate())
+            evaluated = self.evaluate() if cfg.eval_steps and done % cfg.eval_steps == 0 and done < cfg.steps else {}
+            row.update(evaluated)
             row["elapsed_s"] = round(time.perf_counter() - self.t0, 3)
             if done % cfg.logging_steps == 0 or done == cfg.steps or "eval_win_rate" in row:
                 metrics.write(row)
                 log_to_trackers(acc, row, step=done)
+                self.callbacks.evaluate(evaluated)
+                self.callbacks.log(row)
             if "loss" in row:
                 bar.set_postfix(loss=f"{row['loss']:.4f}", pairs=row["pairs"])
             bar.update(1)
+            self.callbacks.step_end(done)
             if cfg.save_steps and done % cfg.save_steps == 0 and done < cfg.steps:
                 self._save_checkpoint(done)
             crash_point("after_step", done)
@@ -412,6 +434,7 @@ class OnlineRun(TrainingRun):
         if self.eval_set:
             results["final_eval"] = self.evaluate()
             log_to_trackers(acc, results["final_eval"], step=cfg.steps)
+            self.callbacks.evaluate(results["final_eval"])
         if acc.is_main_process:
             results.update(
                 steps=cfg.steps,
@@ -433,16 +456,18 @@ class OnlineRun(TrainingRun):
         return finish_run(acc, cfg, "online", self.claim, results, self.policy.model, self.tokenizer, cfg.steps, write)
 
     def _save_checkpoint(self, step: int) -> Path:
-        return checkpoint.save(
-            self.acc,
-            self.run_dir,
-            step,
-            self.policy.model,
-            self.opt,
-            self.sched,
-            {},
-            self.cfg.save_total_limit,
-            tensors=self.policy.state_tensors(),
+        return self.saved(
+            checkpoint.save(
+                self.acc,
+                self.run_dir,
+                step,
+                self.policy.model,
+                self.opt,
+                self.sched,
+                {},
+                self.cfg.save_total_limit,
+                tensors=self.policy.state_tensors(),
+            )
         )
 
     @staticmethod
@@ -495,5 +520,6 @@ def online_train(cfg: OnlineConfig, resume: bool = False) -> Path:
 
     With `resume`, continues the run in `cfg.output_dir` (a finished run is left untouched); raises TetherError
     (one line) on bad input, a directory that is not tether's or is in use, changed options, a non-finite update
-    or an oracle that keeps failing (see `max_oracle_failure_rate`)."""
-    return OnlineRun(cfg, resume).run()
+    or an oracle that keeps failing (see `max_oracle_failure_rate`). `cfg` is checked first, as the command line
+    checks it; `tether.OnlineDPOTrainer` is the same run over objects."""
+    return OnlineRun(check_config(cfg), resume).run()

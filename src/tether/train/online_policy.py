@@ -67,10 +67,10 @@ class OnlinePolicy:
     `shard(model)`, when given, shards a model in place across the processes (accelerate's FSDP2 preparation); it
     is applied to π_θ and to every frozen copy before the optimizers exist."""
 
-    def __init__(self, cfg, device, keep_initial: bool = False, averages: tuple[str, ...] = (), shard=None):
+    def __init__(self, cfg, device, keep_initial: bool = False, averages: tuple[str, ...] = (), shard=None, model=None):
         self.cfg, self.device = cfg, device
         n, k = cfg.ensemble_size, cfg.steps // cfg.phases
-        model = load_policy(cfg)  # with LoRA: the "default" adapter
+        model = load_policy(cfg, model)  # with LoRA: the "default" adapter; `model`: an in-memory one
         self.names: list[str | None] = [None]
         self.aux_adapters: list[str] = []  # LoRA adapters besides the trained ones: behavior (π_β), ema, merged
         self.behavior_model = self.initial_model = None

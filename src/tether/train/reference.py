@@ -97,13 +97,19 @@ class LiveReference(Reference):
             self.after_step()
 
     def weights_fingerprint(self) -> str:
-        h = hashlib.blake2b(digest_size=16)
-        for name, tensor in sorted(self.model.state_dict().items()):
-            if self.adapter_off and "lora_" in name:
-                continue
-            h.update(name.replace("base_model.model.", "").replace(".base_layer", "").encode())
-            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())  # the bytes in place, no copy
-        return h.hexdigest()
+        return weights_fingerprint(self.model, skip_adapters=self.adapter_off)
+
+
+def weights_fingerprint(model, skip_adapters: bool = False) -> str:
+    """A hash of a model's tensors (names and bytes); with `skip_adapters`, of its base weights alone, named as
+    in the model without the adapter (so it equals the fingerprint of the model before LoRA was added)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        if skip_adapters and "lora_" in name:
+            continue
+        h.update(name.replace("base_model.model.", "").replace(".base_layer", "").encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())  # the bytes in place, no copy
+    return h.hexdigest()
 
 
 def model_reference(label: str, model, adapter_off: bool = False) -> LiveReference:
@@ -111,20 +117,31 @@ def model_reference(label: str, model, adapter_off: bool = False) -> LiveReferen
     return LiveReference(label, lambda: eval_mode(model, adapter_off), model, adapter_off)
 
 
-def offline_reference(cfg, policy, device) -> Reference:
+def offline_reference(cfg, policy, device, ref_model=None, initial=None) -> Reference:
     """π_ref of an offline run, as a live scorer (precomputing turns it into a cached one, `cached_reference`):
     a separate frozen model, the LoRA base (adapter disabled) or the initial policy; for a loss that reads no
-    reference, nothing (`NoReference`), or with BAPO the initial policy for the base responses alone."""
+    reference, nothing (`NoReference`), or with BAPO the initial policy for the base responses alone.
+    `ref_model`: an in-memory reference model; `initial`: an in-memory frozen copy of the initial policy (the
+    trainer's, when it was given a model object to fully fine-tune)."""
     free = not needs_reference(cfg.loss)
     if free and cfg.method != "bapo":
         return NoReference(f"none (loss {cfg.loss} reads no reference)")
     if cfg.ref_model:
-        return model_reference(f"fixed ({cfg.ref_model})", load_reference_model(cfg.ref_model, cfg.torch_dtype, device))
+        model = frozen(ref_model, device) if ref_model is not None else None
+        return model_reference(
+            f"fixed ({cfg.ref_model})", model or load_reference_model(cfg.ref_model, cfg.torch_dtype, device)
+        )
     if cfg.lora:
         return model_reference("initial (the base with the adapter disabled)", policy, adapter_off=True)
     if cfg.precompute_ref_logps or free:  # the policy IS the reference until the first step
         return model_reference("initial", policy)
-    return model_reference("initial (a frozen copy)", load_reference_model(cfg.model, cfg.torch_dtype, device))
+    model = frozen(initial, device) if initial is not None else None
+    return model_reference("initial (a frozen copy)", model or load_reference_model(cfg.model, cfg.torch_dtype, device))
+
+
+def frozen(model, device):
+    """An in-memory model as a reference: on `device`, eval mode, no gradients."""
+    return model.to(device).eval().requires_grad_(False)
 
 
 def cached_reference(live: Reference, base_rows_only: bool = False) -> RecordedReference:
@@ -141,14 +158,15 @@ def policy_copies_needed(cfg) -> tuple[bool, tuple[str, ...]]:
     return cfg.reference == "initial", ("ema",) if cfg.reference == "ema" else ()
 
 
-def online_reference(cfg, policy, device) -> Reference:
+def online_reference(cfg, policy, device, ref_model=None) -> Reference:
     """π_ref of an online run, built on `policy` (an OnlinePolicy made with `policy_copies_needed(cfg)`)."""
     if cfg.reference == "behavior":
         return RecordedReference("behavior (BPO)")
     if cfg.reference == "none":
         return NoReference(f"none (loss {cfg.loss} reads no reference)")
     if cfg.reference == "fixed":
-        return model_reference("fixed", load_reference_model(cfg.ref_model, cfg.torch_dtype, device))
+        model = frozen(ref_model, device) if ref_model is not None else None
+        return model_reference("fixed", model or load_reference_model(cfg.ref_model, cfg.torch_dtype, device))
     if cfg.reference == "initial":
         return LiveReference("initial", policy.initial)
     return LiveReference(

@@ -101,18 +101,18 @@ def check_environment(env: dict[str, str]) -> None:
         )
 
 
-def model_fingerprints(cfg) -> dict[str, str]:
+def model_fingerprints(cfg, given: dict[str, str] | None = None) -> dict[str, str]:
     """Option -> fingerprint of the model directories a run reads (model, ref_model, a reward-model oracle; an
-    adapter together with its base)."""
+    adapter together with its base); `given`: option -> fingerprint of an in-memory model used for it."""
     from ..models import adapter_base, is_adapter_dir, resolve_model_path
 
     named = {"model": cfg.model, "ref_model": getattr(cfg, "ref_model", None)}
     oracle = getattr(cfg, "oracle", "") or ""
     if oracle.startswith("reward-model:"):
         named["oracle"] = oracle.removeprefix("reward-model:")
-    out = {}
+    out = dict(given or {})
     for option, name in named.items():
-        if name:
+        if name and option not in out:
             path = resolve_model_path(name)
             fp = model_fingerprint(path)
             out[option] = f"{fp}+{model_fingerprint(adapter_base(path))}" if is_adapter_dir(path) else fp
@@ -180,7 +180,7 @@ def _config_differences(cfg, saved: dict) -> list[str]:
     return [k for k in now if k not in SAFE_TO_CHANGE and now[k] != saved.get(k, defaults.get(k))]
 
 
-def _claim(run_dir: Path, command: str, cfg, inputs: dict[str, str | None], resume: bool) -> RunDir:
+def _claim(run_dir: Path, command: str, cfg, inputs: dict[str, str | None], resume: bool, given=None) -> RunDir:
     """The main process's checks and first writes (see the module docstring)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise TetherError(f"option 'output_dir': {run_dir} is a file, not a directory; choose a directory path")
@@ -193,16 +193,16 @@ def _claim(run_dir: Path, command: str, cfg, inputs: dict[str, str | None], resu
                 "you can write to"
             ) from None
     try:
-        return _claim_locked(run_dir, command, cfg, inputs, resume)
+        return _claim_locked(run_dir, command, cfg, inputs, resume, given)
     except BaseException:
         release_lock(run_dir)
         raise
 
 
-def _claim_locked(run_dir: Path, command: str, cfg, inputs, resume: bool) -> RunDir:
+def _claim_locked(run_dir: Path, command: str, cfg, inputs, resume: bool, given=None) -> RunDir:
     marker = read_marker(run_dir) if run_dir.is_dir() else None
     fingerprints = {name: file_fingerprint(p) for name, p in inputs.items() if p}
-    environment, models = training_environment(), model_fingerprints(cfg)
+    environment, models = training_environment(), model_fingerprints(cfg, given)
     check_environment(environment)
     if marker is None:
         if run_dir.is_dir() and any(p.name != LOCK for p in run_dir.iterdir()):
@@ -308,14 +308,15 @@ def _check_same_inputs(run_dir: Path, cfg, marker: dict, fingerprints, models, e
             )
 
 
-def claim_run_dir(accelerator, command: str, cfg, inputs: dict[str, str | None], resume: bool) -> RunDir:
+def claim_run_dir(accelerator, command: str, cfg, inputs: dict[str, str | None], resume: bool, given=None) -> RunDir:
     """Check and claim `cfg.output_dir` for a `command` run (main process), and tell every process the outcome.
-    `inputs` names the option of each input file whose content must not change across a resume."""
+    `inputs` names the option of each input file whose content must not change across a resume; `given`: option
+    -> fingerprint of an in-memory model (`model_fingerprints`)."""
     run_dir = Path(cfg.output_dir)
     outcome: list = [None]
     if accelerator.is_main_process:
         try:
-            outcome = [_claim(run_dir, command, cfg, inputs, resume)]
+            outcome = [_claim(run_dir, command, cfg, inputs, resume, given)]
         except TetherError as e:
             outcome = [e]
     if accelerator.num_processes > 1:
