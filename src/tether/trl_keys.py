@@ -181,7 +181,8 @@ TRL_KEYS: dict[str, Callable[[Any], dict]] = {
     "f_divergence_type": _must_be("f_divergence_type", "reverse_kl", "only the reverse KL of standard DPO"),
     "use_weighting": _must_be("use_weighting", False, "WPO weighting is not implemented"),
     "ld_alpha": _must_be("ld_alpha", None, "LD-DPO is not implemented"),
-    "padding_free": _must_be("padding_free", False, "tether pads; it needs no flash attention"),
+    # `tether train` has its own padding_free (same meaning, default true); this entry is for the other commands
+    "padding_free": _must_be("padding_free", False, "tether online pads its batches; padding_free is tether train's"),
     "use_dora": _must_be("use_dora", False, "DoRA adapters are not implemented"),
     "use_rslora": _must_be("use_rslora", False, "rank-stabilized LoRA is not implemented"),
     "load_in_4bit": _must_be("load_in_4bit", False, "quantized training is not implemented"),

@@ -37,6 +37,11 @@ def check_loss_options(cfg) -> None:
     cfg.beta = resolved["beta"]
 
 
+def logp_options(cfg) -> dict:
+    """What `tether.logprobs.sequence_logps` takes from an offline run's options (padding, the head's chunks)."""
+    return {"padding_free": cfg.padding_free, "chunk_size": cfg.logprob_chunk_size}
+
+
 def loss_options(cfg) -> dict:
     """What `tether.losses.objective` / `preference_loss` take from cfg's loss options."""
     return dict(
@@ -103,7 +108,8 @@ class CommonConfig:
     gradient_checkpointing: bool = option(
         False,
         "recompute layer activations in the backward pass instead of storing them: less memory, more time "
-        "(the prompt is then not shared between chosen and rejected: one forward over whole sequences)",
+        "(padded batches then stop sharing the prompt between chosen and rejected; tether train's padding-free "
+        "batches still share it)",
     )
     # LoRA
     lora: bool = option(False, "train a LoRA adapter (PEFT) instead of all weights")
@@ -224,6 +230,17 @@ class TrainConfig(CommonConfig):
     # the reference
     precompute_ref_logps: bool = option(True, "compute reference log-probs once before training and cache them on disk")
     ref_cache_dir: str | None = option(None, "where cached reference log-probs live; null = $TETHER_CACHE/reflogps")
+    # how the log-probs are computed (the same numbers within float rounding; docs/training.md, "Speed")
+    padding_free: bool = option(
+        True,
+        "pack each batch's sequences into rows without padding (block-diagonal causal attention, each prompt "
+        "once for its completions; sdpa or eager attention, flash/flex through position_ids); false = padded rows",
+    )
+    logprob_chunk_size: int = option(
+        256,
+        "completion positions whose LM-head logits are computed together (the float32 positions × vocabulary "
+        "logits of only this many are held at once); 0 = all at once",
+    )
 
     def validate(self) -> None:
         """The one place a TrainConfig is checked; raises a one-line TetherError naming the option."""
@@ -238,6 +255,10 @@ class TrainConfig(CommonConfig):
         if self.max_steps < -1:
             raise TetherError(
                 f"option 'max_steps' must be >= 0, or -1 to derive it from num_epochs; got {self.max_steps}"
+            )
+        if self.logprob_chunk_size < 0:
+            raise TetherError(
+                f"option 'logprob_chunk_size' must be >= 0 (0 = no chunks), got {self.logprob_chunk_size}"
             )
         if self.max_steps == -1 and self.num_epochs <= 0:
             raise TetherError("set 'max_steps' >= 0 or 'num_epochs' > 0")
