@@ -75,12 +75,13 @@ class ChunkedLinearLogps(torch.autograd.Function):
 
 
 def _plain_weight(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor | None:
-    """The head's weight when the head is exactly a bias-free `nn.Linear` holding an ordinary tensor and no autocast
-    is on (what `ChunkedLinearLogps` computes exactly); None otherwise."""
+    """The head's weight when the head is exactly a bias-free `nn.Linear` holding its whole weight as an ordinary
+    tensor and no autocast is on (what `ChunkedLinearLogps` computes exactly); None otherwise."""
     if type(head) is not nn.Linear or head.bias is not None or torch.is_autocast_enabled(hidden.device.type):
         return None
     weight = head.weight
-    return weight if type(weight.data) is torch.Tensor else None  # not a DTensor shard
+    # not a DTensor shard, nor a DeepSpeed ZeRO-3 partition (gathered only when the head's own forward runs)
+    return weight if type(weight.data) is torch.Tensor and not hasattr(weight, "ds_id") else None
 
 
 def head_logps(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int = 0) -> torch.Tensor:

@@ -133,7 +133,7 @@ def packed_logps(backbone, head, input_ids, attention_mask, completion_mask, n_k
         input_ids, attention_mask, completion_mask, n_keys, own_mask, getattr(text_cfg, "hidden_size", 1024)
     )
     if batch is None:
-        _say_once("the batch is not laid out as tether.data.collate lays it out")
+        _say_once("the batch is not laid out as tether.data.collate lays it out, or holds no completion token")
         return None
     mask = None
     if own_mask:  # sdpa takes a boolean mask, eager an additive one
