@@ -49,10 +49,11 @@ Method
   stamps (so it includes data collation and logging); the first --warmup steps are dropped; the median (and the
   minimum) are shown. The process CPU time (time.process_time) is stamped too: CPU seconds per step is less
   disturbed by other processes than wall time (with 1 thread; with more, OMP spin-waits count as CPU time too).
-- Correctness: (1) per-pair summed completion log-probs of the first batch, tether's `sequence_logps` on its own
-  tokenization vs TRL's (its precomputed reference log-probs: its tokenization, collator and fused LM head), plus
-  a check that both tokenized the pairs identically; (2) the per-step losses of the timed runs: step 1 is log 2
-  for both (policy == reference), step 2 and the last step test gradients/optimizer/data order.
+- Correctness: (1) per-pair summed completion log-probs of the first batch, tether's `sequence_logps` (scoring as
+  `tether train` does at its defaults: padding-free, chunked head) on its own tokenization vs TRL's (its
+  precomputed reference log-probs: its tokenization, collator and fused LM head), plus a check that both tokenized
+  the pairs identically; (2) the per-step losses of the timed runs: step 1 is log 2 for both (policy ==
+  reference), step 2 and the last step test gradients/optimizer/data order.
 - FLOP/s: nominal step FLOPs = 6·P·T (+ 2·P·T for a live reference forward), P = non-embedding parameters
   (the LM head included, the input embedding not), T = tokens the model processes per step (16 rows × padded
   width, padding included). Divided by the median step time and by this machine's float32 matmul FLOP/s (best of
@@ -61,7 +62,8 @@ Method
   matmul work is a bit below the nominal count (printed); TRL on CPU projects every position. The same ratio
   counting only the real tokens' FLOPs (T_real = each prompt once + every completion token of the step, no
   padding; benchmarks/workloads.py) is the work that has to be done whatever the layout: a tool that pads or
-  repeats the prompt does more arithmetic for it, and its real-token fraction is lower.
+  repeats the prompt does more arithmetic for it, and its real-token fraction is lower. Also printed with
+  T_seq = prompt + completion per row (no padding, but a prompt counted once per completion, as TRL computes it).
 - Workloads (--workload): `uniform` (above; nothing to pad), `long-chosen` (prompts 16–63 tokens, chosen 150–190,
   rejected 8–24, max_length 256: much of a padded batch is padding). The padding share of each layout (TRL's
   padded rows, tether padded, tether packed) is printed first and written under `data.padding`.
@@ -169,6 +171,7 @@ def build_workdir(work: Path, model_names: list[str], n_pairs: int) -> dict:
         "step_completion_tokens": [sum(len(e.completion_ids[k]) for e in b for k in KEYS) for b in batches],
         # what has to be computed: each prompt once, every completion token (workloads.batch_tokens)
         "step_real_tokens": [batch_tokens(b, hidden)["real"] for b in batches],
+        "step_sequence_tokens": [batch_tokens(b, hidden)["sequences"] for b in batches],  # a prompt per completion
         "padding": padding_report(batches, hidden),
         "seq_len_min_max": [min(full), max(full)],
         "pairs": n_pairs,
@@ -210,8 +213,9 @@ def run_tether(work: Path, model: str, mode: str, steps: int) -> dict:
             name == "after_step" and stamps.append((time.perf_counter(), time.process_time())),
             original(name, step),
         )
-    out = work / f"run_tether_{model}_{mode}"
-    shutil.rmtree(out, ignore_errors=True)  # tether refuses to overwrite a run (a reused --workdir)
+    out, refcache = work / f"run_tether_{model}_{mode}", work / f"refcache_{model}_{mode}"
+    for d in (out, refcache):  # tether refuses to overwrite a run (a reused --workdir); a fresh reference cache
+        shutil.rmtree(d, ignore_errors=True)
     cfg = TrainConfig(
         model=str(work / f"model_{model}"),
         train_file=str(work / "tether.jsonl"),
@@ -231,7 +235,7 @@ def run_tether(work: Path, model: str, mode: str, steps: int) -> dict:
         seed=SEED,
         disable_dropout=True,
         precompute_ref_logps=(mode == "precomputed"),
-        ref_cache_dir=str(out / "refcache"),
+        ref_cache_dir=str(refcache),  # beside the run: tether makes it before it claims the (empty) run directory
         logging_steps=1,
         eval_steps=0,
         save_steps=0,
@@ -325,6 +329,7 @@ def run_check(work: Path, model: str) -> dict:
     from tether.data import collate, load_preference_records, tokenize_records
     from tether.logprobs import sequence_logps
     from tether.models import load_model, load_tokenizer
+    from tether.train.train_config import TrainConfig, logp_options
 
     path = work / f"model_{model}"
     rows = [json.loads(line) for line in (work / "base.jsonl").read_text().splitlines()][:PAIRS]
@@ -332,8 +337,9 @@ def run_check(work: Path, model: str) -> dict:
     tok = load_tokenizer(path)
     ex, _ = tokenize_records(load_preference_records(work / "check.jsonl"), tok, SHAPE["max_length"], PROMPT_TOKENS)
     batch = collate(ex, tok.pad_token_id)
+    scoring = logp_options(TrainConfig(model=str(path), train_file="-"))  # as tether train scores, at its defaults
     with torch.no_grad():
-        sums, _ = sequence_logps(load_model(path).eval(), **batch)
+        sums, _ = sequence_logps(load_model(path).eval(), **batch, n_keys=2, **scoring)
     ours = sums.view(2, -1)
     ds = trl_setup(work, model, "check", 1, rows).train_dataset
     theirs = torch.tensor([ds["ref_chosen_logps"], ds["ref_rejected_logps"]], dtype=torch.float32)
@@ -522,6 +528,7 @@ def main() -> None:
             Tc = statistics.mean(facts["step_completion_tokens"][args.warmup :])  # tether's LM head sees only these
             # the same count over the real tokens alone: each prompt once, every completion token, no padding
             T_real = statistics.mean(facts["step_real_tokens"][args.warmup :])
+            T_seq = statistics.mean(facts["step_sequence_tokens"][args.warmup :])  # the same, a prompt per completion
             real_flops = flops * T_real / T
             P, H = info["params_nonembedding"], info["lm_head_params"]
             row = {
@@ -531,6 +538,7 @@ def main() -> None:
                 "params_nonembedding": P,
                 "tokens_per_step": T,
                 "real_tokens_per_step": T_real,
+                "sequence_tokens_per_step": T_seq,
                 "step_flops": flops,
                 "step_flops_real_tokens": real_flops,
                 "tether_actual_over_nominal_flops": ((P - H) * T + H * Tc) / (P * T),
@@ -550,6 +558,7 @@ def main() -> None:
                     "achieved_gflops": flops / med / 1e9,
                     "achieved_gflops_per_cpu_s": flops / statistics.median(cpu) / 1e9,
                     "achieved_gflops_real_tokens": real_flops / med / 1e9,
+                    "achieved_gflops_sequence_tokens": flops * T_seq / T / med / 1e9,
                     "loss_step1": r["losses"][0],
                     "loss_step2": r["losses"][1],
                     "loss_last": r["losses"][-1],
@@ -575,6 +584,7 @@ def main() -> None:
             r[tool]["fraction_of_matmul_peak"] = r[tool]["achieved_gflops"] * 1e9 / mm
             r[tool]["fraction_of_matmul_peak_cpu_time"] = r[tool]["achieved_gflops_per_cpu_s"] * 1e9 / mm_cpu
             r[tool]["fraction_of_matmul_peak_real_tokens"] = r[tool]["achieved_gflops_real_tokens"] * 1e9 / mm
+            r[tool]["fraction_of_matmul_peak_sequence_tokens"] = r[tool]["achieved_gflops_sequence_tokens"] * 1e9 / mm
 
     print(
         f"\nseconds per optimizer step, steps {args.warmup + 1}..{args.steps} "
@@ -622,14 +632,18 @@ def main() -> None:
         + " of the nominal count; TRL on CPU projects every position)"
     )
     print(
-        "counting only the real tokens' FLOPs (each prompt once, every completion token, no padding: "
-        "real T per step / T above), % of the matmul peak:"
+        "counting only the real tokens' FLOPs, % of the matmul peak: real T = each prompt once + every completion "
+        "token; sequence T = prompt + completion per row (a prompt once per completion); no padding in either"
     )
     for r in rows:
+        t, q = r["tether"], r["trl"]
         print(
             f"  {r['model']:<7} {r['mode']:<11} real T {r['real_tokens_per_step']:6.0f} / {r['tokens_per_step']:.0f}: "
-            f"tether {100 * r['tether']['fraction_of_matmul_peak_real_tokens']:5.1f}%, "
-            f"TRL {100 * r['trl']['fraction_of_matmul_peak_real_tokens']:5.1f}%"
+            f"tether {100 * t['fraction_of_matmul_peak_real_tokens']:5.1f}%, "
+            f"TRL {100 * q['fraction_of_matmul_peak_real_tokens']:5.1f}%;   "
+            f"sequence T {r['sequence_tokens_per_step']:6.0f}: "
+            f"tether {100 * t['fraction_of_matmul_peak_sequence_tokens']:5.1f}%, "
+            f"TRL {100 * q['fraction_of_matmul_peak_sequence_tokens']:5.1f}%"
         )
     print(
         "\nloss agreement (same weights, same batches in the same order; step 1 has policy == reference, so log 2 = "

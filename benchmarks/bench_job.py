@@ -5,7 +5,7 @@ Run (from the repository root; needs `make smollm2` and `make bench`):
     .venv/bin/python benchmarks/bench_job.py                        # 3 alternated runs of each, ~15 min on 2 cores
     .venv/bin/python benchmarks/bench_job.py --workload knowledge --trl same,defaults,padding-free --runs 2
     .venv/bin/python benchmarks/bench_job.py --workload long-chosen --runs 2
-    .venv/bin/python benchmarks/bench_job.py --smoke                # a toy model, 16 pairs, 1 run: does it all run?
+    .venv/bin/python benchmarks/bench_job.py --smoke                # a toy model, 16 pairs, 1 run: does it run?
     flags: --runs 3 --pairs 64 --threads N (unset = each tool's default) --out PATH --workdir DIR --no-phases
            --workload filler|knowledge|long-chosen --tether defaults,padded --trl same,defaults,padding-free
 
@@ -34,8 +34,8 @@ Method
 - Padding share (printed first, in the JSON under `padding`): benchmarks/workloads.py's count over the job's batches
   in tether's order, with tether's tokenization: the share of each layout's tokens that is padding (TRL's padded
   rows, tether padded, tether packed).
-- --smoke: the same commands on a toy Llama (hidden 32, built in the work directory) and 16 pairs, one run of each
-  variant, no phase run: checks that every variant runs, measures nothing worth recording.
+- --smoke: the same commands on a toy Llama (hidden 32, built in the work directory) and 16 pairs, the phase run
+  and one run of each variant, written to the work directory: checks that everything runs, records nothing.
 - Nothing is reused between runs: every run gets a fresh output directory, tether a fresh reference log-prob cache
   and TRL a fresh `HF_DATASETS_CACHE` (a user's first run; tether's second run of the same job would skip the
   reference pass). Models and libraries are warm in the page cache (the phase run below goes first).
@@ -283,8 +283,10 @@ def main() -> None:
     p.add_argument("--trl", default="same,defaults", help="TRL variants, comma-separated: same, defaults, padding-free")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both (unset = each tool's default)")
     p.add_argument("--no-phases", action="store_true", help="skip the per-phase tether run")
-    p.add_argument("--smoke", action="store_true", help="a toy model, 16 pairs, 1 run, no phases: does it all run?")
-    p.add_argument("--out", default=None, help="default benchmarks/results/job_smollm2[_WORKLOAD].json")
+    p.add_argument("--smoke", action="store_true", help="a toy model, 16 pairs, 1 run: does it all run?")
+    p.add_argument(
+        "--out", default=None, help="default benchmarks/results/job_smollm2[_WORKLOAD].json (--smoke: WORKDIR)"
+    )
     p.add_argument("--workdir", default=None)
     p.add_argument("--worker", nargs=3, metavar=("RESULT", "LAUNCHED", "ARGV_JSON"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -307,7 +309,7 @@ def main() -> None:
     if args.smoke:
         from tether_lab.demo import toy_model
 
-        model, runs_n, pairs, args.no_phases = str(toy_model(work / "toy", hidden_size=32, num_layers=2)), 1, 16, True
+        model, runs_n, pairs = str(toy_model(work / "toy", hidden_size=32, num_layers=2)), 1, 16
     from tether.models import resolve_model_path
 
     model_dir = resolve_model_path(model)
@@ -315,7 +317,8 @@ def main() -> None:
     print(f"work dir {work}; {pairs} {args.workload} pairs; tether from {ROOT / 'src'}", flush=True)
     print_report(args.workload, padding)
     suffix = "" if args.workload == "filler" else f"_{args.workload.replace('-', '_')}"
-    out_path = Path(args.out or ROOT / "benchmarks" / "results" / f"job_smollm2{suffix}{'_smoke' * args.smoke}.json")
+    recorded = ROOT / "benchmarks" / "results" / f"job_smollm2{suffix}.json"
+    out_path = Path(args.out or (work / "result.json" if args.smoke else recorded))  # a smoke run records nothing
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     result = {
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),

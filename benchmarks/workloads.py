@@ -22,7 +22,9 @@ tokenizes them. For each batch: `real` = every prompt once plus every completion
 through the model: `trl_padded` = 2B rows × the longest prompt + completion (TRL's concatenated forward);
 `tether_padded` = B prompts left-padded to the longest prompt + 2B completions right-padded to the longest
 completion (tether's shared-prompt path, `padding_free: false`); `tether_packed` = rows × width of
-`tether.packing.choose_rows` (`padding_free: true`). Share = 1 − real / processed.
+`tether.packing.choose_rows` (`padding_free: true`). Padding share = the share of a layout's tokens that is padding
+(1 − sequences / run for TRL's rows, which repeat each prompt by design; 1 − real / run for tether's); tokens run ÷
+real = the work a layout does per token that has to be computed (padding and repeated prompts both count).
 """
 
 from __future__ import annotations
@@ -141,8 +143,14 @@ def padding_report(batches, hidden_size: int, keys=("chosen", "rejected")) -> di
     for batch in batches:
         for k, v in batch_tokens(batch, hidden_size, keys).items():
             totals[k] = totals.get(k, 0) + v
-    shares = {k: 1 - totals["real"] / v for k, v in totals.items() if k not in ("real", "sequences")}
-    return {"tokens": totals, "padding_share": shares, "batches": len(batches)}
+    layouts = ("trl_padded", "tether_padded", "tether_packed")
+    content = {"trl_padded": totals["sequences"], "tether_padded": totals["real"], "tether_packed": totals["real"]}
+    return {
+        "tokens": totals,
+        "padding_share": {k: 1 - content[k] / totals[k] for k in layouts},
+        "tokens_over_real": {k: totals[k] / totals["real"] for k in layouts},
+        "batches": len(batches),
+    }
 
 
 def tokenized(records: list[dict], tokenizer, max_length: int, max_prompt_length: int):
@@ -153,11 +161,12 @@ def tokenized(records: list[dict], tokenizer, max_length: int, max_prompt_length
 
 
 def print_report(name: str, report: dict) -> None:
-    t, s = report["tokens"], report["padding_share"]
+    t, s, w = report["tokens"], report["padding_share"], report["tokens_over_real"]
     print(
-        f"{name:<12} real {t['real']:7d} tokens ({t['sequences']} with each prompt per completion); padding share: "
-        f"TRL padded {100 * s['trl_padded']:4.1f}%, tether padded {100 * s['tether_padded']:4.1f}%, "
-        f"tether packed {100 * s['tether_packed']:4.1f}%",
+        f"{name:<12} real {t['real']:6d} tokens ({t['sequences']} with each prompt per completion); padding share "
+        f"(tokens run ÷ real): TRL padded {100 * s['trl_padded']:4.1f}% ({w['trl_padded']:.2f}x), tether padded "
+        f"{100 * s['tether_padded']:4.1f}% ({w['tether_padded']:.2f}x), tether packed {100 * s['tether_packed']:4.1f}% "
+        f"({w['tether_packed']:.2f}x)",
         flush=True,
     )
 

@@ -69,7 +69,7 @@ class ChunkedLinearLogps(torch.autograd.Function):
                 # ∂/∂logits = g·(onehot(y) − p), from the chunk's logits recomputed
                 dlogits = F.linear(h, weight).float().sub_(lse[s : s + ctx.chunk_size].unsqueeze(-1)).exp_()
                 dlogits.mul_(-gc.unsqueeze(-1)).scatter_add_(-1, y.unsqueeze(-1), gc.unsqueeze(-1))
-                grad_weight += dlogits.t() @ h.float()
+                grad_weight.addmm_(dlogits.t(), h.float())  # in place: no second (V × H) temporary
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None
 
