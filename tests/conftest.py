@@ -216,44 +216,18 @@ VOCAB = 512  # of the models `tiny` builds
 def tiny(arch: str, attn: str = "sdpa", **extra):
     """A random-init causal LM from a config: llama (tiny_llama's shape), qwen2 (biased q/k/v projections,
     grouped-query attention) or smollm2 (SmolLM2-135M's head layout: 9 query and 3 key/value heads of 64, tied
-    embeddings, rope θ 1e5; 2 layers instead of 30)."""
+    embeddings, rope θ 1e5; 2 layers instead of 30); `extra` goes to the config."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+    small = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4}
+    smollm2 = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "rope_theta": 1e5}
+    config_class, model_class, shape = {
+        "llama": (LlamaConfig, LlamaForCausalLM, {**small, "num_key_value_heads": 4}),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM, {**small, "num_key_value_heads": 2, "tie_word_embeddings": False}),
+        "smollm2": (LlamaConfig, LlamaForCausalLM, {**smollm2, "num_key_value_heads": 3, "tie_word_embeddings": True}),
+    }[arch]
     torch.manual_seed(0)
-    if arch == "llama":
-        cfg = LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-        )
-        model = LlamaForCausalLM(cfg)
-    elif arch == "qwen2":
-        cfg = Qwen2Config(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=False,
-            **extra,
-        )
-        model = Qwen2ForCausalLM(cfg)
-    else:
-        cfg = LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=576,
-            intermediate_size=1536,
-            num_hidden_layers=2,
-            num_attention_heads=9,
-            num_key_value_heads=3,
-            tie_word_embeddings=True,
-            rope_theta=100000.0,
-        )
-        model = LlamaForCausalLM(cfg)
+    model = model_class(config_class(vocab_size=VOCAB, num_hidden_layers=2, **shape, **extra))
     model.config._attn_implementation = attn
     return model.float()
 
