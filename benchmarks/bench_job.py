@@ -30,7 +30,8 @@ Method
   head) and `padded` (`--padding_free false --logprob_chunk_size 0`: tether before issue 29); TRL `same`
   (`--gradient_checkpointing false`: the same arithmetic as tether), `defaults` (checkpointing on, as shipped) and
   `padding-free` (`same` + `--padding_free true`; TRL 1.16 warns that it is unavailable and pads: the log is
-  searched for that warning and the result says whether TRL fell back). Ratios are TRL variant ÷ tether defaults.
+  searched for that warning and the result says whether TRL fell back). Ratios: each variant ÷ the first tether
+  variant (the baseline).
 - Padding share (printed first, in the JSON under `padding`): benchmarks/workloads.py's count over the job's batches
   in tether's order, with tether's tokenization: the share of each layout's tokens that is padding (TRL's padded
   rows, tether padded, tether packed).
@@ -256,20 +257,20 @@ def run_variant(name: str, work: Path, env: dict, data: Path, model: str, model_
 
 
 def summarize(runs: dict[str, list[dict]]) -> dict:
-    """Medians per variant, and each TRL variant's (and tether padded's) wall-time and memory ratio to tether's
-    defaults, pair by pair too."""
+    """Medians per variant, and every other variant's wall-time and memory ratio to the first (a tether variant),
+    pair by pair too."""
     med = {
         v: {k: statistics.median(x[k] for x in rs) for k in ("wall_s", "cpu_s", "peak_rss_mb")}
         for v, rs in runs.items()
     }
-    base = "tether:defaults"
-    out = {"median": med, "ratios_to_tether_defaults": {}}
+    base = next(iter(runs))
+    out = {"median": med, "baseline": base, "ratios_to_baseline": {}}
     for v, rs in runs.items():
         if v != base:
-            out["ratios_to_tether_defaults"][v] = {
+            out["ratios_to_baseline"][v] = {
                 "wall": med[v]["wall_s"] / med[base]["wall_s"],
                 "wall_pairwise": [b["wall_s"] / a["wall_s"] for a, b in zip(runs[base], rs)],
-                "tether_memory_over_this": med[base]["peak_rss_mb"] / med[v]["peak_rss_mb"],
+                "baseline_memory_over_this": med[base]["peak_rss_mb"] / med[v]["peak_rss_mb"],
             }
     return out
 
@@ -295,8 +296,8 @@ def main() -> None:
     variants = [f"tether:{v}" for v in args.tether.split(",")] + [f"trl:{v}" for v in args.trl.split(",")]
     known = {f"tether:{v}" for v in TETHER_VARIANTS} | {f"trl:{v}" for v in TRL_VARIANTS}
     unknown = [v for v in variants if v not in known]
-    if unknown or "tether:defaults" not in variants:
-        sys.exit(f"unknown variant(s) {unknown}, or no tether defaults to compare with")
+    if unknown or not args.tether:
+        sys.exit(f"unknown variant(s) {unknown}, or no tether variant to compare with")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_job_"))
     env = {
         **os.environ,
@@ -362,13 +363,13 @@ def main() -> None:
             save()
     result["summary"] = summary = summarize(runs)
     save()
-    base = summary["median"]["tether:defaults"]
-    print(f"\nmedian of {runs_n}: tether defaults {base['wall_s']:.1f} s, {base['peak_rss_mb']:.0f} MB")
-    for v, r in summary["ratios_to_tether_defaults"].items():
+    base = summary["median"][summary["baseline"]]
+    print(f"\nmedian of {runs_n}: {summary['baseline']} {base['wall_s']:.1f} s, {base['peak_rss_mb']:.0f} MB")
+    for v, r in summary["ratios_to_baseline"].items():
         pairwise = ", ".join(f"{x:.2f}" for x in r["wall_pairwise"])
         print(
-            f"  {v:<17} {summary['median'][v]['wall_s']:7.1f} s: {r['wall']:.2f}x tether's wall time (pair by pair "
-            f"{pairwise}); tether's peak memory {r['tether_memory_over_this']:.2f}x this one's"
+            f"  {v:<17} {summary['median'][v]['wall_s']:7.1f} s: {r['wall']:.2f}x the baseline's wall time (pair by "
+            f"pair {pairwise}); the baseline's peak memory {r['baseline_memory_over_this']:.2f}x this one's"
         )
     print(f"wrote {out_path}")
 

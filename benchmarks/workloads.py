@@ -4,6 +4,7 @@ Run (from the repository root) to print the padding share of each workload, no t
 
     .venv/bin/python benchmarks/workloads.py                                # SmolLM2's tokenizer (`make smollm2`)
     flags: --model NAME_OR_DIR --pairs 64 --batch 8 --workloads filler,knowledge,long-chosen --max_length 256
+           --out PATH (default benchmarks/results/padding_share.json)
 
 Workloads (standard or conversational TRL records, deterministic):
 - filler: `bench_job.py`'s job until issue 29: a colour question with a filler context (prompt ≤ 64 tokens), chosen
@@ -30,6 +31,7 @@ real = the work a layout does per token that has to be computed (padding and rep
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 from pathlib import Path
@@ -178,6 +180,7 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=64)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--max_length", type=int, default=256)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "padding_share.json"))
     args = p.parse_args()
     from transformers import AutoConfig
 
@@ -185,9 +188,14 @@ def main() -> None:
 
     tok = load_tokenizer(args.model)
     hidden = AutoConfig.from_pretrained(resolve_model_path(args.model)).hidden_size
+    reports = {}
     for w in args.workloads.split(","):
         ex = tokenized(workload_pairs(w, tok, args.pairs), tok, args.max_length, args.max_length // 2)
-        print_report(w, padding_report(tether_batches(ex, args.batch), hidden))
+        reports[w] = padding_report(tether_batches(ex, args.batch), hidden)
+        print_report(w, reports[w])
+    settings = {k: getattr(args, k) for k in ("model", "pairs", "batch", "max_length")}
+    Path(args.out).write_text(json.dumps({"settings": settings, "workloads": reports}, indent=1))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
