@@ -51,14 +51,16 @@ def test_padding_free_under_lora_and_gradient_checkpointing(arch):
     assert d_loss <= TOLERANCE and d_grad <= TOLERANCE
 
 
+@pytest.mark.parametrize("single_row", [False, True], ids=["rows", "one row"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_transformers_position_ids_packing_equals_padded(arch):
-    """The packing flash / flex attention get (whole sequences, boundaries read from position_ids by transformers'
-    masking), run here through sdpa, which reads them the same way."""
+def test_transformers_position_ids_packing_equals_padded(arch, single_row):
+    """The packing flash attention (one row) and flex attention (rows) get: whole sequences, their boundaries read
+    from position_ids by transformers' masking; run here through sdpa, which reads them the same way."""
     model = tiny(arch)
     batch = batch_of(mixed_examples(seed=6))
     want, counts = sequence_logps(model, **batch)
-    got, got_counts = packed_logps(*_backbone_and_head(model), *batch.values(), 3, own_mask=False)
+    split = _backbone_and_head(model)
+    got, got_counts = packed_logps(*split, *batch.values(), 3, own_mask=False, single_row=single_row)
     torch.testing.assert_close(got, want, rtol=0, atol=5e-5)
     assert torch.equal(got_counts, counts)
 

@@ -117,21 +117,24 @@ def _say_once(reason: str) -> None:
         log.info("padding_free: %s; these batches run padded", reason)
 
 
-def packed_logps(backbone, head, input_ids, attention_mask, completion_mask, n_keys, chunk_size=0, own_mask=None):
+def packed_logps(
+    backbone, head, input_ids, attention_mask, completion_mask, n_keys, chunk_size=0, own_mask=None, single_row=None
+):
     """`sequence_logps` over a padding-free batch (`tether.packing`), or None when the model or the batch cannot be
     packed (then the caller pads). With `own_mask` (default: for sdpa and eager attention) tether's block mask lets
     each prompt run once for its completions; without it, whole sequences are packed and transformers reads the
-    sequence boundaries from `position_ids` (flash attention's variable-length kernels, flex attention)."""
+    sequence boundaries from `position_ids` (flash attention's variable-length kernels, flex attention), in one row
+    when `single_row` (default: for flash attention, which reads packed sequences only from a batch of one)."""
     cfg = backbone.config
     impl = getattr(cfg, "_attn_implementation", None)
     own_mask = impl in MASKED_ATTENTION if own_mask is None else own_mask
+    single_row = str(impl).startswith("flash_attention") if single_row is None else single_row
     if impl not in (MASKED_ATTENTION if own_mask else POSITION_PACKED) or (own_mask and not _full_attention_only(cfg)):
         _say_once(f"not available for {impl} attention{' with sliding-window layers' if own_mask else ''}")
         return None
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    batch = packing.pack(
-        input_ids, attention_mask, completion_mask, n_keys, own_mask, getattr(text_cfg, "hidden_size", 1024)
-    )
+    hidden_size = getattr(text_cfg, "hidden_size", 1024)
+    batch = packing.pack(input_ids, attention_mask, completion_mask, n_keys, own_mask, hidden_size, single_row)
     if batch is None:
         _say_once("the batch is not laid out as tether.data.collate lays it out, or holds no completion token")
         return None

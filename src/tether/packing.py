@@ -6,7 +6,8 @@ continues the prompt's positions (its position ids start at the prompt's length)
 before it in its own prompt and its own completion only: the block-diagonal causal mask of a packed batch, whose
 prompt block is shared by the group's completions (`block_causal_mask`). Without a mask of tether's own (attention
 implementations that take none, such as flash attention's variable-length kernels) every group is one sequence,
-prompt and completion, and `position_ids` restarting at 0 tell transformers where each sequence begins.
+prompt and completion, and `position_ids` restarting at 0 tell transformers where each sequence begins (for flash
+attention all in one row: its variable-length kernels read packed sequences only from a batch of one).
 
 Groups go into rows first-fit-decreasing (`pack_rows`). The row width is chosen from a few candidates between the
 longest group and max(longest group, MAX_ROW) to minimise an estimate of the work, rows · W · (6·hidden + W): the
@@ -103,16 +104,22 @@ def pack(
     n_keys: int,
     share_prompts: bool,
     hidden_size: int,
+    single_row: bool = False,
 ) -> Packed | None:
     """The padded batch (N, L) of `data.collate` as a `Packed` batch; None when its layout is not collate's. With
-    `share_prompts` each prompt appears once for its n_keys completions (needs `block_causal_mask`)."""
+    `share_prompts` each prompt appears once for its n_keys completions (needs `block_causal_mask`); `single_row`
+    puts every group in one row (flash attention's variable-length kernels take packed sequences only so, and pay
+    no attention across them)."""
     layout = collated_layout(attention_mask, completion_mask)
     if layout is None or not any(layout[1]):
         return None
     starts, counts = layout
     groups = _groups(starts, counts, n_keys, share_prompts)
     lengths = [p + sum(counts[r] for r in rows) for _, p, rows in groups]
-    width, placement = choose_rows(lengths, hidden_size)
+    if single_row:
+        width, placement = sum(lengths), [list(range(len(groups)))]
+    else:
+        width, placement = choose_rows(lengths, hidden_size)
     names = ("dst", "src", "pos", "group", "branch", "pred", "lab", "row")
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in names}
 
