@@ -129,8 +129,11 @@ def packed_logps(
     impl = getattr(cfg, "_attn_implementation", None)
     own_mask = impl in MASKED_ATTENTION if own_mask is None else own_mask
     single_row = str(impl).startswith("flash_attention") if single_row is None else single_row
-    if impl not in (MASKED_ATTENTION if own_mask else POSITION_PACKED) or (own_mask and not _full_attention_only(cfg)):
-        _say_once(f"not available for {impl} attention{' with sliding-window layers' if own_mask else ''}")
+    if impl not in (MASKED_ATTENTION if own_mask else POSITION_PACKED):
+        _say_once(f"not available for {impl} attention")
+        return None
+    if own_mask and not _full_attention_only(cfg):
+        _say_once("not available for a model with sliding-window or chunked attention layers")
         return None
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     hidden_size = getattr(text_cfg, "hidden_size", 1024)
