@@ -4,10 +4,12 @@ Run (from the repository root):
 
     .venv/bin/python benchmarks/bench_dpo_step.py                       # everything, ~30 steps per run
     .venv/bin/python benchmarks/bench_dpo_step.py --models tiny --modes live --steps 8 --warmup 2   # quick
+    .venv/bin/python benchmarks/bench_dpo_step.py --workload long-chosen --models 5m --threads 2     # issue 29
     .venv/bin/python benchmarks/bench_dpo_step.py --models smollm2 --lora 16 --steps 12 --warmup 2 \
         --out benchmarks/results/dpo_step_smollm2_lora.json     # SmolLM2-135M-Instruct (`make smollm2`), LoRA
     flags: --models tiny,5m --modes live,precomputed --steps 30 --warmup 5 --threads 2 --retries 2 --out PATH
            --workdir DIR (keep the models, data and per-run logs) --lora R (LoRA rank on both sides; 0 = full)
+           --workload uniform|long-chosen
 
 The parent process never runs a multi-threaded torch op (the matmul peak is measured in a worker), so an
 OMP_WAIT_POLICY=ACTIVE run is not disturbed by a spinning OpenMP pool in the parent.
@@ -47,16 +49,24 @@ Method
   stamps (so it includes data collation and logging); the first --warmup steps are dropped; the median (and the
   minimum) are shown. The process CPU time (time.process_time) is stamped too: CPU seconds per step is less
   disturbed by other processes than wall time (with 1 thread; with more, OMP spin-waits count as CPU time too).
-- Correctness: (1) per-pair summed completion log-probs of the first batch, tether's `sequence_logps` on its own
-  tokenization vs TRL's (its precomputed reference log-probs: its tokenization, collator and fused LM head), plus
-  a check that both tokenized the pairs identically; (2) the per-step losses of the timed runs: step 1 is log 2
-  for both (policy == reference), step 2 and the last step test gradients/optimizer/data order.
+- Correctness: (1) per-pair summed completion log-probs of the first batch, tether's `sequence_logps` (scoring as
+  `tether train` does at its defaults: padding-free, chunked head) on its own tokenization vs TRL's (its
+  precomputed reference log-probs: its tokenization, collator and fused LM head), plus a check that both tokenized
+  the pairs identically; (2) the per-step losses of the timed runs: step 1 is log 2 for both (policy ==
+  reference), step 2 and the last step test gradients/optimizer/data order.
 - FLOP/s: nominal step FLOPs = 6·P·T (+ 2·P·T for a live reference forward), P = non-embedding parameters
   (the LM head included, the input embedding not), T = tokens the model processes per step (16 rows × padded
   width, padding included). Divided by the median step time and by this machine's float32 matmul FLOP/s (best of
   10 × five 1024×1024 torch.mm with --threads threads); also per process-CPU second on both sides (%CPU).
   Attention score FLOPs are not counted. tether applies the LM head only at completion positions, so its real
-  matmul work is a bit below the nominal count (printed); TRL on CPU projects every position.
+  matmul work is a bit below the nominal count (printed); TRL on CPU projects every position. The same ratio
+  counting only the real tokens' FLOPs (T_real = each prompt once + every completion token of the step, no
+  padding; benchmarks/workloads.py) is the work that has to be done whatever the layout: a tool that pads or
+  repeats the prompt does more arithmetic for it, and its real-token fraction is lower. Also printed with
+  T_seq = prompt + completion per row (no padding, but a prompt counted once per completion, as TRL computes it).
+- Workloads (--workload): `uniform` (above; nothing to pad), `long-chosen` (prompts 16–63 tokens, chosen 150–190,
+  rejected 8–24, max_length 256: much of a padded batch is padding). The padding share of each layout (TRL's
+  padded rows, tether padded, tether packed) is printed first and written under `data.padding`.
 """
 
 from __future__ import annotations
@@ -75,43 +85,25 @@ import tempfile
 import time
 from pathlib import Path
 
+from workloads import batch_tokens, filler_pairs, make_words, padding_report, print_report
+
 MODELS = {
     "tiny": dict(hidden_size=128, num_layers=2),
     "5m": dict(hidden_size=256, num_layers=4),
     "smollm2": None,
 }  # None: the pretrained SmolLM2-135M-Instruct (`make smollm2`), with its own tokenizer
 PRETRAINED = {"smollm2": "smollm2-135m-instruct"}
-VOCAB, PAIRS, MAX_LENGTH, PROMPT_TOKENS, COMPLETION_TOKENS = 2048, 8, 128, 64, 63  # completion + EOS = 64
+VOCAB, PAIRS, PROMPT_TOKENS = 2048, 8, 64
+# --workload: uniform = prompt 64 + completions of 63 + EOS (no padding); long-chosen = benchmarks/workloads.py's
+SHAPE = {"workload": "uniform", "max_length": 128}
+MAX_LENGTHS = {"uniform": 128, "long-chosen": 256}
 LR, BETA, SEED = 1e-6, 0.1, 42
 LORA = {"r": 0}  # --lora R: a LoRA adapter (alpha 2R, no dropout, every linear layer but the head) on both sides
 ROOT = Path(__file__).resolve().parents[1]
+KEYS = ("chosen", "rejected")
 
 
 # ------------------------------------------------------------------------------------------------ data and models
-
-
-def make_words(n: int = 1500) -> list[str]:
-    from tether_lab.demo import COLOURS, OBJECTS
-
-    rng, onset, vowel = (
-        random.Random(0),
-        "b c d f g h k l m n p r s t v w z br st pl gr".split(),
-        "a e i o u ai ou".split(),
-    )
-    words = set(OBJECTS + COLOURS)
-    while len(words) < n:
-        words.add("".join(rng.choice(onset) + rng.choice(vowel) for _ in range(rng.randint(1, 3))))
-    return sorted(words)
-
-
-def fill(rng, words, cost, head: str, budget: int) -> str:
-    """`head` followed by random words while the token count stays <= budget (BPE counts add up per word)."""
-    text, used = head, cost(head)
-    while True:
-        w = rng.choice(words)
-        if used + cost(" " + w) > budget:
-            return text
-        text, used = text + " " + w, used + cost(" " + w)
 
 
 def build_workdir(work: Path, model_names: list[str], n_pairs: int) -> dict:
@@ -120,7 +112,7 @@ def build_workdir(work: Path, model_names: list[str], n_pairs: int) -> dict:
     from tether_lab.demo import COLOURS, OBJECTS, write_jsonl
     from tether_lab.tiny import tiny_llama, train_tokenizer
 
-    words, rng = make_words(), random.Random(1)
+    words, rng = make_words(), random.Random(1)  # one stream: the tokenizer's corpus, then the pairs
     pretrained = [m for m in model_names if MODELS[m] is None]
     if pretrained:  # its tokenizer sizes the data; the model directory is tether's cached copy
         from tether.models import load_tokenizer, resolve_model_path
@@ -132,20 +124,7 @@ def build_workdir(work: Path, model_names: list[str], n_pairs: int) -> dict:
         corpus = [" ".join(rng.choice(words) for _ in range(40)) for _ in range(3000)]
         corpus += [f"What colour is the {o}? The {o} is {c}, I believe." for o in OBJECTS for c in COLOURS]
         tok = train_tokenizer(corpus, vocab_size=VOCAB)
-    cache: dict[str, int] = {}
-
-    def cost(s: str) -> int:
-        if s not in cache:
-            cache[s] = len(tok(s)["input_ids"])
-        return cache[s]
-
-    records = []
-    for _ in range(n_pairs):
-        obj, col = rng.choice(OBJECTS), rng.choice(COLOURS)
-        prompt = fill(rng, words, cost, f"What colour is the {obj}? Context:", PROMPT_TOKENS - 1) + "\n"
-        chosen = fill(rng, words, cost, f"The {obj} is {col}, I believe.", COMPLETION_TOKENS)
-        rejected = fill(rng, words, cost, f"{col}, maybe.", COMPLETION_TOKENS)
-        records.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    records = filler_pairs(SHAPE["workload"], tok, n_pairs, rng)
     # TRL reads base.jsonl in order; tether's step t takes file rows perm[8t : 8t+8], so put base[j] at perm[j]
     perm = stream_indices(0, n_pairs, n_pairs, SEED)
     permuted = [None] * n_pairs
@@ -180,20 +159,23 @@ def build_workdir(work: Path, model_names: list[str], n_pairs: int) -> dict:
     # tokens per step as tether tokenizes them (the check run shows TRL's tokens are identical)
     from tether.data import load_preference_records, tokenize_records
 
-    ex, rep = tokenize_records(load_preference_records(work / "base.jsonl"), tok, MAX_LENGTH, PROMPT_TOKENS)
+    max_length = SHAPE["max_length"]
+    ex, rep = tokenize_records(load_preference_records(work / "base.jsonl"), tok, max_length, PROMPT_TOKENS)
     full = [len(e.prompt_ids) + len(e.completion_ids[k]) for e in ex for k in ("chosen", "rejected")]
-    assert rep.kept == n_pairs and max(full) <= MAX_LENGTH, (rep.summary(), max(full))
-    widths, completion_tokens = [], []
-    for s in range(0, n_pairs, PAIRS):
-        batch = ex[s : s + PAIRS]
-        widths.append(max(len(e.prompt_ids) + len(e.completion_ids[k]) for e in batch for k in ("chosen", "rejected")))
-        completion_tokens.append(sum(len(e.completion_ids[k]) for e in batch for k in ("chosen", "rejected")))
+    assert rep.kept == n_pairs and max(full) <= max_length, (rep.summary(), max(full))
+    batches = [ex[s : s + PAIRS] for s in range(0, n_pairs, PAIRS)]  # step t's pairs, on both sides
+    hidden = next(iter(models.values()))["hidden_size"]
     return {
         "models": models,
-        "step_width": widths,
-        "step_completion_tokens": completion_tokens,
+        "step_width": [max(len(e.prompt_ids) + len(e.completion_ids[k]) for e in b for k in KEYS) for b in batches],
+        "step_completion_tokens": [sum(len(e.completion_ids[k]) for e in b for k in KEYS) for b in batches],
+        # what has to be computed: each prompt once, every completion token (workloads.batch_tokens)
+        "step_real_tokens": [batch_tokens(b, hidden)["real"] for b in batches],
+        "step_sequence_tokens": [batch_tokens(b, hidden)["sequences"] for b in batches],  # a prompt per completion
+        "padding": padding_report(batches, hidden),
         "seq_len_min_max": [min(full), max(full)],
         "pairs": n_pairs,
+        "workload": SHAPE["workload"],
     }
 
 
@@ -231,15 +213,16 @@ def run_tether(work: Path, model: str, mode: str, steps: int) -> dict:
             name == "after_step" and stamps.append((time.perf_counter(), time.process_time())),
             original(name, step),
         )
-    out = work / f"run_tether_{model}_{mode}"
-    shutil.rmtree(out, ignore_errors=True)  # tether refuses to overwrite a run (a reused --workdir)
+    out, refcache = work / f"run_tether_{model}_{mode}", work / f"refcache_{model}_{mode}"
+    for d in (out, refcache):  # tether refuses to overwrite a run (a reused --workdir); a fresh reference cache
+        shutil.rmtree(d, ignore_errors=True)
     cfg = TrainConfig(
         model=str(work / f"model_{model}"),
         train_file=str(work / "tether.jsonl"),
         output_dir=str(out),
         loss="dpo",
         beta=BETA,
-        max_length=MAX_LENGTH,
+        max_length=SHAPE["max_length"],
         max_prompt_length=PROMPT_TOKENS,
         learning_rate=LR,
         lr_scheduler="linear",
@@ -252,7 +235,7 @@ def run_tether(work: Path, model: str, mode: str, steps: int) -> dict:
         seed=SEED,
         disable_dropout=True,
         precompute_ref_logps=(mode == "precomputed"),
-        ref_cache_dir=str(out / "refcache"),
+        ref_cache_dir=str(refcache),  # beside the run: tether makes it before it claims the (empty) run directory
         logging_steps=1,
         eval_steps=0,
         save_steps=0,
@@ -295,7 +278,7 @@ def trl_setup(work: Path, model: str, mode: str, steps: int, rows: list[dict], c
         max_grad_norm=1.0,
         beta=BETA,
         loss_type=["sigmoid"],
-        max_length=MAX_LENGTH,
+        max_length=SHAPE["max_length"],
         precompute_ref_log_probs=(mode in ("precomputed", "check")),
         train_sampling_strategy="sequential",
         seed=SEED,
@@ -346,15 +329,17 @@ def run_check(work: Path, model: str) -> dict:
     from tether.data import collate, load_preference_records, tokenize_records
     from tether.logprobs import sequence_logps
     from tether.models import load_model, load_tokenizer
+    from tether.train.train_config import TrainConfig, logp_options
 
     path = work / f"model_{model}"
     rows = [json.loads(line) for line in (work / "base.jsonl").read_text().splitlines()][:PAIRS]
     (work / "check.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     tok = load_tokenizer(path)
-    ex, _ = tokenize_records(load_preference_records(work / "check.jsonl"), tok, MAX_LENGTH, PROMPT_TOKENS)
+    ex, _ = tokenize_records(load_preference_records(work / "check.jsonl"), tok, SHAPE["max_length"], PROMPT_TOKENS)
     batch = collate(ex, tok.pad_token_id)
+    scoring = logp_options(TrainConfig(model=str(path), train_file="-"))  # as tether train scores, at its defaults
     with torch.no_grad():
-        sums, _ = sequence_logps(load_model(path).eval(), **batch)
+        sums, _ = sequence_logps(load_model(path).eval(), **batch, n_keys=2, **scoring)
     ours = sums.view(2, -1)
     ds = trl_setup(work, model, "check", 1, rows).train_dataset
     theirs = torch.tensor([ds["ref_chosen_logps"], ds["ref_rejected_logps"]], dtype=torch.float32)
@@ -379,6 +364,7 @@ def worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     LORA["r"] = args.lora
+    SHAPE.update(workload=args.workload, max_length=MAX_LENGTHS[args.workload])
     work = Path(args.work)
     fn = {"tether": run_tether, "trl": run_trl}.get(args.worker)
     if args.worker == "matmul":
@@ -401,6 +387,7 @@ def busy_cpu_s() -> float:
 
 
 def spawn(work: Path, tool: str, model: str, mode: str, steps: int, threads: int, lora: int = 0) -> dict:
+    """Run one worker (`tool` on `model` in `mode`) in its own process; its result and the others' load."""
     result, log = work / f"result_{tool}_{model}_{mode}.json", work / f"log_{tool}_{model}_{mode}.txt"
     env = dict(
         os.environ,
@@ -433,6 +420,8 @@ def spawn(work: Path, tool: str, model: str, mode: str, steps: int, threads: int
         str(threads),
         "--lora",
         str(lora),
+        "--workload",
+        SHAPE["workload"],
     ]
 
     def usage() -> float:  # CPU seconds of this script's finished children
@@ -487,6 +476,12 @@ def main() -> None:
         default=0,
         help="LoRA rank on both sides (alpha 2R, every linear layer); 0 = full fine-tuning",
     )
+    p.add_argument(
+        "--workload",
+        choices=tuple(MAX_LENGTHS),
+        default="uniform",
+        help="uniform: every sequence 128 tokens; long-chosen: chosen 150-190, rejected 8-24 tokens (max_length 256)",
+    )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dpo_step.json"))
     p.add_argument("--workdir", default=None, help="keep models, data and logs here (default: a temp dir)")
     p.add_argument("--worker", choices=("tether", "trl", "check", "matmul"), help=argparse.SUPPRESS)
@@ -497,6 +492,7 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         return worker(args)
+    SHAPE.update(workload=args.workload, max_length=MAX_LENGTHS[args.workload])
     models, modes = args.models.split(","), args.modes.split(",")
     assert set(models) <= set(MODELS) and set(modes) <= {"live", "precomputed"}, "unknown model or mode"
     assert args.steps >= args.warmup + 2, "need at least warmup + 2 steps"
@@ -517,6 +513,7 @@ def main() -> None:
 
     print(f"tether from {Path(tether.__file__).parent} (set PYTHONPATH to benchmark another checkout)")
     print(f"work dir {work}; {facts['pairs']} pairs, sequence lengths {facts['seq_len_min_max']}")
+    print_report(f"padding ({args.workload})", facts["padding"])
     log2, rows, checks = math.log(2), [], {}
     for model in models:
         checks[model] = spawn(work, "check", model, "check", 1, args.threads, args.lora)
@@ -529,6 +526,10 @@ def main() -> None:
             # forward 2PT + backward 4PT (2PT with LoRA: no weight gradients of the frozen base) + live reference 2PT
             flops = ((4 if args.lora else 6) + (2 if mode == "live" else 0)) * info["params_nonembedding"] * T
             Tc = statistics.mean(facts["step_completion_tokens"][args.warmup :])  # tether's LM head sees only these
+            # the same count over the real tokens alone: each prompt once, every completion token, no padding
+            T_real = statistics.mean(facts["step_real_tokens"][args.warmup :])
+            T_seq = statistics.mean(facts["step_sequence_tokens"][args.warmup :])  # the same, a prompt per completion
+            real_flops = flops * T_real / T
             P, H = info["params_nonembedding"], info["lm_head_params"]
             row = {
                 "model": model,
@@ -536,7 +537,10 @@ def main() -> None:
                 "params_total": info["params_total"],
                 "params_nonembedding": P,
                 "tokens_per_step": T,
+                "real_tokens_per_step": T_real,
+                "sequence_tokens_per_step": T_seq,
                 "step_flops": flops,
+                "step_flops_real_tokens": real_flops,
                 "tether_actual_over_nominal_flops": ((P - H) * T + H * Tc) / (P * T),
             }
             for tool, r in res.items():
@@ -553,6 +557,8 @@ def main() -> None:
                     "peak_rss_mb": r["peak_rss_mb"],
                     "achieved_gflops": flops / med / 1e9,
                     "achieved_gflops_per_cpu_s": flops / statistics.median(cpu) / 1e9,
+                    "achieved_gflops_real_tokens": real_flops / med / 1e9,
+                    "achieved_gflops_sequence_tokens": flops * T_seq / T / med / 1e9,
                     "loss_step1": r["losses"][0],
                     "loss_step2": r["losses"][1],
                     "loss_last": r["losses"][-1],
@@ -577,10 +583,12 @@ def main() -> None:
         for tool in ("tether", "trl"):
             r[tool]["fraction_of_matmul_peak"] = r[tool]["achieved_gflops"] * 1e9 / mm
             r[tool]["fraction_of_matmul_peak_cpu_time"] = r[tool]["achieved_gflops_per_cpu_s"] * 1e9 / mm_cpu
+            r[tool]["fraction_of_matmul_peak_real_tokens"] = r[tool]["achieved_gflops_real_tokens"] * 1e9 / mm
+            r[tool]["fraction_of_matmul_peak_sequence_tokens"] = r[tool]["achieved_gflops_sequence_tokens"] * 1e9 / mm
 
     print(
         f"\nseconds per optimizer step, steps {args.warmup + 1}..{args.steps} "
-        f"(8 pairs × 2 rows × ≤{MAX_LENGTH} tokens, {args.threads} thread(s)); "
+        f"(8 pairs × 2 rows × ≤{SHAPE['max_length']} tokens, {args.threads} thread(s)); "
         "speed-up = TRL time / tether time = tether steps/s ÷ TRL steps/s"
     )
     head = (
@@ -624,6 +632,20 @@ def main() -> None:
         + " of the nominal count; TRL on CPU projects every position)"
     )
     print(
+        "counting only the real tokens' FLOPs, % of the matmul peak: real T = each prompt once + every completion "
+        "token; sequence T = prompt + completion per row (a prompt once per completion); no padding in either"
+    )
+    for r in rows:
+        t, q = r["tether"], r["trl"]
+        print(
+            f"  {r['model']:<7} {r['mode']:<11} real T {r['real_tokens_per_step']:6.0f} / {r['tokens_per_step']:.0f}: "
+            f"tether {100 * t['fraction_of_matmul_peak_real_tokens']:5.1f}%, "
+            f"TRL {100 * q['fraction_of_matmul_peak_real_tokens']:5.1f}%;   "
+            f"sequence T {r['sequence_tokens_per_step']:6.0f}: "
+            f"tether {100 * t['fraction_of_matmul_peak_sequence_tokens']:5.1f}%, "
+            f"TRL {100 * q['fraction_of_matmul_peak_sequence_tokens']:5.1f}%"
+        )
+    print(
         "\nloss agreement (same weights, same batches in the same order; step 1 has policy == reference, so log 2 = "
         f"{log2:.6f}; step 2 and the last step test gradients, clipping, AdamW and data order)"
     )
@@ -652,7 +674,8 @@ def main() -> None:
                     "steps": args.steps,
                     "warmup": args.warmup,
                     "pairs_per_step": PAIRS,
-                    "max_length": MAX_LENGTH,
+                    "max_length": SHAPE["max_length"],
+                    "workload": SHAPE["workload"],
                     "lr": LR,
                     "beta": BETA,
                     "threads": args.threads,

@@ -15,6 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from tether.config import load_config
+from tether.data import Example, collate
+from tether.losses import objective
 from tether.train import OnlineConfig, TrainConfig
 from tether_lab.demo import toy_model, toy_preferences, write_jsonl
 
@@ -204,3 +206,73 @@ def online_run_args(model_dir: Path, prompt_file: Path) -> list[str]:
         *("--prompts_per_step", "4", "--max_new_tokens", "12", "--learning_rate", "1e-2", "--save_steps", "2"),
         *("--progress", "false", "--max_length", "64", "--max_prompt_length", "32", "--oracle_backoff", "0"),
     ]
+
+
+# ---------------------------------------------------------------------------------------------- models from a config
+
+VOCAB = 512  # of the models `tiny` builds
+
+
+def tiny(arch: str, attn: str = "sdpa", **extra):
+    """A random-init causal LM from a config: llama (tiny_llama's shape), qwen2 (biased q/k/v projections,
+    grouped-query attention) or smollm2 (SmolLM2-135M's head layout: 9 query and 3 key/value heads of 64, tied
+    embeddings, rope θ 1e5; 2 layers instead of 30); `extra` goes to the config."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    small = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4}
+    smollm2 = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "rope_theta": 1e5}
+    config_class, model_class, shape = {
+        "llama": (LlamaConfig, LlamaForCausalLM, {**small, "num_key_value_heads": 4}),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM, {**small, "num_key_value_heads": 2, "tie_word_embeddings": False}),
+        "smollm2": (LlamaConfig, LlamaForCausalLM, {**smollm2, "num_key_value_heads": 3, "tie_word_embeddings": True}),
+    }[arch]
+    torch.manual_seed(0)
+    model = model_class(config_class(vocab_size=VOCAB, num_hidden_layers=2, **shape, **extra))
+    model.config._attn_implementation = attn
+    return model.float()
+
+
+def mixed_examples(n: int = 5, seed: int = 1) -> list[Example]:
+    """Prompts of mixed length, long chosen and short rejected answers, BAPO's base responses of any length."""
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(lo, hi):
+        return torch.randint(3, VOCAB, (int(torch.randint(lo, hi + 1, (), generator=g)),), generator=g).tolist()
+
+    return [
+        Example(ids(1, 24), {"chosen": ids(10, 40), "rejected": ids(1, 6), "base": ids(1, 30)}, f"r{i}")
+        for i in range(n)
+    ]
+
+
+def objective_defaults(method: str) -> dict:
+    """`losses.objective`'s options of an offline run with `method` (dap or bapo) at the defaults."""
+    from tether.train.optimization import objective_options
+
+    cfg = TrainConfig(model="m", train_file="f", method=method)
+    cfg.validate()
+    return objective_options(cfg)
+
+
+def loss_and_grads(model, batch, n_keys, ref, **scoring):
+    """(summed log-probs, the objective's loss, every parameter's gradient) of one batch; `scoring`: sequence_logps's
+    padding_free and chunk_size."""
+    from tether.logprobs import sequence_logps
+
+    sums, counts = sequence_logps(model, **batch, n_keys=n_keys, **scoring)
+    loss, _ = objective(sums, counts, ref, n_keys, **objective_defaults("bapo" if n_keys == 3 else "dap"))
+    model.zero_grad()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return sums.detach(), loss.detach(), grads
+
+
+def max_deviation(a, b) -> tuple[float, float]:
+    """(|Δ loss|, max |Δ gradient|) between two `loss_and_grads` results."""
+    assert a[2].keys() == b[2].keys() and a[2]
+    return (a[1] - b[1]).abs().item(), max((a[2][k] - b[2][k]).abs().max().item() for k in a[2])
+
+
+def batch_of(examples, keys=("chosen", "rejected", "base")):
+    """`data.collate`'s batch of `examples` (pad id 0), key-major."""
+    return collate(examples, pad_id=0, keys=keys)

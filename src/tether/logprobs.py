@@ -5,27 +5,29 @@ log π(y|x) = Σ_t log π(y_t | x, y_<t) over completion tokens only (prompt and
 The fast path runs the model's backbone over the whole batch and applies the LM head ONLY at the
 positions that predict a completion token, so no (rows × length × vocab) logits tensor is ever built;
 the log-softmax is `logit[label] − logsumexp(logits)`, which keeps no second full-vocabulary copy for
-the backward pass (autograd saves only the logits it already has and one scalar per token).
+the backward pass (autograd saves only the logits it already has and one scalar per token), and with a
+chunk size it holds the logits of only that many positions at a time (`tether.logprob_head`). Batches run
+right-padded with each prompt once for its completions (a key/value cache), or padding-free (`tether.packing`:
+the sequences packed into rows, a block-diagonal causal mask, the prompt still once).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from . import packing
 from .data import Example, collate
+from .logprob_head import gather_logps, head_logps
 from .models import eval_mode
 
-
-def gather_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[label] per row.
-
-    logits: (T, V) any float dtype; labels: (T,) int64. Returns (T,) float32.
-    """
-    logits = logits.float()
-    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+log = logging.getLogger("tether")
+MASKED_ATTENTION = ("sdpa", "eager")  # take a 4D mask of tether's own: each prompt once for its completions
+POSITION_PACKED = (*MASKED_ATTENTION, "flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention")
+_SAID: set[str] = set()
 
 
 def _backbone_and_head(model: nn.Module):
@@ -62,7 +64,7 @@ def _prompt_lengths(completion_mask: torch.Tensor, n_keys: int) -> torch.Tensor 
     return start[0] if bool((start == start[0]).all()) and int(start.min()) >= 1 else None
 
 
-def shared_prompt_logps(backbone, head, input_ids, attention_mask, completion_mask, prompt_len, n_keys):
+def shared_prompt_logps(backbone, head, input_ids, attention_mask, completion_mask, prompt_len, n_keys, chunk_size=0):
     """Like `sequence_logps`, but each prompt goes through the model ONCE for its n_keys completions.
 
     Rows are key-major groups (all chosen, all rejected, ...) whose row j of every group shares the same
@@ -94,10 +96,61 @@ def shared_prompt_logps(backbone, head, input_ids, attention_mask, completion_ma
     # token t of a completion is predicted by the hidden state before it: the prompt's last one for t = 0
     before = torch.cat([out.last_hidden_state[:, -1:].repeat(n_keys, 1, 1), hidden[:, :-1]], dim=1)
     target = c_mask.bool()
-    token_logps = gather_logps(head(before[target]), c_ids[target])
+    token_logps = head_logps(head, before[target], c_ids[target], chunk_size)
     rows = torch.arange(n, device=device).unsqueeze(1).expand_as(target)[target]
     sums = torch.zeros(n, dtype=torch.float32, device=device).index_add(0, rows, token_logps)
     return sums, c_len.float()
+
+
+def _full_attention_only(cfg) -> bool:
+    """Whether every layer attends to the whole sequence (no sliding window or chunked layers, which tether's own
+    block mask would not honour)."""
+    types = getattr(cfg, "layer_types", None)
+    if types is not None:
+        return all(t == "full_attention" for t in types)
+    return getattr(cfg, "sliding_window", None) is None or getattr(cfg, "use_sliding_window", True) is False
+
+
+def _say_once(reason: str) -> None:
+    if reason not in _SAID:
+        _SAID.add(reason)
+        log.info("padding_free: %s; these batches run padded", reason)
+
+
+def packed_logps(
+    backbone, head, input_ids, attention_mask, completion_mask, n_keys, chunk_size=0, own_mask=None, single_row=None
+):
+    """`sequence_logps` over a padding-free batch (`tether.packing`), or None when the model or the batch cannot be
+    packed (then the caller pads). With `own_mask` (default: for sdpa and eager attention) tether's block mask lets
+    each prompt run once for its completions; without it, whole sequences are packed and transformers reads the
+    sequence boundaries from `position_ids` (flash attention's variable-length kernels, flex attention), in one row
+    when `single_row` (default: for flash attention, which reads packed sequences only from a batch of one)."""
+    cfg = backbone.config
+    impl = getattr(cfg, "_attn_implementation", None)
+    own_mask = impl in MASKED_ATTENTION if own_mask is None else own_mask
+    single_row = str(impl).startswith("flash_attention") if single_row is None else single_row
+    if impl not in (MASKED_ATTENTION if own_mask else POSITION_PACKED):
+        _say_once(f"not available for {impl} attention")
+        return None
+    if own_mask and not _full_attention_only(cfg):
+        _say_once("not available for a model with sliding-window or chunked attention layers")
+        return None
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    hidden_size = getattr(text_cfg, "hidden_size", 1024)
+    batch = packing.pack(input_ids, attention_mask, completion_mask, n_keys, own_mask, hidden_size, single_row)
+    if batch is None:
+        _say_once("the batch is not laid out as tether.data.collate lays it out, or holds no completion token")
+        return None
+    mask = None
+    if own_mask:  # sdpa takes a boolean mask, eager an additive one
+        dtype = None if impl == "sdpa" else backbone.get_input_embeddings().weight.dtype
+        mask = packing.block_causal_mask(batch, dtype)
+    hidden = backbone(
+        input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask, use_cache=False
+    ).last_hidden_state
+    token_logps = head_logps(head, hidden.reshape(-1, hidden.size(-1))[batch.predictors], batch.labels, chunk_size)
+    sums = torch.zeros(input_ids.size(0), dtype=torch.float32, device=input_ids.device)
+    return sums.index_add(0, batch.rows, token_logps), completion_mask.sum(dim=1).float()
 
 
 def sequence_logps(
@@ -106,6 +159,8 @@ def sequence_logps(
     attention_mask: torch.Tensor,
     completion_mask: torch.Tensor,
     n_keys: int = 1,
+    padding_free: bool = False,
+    chunk_size: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs and completion lengths, one row per sequence.
 
@@ -113,24 +168,31 @@ def sequence_logps(
     is a completion token (never the first token of a row). Returns (sum_logps (N,) float32,
     n_tokens (N,) float32). Mean log-prob = sum_logps / n_tokens. With n_keys > 1 the rows are that
     many key-major groups, one per completion key, sharing prompts (as `data.collate` builds them; the same
-    `n_keys` as `losses.objective` takes) and each prompt is computed once.
+    `n_keys` as `losses.objective` takes) and each prompt is computed once. `padding_free`: the sequences are
+    packed without padding (`packed_logps`) where the model allows it; `chunk_size` > 0: the LM head's logits
+    of at most that many positions at a time (`logprob_head.head_logps`). Both give the padded results within
+    float rounding; with neither, the padded computation exactly as before they existed.
     """
+    split = _backbone_and_head(model)
+    if padding_free and split is not None:
+        packed = packed_logps(*split, input_ids, attention_mask, completion_mask, n_keys, chunk_size)
+        if packed is not None:
+            return packed
     target_mask = completion_mask[:, 1:].bool()  # position t predicts token t+1
     labels = input_ids[:, 1:][target_mask]
     rows = torch.arange(input_ids.size(0), device=input_ids.device).unsqueeze(1).expand_as(target_mask)[target_mask]
-    split = _backbone_and_head(model)
     # gradient checkpointing drops the key/value cache a shared prompt needs: whole sequences then
     share = split is not None and not (model.training and is_checkpointing(model))
     prompt_len = _prompt_lengths(completion_mask, n_keys) if share else None
     if prompt_len is not None:
-        return shared_prompt_logps(*split, input_ids, attention_mask, completion_mask, prompt_len, n_keys)
+        return shared_prompt_logps(*split, input_ids, attention_mask, completion_mask, prompt_len, n_keys, chunk_size)
     if split is not None:
         backbone, head = split
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        logits = head(hidden[:, :-1][target_mask])  # (T, V), completion positions only
+        token_logps = head_logps(head, hidden[:, :-1][target_mask], labels, chunk_size)  # completion positions only
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][target_mask]
-    token_logps = gather_logps(logits, labels)
+        token_logps = gather_logps(logits, labels)
     sums = torch.zeros(input_ids.size(0), dtype=torch.float32, device=input_ids.device).index_add(0, rows, token_logps)
     return sums, target_mask.sum(dim=1).float()
 
@@ -140,19 +202,23 @@ class SequenceScorer(nn.Module):
 
     Putting the log-prob computation inside one module's forward lets `accelerate` wrap it in
     DistributedDataParallel (gradients are synchronised through `forward`), while the wrapped
-    Hugging Face model stays available as `.model` for saving and generation.
+    Hugging Face model stays available as `.model` for saving and generation. `padding_free` and `chunk_size`
+    are `sequence_logps`'s.
     """
 
-    def __init__(self, model: nn.Module, n_keys: int = 1):
+    def __init__(self, model: nn.Module, n_keys: int = 1, padding_free: bool = False, chunk_size: int = 0):
         super().__init__()
         self.model = model
         self.n_keys = n_keys  # rows come as this many key-major groups (one per completion key) sharing prompts
+        self.padding_free, self.chunk_size = padding_free, chunk_size
         # the layer classes FSDP wraps one by one (accelerate's transformer-based auto-wrap reads this)
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._no_split_modules = getattr(inner, "_no_split_modules", None)
 
     def forward(self, input_ids, attention_mask, completion_mask):
-        return sequence_logps(self.model, input_ids, attention_mask, completion_mask, self.n_keys)
+        return sequence_logps(
+            self.model, input_ids, attention_mask, completion_mask, self.n_keys, self.padding_free, self.chunk_size
+        )
 
 
 @torch.no_grad()

@@ -292,7 +292,9 @@ _DPO = {  # the fields trl.DPOConfig adds to TrainingArguments
     "dataset_num_proc": ignored(DATA_LOADING),
     "max_length": custom("same", _max_length, "prompt + completion; tether cuts prompts to max_prompt_length first"),
     "truncation_mode": only(("keep_start",), "prompts are cut from the left to max_prompt_length, then completions"),
-    "padding_free": ignored("TRL 1.16 falls back to padding too (it warns); tether pads"),
+    "padding_free": only(
+        (False,), "tether online pads its batches; tether train has its own padding_free (same meaning, default true)"
+    ),
     "pad_to_multiple_of": ignored("padding changes no log-prob"),
     "precompute_ref_log_probs": to("precompute_ref_logps", "TRL's default is false, tether's true; same numbers"),
     "precompute_ref_batch_size": custom(

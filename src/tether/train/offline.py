@@ -63,7 +63,7 @@ from .reference import (
     save_cached,
 )
 from .rundir import claim_run_dir
-from .train_config import TrainConfig
+from .train_config import TrainConfig, logp_options
 
 log = logging.getLogger("tether")
 
@@ -97,11 +97,15 @@ def load_examples(cfg: TrainConfig, tokenizer) -> tuple[list[Example], list[Exam
 
 def reference_table(accelerator, cfg, reference, examples, keys, pad_id, desc) -> torch.Tensor:
     """(len(keys), len(examples)) reference log-probs, from the disk cache or computed (sharded across processes)."""
-    # the thread count, process count and batch size change float summation order (~1e-7): a table computed
-    # under other settings would make "policy == reference" margins at step 0 tiny noise instead of exactly 0
+    # the thread count, process count, batch size and how batches are laid out change float summation order
+    # (~1e-7): a table computed under other settings would make "policy == reference" margins at step 0 tiny noise
+    # instead of exactly 0 (padded, unchunked tables keep the key they had before those options existed)
+    layout = (
+        f"-pf{int(cfg.padding_free)}c{cfg.logprob_chunk_size}" if cfg.padding_free or cfg.logprob_chunk_size else ""
+    )
     fp = (
         f"{reference.weights_fingerprint()}-{data_fingerprint(examples, keys)}"
-        f"-t{torch.get_num_threads()}p{accelerator.num_processes}b{cfg.eval_batch_size}"
+        f"-t{torch.get_num_threads()}p{accelerator.num_processes}b{cfg.eval_batch_size}{layout}"
     )
     path = Path(cfg.ref_cache_dir or cache_dir() / "reflogps") / f"{fp}.pt"
     table = load_cached(path, (len(keys), len(examples)))
@@ -185,7 +189,7 @@ class OfflineRun(TrainingRun):
         self.steps = total_steps(cfg, len(self.train_ex), self.global_batch)
         self.optimizer, self.scheduler = make_optimizer(self.model, cfg, self.steps)
         self.sharded = self.setup["sharding"] != "none"
-        scorer = SequenceScorer(self.model, n_keys=len(self.keys))
+        scorer = SequenceScorer(self.model, len(self.keys), **logp_options(cfg))
         if self.sharded:  # FSDP/DeepSpeed shard the parameters and must swap the optimizer's for the sharded ones
             self.scorer, self.optimizer = acc.prepare(scorer, self.optimizer)
         else:

@@ -29,6 +29,7 @@ from ..files import write_atomic
 from ..logprobs import sequence_logps
 from ..loss_table import needs_reference
 from ..models import eval_mode, load_model
+from .train_config import logp_options
 
 log = logging.getLogger("tether")
 
@@ -75,22 +76,29 @@ class LiveReference(Reference):
     """Scores batches with a model on the fly. `open()` is a context yielding the model in eval mode without
     gradients (for `generating` too); `model` and `adapter_off` say whose weights the fingerprint of a cache
     key covers (the base's alone when the reference is the policy with its adapter disabled); `after_step`, when
-    given, moves the reference after every step (ema)."""
+    given, moves the reference after every step (ema); `scoring` holds `sequence_logps`'s padding_free and
+    chunk_size (none: padded batches, the whole head at once)."""
 
     def __init__(
-        self, label: str, open: Callable, model=None, adapter_off: bool = False, after_step: Callable | None = None
+        self,
+        label: str,
+        open: Callable,
+        model=None,
+        adapter_off: bool = False,
+        after_step: Callable | None = None,
+        scoring: dict | None = None,
     ):
         super().__init__(label)
         self.open, self.model, self.adapter_off, self.after_step = open, model, adapter_off, after_step
+        self.scoring = scoring or {}
 
     def generating(self):
         return self.open()
 
     def logps(self, batch, n_keys, recorded=None):
         with self.open() as model:
-            return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], n_keys)[
-                0
-            ]
+            ids, mask, completion = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+            return sequence_logps(model, ids, mask, completion, n_keys, **self.scoring)[0]
 
     def update(self) -> None:
         if self.after_step is not None:
@@ -112,31 +120,36 @@ def weights_fingerprint(model, skip_adapters: bool = False) -> str:
     return h.hexdigest()
 
 
-def model_reference(label: str, model, adapter_off: bool = False) -> LiveReference:
-    """A live reference that is `model` (with its adapters disabled when `adapter_off`)."""
-    return LiveReference(label, lambda: eval_mode(model, adapter_off), model, adapter_off)
+def model_reference(label: str, model, adapter_off: bool = False, scoring: dict | None = None) -> LiveReference:
+    """A live reference that is `model` (with its adapters disabled when `adapter_off`), scoring as `scoring` says
+    (`LiveReference`)."""
+    return LiveReference(label, lambda: eval_mode(model, adapter_off), model, adapter_off, scoring=scoring)
 
 
 def offline_reference(cfg, policy, device, ref_model=None, initial=None) -> Reference:
     """π_ref of an offline run, as a live scorer (precomputing turns it into a cached one, `cached_reference`):
     a separate frozen model, the LoRA base (adapter disabled) or the initial policy; for a loss that reads no
-    reference, nothing (`NoReference`), or with BAPO the initial policy for the base responses alone.
-    `ref_model`: an in-memory reference model; `initial`: an in-memory frozen copy of the initial policy (the
-    trainer's, when it was given a model object to fully fine-tune)."""
+    reference, nothing (`NoReference`), or with BAPO the initial policy for the base responses alone. It lays out
+    its batches as the policy's (`logp_options`). `ref_model`: an in-memory reference model; `initial`: an
+    in-memory frozen copy of the initial policy (the trainer's, when it was given a model object to fully
+    fine-tune)."""
     free = not needs_reference(cfg.loss)
     if free and cfg.method != "bapo":
         return NoReference(f"none (loss {cfg.loss} reads no reference)")
+    scoring = logp_options(cfg)
     if cfg.ref_model:
-        model = frozen(ref_model, device) if ref_model is not None else None
-        return model_reference(
-            f"fixed ({cfg.ref_model})", model or load_reference_model(cfg.ref_model, cfg.torch_dtype, device)
-        )
+        ref = frozen(ref_model, device) if ref_model is not None else None
+        ref = ref or load_reference_model(cfg.ref_model, cfg.torch_dtype, device)
+        return model_reference(f"fixed ({cfg.ref_model})", ref, scoring=scoring)
     if cfg.lora:
-        return model_reference("initial (the base with the adapter disabled)", policy, adapter_off=True)
+        return model_reference(
+            "initial (the base with the adapter disabled)", policy, adapter_off=True, scoring=scoring
+        )
     if cfg.precompute_ref_logps or free:  # the policy IS the reference until the first step
-        return model_reference("initial", policy)
-    model = frozen(initial, device) if initial is not None else None
-    return model_reference("initial (a frozen copy)", model or load_reference_model(cfg.model, cfg.torch_dtype, device))
+        return model_reference("initial", policy, scoring=scoring)
+    copy = frozen(initial, device) if initial is not None else None
+    copy = copy or load_reference_model(cfg.model, cfg.torch_dtype, device)
+    return model_reference("initial (a frozen copy)", copy, scoring=scoring)
 
 
 def frozen(model, device):

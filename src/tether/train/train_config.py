@@ -40,6 +40,11 @@ def check_loss_options(cfg) -> None:
 TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")  # accelerate's trackers that report_to may name
 
 
+def logp_options(cfg) -> dict:
+    """What `tether.logprobs.sequence_logps` takes from an offline run's options (padding, the head's chunks)."""
+    return {"padding_free": cfg.padding_free, "chunk_size": cfg.logprob_chunk_size}
+
+
 def loss_options(cfg) -> dict:
     """What `tether.losses.objective` / `preference_loss` take from cfg's loss options."""
     return dict(
@@ -106,7 +111,8 @@ class CommonConfig:
     gradient_checkpointing: bool = option(
         False,
         "recompute layer activations in the backward pass instead of storing them: less memory, more time "
-        "(the prompt is then not shared between chosen and rejected: one forward over whole sequences)",
+        "(padded batches then stop sharing the prompt between chosen and rejected; tether train's padding-free "
+        "batches still share it)",
     )
     # LoRA
     lora: bool = option(False, "train a LoRA adapter (PEFT) instead of all weights")
@@ -239,6 +245,17 @@ class TrainConfig(CommonConfig):
     # the reference
     precompute_ref_logps: bool = option(True, "compute reference log-probs once before training and cache them on disk")
     ref_cache_dir: str | None = option(None, "where cached reference log-probs live; null = $TETHER_CACHE/reflogps")
+    # how the log-probs are computed (the same numbers within float rounding; docs/training.md, "Speed")
+    padding_free: bool = option(
+        True,
+        "pack each batch's sequences into rows without padding (block-diagonal causal attention, each prompt "
+        "once for its completions; sdpa or eager attention, flash/flex through position_ids); false = padded rows",
+    )
+    logprob_chunk_size: int = option(
+        256,
+        "completion positions whose LM-head logits are computed together (the float32 positions × vocabulary "
+        "logits of only this many are held at once); 0 = all at once",
+    )
 
     def _check(self, c: Checks) -> None:
         """The offline options (after the shared ones)."""
@@ -251,7 +268,7 @@ class TrainConfig(CommonConfig):
             c.add(f"option 'max_steps' must be >= 0, or -1 to derive it from num_epochs; got {self.max_steps}")
         if c.usable("max_steps", "num_epochs") and self.max_steps == -1 and self.num_epochs <= 0:
             c.add("set 'max_steps' >= 0 or 'num_epochs' > 0")
-        c.at_least(0, "base_top_k")
+        c.at_least(0, "base_top_k", "logprob_chunk_size")
         c.within("base_top_p", 0.0, 1.0, low_open=True, high_open=False)
         if c.usable("ref_model", "loss") and self.ref_model and not needs_reference(self.loss):
             c.add(f"option 'ref_model': loss {self.loss} uses no reference (it is trained without one); drop ref_model")
