@@ -133,20 +133,6 @@ def test_launcher_keys_of_the_trl_cli(tmp_path):
 
 
 def test_trl_keys_for_online_and_those_that_do_not_apply(tmp_path):
-def test_padding_free_is_tether_trains_own_option_and_online_pads(tmp_path):
-    path = tmp_path / "p.yaml"
-    for value in (True, False):
-        path.write_text(f"model: m\ntrain_file: d.jsonl\npadding_free: {str(value).lower()}\n")
-        assert load_config(TrainConfig, path).padding_free is value
-    assert load_config(TrainConfig, overrides=dict(model="m", train_file="d")).padding_free  # TRL's default: false
-    path.write_text("model: m\nprompt_file: p.jsonl\noracle: world\npadding_free: false\n")
-    assert load_config(OnlineConfig, path).model == "m"
-    path.write_text("model: m\nprompt_file: p.jsonl\noracle: world\npadding_free: true\n")
-    with pytest.raises(TetherError, match="padding_free: True is not supported \\(tether online pads"):
-        load_config(OnlineConfig, path)
-
-
-def test_trl_keys_that_do_not_apply_are_unknown_for_online(tmp_path):
     path = tmp_path / "o.yaml"
     path.write_text(
         "model_name_or_path: m\ndataset_name: p.jsonl\noracle: world\nreward_model_path: rm\nmax_steps: 4\n"
@@ -396,3 +382,16 @@ def test_a_config_built_in_python_is_checked_whole_and_validate_is_idempotent():
         TetherError, match="'phases' \\(2\\) must divide 'steps' \\(5\\).*'top_p' must be in \\(0, 1\\]"
     ):
         online.validate()
+
+
+def test_padding_free_is_tether_trains_own_option_and_online_pads(tmp_path):
+    path = tmp_path / "p.yaml"
+    for value in (True, False):
+        path.write_text(f"model: m\ntrain_file: d.jsonl\npadding_free: {str(value).lower()}\n")
+        assert load_config(TrainConfig, path).padding_free is value
+    assert load_config(TrainConfig, overrides=dict(model="m", train_file="d")).padding_free  # TRL's default: false
+    path.write_text("model: m\nprompt_file: p.jsonl\noracle: world\npadding_free: false\n")
+    assert load_config(OnlineConfig, path).model == "m"
+    path.write_text("model: m\nprompt_file: p.jsonl\noracle: world\npadding_free: true\n")
+    with pytest.raises(TetherError, match="padding_free: True is not supported \\(tether online pads"):
+        load_config(OnlineConfig, path)
