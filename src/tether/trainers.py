@@ -27,7 +27,9 @@ import torch
 from .config import TetherError, check_config, load_config
 from .train.callbacks import Callbacks
 from .train.inputs import RunObjects, dataset_file, model_file_or_object
+from .train.online_config import OnlineConfig
 from .train.reference import weights_fingerprint
+from .train.train_config import TrainConfig
 
 log = logging.getLogger("tether")
 
@@ -47,7 +49,6 @@ class _Trainer:
     """What both trainers share: the config, the objects that replace its paths, and the run."""
 
     config_class: Any = None
-    kind = ""
 
     def __init__(self, model, ref_model, args, processing_class, callbacks, data: dict[str, tuple]):
         objects, given = RunObjects(tokenizer=processing_class), {}
@@ -153,19 +154,19 @@ class _Trainer:
 class DPOTrainer(_Trainer):
     """Offline preference optimization (any loss of docs/losses.md; `method: bapo` adds BAPO's anchor).
 
-    Args:
-        model: the policy: a `transformers` causal LM (trained in place), a local directory or a built-in name.
-        ref_model: a fixed reference (object or path); None = the initial policy (with LoRA: the base with the
-            adapter disabled; a model object to fully fine-tune is then copied once, as TRL does).
-        args: a `TrainConfig`, or a dict of its options (TRL's `DPOConfig` names accepted); checked here.
-        train_dataset, eval_dataset: preference data (`prompt`/`chosen`/`rejected`, standard or conversational),
-            as a `datasets.Dataset`, a `DatasetDict` (its `train_split` / `eval_split`), a list of dicts or a path.
-        processing_class: the tokenizer; None = loaded from the model's directory.
-        callbacks: `transformers.TrainerCallback`s (train/callbacks.py says when each event fires).
+    What it takes:
+
+    - `model`: the policy: a `transformers` causal LM (trained in place), a local directory or a built-in name.
+    - `ref_model`: a fixed reference (object or path); None = the initial policy (with LoRA: the base with the
+      adapter disabled; a model object to fully fine-tune is then copied once, as TRL does).
+    - `args`: a `TrainConfig`, or a dict of its options (TRL's `DPOConfig` names accepted); checked here.
+    - `train_dataset`, `eval_dataset`: preference data (`prompt`/`chosen`/`rejected`, standard or conversational),
+      as a `datasets.Dataset`, a `DatasetDict` (its `train_split` / `eval_split`), a list of dicts or a path.
+    - `processing_class`: the tokenizer; None = loaded from the model's directory.
+    - `callbacks`: `transformers.TrainerCallback`s (train/callbacks.py says when each event fires).
     """
 
-    config_class = None  # set below (importing the configs is cheap; the loop is imported on first use)
-    kind = "train"
+    config_class = TrainConfig
 
     def __init__(
         self,
@@ -254,16 +255,16 @@ class OnlineDPOTrainer(_Trainer):
     """Online preference optimization: BPO (π_ref = the behavior policy, refreshed at each of `phases`
     data-collection phases) and its baselines (`reference`: initial, fixed, ema, none).
 
-    Args:
-        model, ref_model, processing_class, callbacks: as in `DPOTrainer` (ref_model with `reference: fixed`).
-        args: an `OnlineConfig`, or a dict of its options.
-        train_dataset: prompts (`prompt`: text or chat messages); eval_dataset: prompts with a `reference` answer.
-        oracle: who prefers what: a function (prompts, responses) -> scores, a `tether.oracles.Oracle`, or None
-            to use args.oracle (a spec such as `callable:MODULE:FUNC` or `reward-model:PATH`).
+    What it takes:
+
+    - `model`, `ref_model`, `processing_class`, `callbacks`: as in `DPOTrainer` (ref_model with `reference: fixed`).
+    - `args`: an `OnlineConfig`, or a dict of its options.
+    - `train_dataset`: prompts (`prompt`: text or chat messages); eval_dataset: prompts with a `reference` answer.
+    - `oracle`: who prefers what: a function (prompts, responses) -> scores, a `tether.oracles.Oracle`, or None
+      to use args.oracle (a spec such as `callable:MODULE:FUNC` or `reward-model:PATH`).
     """
 
-    config_class = None
-    kind = "online"
+    config_class = OnlineConfig
 
     def __init__(
         self,
@@ -335,13 +336,3 @@ class _Merged:
 
     def save_pretrained(self, directory) -> None:
         self.policy.write_final(Path(directory), state=self.policy.final_state(keep=True))
-
-
-def _bind_configs() -> None:
-    from .train.online_config import OnlineConfig
-    from .train.train_config import TrainConfig
-
-    DPOTrainer.config_class, OnlineDPOTrainer.config_class = TrainConfig, OnlineConfig
-
-
-_bind_configs()

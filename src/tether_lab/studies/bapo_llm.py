@@ -150,7 +150,8 @@ def _save_every(steps: list[int], last: int) -> int:
 
 def train_config(p: LlmBapoProtocol, arm: Arm, data_file: Path, run_dir: Path, out: Path, seed: int, steps: list[int]):
     """DPO and the baselines run as BAPO with λ = 0 (the same objective; log π_θ(y_b) is then logged for them
-    too); the null run is plain DAP on its own pairs."""
+    too); the null run is plain DAP on its own pairs. Padded batches and a whole LM head: protocol 3's runs began
+    before tether packed batches by default, and a resumed study computes as its first runs did."""
     from tether.train import TrainConfig
 
     return load_config(TrainConfig, None, dict(
@@ -161,6 +162,7 @@ def train_config(p: LlmBapoProtocol, arm: Arm, data_file: Path, run_dir: Path, o
         lora_r=p.lora_r, lora_alpha=p.lora_alpha, save_steps=_save_every(steps, p.steps), save_total_limit=0,
         progress=False, write_report=False, eval_batch_size=16, base_max_new_tokens=p.max_new_tokens,
         ref_cache_dir=str(out / "cache" / "reflogps"), max_length=256, max_prompt_length=96,
+        padding_free=False, logprob_chunk_size=0,  # as every run of protocol 3 so far computed (bit-identical)
     ))  # fmt: skip
 
 
