@@ -62,6 +62,7 @@ def test_config_file_and_flags_end_to_end(model_dir, data_dir, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(REQUIRED_METRICS <= r.keys() for r in rows)
     assert "eval_loss" in rows[1] and "eval_loss" not in rows[0]
+    assert all({"logits_chosen", "logits_rejected"} <= r.keys() for r in rows) and "eval_logits_chosen" in rows[1]
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]
     results = json.loads((out / "results.json").read_text())
     assert results["final_eval"]["eval_loss"] < results["initial_eval"]["eval_loss"]

@@ -152,10 +152,13 @@ def test_tensorboard_scalars_use_trl_names_with_before_and_after(lora_run):
         "train/rewards/accuracies",
         "train/logps/chosen",
         "train/logps/rejected",
+        "train/logits/chosen",
+        "train/logits/rejected",
         "train/learning_rate",
         "train/grad_norm",
         "eval/loss",
         "eval/rewards/margins",
+        "eval/logits/chosen",
     ):
         assert tag in tags, (tag, sorted(tags))
     steps = [e.step for e in acc.Scalars("eval/rewards/margins")]

@@ -1,13 +1,16 @@
 """The chunked log-prob head (tether.logprob_head): the log-probs and gradients of the whole-head computation
-(≤ 1e-6), for a plain head (full fine-tuning and frozen), a PEFT-wrapped one and a whole DPO step; and nothing of
-(positions × vocabulary) size kept for the backward pass."""
+(≤ 1e-6), for a plain head (full fine-tuning and frozen), a PEFT-wrapped one and a whole DPO step; nothing of
+(positions × vocabulary) size kept for the backward pass; and the mean logits (TRL's logits/* metrics) equal to the
+logits' mean (≤ 1e-5) on every path, without changing the log-probs, the loss or a gradient by one bit."""
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import batch_of, loss_and_grads, max_deviation, mixed_examples, tiny
-from tether.logprob_head import gather_logps, head_logps
+from conftest import batch_of, loss_and_grads, max_deviation, mixed_examples, objective_defaults, tiny
+from tether.logprob_head import gather_logps, head_logps, mean_logits
+from tether.logprobs import pair_logit_means, sequence_logps
+from tether.losses import objective
 from tether.models import add_lora
 
 TOLERANCE = 1e-6
@@ -99,3 +102,70 @@ def test_the_backward_keeps_nothing_of_positions_by_vocabulary_size(trainable):
             assert max(kept) >= 64 * 2000  # the whole head keeps its logits
         else:
             assert sum(kept) < bound, kept  # hidden states, labels, log-normalisers, E_p[W]: no logits
+
+
+def _logit_means_by_hand(model, batch) -> torch.Tensor:
+    """Per row, the mean of the whole model's logits over the vocabulary and the completion positions."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    target = batch["completion_mask"][:, 1:].float()
+    return (logits.mean(-1) * target).sum(1) / target.sum(1)
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no bias", "bias"])
+def test_mean_logits_is_the_mean_of_the_head_logits(bias):
+    head, hidden, _ = _head_and_inputs(False)
+    if bias:
+        head.bias = nn.Parameter(torch.randn(head.out_features))
+    want = head(hidden).mean(-1)
+    for chunk in (0, 7):
+        got = mean_logits(head, hidden, chunk)
+        assert not got.requires_grad and got.dtype == torch.float32
+        torch.testing.assert_close(got, want.detach(), rtol=0, atol=1e-5)
+
+
+def _step(model, batch, share: bool, scoring: dict):
+    """(sequence_logps's outputs, the DPO loss, every gradient) of one pair batch, each prompt run once (`share`) or
+    the whole sequences."""
+    out = sequence_logps(model, **batch, n_keys=2 if share else 1, **scoring)
+    ref = torch.randn(batch["input_ids"].size(0), generator=torch.Generator().manual_seed(1)) - 70
+    loss, _ = objective(out[0], out[1], ref, 2, **objective_defaults("dap"))
+    model.zero_grad()
+    loss.backward()
+    return [t.detach() for t in out], loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    "scoring",
+    [{}, {"chunk_size": 5}, {"padding_free": True}, {"padding_free": True, "chunk_size": 5}],
+    ids=["padded", "chunked", "padding-free", "padding-free chunked"],
+)
+@pytest.mark.parametrize("share", [False, True], ids=["whole sequences", "shared prompts"])
+@pytest.mark.parametrize("arch", ["llama", "smollm2"])
+def test_logit_means_match_the_logits_and_change_nothing(arch, share, scoring):
+    """TRL's logits/chosen of one sequence, from the hidden states the head path has; the log-probs, the loss and
+    every gradient bit for bit those of the same call without it."""
+    model = tiny(arch)
+    batch = batch_of(mixed_examples(seed=5), ("chosen", "rejected"))
+    (sums, counts, logit_sums), loss, grads = _step(model, batch, share, {**scoring, "logit_means": True})
+    (want_sums, want_counts), want_loss, want_grads = _step(model, batch, share, scoring)
+    torch.testing.assert_close(logit_sums / counts, _logit_means_by_hand(model, batch), rtol=0, atol=1e-5)
+    pairs = pair_logit_means(logit_sums, counts, 2)
+    assert torch.equal(pairs["logits_rejected"], (logit_sums / counts)[5:])
+    assert torch.equal(sums, want_sums) and torch.equal(counts, want_counts) and torch.equal(loss, want_loss)
+    assert grads.keys() == want_grads.keys() and all(torch.equal(grads[k], want_grads[k]) for k in grads)
+
+
+def test_logit_means_of_a_wrapped_head_and_of_a_model_without_a_head_split():
+    """A LoRA adapter on the LM head (its logits computed, chunk by chunk) and a model whose config names a logit
+    scaling (no backbone/head split: the whole model's logits)."""
+    model = add_lora(tiny("llama"), r=4, alpha=8, dropout=0.0, target_modules=["lm_head"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    scaled = tiny("llama", logits_scaling=2.0)
+    batch = batch_of(mixed_examples(seed=2), ("chosen", "rejected"))
+    for m, chunk in ((model, 4), (model, 0), (scaled, 0)):
+        sums, counts, logit_sums = sequence_logps(m, **batch, n_keys=2, chunk_size=chunk, logit_means=True)
+        torch.testing.assert_close(logit_sums / counts, _logit_means_by_hand(m, batch), rtol=0, atol=1e-5)

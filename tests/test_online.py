@@ -138,6 +138,7 @@ def test_behavior_refreshed_exactly_at_phase_starts(model_dir, prompt_file, tmp_
         at_refresh = (r["step"] - 1) % 2 == 0
         # right after a refresh π_θ = π_β: every log-ratio is 0 and the DPO loss is log 2
         assert (abs(r["loss"] - math.log(2)) < 1e-4) == at_refresh, r
+        assert math.isfinite(r["logits_chosen"]) and math.isfinite(r["logits_rejected"]), r
     ledger = jsonl_rows(run / "ledger.jsonl")
     assert len(ledger) == 6 * 4 and {row["behavior_version"] for row in ledger if row["step"] in (2, 3)} == {1}
 

@@ -12,6 +12,7 @@ so the hidden states' gradient needs no logits at all; a trainable head's gradie
 recomputes each chunk's logits in the backward pass (one more head product per chunk, full fine-tuning only).
 A head that is not a plain bias-free `nn.Linear` (a PEFT-wrapped or FSDP-sharded head), or a step under autocast,
 takes the same chunks through `torch.utils.checkpoint` instead (its logits are recomputed in the backward).
+`mean_logits` gives the mean logit over the vocabulary per position (a metric) without any logits of a linear head.
 """
 
 from __future__ import annotations
@@ -74,14 +75,36 @@ class ChunkedLinearLogps(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None
 
 
-def _plain_weight(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor | None:
-    """The head's weight when the head is exactly a bias-free `nn.Linear` holding its whole weight as an ordinary
-    tensor and no autocast is on (what `ChunkedLinearLogps` computes exactly); None otherwise."""
-    if type(head) is not nn.Linear or head.bias is not None or torch.is_autocast_enabled(hidden.device.type):
+def _whole_weight(head: nn.Module) -> torch.Tensor | None:
+    """The head's weight when the head is exactly an `nn.Linear` holding its whole weight as an ordinary tensor (not
+    a DTensor shard, nor a DeepSpeed ZeRO-3 partition, gathered only when the head's own forward runs); else None."""
+    if type(head) is not nn.Linear:
         return None
     weight = head.weight
-    # not a DTensor shard, nor a DeepSpeed ZeRO-3 partition (gathered only when the head's own forward runs)
     return weight if type(weight.data) is torch.Tensor and not hasattr(weight, "ds_id") else None
+
+
+def _plain_weight(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor | None:
+    """`_whole_weight` of a bias-free head when no autocast is on (what `ChunkedLinearLogps` computes exactly)."""
+    if getattr(head, "bias", None) is not None or torch.is_autocast_enabled(hidden.device.type):
+        return None
+    return _whole_weight(head)
+
+
+@torch.no_grad()
+def mean_logits(head: nn.Module, hidden: torch.Tensor, chunk_size: int = 0) -> torch.Tensor:
+    """The mean over the vocabulary of head(hidden) per row (TRL's `logits/chosen` metric averages it), no gradient.
+
+    For a linear head W·h + b the logits are never built: mean_v(W·h + b)_v = h·mean_v(W) + mean(b), one float32
+    dot product per row. Another head (PEFT-wrapped, FSDP-sharded) computes its logits, `chunk_size` rows at a time
+    (0: all at once). hidden: (T, H). Returns (T,) float32."""
+    weight = _whole_weight(head)
+    if weight is None:
+        step = chunk_size if chunk_size > 0 else max(1, hidden.size(0))
+        return torch.cat([head(h).mean(-1, dtype=torch.float32) for h in hidden.split(step)])
+    with torch.autocast(hidden.device.type, enabled=False):
+        out = hidden.float() @ weight.mean(0, dtype=torch.float32)
+    return out if head.bias is None else out + head.bias.mean(dtype=torch.float32)
 
 
 def head_logps(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int = 0) -> torch.Tensor:

@@ -8,7 +8,9 @@ the log-softmax is `logit[label] − logsumexp(logits)`, which keeps no second f
 the backward pass (autograd saves only the logits it already has and one scalar per token), and with a
 chunk size it holds the logits of only that many positions at a time (`tether.logprob_head`). Batches run
 right-padded with each prompt once for its completions (a key/value cache), or padding-free (`tether.packing`:
-the sequences packed into rows, a block-diagonal causal mask, the prompt still once).
+the sequences packed into rows, a block-diagonal causal mask, the prompt still once). Asked for it, each path also
+sums every completion position's mean logit over the vocabulary (TRL's `logits/*` metrics) from the same hidden
+states, without the logits of a linear head (`logprob_head.mean_logits`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch import nn
 
 from . import packing
 from .data import Example, collate
-from .logprob_head import gather_logps, head_logps
+from .logprob_head import gather_logps, head_logps, mean_logits
 from .models import eval_mode
 
 log = logging.getLogger("tether")
@@ -64,7 +66,23 @@ def _prompt_lengths(completion_mask: torch.Tensor, n_keys: int) -> torch.Tensor 
     return start[0] if bool((start == start[0]).all()) and int(start.min()) >= 1 else None
 
 
-def shared_prompt_logps(backbone, head, input_ids, attention_mask, completion_mask, prompt_len, n_keys, chunk_size=0):
+def _row_sums(head, hidden, labels, rows, n, chunk_size, logit_means):
+    """(Σ token log-probs, Σ mean logits over the vocabulary or None) per row of n: `hidden` (T, H) holds the positions
+    that predict `labels` (T,), of rows `rows` (T,); the second only with `logit_means` (no gradient)."""
+    token_logps = head_logps(head, hidden, labels, chunk_size)
+    sums = torch.zeros(n, dtype=torch.float32, device=hidden.device).index_add(0, rows, token_logps)
+    if not logit_means:
+        return sums, None
+    return sums, torch.zeros_like(sums).index_add(0, rows, mean_logits(head, hidden, chunk_size))
+
+
+def _result(sums, counts, logit_sums):
+    return (sums, counts) if logit_sums is None else (sums, counts, logit_sums)
+
+
+def shared_prompt_logps(
+    backbone, head, input_ids, attention_mask, completion_mask, prompt_len, n_keys, chunk_size=0, logit_means=False
+):
     """Like `sequence_logps`, but each prompt goes through the model ONCE for its n_keys completions.
 
     Rows are key-major groups (all chosen, all rejected, ...) whose row j of every group shares the same
@@ -96,10 +114,9 @@ def shared_prompt_logps(backbone, head, input_ids, attention_mask, completion_ma
     # token t of a completion is predicted by the hidden state before it: the prompt's last one for t = 0
     before = torch.cat([out.last_hidden_state[:, -1:].repeat(n_keys, 1, 1), hidden[:, :-1]], dim=1)
     target = c_mask.bool()
-    token_logps = head_logps(head, before[target], c_ids[target], chunk_size)
     rows = torch.arange(n, device=device).unsqueeze(1).expand_as(target)[target]
-    sums = torch.zeros(n, dtype=torch.float32, device=device).index_add(0, rows, token_logps)
-    return sums, c_len.float()
+    sums, logit_sums = _row_sums(head, before[target], c_ids[target], rows, n, chunk_size, logit_means)
+    return _result(sums, c_len.float(), logit_sums)
 
 
 def _full_attention_only(cfg) -> bool:
@@ -118,7 +135,16 @@ def _say_once(reason: str) -> None:
 
 
 def packed_logps(
-    backbone, head, input_ids, attention_mask, completion_mask, n_keys, chunk_size=0, own_mask=None, single_row=None
+    backbone,
+    head,
+    input_ids,
+    attention_mask,
+    completion_mask,
+    n_keys,
+    chunk_size=0,
+    own_mask=None,
+    single_row=None,
+    logit_means=False,
 ):
     """`sequence_logps` over a padding-free batch (`tether.packing`), or None when the model or the batch cannot be
     packed (then the caller pads). With `own_mask` (default: for sdpa and eager attention) tether's block mask lets
@@ -148,9 +174,10 @@ def packed_logps(
     hidden = backbone(
         input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask, use_cache=False
     ).last_hidden_state
-    token_logps = head_logps(head, hidden.reshape(-1, hidden.size(-1))[batch.predictors], batch.labels, chunk_size)
-    sums = torch.zeros(input_ids.size(0), dtype=torch.float32, device=input_ids.device)
-    return sums.index_add(0, batch.rows, token_logps), completion_mask.sum(dim=1).float()
+    predictors = hidden.reshape(-1, hidden.size(-1))[batch.predictors]
+    n = input_ids.size(0)
+    sums, logit_sums = _row_sums(head, predictors, batch.labels, batch.rows, n, chunk_size, logit_means)
+    return _result(sums, completion_mask.sum(dim=1).float(), logit_sums)
 
 
 def sequence_logps(
@@ -161,7 +188,8 @@ def sequence_logps(
     n_keys: int = 1,
     padding_free: bool = False,
     chunk_size: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    logit_means: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Summed completion log-probs and completion lengths, one row per sequence.
 
     input_ids, attention_mask, completion_mask: (N, L); completion_mask[i, t] = 1 when token t of row i
@@ -171,11 +199,15 @@ def sequence_logps(
     `n_keys` as `losses.objective` takes) and each prompt is computed once. `padding_free`: the sequences are
     packed without padding (`packed_logps`) where the model allows it; `chunk_size` > 0: the LM head's logits
     of at most that many positions at a time (`logprob_head.head_logps`). Both give the padded results within
-    float rounding; with neither, the padded computation exactly as before they existed.
+    float rounding; with neither, the padded computation exactly as before they existed. `logit_means`: a third
+    tensor (N,) float32, each row's completion positions' mean logits over the vocabulary, summed (no gradient;
+    divided by n_tokens, TRL's `logits/chosen` of one sequence); it changes nothing of the first two.
     """
     split = _backbone_and_head(model)
     if padding_free and split is not None:
-        packed = packed_logps(*split, input_ids, attention_mask, completion_mask, n_keys, chunk_size)
+        packed = packed_logps(
+            *split, input_ids, attention_mask, completion_mask, n_keys, chunk_size, logit_means=logit_means
+        )
         if packed is not None:
             return packed
     target_mask = completion_mask[:, 1:].bool()  # position t predicts token t+1
@@ -185,16 +217,27 @@ def sequence_logps(
     share = split is not None and not (model.training and is_checkpointing(model))
     prompt_len = _prompt_lengths(completion_mask, n_keys) if share else None
     if prompt_len is not None:
-        return shared_prompt_logps(*split, input_ids, attention_mask, completion_mask, prompt_len, n_keys, chunk_size)
+        return shared_prompt_logps(
+            *split, input_ids, attention_mask, completion_mask, prompt_len, n_keys, chunk_size, logit_means
+        )
+    n, counts = input_ids.size(0), target_mask.sum(dim=1).float()
     if split is not None:
         backbone, head = split
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        token_logps = head_logps(head, hidden[:, :-1][target_mask], labels, chunk_size)  # completion positions only
-    else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][target_mask]
-        token_logps = gather_logps(logits, labels)
-    sums = torch.zeros(input_ids.size(0), dtype=torch.float32, device=input_ids.device).index_add(0, rows, token_logps)
-    return sums, target_mask.sum(dim=1).float()
+        sums, logit_sums = _row_sums(head, hidden[:, :-1][target_mask], labels, rows, n, chunk_size, logit_means)
+        return _result(sums, counts, logit_sums)  # the head at completion positions only
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][target_mask]
+    sums = torch.zeros(n, dtype=torch.float32, device=input_ids.device).index_add(0, rows, gather_logps(logits, labels))
+    mean = logits.detach().mean(-1, dtype=torch.float32) if logit_means else None
+    return _result(sums, counts, None if mean is None else torch.zeros_like(sums).index_add(0, rows, mean))
+
+
+def pair_logit_means(logit_sums: torch.Tensor, n_tokens: torch.Tensor, n_keys: int) -> dict[str, torch.Tensor]:
+    """Per pair, `logits_chosen` and `logits_rejected` (B,): the mean logit over every completion token and every
+    vocabulary entry of y_w and of y_l, from `sequence_logps(..., logit_means=True)`'s key-major rows (chosen rows
+    first, then rejected)."""
+    means = (logit_sums / n_tokens.clamp(min=1)).view(n_keys, -1)
+    return {"logits_chosen": means[0], "logits_rejected": means[1]}
 
 
 class SequenceScorer(nn.Module):
@@ -202,22 +245,36 @@ class SequenceScorer(nn.Module):
 
     Putting the log-prob computation inside one module's forward lets `accelerate` wrap it in
     DistributedDataParallel (gradients are synchronised through `forward`), while the wrapped
-    Hugging Face model stays available as `.model` for saving and generation. `padding_free` and `chunk_size`
-    are `sequence_logps`'s.
+    Hugging Face model stays available as `.model` for saving and generation. `padding_free`, `chunk_size` and
+    `logit_means` are `sequence_logps`'s.
     """
 
-    def __init__(self, model: nn.Module, n_keys: int = 1, padding_free: bool = False, chunk_size: int = 0):
+    def __init__(
+        self,
+        model: nn.Module,
+        n_keys: int = 1,
+        padding_free: bool = False,
+        chunk_size: int = 0,
+        logit_means: bool = False,
+    ):
         super().__init__()
         self.model = model
         self.n_keys = n_keys  # rows come as this many key-major groups (one per completion key) sharing prompts
-        self.padding_free, self.chunk_size = padding_free, chunk_size
+        self.padding_free, self.chunk_size, self.logit_means = padding_free, chunk_size, logit_means
         # the layer classes FSDP wraps one by one (accelerate's transformer-based auto-wrap reads this)
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._no_split_modules = getattr(inner, "_no_split_modules", None)
 
     def forward(self, input_ids, attention_mask, completion_mask):
         return sequence_logps(
-            self.model, input_ids, attention_mask, completion_mask, self.n_keys, self.padding_free, self.chunk_size
+            self.model,
+            input_ids,
+            attention_mask,
+            completion_mask,
+            self.n_keys,
+            self.padding_free,
+            self.chunk_size,
+            self.logit_means,
         )
 
 

@@ -95,9 +95,15 @@ mean over the batch); `sft` is TRL's token mean over the batch.
 {metrics}
 
 tether logs `reward_accuracy`, `reward_margin`, `rewards_chosen`, `rewards_rejected`, `logps_chosen`,
-`logps_rejected` (and `nll`, `log_odds_ratio`, `log_odds_chosen` where the loss has them) in metrics.jsonl, and
-under TRL's names above in TensorBoard / W&B. The `logits/*`, `entropy`, `mean_token_accuracy` and `num_tokens`
-of TRL need the logits, which tether's log-prob path never builds.
+`logps_rejected`, `logits_chosen`, `logits_rejected` (and `nll`, `log_odds_ratio`, `log_odds_chosen` where the
+loss has them) in metrics.jsonl, and under TRL's names above in TensorBoard / W&B. `logits_chosen` is, per pair,
+the mean logit of the chosen response over its completion tokens and the vocabulary, averaged over the pairs of
+the logged steps (every process) like the other statistics; TRL's `logits/chosen` pools the completion tokens of
+each micro-batch (over processes) and averages those micro-batch means, so a long response weighs more in TRL's.
+The two agree when the responses have equal lengths. tether computes it from the hidden states as h·mean_v(W)
+(+ the bias's mean), without building a linear head's logits. `entropy`, `mean_token_accuracy` and `num_tokens`
+are not logged (tether's head computes the logits of the completion positions only, `logprob_chunk_size` positions
+at a time, each chunk's dropped before the next; with 0, all at once).
 
 ## Exactness against TRL
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-# the metrics TRL 1.16's DPOTrainer logs for every loss type (tether logs the first six under these names in
-# its trackers; the last five need the logits, which tether's log-prob path never builds)
+# the metrics TRL 1.16's DPOTrainer logs for every loss type (tether logs the first eight under these names in
+# its trackers, logits/* averaged per pair, not per token: docs/losses.md; not the last three)
 DPO_METRICS = (
     "rewards/chosen",
     "rewards/rejected",

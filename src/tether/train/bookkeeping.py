@@ -125,6 +125,8 @@ TRACKER_NAMES = {
     "logps_chosen": "logps/chosen",
     "logps_rejected": "logps/rejected",
     "logps_base": "logps/base",
+    "logits_chosen": "logits/chosen",
+    "logits_rejected": "logits/rejected",
     "lr": "learning_rate",
     "nll": "nll_loss",
 }

@@ -25,7 +25,7 @@ from ..base_responses import attach_base_responses, base_keys
 from ..config import TetherError, check_config
 from ..data import COMPLETION_KEYS, Example, collate, load_preference_records, tokenize_records
 from ..files import cache_dir, check_writable_dir, write_text_atomic
-from ..logprobs import SequenceScorer
+from ..logprobs import SequenceScorer, pair_logit_means
 from ..loss_table import needs_reference
 from ..losses import objective
 from ..models import load_tokenizer, pad_token_set
@@ -189,7 +189,7 @@ class OfflineRun(TrainingRun):
         self.steps = total_steps(cfg, len(self.train_ex), self.global_batch)
         self.optimizer, self.scheduler = make_optimizer(self.model, cfg, self.steps)
         self.sharded = self.setup["sharding"] != "none"
-        scorer = SequenceScorer(self.model, len(self.keys), **logp_options(cfg))
+        scorer = SequenceScorer(self.model, len(self.keys), **logp_options(cfg), logit_means=True)
         if self.sharded:  # FSDP/DeepSpeed shard the parameters and must swap the optimizer's for the sharded ones
             self.scorer, self.optimizer = acc.prepare(scorer, self.optimizer)
         else:
@@ -215,8 +215,9 @@ class OfflineRun(TrainingRun):
         local: dict[str, list[float]] = {}
         for start in range(0, len(mine), self.cfg.eval_batch_size):
             batch, ref = self._batch(examples, mine[start : start + self.cfg.eval_batch_size], table)
-            sums, counts = self.scorer(**batch)
+            sums, counts, logit_sums = self.scorer(**batch)
             _, stats = objective(sums, counts, ref, len(self.keys), **objective_options(self.cfg))
+            stats.update(pair_logit_means(logit_sums, counts, len(self.keys)))
             for k, v in stats.items():
                 local.setdefault(k, []).extend(v.tolist())
         return gathered_means(local, prefix="eval_")
@@ -282,9 +283,10 @@ class OfflineRun(TrainingRun):
             batch, ref = self._batch(self.train_ex, positions[first : first + b], self.train_table)
             sync = acc.no_sync(self.scorer) if m < self.accum - 1 else contextlib.nullcontext()
             with sync, acc.autocast():
-                sums, counts = self.scorer(**batch)
+                sums, counts, logit_sums = self.scorer(**batch)
                 loss, stats = objective(sums, counts, ref, len(self.keys), **objective_options(cfg))
                 acc.backward(loss / self.accum)
+            stats.update(pair_logit_means(logit_sums, counts, len(self.keys)))
             step_stats.append(stats)
         crash_point("mid_step", step + 1)
         grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm or float("inf")))

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from ..logprobs import sequence_logps
+from ..logprobs import pair_logit_means, sequence_logps
 from ..losses import objective
 from ..models import disable_dropout, eval_mode, is_sharded, reshard
 from .checkpoint import full_tensor, shard_like, whole_tensors
@@ -230,10 +230,16 @@ class OnlinePolicy:
             self._activate(name)
             self.model.train()
             if rows:
-                sums, counts = sequence_logps(
-                    self.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], n_keys
+                sums, counts, logit_sums = sequence_logps(
+                    self.model,
+                    batch["input_ids"],
+                    batch["attention_mask"],
+                    batch["completion_mask"],
+                    n_keys,
+                    logit_means=True,
                 )
                 loss, stats = objective(sums, counts, ref, n_keys, **objective_options(self.cfg))
+                stats.update(pair_logit_means(logit_sums, counts, n_keys))
                 (loss * (n_local / n_global * scale)).backward()
                 if n_local:
                     all_stats.append(stats)
