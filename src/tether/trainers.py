@@ -18,6 +18,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,8 @@ from typing import Any
 import torch
 
 from .config import TetherError, check_config, load_config
+from .files import new_private_dir, read_json, share_like_umask
+from .train.bookkeeping import StoppedByCallback
 from .train.callbacks import Callbacks
 from .train.inputs import RunObjects, dataset_file, model_file_or_object
 from .train.online_config import OnlineConfig
@@ -37,7 +41,8 @@ log = logging.getLogger("tether")
 @dataclass
 class TrainOutput:
     """What `train()` returns: the run directory, the step it reached, whether it finished (a callback may stop
-    it earlier; `train(resume=True)` continues it) and its results.json (initial/final evaluation and totals)."""
+    it earlier; `train(resume_from_checkpoint=True)` continues it) and its results.json (initial and final
+    evaluation, totals)."""
 
     run_dir: Path
     global_step: int
@@ -69,7 +74,7 @@ class _Trainer:
         self.objects, self.model, self.run_dir = objects, objects.model, Path(self.args.output_dir)
         self.processing_class = processing_class
 
-    def _config(self, args, given: dict, check: bool = True):
+    def _config(self, args, given: dict):
         """`args` (a config object, copied, or a dict of options read as a YAML config is, TRL names included)
         with `given` set, checked as the command line checks a config (unless `given` is empty)."""
         cls = self.config_class
@@ -93,9 +98,6 @@ class _Trainer:
         """Run the training (or, with `resume_from_checkpoint=True`, continue the run in args.output_dir from
         its newest checkpoint; a finished run is left as it is). Raises TetherError on bad input, as the command
         line does."""
-        from .files import read_json
-        from .train.bookkeeping import StoppedByCallback
-
         if not isinstance(resume_from_checkpoint, bool):
             raise TetherError(
                 "resume_from_checkpoint: tether continues from the newest checkpoint of args.output_dir; pass True"
@@ -119,11 +121,6 @@ class _Trainer:
     def save_model(self, output_dir: str | Path | None = None) -> Path:
         """Write the trained model (a PEFT adapter with LoRA) and the tokenizer in Hugging Face format into
         `output_dir` (a new or empty directory); without it, return the run's final/ directory."""
-        import os
-        import shutil
-
-        from .files import new_private_dir, share_like_umask
-
         if output_dir is None:
             final = self.run_dir / "final"
             if not final.is_dir():
