@@ -45,7 +45,7 @@ def set_command_defaults() -> None:
 
 # the library's modules that add their own subcommands through `add_*_parser(subparsers)`; other packages add theirs
 # through tether.registry (group "commands": tether_lab adds `tether world` and `tether study`)
-SUBCOMMAND_MODULES = ("tether.eval_cli", "tether.export_cli")
+SUBCOMMAND_MODULES = ("tether.eval_cli", "tether.export_cli", "tether.vllm_cli")
 
 
 def _options(

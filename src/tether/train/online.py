@@ -40,6 +40,7 @@ from ..models import eval_mode, load_tokenizer, pad_token_set, reshard
 from ..oracles import Annotator, load_oracle
 from ..sampling import sample_responses
 from ..stats import summarize, win_rates
+from ..vllm_client import EngineError
 from . import checkpoint
 from .bookkeeping import (
     MetricsLog,
@@ -61,6 +62,7 @@ from .online_policy import OnlinePolicy
 from .optimization import stream_indices
 from .reference import online_reference, policy_copies_needed
 from .rundir import claim_run_dir
+from .vllm_sampling import VllmSampler
 
 log = logging.getLogger("tether")
 
@@ -107,9 +109,9 @@ class OnlineRun(TrainingRun):
                 len(self.prompts),
                 budget,
             )
-        # the sampler seam (docs/scaling.md): anything with sample_responses' signature and result, e.g. the client
-        # of an inference engine that receives π_β's weights whenever policy.refresh_behavior() runs
-        self.sample = sample_responses
+        # the sampler seam (docs/scaling.md): anything with sample_responses' signature and result; an inference
+        # engine's client may also have start(), sync(π_β, version) (called before sampling), close() and metrics
+        self.sample = sample_responses if cfg.sampler == "tether" else VllmSampler(cfg, self.acc, self.run_dir)
         # every prompt is tokenized and the models are loaded before the run directory is claimed: a prompt that
         # cannot be tokenized, a lora_target_modules typo or a missing ref_model fail here, leaving nothing behind
         self.prompt_ids = tokenize_prompts(self.tokenizer, self.prompts, cfg.max_prompt_length)
@@ -134,6 +136,14 @@ class OnlineRun(TrainingRun):
             objects.fingerprints,
         )
 
+    def run(self) -> Path:
+        """`TrainingRun.run`, and the sampler's end (an engine's server stopped) whatever ended the run."""
+        try:
+            return super().run()
+        finally:
+            if hasattr(self.sample, "close"):
+                self.sample.close()
+
     def load_models(self) -> None:
         """The trackers, the ledger and the loop's state (after the run directory is claimed)."""
         cfg = self.cfg
@@ -144,6 +154,8 @@ class OnlineRun(TrainingRun):
         self.keys = COMPLETION_KEYS + base_keys(cfg)
         self.base_cache: dict[int, tuple[list[int], float]] = {}  # BAPO anchor: prompt -> (y_b, log π_sft(y_b))
         self.timing = {"sample_s": 0.0, "annotate_s": 0.0, "reference_s": 0.0, "update_s": 0.0}
+        if hasattr(self.sample, "start"):
+            self.sample.start()
 
     def _shard(self, model):
         """accelerate's FSDP2 preparation (`fully_shard` on each decoder layer, the embedding/output tail and the
@@ -208,6 +220,8 @@ class OnlineRun(TrainingRun):
         seeds = [cfg.seed * 1_000_003 + step * cfg.prompts_per_step + s for s in slots]
         t = time.perf_counter()
         with self.policy.behavior() as model:
+            if hasattr(self.sample, "sync"):  # an engine with its own copy of π_β: the weights, when they changed
+                self.sample.sync(model, version)
             samples = self.sample(
                 model,
                 [self._ids(i) for i in indices],
@@ -338,6 +352,7 @@ class OnlineRun(TrainingRun):
             row = self.step(step)
             done = step + 1
             row.update({name: round(v, 3) for name, v in self.timing.items()})
+            row.update({name: round(v, 4) for name, v in getattr(self.sample, "metrics", {}).items()})
             evaluated = self.evaluate() if cfg.eval_steps and done % cfg.eval_steps == 0 and done < cfg.steps else {}
             row.update(evaluated)
             row["elapsed_s"] = round(time.perf_counter() - self.t0, 3)
@@ -390,9 +405,15 @@ class OnlineRun(TrainingRun):
         """Every process's rows of `step`, sampled and annotated, written to the ledger before anyone trains on
         them; stops the run when the oracle has failed too often for too long."""
         cfg = self.cfg
-        rows = sorted(
-            (r for part in gather_object([self.collect(step, version)]) for r in part), key=lambda r: r["slot"]
-        )
+        try:
+            mine = self.collect(step, version)
+        except EngineError as e:  # every process at once (the sampler agrees on failures before any annotation)
+            self._save_checkpoint(step)
+            raise TetherError(
+                f"step {step + 1}: {e}; stopped after saving a checkpoint at step {step} — bring the server back "
+                f"and rerun with --resume (the ledger keeps every recorded answer)"
+            ) from None
+        rows = sorted((r for part in gather_object([mine]) for r in part), key=lambda r: r["slot"])
         self.failing_steps = self.failing_steps + 1 if self._failure_rate(rows) > cfg.max_oracle_failure_rate else 0
         if self.failing_steps >= min(cfg.oracle_failure_patience, cfg.steps - self.start):
             self._stop_for_oracle(step, rows)

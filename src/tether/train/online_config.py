@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -11,6 +12,7 @@ from ..trl_key_table import ONLINE_TRL_KEYS
 from .train_config import CommonConfig
 
 REFERENCES = ("behavior", "initial", "fixed", "ema", "none")
+SAMPLERS = ("tether", "vllm")
 
 
 @dataclass
@@ -55,6 +57,26 @@ class OnlineConfig(CommonConfig):
     top_k: int = option(50, "top-k sampling (0 = off)")
     top_p: float = option(1.0, "nucleus sampling threshold (1 = off)")
     max_new_tokens: int = option(128, "max tokens of a sampled response")
+    sampler: str = option(
+        "tether",
+        "who samples from π_β: tether (its own sampler, the reference) or vllm (a vLLM server: vllm_url or "
+        "vllm_python; docs/scaling.md)",
+        choices=SAMPLERS,
+    )
+    vllm_url: str | None = option(
+        None, "sampler vllm: a running server, e.g. http://127.0.0.1:8000 (tether vllm-serve)"
+    )
+    vllm_python: str | None = option(
+        None, "sampler vllm: the python of a vLLM environment (make vllm); tether starts a server for the run"
+    )
+    vllm_args: str = option("", "more of vLLM's own flags for the server tether starts, e.g. '--max-num-seqs 64'")
+    vllm_logprobs: str = option(
+        "trainer",
+        "log π_β of the sampled responses: trainer (re-scored by the trainer's model: exact) or engine (the "
+        "server's; the gap to the trainer's is measured after each weight sync and logged)",
+        choices=("trainer", "engine"),
+    )
+    vllm_timeout: float = option(600.0, "seconds a vLLM request, or the start of tether's own server, may take")
     # LoRA ensemble (the official BPO code's stabiliser)
     ensemble_size: int = option(1, "n LoRA adapters trained side by side, each with its own AdamW (n > 1 needs lora)")
     ensemble_merge: str = option(
@@ -98,6 +120,30 @@ class OnlineConfig(CommonConfig):
             c.within("ema_rate", 0.0, 1.0, low_open=True, high_open=False)
         if c.usable("ensemble_size", "lora") and self.ensemble_size > 1 and not self.lora:
             c.add("option 'ensemble_size' > 1 needs lora: true (the ensemble is of LoRA adapters)")
+        if c.usable("sampler", "vllm_url", "vllm_python"):
+            self._check_sampler(c)
+
+    def _check_sampler(self, c: Checks) -> None:
+        """sampler: vllm takes exactly one server (vllm_url or vllm_python); the vllm_ options need it."""
+        c.at_least(0, "vllm_timeout", strict=True)
+        given = [name for name in ("vllm_url", "vllm_python") if getattr(self, name)]
+        if self.sampler != "vllm":
+            if given:
+                c.add(f"option '{given[0]}' is used only with sampler: vllm (got sampler: {self.sampler})", given[0])
+            return
+        if len(given) != 1:
+            c.add(
+                "sampler: vllm needs exactly one of vllm_url (a running server: tether vllm-serve) and vllm_python "
+                "(tether starts one)" + ("; got both" if given else "")
+            )
+        if self.vllm_url and not self.vllm_url.startswith(("http://", "https://")):
+            c.add(f"option 'vllm_url' ({self.vllm_url}) must start with http:// or https://", "vllm_url")
+        if self.vllm_python and not (os.path.isfile(self.vllm_python) and os.access(self.vllm_python, os.X_OK)):
+            c.add(
+                f"option 'vllm_python' ({self.vllm_python}): not an executable file; give the python of an "
+                "environment with vLLM (make vllm builds .venv-vllm)",
+                "vllm_python",
+            )
 
     def _check_reference_against_loss(self, c: Checks) -> None:
         """A reference mode is the point of an online setting (BPO: π_ref = π_β): it needs a loss that reads π_ref,

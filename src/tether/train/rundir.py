@@ -58,6 +58,9 @@ SAFE_TO_CHANGE = frozenset(
         "oracle_backoff",
         "max_oracle_failure_rate",
         "oracle_failure_patience",
+        "vllm_url",  # where the sampler's server is (a restarted server may listen elsewhere)
+        "vllm_python",
+        "vllm_timeout",
     }
 )
 _HELD: dict[str, int] = {}  # run directory -> file descriptor holding its lock
@@ -70,6 +73,7 @@ ENV_NAMES = ("CUBLAS_WORKSPACE_CONFIG", "NVIDIA_TF32_OVERRIDE", "TORCH_ALLOW_TF3
 ENV_IGNORED = frozenset(
     {
         "TETHER_CACHE",
+        "TETHER_VLLM_PYTHON",
         "TETHER_CRASH_AT",
         "TETHER_CRASH_AFTER_STEP",
         "ACCELERATE_LOG_LEVEL",
