@@ -157,13 +157,19 @@ def greedy(client: VllmClient, model: str, prompts: list[list[int]], eos: list[i
 
 
 def test_after_a_refresh_the_server_samples_from_the_refreshed_adapter(server, smollm2, prompts, tmp_path):
-    run = OnlineRun(online(smollm2, prompts, tmp_path / "run", vllm_url=server.url), resume=False)
+    # 4 steps in 2 phases: π_β v1 is π_θ after step 2 and stays so (with one step per phase π_β would be π_θ itself)
+    cfg = online(smollm2, prompts, tmp_path / "run", vllm_url=server.url, steps=4, prompts_per_step=2)
+    run = OnlineRun(cfg, resume=False)
     end = run.sample.close
     run.sample.close = lambda: None  # keep π_β v1 on the server to question it after the run
     try:
         run.run()
         sampler, tok = run.sample, run.tokenizer
-        assert sampler.adapter.endswith("pi_beta-v1") and sampler.metrics["syncs"] == 2
+        assert (
+            sampler.adapter.endswith("pi_beta-v1")
+            and sampler.metrics["syncs"] == 2
+            and "behavior" in run.policy.aux_adapters
+        )
         eos = eos_token_ids(run.policy.model, tok)
         questions = [prompt_ids(tok, [{"role": "user", "content": q}]) for q in QUESTIONS[:4]]
         answers = greedy(sampler.client, sampler.adapter, questions, eos)
@@ -258,7 +264,7 @@ def test_a_server_tether_started_dies_with_a_trainer_killed_by_sigkill(smollm2, 
 
 def cli_args(model: str, prompts: Path, out: Path) -> list[str]:
     """`tether online` arguments of the runs above (the options of `online`), for the command line."""
-    cfg = online(model, prompts, out)
+    cfg = online(model, prompts, out, vllm_url="http://unused")  # the server's flag is each test's own
     names = ("model", "prompt_file", "output_dir", "oracle", "steps", "phases", "prompts_per_step", "max_new_tokens")
     names += ("lora", "lora_r", "lora_alpha", "learning_rate", "save_steps", "progress", "max_length")
     names += ("max_prompt_length", "sampler", "oracle_backoff")

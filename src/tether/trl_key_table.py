@@ -493,7 +493,9 @@ _ONLINE = {
     "missing_eos_penalty": refused((None,), "the oracle's scores are used as they are"),
     "beta": custom("same", _online_beta, "one β (a list of one is accepted; a β per epoch is refused)"),
     "loss_type": custom("renamed", _online_loss_type, "sigmoid or ipo, as OnlineDPOTrainer", "loss"),
-    "use_vllm": refused((False,), "tether samples with its own sampler"),
+    "use_vllm": refused(
+        (False,), "tether samples with vLLM through sampler: vllm and vllm_url (tether vllm-serve), not trl vllm-serve"
+    ),
     "vllm_model_impl": ignored(USED_WITH.format("use_vllm")),
     "vllm_structured_outputs_regex": ignored(USED_WITH.format("use_vllm")),
     "vllm_gpu_memory_utilization": ignored(USED_WITH.format("use_vllm")),
