@@ -14,11 +14,12 @@ from ..models import add_lora, disable_dropout, enable_gradient_checkpointing, l
 from .train_config import loss_options
 
 
-def load_policy(cfg):
+def load_policy(cfg, empty: bool = False):
     """The trainable policy: the model in cfg.torch_dtype, dropout off if asked, gradient checkpointing on if
     asked, wrapped in a fresh LoRA adapter (float32 weights) if asked. A PEFT adapter directory as cfg.model
-    is merged into its base first, so a new adapter (or full fine-tuning) starts from base + that adapter."""
-    model = load_model(cfg.model, cfg.torch_dtype)
+    is merged into its base first, so a new adapter (or full fine-tuning) starts from base + that adapter.
+    `empty`: with empty (meta) weights, which sharding fills (FSDP2 memory-efficient loading)."""
+    model = load_model(cfg.model, cfg.torch_dtype, empty=empty)
     if cfg.disable_dropout:
         disable_dropout(model)
     if cfg.gradient_checkpointing:

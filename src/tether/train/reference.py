@@ -28,14 +28,17 @@ from ..data import Example, collate
 from ..files import write_atomic
 from ..logprobs import sequence_logps
 from ..loss_table import needs_reference
-from ..models import eval_mode, load_model
+from ..models import eval_mode, load_model, to_device
+from .checkpoint import full_tensor
 
 log = logging.getLogger("tether")
 
 
-def load_reference_model(name: str, dtype, device):
-    """A model loaded to serve as a reference: eval mode, no gradients, on `device`."""
-    return load_model(name, dtype).eval().requires_grad_(False).to(device)
+def load_reference_model(name: str, dtype, device, shard: Callable | None = None, empty: bool = False):
+    """A model loaded to serve as a reference: eval mode, no gradients, on `device`, sharded by `shard` (FSDP2:
+    `engine.shard_model`) when given, like the policy (`empty`: loaded with empty weights, which sharding fills)."""
+    model = to_device(load_model(name, dtype, empty=empty).eval().requires_grad_(False), device)
+    return model if shard is None else shard(model)
 
 
 class Reference:
@@ -97,12 +100,15 @@ class LiveReference(Reference):
             self.after_step()
 
     def weights_fingerprint(self) -> str:
+        """A hash of the reference's weights (every process calls it: sharded tensors are gathered one at a time,
+        so it is the same hash as of the whole model)."""
         h = hashlib.blake2b(digest_size=16)
         for name, tensor in sorted(self.model.state_dict().items()):
             if self.adapter_off and "lora_" in name:
                 continue
             h.update(name.replace("base_model.model.", "").replace(".base_layer", "").encode())
-            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())  # the bytes in place, no copy
+            whole = full_tensor(tensor.detach())
+            h.update(whole.cpu().contiguous().view(torch.uint8).numpy())  # the bytes in place, no copy
         return h.hexdigest()
 
 
@@ -111,7 +117,7 @@ def model_reference(label: str, model, adapter_off: bool = False) -> LiveReferen
     return LiveReference(label, lambda: eval_mode(model, adapter_off), model, adapter_off)
 
 
-def offline_reference(cfg, policy, device) -> Reference:
+def offline_reference(cfg, policy, device, shard: Callable | None = None, empty: bool = False) -> Reference:
     """π_ref of an offline run, as a live scorer (precomputing turns it into a cached one, `cached_reference`):
     a separate frozen model, the LoRA base (adapter disabled) or the initial policy; for a loss that reads no
     reference, nothing (`NoReference`), or with BAPO the initial policy for the base responses alone."""
@@ -119,12 +125,15 @@ def offline_reference(cfg, policy, device) -> Reference:
     if free and cfg.method != "bapo":
         return NoReference(f"none (loss {cfg.loss} reads no reference)")
     if cfg.ref_model:
-        return model_reference(f"fixed ({cfg.ref_model})", load_reference_model(cfg.ref_model, cfg.torch_dtype, device))
+        return model_reference(
+            f"fixed ({cfg.ref_model})", load_reference_model(cfg.ref_model, cfg.torch_dtype, device, shard, empty)
+        )
     if cfg.lora:
         return model_reference("initial (the base with the adapter disabled)", policy, adapter_off=True)
     if cfg.precompute_ref_logps or free:  # the policy IS the reference until the first step
         return model_reference("initial", policy)
-    return model_reference("initial (a frozen copy)", load_reference_model(cfg.model, cfg.torch_dtype, device))
+    frozen = load_reference_model(cfg.model, cfg.torch_dtype, device, shard, empty)
+    return model_reference("initial (a frozen copy)", frozen)
 
 
 def cached_reference(live: Reference, base_rows_only: bool = False) -> RecordedReference:
@@ -148,7 +157,8 @@ def online_reference(cfg, policy, device) -> Reference:
     if cfg.reference == "none":
         return NoReference(f"none (loss {cfg.loss} reads no reference)")
     if cfg.reference == "fixed":
-        return model_reference("fixed", load_reference_model(cfg.ref_model, cfg.torch_dtype, device))
+        fixed = load_reference_model(cfg.ref_model, cfg.torch_dtype, device, policy.shard, policy.empty)
+        return model_reference("fixed", fixed)
     if cfg.reference == "initial":
         return LiveReference("initial", policy.initial)
     return LiveReference(
