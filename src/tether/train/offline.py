@@ -149,7 +149,7 @@ class OfflineRun(TrainingRun):
         # memory-efficient loading only the first process read the weights, the others receive their shards here
         self.fsdp2, empty = self.setup["sharding"] == "fsdp2", loads_empty(self.acc, self.setup)
         shard = functools.partial(shard_model, self.acc) if self.fsdp2 else None
-        self.model = to_device(load_policy(cfg, empty), self.acc.device)
+        self.model = to_device(load_policy(cfg, empty, self.acc.device), self.acc.device)
         if shard is not None:
             shard(self.model)
         self.reference = offline_reference(cfg, self.model, self.acc.device, shard, empty)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -25,6 +26,15 @@ class OnlineConfig(CommonConfig):
     oracle: str = option(
         "", "who labels pairs: world | world:persona=NAME | reward-model:PATH | callable:MODULE:FUNC (required)"
     )
+    oracle_dtype: str = option(
+        "float32",
+        "dtype a reward-model oracle is loaded in (auto = as stored)",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
+    oracle_device: str = option(
+        "auto", "where a reward-model oracle runs: auto (the main process's GPU, else the CPU), cpu, cuda or cuda:N"
+    )
+    oracle_batch_size: int = option(16, "responses a reward-model oracle scores per forward")
     oracle_noise: float = option(0.0, "τ of Bradley–Terry label noise: a wins with prob σ((r_a − r_b)/τ); 0 = none")
     oracle_retries: int = option(3, "retries of a failing or timed-out oracle call before the pair is skipped")
     oracle_timeout: float = option(60.0, "seconds an oracle call may take; 0 = no limit")
@@ -82,6 +92,7 @@ class OnlineConfig(CommonConfig):
             "eval_max_new_tokens",
             "ensemble_size",
             "temperature",
+            "oracle_batch_size",
         ):
             if getattr(self, name) <= 0:
                 raise TetherError(f"option '{name}' must be > 0, got {getattr(self, name)}")
@@ -97,6 +108,8 @@ class OnlineConfig(CommonConfig):
             raise TetherError(f"option 'max_oracle_failure_rate' must be in [0, 1], got {self.max_oracle_failure_rate}")
         if self.oracle_failure_patience < 1:
             raise TetherError(f"option 'oracle_failure_patience' must be >= 1, got {self.oracle_failure_patience}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.oracle_device):
+            raise TetherError(f"option 'oracle_device' must be auto, cpu, cuda or cuda:N, got {self.oracle_device!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise TetherError(f"option 'top_p' must be in (0, 1], got {self.top_p}")
         self._check_reference_against_loss()
@@ -110,6 +123,11 @@ class OnlineConfig(CommonConfig):
             raise TetherError(f"option 'ema_rate' must be in (0, 1], got {self.ema_rate}")
         if self.ensemble_size > 1 and not self.lora:
             raise TetherError("option 'ensemble_size' > 1 needs lora: true (the ensemble is of LoRA adapters)")
+        if self.ensemble_size > 1 and self.use_dora:
+            raise TetherError(
+                "option 'ensemble_size' > 1 with use_dora: merging DoRA adapters (their magnitudes) is not defined; "
+                "use one DoRA adapter or plain LoRA"
+            )
 
     def _check_reference_against_loss(self) -> None:
         """A reference mode is the point of an online setting (BPO: π_ref = π_β): it needs a loss that reads π_ref,

@@ -113,6 +113,11 @@ class CommonConfig:
     lora_target_modules: list[str] | None = option(
         None, "module names to adapt, e.g. q_proj v_proj; null or all-linear = all linear layers"
     )
+    use_dora: bool = option(False, "DoRA (PEFT use_dora): LoRA plus a trained magnitude per output feature (lora)")
+    load_in_4bit: bool = option(
+        False, "QLoRA: the base's linear weights quantized to 4 bits by bitsandbytes (lora; pip install bitsandbytes)"
+    )
+    bnb_4bit_quant_type: str = option("nf4", "the 4-bit number format of load_in_4bit", choices=("nf4", "fp4"))
     # bookkeeping
     eval_batch_size: int = option(16, "examples per forward when evaluating or precomputing log-probs")
     logging_steps: int = option(1, "write averaged training metrics every N optimizer steps")
@@ -187,6 +192,9 @@ class CommonConfig:
             raise TetherError(
                 f"option 'max_prompt_length' ({self.max_prompt_length}) must be < 'max_length' ({self.max_length})"
             )
+        for name in ("use_dora", "load_in_4bit"):
+            if getattr(self, name) and not self.lora:
+                raise TetherError(f"option '{name}' trains an adapter: it needs lora: true")
 
 
 @dataclass
