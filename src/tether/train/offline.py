@@ -43,7 +43,14 @@ from .bookkeeping import (
     start_trackers,
 )
 from .checkpoint import full_tensor
-from .engine import crash_point, distributed_setup, loads_empty, make_accelerator, shard_model
+from .engine import (
+    configure_deepspeed,
+    crash_point,
+    distributed_setup,
+    loads_empty,
+    make_accelerator,
+    shard_model,
+)
 from .optimization import (
     check_finite_step,
     load_policy,
@@ -193,6 +200,7 @@ class OfflineRun(TrainingRun):
         if self.fsdp2:  # sharded in place already (the root is the transformers model): the optimizer holds shards
             self.scorer = scorer
         elif self.sharded:  # DeepSpeed shards the parameters and must swap the optimizer's for the sharded ones
+            configure_deepspeed(acc, cfg.batch_size, self.accum, cfg.max_grad_norm)
             self.scorer, self.optimizer = acc.prepare(scorer, self.optimizer)
         else:
             self.scorer = acc.prepare(scorer)
