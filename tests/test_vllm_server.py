@@ -106,9 +106,13 @@ class Server:
             )
         self.log = log
         deadline = time.monotonic() + 900
-        while not is_up(self.url):
-            assert self.process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(2)
+        try:
+            while not is_up(self.url):
+                assert self.process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(2)
+        except BaseException:
+            self.kill()
+            raise
 
     def kill(self) -> None:
         """SIGKILL to the whole server (a crash): nothing is cleaned up."""
@@ -123,6 +127,14 @@ class Server:
 @pytest.fixture(scope="module")
 def server(smollm2, tmp_path_factory):
     s = Server(smollm2, tmp_path_factory.mktemp("vllm-server") / "server.log")
+    yield s
+    s.kill()
+
+
+@pytest.fixture
+def another_server(smollm2, tmp_path):
+    """A server of the test's own (killed at the end of the test, whatever happened)."""
+    s = Server(smollm2, tmp_path / "another.log")
     yield s
     s.kill()
 
@@ -203,12 +215,13 @@ def test_the_exact_ensemble_merge_is_served_within_max_lora_rank(server, smollm2
     too_big = dict(exact, ensemble_size=3)  # rank 24 > 16: the server says so, in one line, after a checkpoint
     r = run_cli(*cli_args(smollm2, prompts, tmp_path / "big"), *flags(too_big))
     line = one_error_line(r)
-    assert "step 1: the vLLM server at" in line and "refused /v1/load_lora_adapter" in line and "24" in line
+    assert "step 1: the vLLM server at" in line and "refused /v1/load_lora_adapter" in line, line
+    assert "LoRA rank 24 is greater than max_lora_rank 16" in line, line
     assert (tmp_path / "big" / "checkpoints" / "step-000000").is_dir()
 
 
-def test_resume_after_the_server_was_killed_asks_no_pair_twice(server, smollm2, prompts, tmp_path):
-    doomed = Server(smollm2, tmp_path / "doomed.log")
+def test_resume_after_the_server_was_killed_asks_no_pair_twice(server, another_server, smollm2, prompts, tmp_path):
+    doomed = another_server
     log, out = tmp_path / "oracle.log", tmp_path / "run"
     env = {"TOY_ORACLE_LOG": str(log)}
     args = [*cli_args(smollm2, prompts, out), "--steps", "4", "--prompts_per_step", "2"]
@@ -219,11 +232,14 @@ def test_resume_after_the_server_was_killed_asks_no_pair_twice(server, smollm2, 
         env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
         cwd=ROOT,
     )
-    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip():
-        assert trainer.poll() is None, trainer.stderr.read()[-3000:]
-        time.sleep(0.5)
-    doomed.kill()  # after step 1, while the run goes on
-    _, stderr = trainer.communicate(timeout=900)
+    try:
+        while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip():
+            assert trainer.poll() is None, trainer.stderr.read()[-3000:]
+            time.sleep(0.5)
+        doomed.kill()  # after step 1, while the run goes on
+        _, stderr = trainer.communicate(timeout=900)
+    finally:
+        trainer.kill()
     lines = [x for x in stderr.splitlines() if x.startswith("tether: error:")]
     assert trainer.returncode == 2 and len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
     assert "unreachable" in lines[0] and "--resume" in lines[0]
@@ -233,7 +249,8 @@ def test_resume_after_the_server_was_killed_asks_no_pair_twice(server, smollm2, 
     assert r.returncode == 0, r.stderr[-3000:]
     rows = jsonl_rows(out / "ledger.jsonl")
     assert saved and sorted({r["step"] for r in rows}) == [0, 1, 2, 3] and len(rows) == 4 * 2
-    assert sum(int(x) for x in log.read_text().split()) == 4 * 2 * 2 and asked < 4 * 2 * 2  # each pair once
+    sent = 2 * sum(r["status"] != "identical" for r in rows)  # responses of the pairs the oracle had to judge
+    assert sum(int(x) for x in log.read_text().split()) == sent and 0 < asked < sent  # each pair once
 
 
 def test_a_server_tether_started_dies_with_a_trainer_killed_by_sigkill(smollm2, prompts, tmp_path):
@@ -247,15 +264,17 @@ def test_a_server_tether_started_dies_with_a_trainer_killed_by_sigkill(smollm2, 
     )
     info = out / "vllm" / "server.json"
     deadline = time.monotonic() + 900
-    while not info.is_file():
-        assert trainer.poll() is None and time.monotonic() < deadline
-        time.sleep(1)
-    pids = json.loads(info.read_text())
-    group = group_pids(pids["server_pid"])
-    assert len(group) >= 2  # the API server and vLLM's engine core, in a group of their own
-    assert os.getpgid(trainer.pid) not in (os.getpgid(p) for p in group)
-    trainer.send_signal(signal.SIGKILL)
-    trainer.wait()
+    try:
+        while not info.is_file():
+            assert trainer.poll() is None and time.monotonic() < deadline
+            time.sleep(1)
+        pids = json.loads(info.read_text())
+        group = group_pids(pids["server_pid"])
+        assert len(group) >= 2  # the API server and vLLM's engine core, in a group of their own
+        assert os.getpgid(trainer.pid) not in (os.getpgid(p) for p in group)
+    finally:
+        trainer.send_signal(signal.SIGKILL)  # on a failed check too: the watchdog then stops the server
+        trainer.wait()
     deadline = time.monotonic() + 60
     while group_pids(pids["server_pid"]) and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -143,4 +143,5 @@ def _error_text(e: urllib.error.HTTPError) -> str:
         text = err.get("message", str(err)) if isinstance(err, dict) else str(err)
     except (json.JSONDecodeError, AttributeError):
         pass
-    return f"HTTP {e.code}: {brief(text or e.reason, 200)}"
+    text = " ".join((text or str(e.reason)).split())  # one line, whole up to 800 characters: vLLM puts the
+    return f"HTTP {e.code}: {text if len(text) <= 800 else text[:799] + '…'}"  # reason mid-message
