@@ -38,6 +38,8 @@ LAUNCH = [
     "no",
 ]
 FSDP2 = LAUNCH + [str(TESTS / "fsdp_engage.py")]
+# what `accelerate launch` sets from a config with fsdp_version: 2 and fsdp_cpu_ram_efficient_loading: true
+EFFICIENT_LOADING = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -162,10 +164,17 @@ def jsonl_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
-def assert_really_sharded(run_dir: Path) -> None:
-    """The run's results.json says FSDP2 engaged over 2 processes and the parameters really were shards."""
+def assert_really_sharded(run_dir: Path, efficient_loading: bool = False) -> None:
+    """The run's results.json says FSDP2 engaged over 2 processes (with memory-efficient loading or not) and the
+    parameters really were shards."""
     setup = json.loads((run_dir / "results.json").read_text())["distributed"]
-    assert setup == {"distributed_type": "FSDP", "sharding": "fsdp2", "num_processes": 2, "parameters_sharded": True}
+    assert setup == {
+        "distributed_type": "FSDP",
+        "sharding": "fsdp2",
+        "num_processes": 2,
+        "efficient_loading": efficient_loading,
+        "parameters_sharded": True,
+    }
 
 
 def one_error_line(res) -> str:

@@ -147,4 +147,6 @@ def test_a_launch_that_asks_for_fsdp_and_gets_none_refuses(model_dir, data_dir, 
 
 def test_shipped_fsdp_config_is_an_fsdp2_accelerate_config():
     cfg = yaml.safe_load((TESTS.parent / "examples" / "accelerate" / "fsdp.yaml").read_text())
-    assert cfg["distributed_type"] == "FSDP" and cfg["fsdp_config"]["fsdp_version"] == 2
+    fsdp = cfg["fsdp_config"]
+    assert cfg["distributed_type"] == "FSDP" and fsdp["fsdp_version"] == 2
+    assert fsdp["fsdp_cpu_ram_efficient_loading"] is True and fsdp["fsdp_sync_module_states"] is True

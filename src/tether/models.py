@@ -122,12 +122,17 @@ def torch_dtype(name: str | torch.dtype) -> torch.dtype | str:
     return getattr(torch, name)
 
 
-def load_model(name: str | os.PathLike, dtype: str | torch.dtype = torch.float32) -> PreTrainedModel:
+def load_model(
+    name: str | os.PathLike, dtype: str | torch.dtype = torch.float32, empty: bool = False
+) -> PreTrainedModel:
     """The model `name` with weights in `dtype` ("auto" = the dtype stored in its config.json).
 
     A PEFT adapter directory is loaded onto its base model (adapter_config.json's base_model_name_or_path)
-    and merged into it: the result is a plain model equal to base + adapter."""
+    and merged into it: the result is a plain model equal to base + adapter. `empty`: the same model with its
+    weights left empty (`empty_model`), nothing read."""
     path = resolve_model_path(name)
+    if empty:
+        return empty_model(path, dtype)
     if is_adapter_dir(path):
         return load_merged_adapter(path, dtype)
     try:
@@ -137,6 +142,31 @@ def load_model(name: str | os.PathLike, dtype: str | torch.dtype = torch.float32
     except Exception as e:  # noqa: BLE001
         raise TetherError(f"{path}: cannot load the model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     return model
+
+
+def empty_model(path: Path, dtype: str | torch.dtype = torch.float32) -> PreTrainedModel:
+    """The model of directory `path` (a model or an adapter, as `load_model` takes it) built from its config with
+    empty weights (on the meta device: no memory, nothing read) and real buffers (rotary tables), with its
+    generation config: what every process but the first holds under FSDP2 memory-efficient loading until the
+    first process's weights are broadcast into its shards (`engine.shard_model`)."""
+    from accelerate import init_empty_weights
+    from transformers import GenerationConfig
+
+    source = adapter_base(path) if is_adapter_dir(path) else path
+    try:
+        config = AutoConfig.from_pretrained(source, **LOCAL_ONLY)
+        target = torch_dtype(dtype)
+        if target == "auto":
+            target = getattr(config, "dtype", None) or torch.float32
+            target = getattr(torch, target) if isinstance(target, str) else target
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=target)
+        if (source / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(source, **LOCAL_ONLY)
+    except Exception as e:  # noqa: BLE001
+        raise TetherError(f"{path}: cannot build the model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    model.config.name_or_path = model.name_or_path = str(path.resolve())  # as from_pretrained records it
+    return model.eval()  # from_pretrained's mode
 
 
 def load_adapter(adapter_dir: Path, dtype: str | torch.dtype = torch.float32):
@@ -217,7 +247,8 @@ def disable_dropout(model: torch.nn.Module) -> None:
 @contextlib.contextmanager
 def eval_mode(model, adapter_off: bool = False):
     """`model` in eval mode (no dropout) without gradients, with its PEFT adapters disabled when `adapter_off`
-    (no-op for a plain model); its training mode is restored afterwards."""
+    (no-op for a plain model); its training mode is restored afterwards, and a sharded model is back to its shards
+    (`reshard`)."""
     off = model.disable_adapter() if adapter_off and hasattr(model, "disable_adapter") else contextlib.nullcontext()
     was_training = model.training
     model.eval()
@@ -226,6 +257,7 @@ def eval_mode(model, adapter_off: bool = False):
             yield model
     finally:
         model.train(was_training)
+        reshard(model)
 
 
 def is_sharded(params) -> bool:
@@ -240,6 +272,28 @@ def forward_is_collective(model) -> bool:
     return (
         is_sharded(model.parameters()) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     )
+
+
+def on_meta(model) -> bool:
+    """Whether `model`'s weights are still empty (on the meta device): under FSDP2 memory-efficient loading every
+    process but the first builds the model so, and receives its shards when the model is sharded."""
+    return any(p.is_meta for p in model.parameters())
+
+
+def to_device(model, device):
+    """`model` on `device`; a model with empty (meta) weights stays as it is (sharding places its shards)."""
+    return model if on_meta(model) else model.to(device)
+
+
+def share_of(items: list, rank: int, processes: int, even: bool) -> tuple[list, int]:
+    """Process `rank`'s round-robin share of `items` (the same list on every process) and how many of its entries
+    are real. `even` (every forward is a collective: `forward_is_collective`): shares are padded to equal length
+    with items[0], whose results the caller drops, so every process makes the same number of calls."""
+    mine = items[rank::processes]
+    real = len(mine)
+    if even and items:
+        mine += [items[0]] * (-(-len(items) // processes) - real)
+    return mine, real
 
 
 def any_process(flag: bool, device) -> bool:

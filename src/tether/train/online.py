@@ -29,14 +29,13 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object, set_seed
-from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
 from ..base_responses import add_base_completions, base_answers, base_keys
 from ..config import TetherError, brief, check_config
 from ..data import COMPLETION_KEYS, Example, collate, load_prompt_records
 from ..generation import eos_token_ids, generate_ids, prompt_ids
 from ..logprobs import completion_logps_ids
-from ..models import eval_mode, load_tokenizer, pad_token_set, reshard
+from ..models import load_tokenizer, pad_token_set, share_of
 from ..oracles import Annotator, load_oracle
 from ..sampling import sample_responses
 from ..stats import summarize, win_rates
@@ -54,7 +53,7 @@ from .bookkeeping import (
     start_trackers,
 )
 from .callbacks import Callbacks
-from .engine import crash_point, distributed_setup, make_accelerator
+from .engine import crash_point, distributed_setup, loads_empty, make_accelerator, shard_model
 from .inputs import RunObjects
 from .ledger import Ledger
 from .online_config import OnlineConfig
@@ -122,7 +121,8 @@ class OnlineRun(TrainingRun):
             self.acc.device,
             keep_initial or cfg.method == "bapo",
             averages,
-            self._shard if self.sharded else None,
+            functools.partial(shard_model, self.acc) if self.sharded else None,
+            objects.model is None and loads_empty(self.acc, self.setup),
             model=objects.model,
         )  # BAPO: y_b from π_sft
         self.setup["parameters_sharded"] = self.policy.sharded  # what the engine really did to the weights
@@ -157,32 +157,15 @@ class OnlineRun(TrainingRun):
         if hasattr(self.sample, "start"):
             self.sample.start()
 
-    def _shard(self, model):
-        """accelerate's FSDP2 preparation (`fully_shard` on each decoder layer, the embedding/output tail and the
-        root), applied in place to the transformers model — under the PEFT wrapper with LoRA, so that every weight
-        sits in a unit whose own forward gathers it: the log-prob path calls the backbone and the head directly.
-        FSDP2 takes the first unit to run a forward as the root, so one token goes through the real root here
-        (a resumed run's first forward may be a reference log-prob, which starts below the root)."""
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        fsdp2_prepare_model(self.acc, inner)
-        with eval_mode(inner):  # no dropout, nothing drawn from the random state
-            inner(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.acc.device))
-        reshard(inner)
-        return model
-
     # ------------------------------------------------------------------------------------------ data
 
     def _ids(self, index: int) -> list[int]:
         return list(self.prompt_ids[index])
 
     def _share(self, items: list) -> tuple[list, int]:
-        """This process's round-robin share of `items` (the same list on every process) and how many of its
-        entries are real: when sharded, shares are padded to equal length with items[0] (results dropped)."""
-        mine = items[self.rank :: self.procs]
-        real = len(mine)
-        if self.sharded and items:
-            mine += [items[0]] * (-(-len(items) // self.procs) - real)
-        return mine, real
+        """This process's round-robin share of `items` and how many of its entries are real (padded when sharded:
+        `models.share_of`)."""
+        return share_of(items, self.rank, self.procs, even=self.sharded)
 
     def _base_answers(self, step_prompts: list[int], indices: list[int]) -> list[tuple[list[int], float]]:
         """BAPO's anchor: the initial model's greedy answer y_b to each prompt and log π_sft(y_b), once per prompt.

@@ -14,13 +14,14 @@ from ..models import add_lora, disable_dropout, enable_gradient_checkpointing, l
 from .train_config import loss_options
 
 
-def load_policy(cfg, model=None):
+def load_policy(cfg, model=None, empty: bool = False):
     """The trainable policy: the model in cfg.torch_dtype, dropout off if asked, gradient checkpointing on if
     asked, wrapped in a fresh LoRA adapter (float32 weights) if asked. A PEFT adapter directory as cfg.model
     is merged into its base first, so a new adapter (or full fine-tuning) starts from base + that adapter.
-    `model`: an in-memory model to use instead of loading cfg.model (as it is: its own dtype and device)."""
+    `model`: an in-memory model to use instead of loading cfg.model (as it is: its own dtype and device);
+    `empty`: loaded with empty (meta) weights, which sharding fills (FSDP2 memory-efficient loading)."""
     if model is None:
-        model = load_model(cfg.model, cfg.torch_dtype)
+        model = load_model(cfg.model, cfg.torch_dtype, empty=empty)
     if cfg.disable_dropout:
         disable_dropout(model)
     if cfg.gradient_checkpointing:
