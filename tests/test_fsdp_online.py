@@ -217,9 +217,9 @@ def test_fsdp2_online_kill_and_resume_matches_the_uninterrupted_run(model_dir, p
     )
     assert crashed.returncode != 0 and not (tmp_path / "resumed" / "final").exists()
     ckpt = tmp_path / "resumed" / "checkpoints" / "step-000002"
-    assert {"optim_shard_0.json", "optim_shard_1.json", "optim_shard_1.safetensors", "trainable.safetensors"} <= {
+    assert {"optim_shard_0.json", "optim_shard_1.json", "optim_shard_1.safetensors", "weights"} <= {
         p.name for p in ckpt.iterdir()
-    }
+    }  # each process's own shards of the weights (weights/) and of the optimizer state: nothing gathered
     resumed = run_cli(*common, "--output_dir", str(tmp_path / "resumed"), "--resume", launcher=FSDP2, env=ENV)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert ledger(tmp_path / "full") == ledger(tmp_path / "resumed")  # step 3 replayed from the ledger
