@@ -199,10 +199,46 @@ def load_merged_adapter(adapter_dir: Path, dtype: str | torch.dtype = torch.floa
     return merged.requires_grad_(True).to(target)  # PEFT froze the base; a loaded model is trainable like any other
 
 
+def load_4bit(name: str | os.PathLike, dtype: str | torch.dtype = torch.float32, quant_type: str = "nf4", device="cpu"):
+    """QLoRA's base: the model `name` on `device` with the weights of its linear layers (all but the output head)
+    quantized to 4 bits by bitsandbytes (`quant_type` nf4 or fp4), computing in `dtype` ("auto" = as stored), and
+    PEFT's k-bit preparation applied (the other weights in float32, frozen), ready for a LoRA adapter. Needs
+    bitsandbytes (on a CPU: its CPU backend, for layers whose input width is a multiple of 64)."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise TetherError("option 'load_in_4bit': bitsandbytes is not installed (pip install bitsandbytes)")
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    path = resolve_model_path(name)
+    if is_adapter_dir(path):
+        raise TetherError(f"{path}: load_in_4bit needs a model directory; merge the adapter first (tether export)")
+    compute = torch_dtype(dtype)
+    if compute == "auto":
+        compute = getattr(AutoConfig.from_pretrained(path, **LOCAL_ONLY), "dtype", None) or torch.float32
+        compute = getattr(torch, compute) if isinstance(compute, str) else compute
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_compute_dtype=compute)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path.resolve(), quantization_config=quant, device_map={"": str(device)}, dtype=compute, **LOCAL_ONLY
+        )
+    except Exception as e:  # noqa: BLE001
+        raise TetherError(f"{path}: cannot load in 4 bits ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
 def add_lora(
-    model: PreTrainedModel, r: int, alpha: int, dropout: float, target_modules: list[str] | None, seed: int = 0
+    model: PreTrainedModel,
+    r: int,
+    alpha: int,
+    dropout: float,
+    target_modules: list[str] | None,
+    seed: int = 0,
+    use_dora: bool = False,
 ):
-    """Wrap `model` in a fresh PEFT LoRA adapter (B = 0 at init, so the policy starts equal to the base)."""
+    """Wrap `model` in a fresh PEFT LoRA adapter (B = 0 at init, so the policy starts equal to the base); with
+    `use_dora` a DoRA adapter (its magnitudes start at the base weights' column norms: again equal to the base)."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
@@ -212,6 +248,7 @@ def add_lora(
         lora_dropout=dropout,
         target_modules=target_modules or "all-linear",
         task_type="CAUSAL_LM",
+        use_dora=use_dora,
     )
     try:
         # autocast_adapter_dtype: on a bfloat16/float16 base the adapter weights are kept in float32

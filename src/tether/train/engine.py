@@ -68,6 +68,11 @@ def distributed_setup(accelerator, cfg) -> dict:
     setup = {"distributed_type": kind, "sharding": sharding, "num_processes": accelerator.num_processes}
     if sharding == "fsdp2":  # only the first process reads the weights; the others receive their shards
         setup["efficient_loading"] = bool(accelerator.state.fsdp_plugin.cpu_ram_efficient_loading)
+    if sharding != "none" and getattr(cfg, "load_in_4bit", False):
+        raise TetherError(
+            f"load_in_4bit under {sharding} is not supported (4-bit weights are not sharded by tether's engines; "
+            "untested): train QLoRA with plain data parallel, or shard a bf16 base (torch_dtype: bfloat16)"
+        )
     if sharding == "fsdp1":
         raise TetherError(
             "FSDP version 1 is not supported; use FSDP2 (fsdp_version: 2, as in examples/accelerate/fsdp.yaml)"

@@ -157,7 +157,7 @@ class OfflineRun(TrainingRun):
         self.fsdp2 = self.setup["sharding"] == "fsdp2"
         empty = objects.model is None and loads_empty(self.acc, self.setup)
         shard = functools.partial(shard_model, self.acc) if self.fsdp2 else None
-        self.model = to_device(load_policy(cfg, objects.model, empty), self.acc.device)
+        self.model = to_device(load_policy(cfg, objects.model, empty, self.acc.device), self.acc.device)
         if shard is not None:
             shard(self.model)
         self.reference = offline_reference(

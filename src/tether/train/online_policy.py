@@ -80,7 +80,7 @@ class OnlinePolicy:
     ):
         self.cfg, self.device, self.shard, self.empty = cfg, device, shard, empty
         n, k = cfg.ensemble_size, cfg.steps // cfg.phases
-        model = load_policy(cfg, model, empty)  # with LoRA: the "default" adapter; `model`: an in-memory one
+        model = load_policy(cfg, model, empty, device)  # with LoRA: the "default" adapter; `model`: an in-memory one
         self.names: list[str | None] = [None]
         self.aux_adapters: list[str] = []  # LoRA adapters besides the trained ones: behavior (π_β), ema, merged
         self.behavior_model = self.initial_model = None
@@ -150,10 +150,15 @@ class OnlinePolicy:
 
     @torch.no_grad()
     def _merge_into(self, target: str, rate: float = 1.0) -> None:
-        """target ← (1 − rate)·target + rate·merged ensemble, factor by factor (rate 1 = a copy)."""
+        """target ← (1 − rate)·target + rate·merged ensemble, factor by factor (rate 1 = a copy); a DoRA adapter's
+        magnitudes likewise (DoRA is one adapter: no ensemble)."""
         for module in self.lora_layers():
             a, b = self.merged_factors(module)
-            for factor, value in ((module.lora_A[target].weight, a), (module.lora_B[target].weight, b)):
+            pairs = [(module.lora_A[target].weight, a), (module.lora_B[target].weight, b)]
+            magnitudes = getattr(module, "lora_magnitude_vector", None)
+            if magnitudes is not None and self.names[0] in magnitudes:
+                pairs.append((magnitudes[target].weight, full_tensor(magnitudes[self.names[0]].weight)))
+            for factor, value in pairs:
                 factor.lerp_(shard_like(value, factor), rate)
 
     # ------------------------------------------------------------------------------------------ the models
