@@ -85,6 +85,21 @@ def distributed_setup(accelerator, cfg) -> dict:
     return setup
 
 
+def configure_deepspeed(accelerator, batch_size: int, accumulation: int, max_grad_norm: float) -> None:
+    """Fill the batch settings a DeepSpeed config leaves "auto" with the run's own (tether hands accelerate no
+    data loader to read them from): micro-batch per process, accumulation, global batch, gradient clipping."""
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    values = {
+        "train_micro_batch_size_per_gpu": batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": batch_size * accumulation * accelerator.num_processes,
+        "gradient_clipping": max_grad_norm,
+    }
+    for key, value in values.items():
+        if config.get(key, "auto") == "auto":
+            config[key] = value
+
+
 def loads_empty(accelerator, setup: dict) -> bool:
     """Whether this process builds its models with empty weights: FSDP2 memory-efficient loading
     (`fsdp_cpu_ram_efficient_loading: true`) on any process but the first, which alone reads the weights."""

@@ -44,7 +44,14 @@ from .bookkeeping import (
 )
 from .callbacks import Callbacks
 from .checkpoint import full_tensor
-from .engine import crash_point, distributed_setup, loads_empty, make_accelerator, shard_model
+from .engine import (
+    configure_deepspeed,
+    crash_point,
+    distributed_setup,
+    loads_empty,
+    make_accelerator,
+    shard_model,
+)
 from .inputs import RunObjects
 from .optimization import (
     check_finite_step,
@@ -208,6 +215,7 @@ class OfflineRun(TrainingRun):
         if self.fsdp2:  # sharded in place already (the root is the transformers model): the optimizer holds shards
             self.scorer = scorer
         elif self.sharded:  # DeepSpeed shards the parameters and must swap the optimizer's for the sharded ones
+            configure_deepspeed(acc, cfg.batch_size, self.accum, cfg.max_grad_norm)
             self.scorer, self.optimizer = acc.prepare(scorer, self.optimizer)
         else:
             self.scorer = acc.prepare(scorer)
