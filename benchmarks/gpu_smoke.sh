@@ -10,8 +10,8 @@
 #   4. FSDP2 on every GPU      examples/accelerate/fsdp.yaml (memory-efficient loading), full fine-tuning with a
 #                              sharded checkpoint, killed and resumed: the engine results.json records, final/
 #                              (needs 2 GPUs or more)
-#   5. tether online           BPO with tether's own sampler; with --sampler vllm too when the installed tether
-#                              has that option and vllm imports
+#   5. tether online           BPO with tether's own sampler; with --sampler vllm too when a vLLM environment is
+#                              there ($VLLM_PYTHON, default .venv-vllm/bin/python: `make vllm`)
 # The model is a random-init Llama of 200M parameters with a tokenizer trained on the toy task (tether_lab.demo):
 # nothing is downloaded. Work files go to a temporary directory, removed at the end (kept on a failure).
 # GPU_SMOKE_TINY=1 runs the same checks on a CPU with a tiny model: a test of this script, not of a GPU.
@@ -95,10 +95,12 @@ else
 fi
 
 check "tether online (own sampler)" "$WORK/online" "$PY" -m tether.cli "${ONLINE[@]}"
-if "$PY" -m tether.cli online --help 2>/dev/null | grep -q -- "--sampler" && "$PY" -c "import vllm" 2>/dev/null; then
-    check "tether online (vLLM sampler)" "$WORK/online-vllm" "$PY" -m tether.cli "${ONLINE[@]}" --sampler vllm
+VLLM_PYTHON=${VLLM_PYTHON:-.venv-vllm/bin/python}
+if "$VLLM_PYTHON" -c "import vllm" 2>/dev/null; then
+    check "tether online (vLLM sampler)" "$WORK/online-vllm" "$PY" -m tether.cli "${ONLINE[@]}" --sampler vllm \
+        --vllm_python "$VLLM_PYTHON"
 else
-    RESULTS+=("skipped  tether online with vLLM: vllm is not installed, or this tether has no --sampler option")
+    RESULTS+=("skipped  tether online with vLLM: no vLLM environment at $VLLM_PYTHON (make vllm, or set VLLM_PYTHON)")
     echo "${RESULTS[-1]}"
 fi
 

@@ -54,8 +54,8 @@ if MEMORY:
     _loaded = {}
     _load_policy, _end_run = offline.load_policy, bookkeeping.end_run
 
-    def load_policy(cfg, empty=False, device="cpu"):
-        model = _load_policy(cfg, empty, device)
+    def load_policy(cfg, model=None, empty=False, device="cpu"):
+        model = _load_policy(cfg, model, empty, device)
         _loaded["bytes"] = sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
         return model
 

@@ -20,6 +20,7 @@ import torch
 from conftest import (
     EFFICIENT_LOADING,
     FSDP2,
+    PROCESS_ATOL,
     TESTS,
     assert_params_close,
     assert_really_sharded,
@@ -113,7 +114,7 @@ def test_online(model_dir, prompt_file, tmp_path, extra):
     args = online_args(model_dir, prompt_file, *extra)
     one, two = one_and_two(tmp_path, args, args)
     assert ledger(one) == ledger(two)  # the same pairs and labels
-    assert_params_close(final_params(one), final_params(two), atol=1e-5)
+    assert_params_close(final_params(one), final_params(two), atol=PROCESS_ATOL)
     r1, r2 = (json.loads((d / "results.json").read_text()) for d in (one, two))
     assert r1.get("final_eval") == r2.get("final_eval")
 
