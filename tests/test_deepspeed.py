@@ -1,9 +1,16 @@
 """DeepSpeed ZeRO-2/3 through accelerate: the shipped configs, and a 2-process run where it can run at all.
 
-accelerate 1.15 engages DeepSpeed only for GPU processes (AcceleratorState switches to DEEPSPEED only when
-ACCELERATE_USE_DEEPSPEED is set and cpu is False, and tether's Accelerator is built with cpu=True when no GPU
-is visible), so on a CPU-only machine the run test skips and says why. What it would check on 2 GPUs: a
-ZeRO-2 and a ZeRO-3 run record their sharding and end within 1e-4 of a 1-process run (bf16-free, float32)."""
+What was found on this CPU machine (deepspeed 0.19.8 from PyPI, in a side environment): DeepSpeed's own CPU
+accelerator works (communication over gloo, its shared-memory op built with ninja), and accelerate's
+`_prepare_deepspeed` builds a ZeRO-2 engine on CPU processes. But accelerate 1.15 engages DeepSpeed only for GPU
+processes: AcceleratorState switches to DEEPSPEED only when ACCELERATE_USE_DEEPSPEED is set and cpu is False;
+with cpu=True (tether on a machine without GPU) it runs plain data parallel (MULTI_CPU), which tether refuses,
+and with cpu=False on a machine without GPU PartialState finds no backend and every process runs alone
+(num_processes 1). Setting the DeepSpeed state after the Accelerator is made (as tests/fsdp_engage.py does for
+FSDP2) does not hold: the distributed type reads MULTI_CPU again by the first backward, so accelerate never calls
+DeepSpeed's `engine.step()` and the weights never move. So the run test skips here and says why; under DeepSpeed
+tether keeps refusing resumable checkpoints, its own gradient accumulation and `tether online`. What it would
+check on 2 GPUs: a ZeRO-2 and a ZeRO-3 run record their sharding and end within 1e-4 of a 1-process run."""
 
 import importlib.util
 import json
@@ -30,8 +37,13 @@ def test_shipped_deepspeed_configs(stage):
 
 
 def _why_not() -> str | None:
+    if importlib.util.find_spec("deepspeed") is None and torch.cuda.device_count() < 2:
+        return (
+            "deepspeed is not installed (pip install deepspeed), and it could not engage here anyway: accelerate "
+            "1.15 engages DeepSpeed only on GPU processes, and this machine has no 2 GPUs (see the module docstring)"
+        )
     if importlib.util.find_spec("deepspeed") is None:
-        return "deepspeed is not installed (pip install deepspeed), and it could not engage here anyway: no GPU"
+        return "deepspeed is not installed (pip install deepspeed)"
     if torch.cuda.device_count() < 2:
         return (
             "needs 2 GPUs: accelerate 1.15 engages DeepSpeed only on GPU processes "

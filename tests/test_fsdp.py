@@ -116,9 +116,9 @@ def test_fsdp2_kill_and_resume_matches_the_uninterrupted_run(model_dir, data_dir
     )
     assert crashed.returncode != 0 and not (tmp_path / "resumed" / "final").exists()
     ckpt = tmp_path / "resumed" / "checkpoints" / "step-000002"
-    assert {"optim_shard_0.json", "optim_shard_1.json", "optim_shard_1.safetensors", "trainable.safetensors"} <= {
+    assert {"optim_shard_0.json", "optim_shard_1.json", "optim_shard_1.safetensors", "weights"} <= {
         p.name for p in ckpt.iterdir()
-    }
+    }  # each process's own shards of the weights (weights/) and of the optimizer state: nothing gathered
     resumed = run_cli(*common, "--output_dir", str(tmp_path / "resumed"), "--resume", launcher=FSDP2, env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert_params_close(final_params(tmp_path / "full"), final_params(tmp_path / "resumed"), atol=1e-6)
@@ -147,4 +147,6 @@ def test_a_launch_that_asks_for_fsdp_and_gets_none_refuses(model_dir, data_dir, 
 
 def test_shipped_fsdp_config_is_an_fsdp2_accelerate_config():
     cfg = yaml.safe_load((TESTS.parent / "examples" / "accelerate" / "fsdp.yaml").read_text())
-    assert cfg["distributed_type"] == "FSDP" and cfg["fsdp_config"]["fsdp_version"] == 2
+    fsdp = cfg["fsdp_config"]
+    assert cfg["distributed_type"] == "FSDP" and fsdp["fsdp_version"] == 2
+    assert fsdp["fsdp_cpu_ram_efficient_loading"] is True and fsdp["fsdp_sync_module_states"] is True

@@ -13,7 +13,10 @@ from tether.logprobs import pair_logit_means, sequence_logps
 from tether.losses import objective
 from tether.models import add_lora
 
-TOLERANCE = 1e-6
+TOLERANCE = 1e-6  # log-probs and losses
+# gradients: the chunked backward computes W[y] − E_p[W] directly, autograd goes through the softmax; the two agree to
+# the float32 rounding of sums over the vocabulary, which differs by CPU (1.2e-6 seen on an AVX-512/AMX machine)
+GRAD_TOLERANCE = 5e-6
 
 
 def _head_and_inputs(trainable: bool, t: int = 50, h: int = 16, v: int = 300):
@@ -45,7 +48,7 @@ def test_chunks_give_the_whole_head_values_and_gradients(trainable, chunk):
         f"chunk {chunk}, {'trained' if trainable else 'frozen'}: |Δ logp| {(got - want).abs().max():.1e}, {worst:.1e}"
     )
     torch.testing.assert_close(got, want, rtol=0, atol=TOLERANCE)
-    assert len(got_grads) == len(want_grads) and worst <= TOLERANCE
+    assert len(got_grads) == len(want_grads) and worst <= GRAD_TOLERANCE
 
 
 def test_no_more_positions_than_a_chunk_is_the_whole_head_bit_for_bit():
@@ -67,7 +70,7 @@ def test_a_wrapped_head_goes_through_checkpointed_chunks():
     ref = torch.full((batch["input_ids"].size(0),), -60.0)
     whole, chunked = (loss_and_grads(model, batch, 2, ref, chunk_size=c) for c in (0, 5))
     d_loss, d_grad = max_deviation(whole, chunked)
-    assert any("lm_head.lora" in name for name in chunked[2]) and d_loss <= TOLERANCE and d_grad <= TOLERANCE
+    assert any("lm_head.lora" in name for name in chunked[2]) and d_loss <= TOLERANCE and d_grad <= GRAD_TOLERANCE
 
 
 @pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "padding-free"])
@@ -80,7 +83,7 @@ def test_a_dpo_step_with_chunks_equals_the_whole_head(padding_free):
     chunked = loss_and_grads(model, batch, 2, ref, padding_free=padding_free, chunk_size=8)
     d_loss, d_grad = max_deviation(whole, chunked)
     print(f"DPO step, {'padding-free' if padding_free else 'padded'}: |Δ loss| {d_loss:.1e}, max |Δ grad| {d_grad:.1e}")
-    assert d_loss <= TOLERANCE and d_grad <= TOLERANCE
+    assert d_loss <= TOLERANCE and d_grad <= GRAD_TOLERANCE
 
 
 @pytest.mark.parametrize("trainable", [True, False], ids=["trained head", "frozen head"])

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import LAUNCH, assert_params_close, final_params, jsonl_rows, online_config, run_cli
+from conftest import LAUNCH, PROCESS_ATOL, assert_params_close, final_params, jsonl_rows, online_config, run_cli
 from tether.config import TetherError
 from tether.logprobs import sequence_logps
 from tether.models import load_model
@@ -318,7 +318,7 @@ def test_two_processes_equal_one(model_dir, prompt_file, tmp_path):
     assert [(r["response_ids"], r["label"]) for r in ledgers[0]] == [
         (r["response_ids"], r["label"]) for r in ledgers[1]
     ]
-    assert_params_close(final_params(tmp_path / "one"), final_params(tmp_path / "two"), atol=1e-5)
+    assert_params_close(final_params(tmp_path / "one"), final_params(tmp_path / "two"), atol=PROCESS_ATOL)
 
 
 def test_bad_online_input_gets_one_clear_line(model_dir, prompt_file, tmp_path):

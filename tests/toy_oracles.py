@@ -57,3 +57,12 @@ def editing(prompts, responses):
             p.append({"role": "user", "content": "injected"})
             p[0]["content"] = "rewritten"
     return [-float(len(r)) for r in responses]
+
+
+def shorter_where(prompts, responses):
+    """`shorter`, writing to TOY_ORACLE_LOG which process (RANK) was asked and about how many responses."""
+    path = os.environ.get("TOY_ORACLE_LOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{os.environ.get('RANK', '0')} {len(responses)}\n")
+    return [-float(len(r)) for r in responses]

@@ -20,6 +20,7 @@ from accelerate.utils import gather_object
 from .data import Example
 from .files import cache_dir, write_text_atomic
 from .generation import generate_ids
+from .models import forward_is_collective, share_of
 
 log = logging.getLogger("tether")
 
@@ -53,8 +54,9 @@ def attach_base_responses(accelerator, cfg, reference, tokenizer, example_sets: 
     """Give every example completions 'base0'.. 'base{n-1}': the reference model's own responses.
 
     `reference` is a LiveReference (its model generates with the adapter disabled when it is the LoRA base).
-    Prompts are generated once each (deduplicated across train and eval), sharded across processes, and
-    cached; completions are cut to fit `max_length` like any other completion.
+    Prompts are generated once each (deduplicated across train and eval), split over the processes (evenly when
+    the model is sharded: every process makes the same generate calls), and cached; completions are cut to fit
+    `max_length` like any other completion.
     """
     prompts = sorted({tuple(ex.prompt_ids) for exs in example_sets for ex in exs})
     h = hashlib.blake2b(digest_size=16)
@@ -65,8 +67,13 @@ def attach_base_responses(accelerator, cfg, reference, tokenizer, example_sets: 
     if responses is not None:
         log.info("base responses reused from %s", path)
     else:
-        mine = list(range(accelerator.process_index, len(prompts), accelerator.num_processes))
-        with reference.generating() as model:
+        with reference.generating() as model:  # sharded: every process generates for as many prompts
+            mine, real = share_of(
+                list(range(len(prompts))),
+                accelerator.process_index,
+                accelerator.num_processes,
+                even=forward_is_collective(model),
+            )
             answers = base_answers(
                 model,
                 tokenizer,
@@ -77,7 +84,7 @@ def attach_base_responses(accelerator, cfg, reference, tokenizer, example_sets: 
                 progress=accelerator.is_main_process and cfg.progress,
                 **_decoding(cfg),
             )
-        part = dict(zip(mine, answers))
+        part = dict(zip(mine[:real], answers[:real]))
         responses = {}
         for piece in gather_object([part]):
             responses.update({str(k): v for k, v in piece.items()})

@@ -10,8 +10,10 @@ embedding E_p[W] = softmax(logits)·W (H numbers, the size of the hidden state),
 
 so the hidden states' gradient needs no logits at all; a trainable head's gradient Σ_t g_t (onehot(y_t) − p_t) h_tᵀ
 recomputes each chunk's logits in the backward pass (one more head product per chunk, full fine-tuning only).
-A head that is not a plain bias-free `nn.Linear` (a PEFT-wrapped or FSDP-sharded head), or a step under autocast,
-takes the same chunks through `torch.utils.checkpoint` instead (its logits are recomputed in the backward).
+A head that is not a plain bias-free `nn.Linear` (a PEFT-wrapped head), or a step under autocast, takes the same
+chunks through `torch.utils.checkpoint` instead (its logits are recomputed in the backward). A sharded head (an FSDP2
+unit, DeepSpeed ZeRO-3 partitions) runs unchunked, in one call of its own forward, in which its engine gathers the
+weight (several calls per step of an FSDP2 unit, or one again inside the backward pass, give wrong numbers).
 `mean_logits` gives the mean logit over the vocabulary per position (a metric) without any logits of a linear head.
 """
 
@@ -84,6 +86,15 @@ def _whole_weight(head: nn.Module) -> torch.Tensor | None:
     return weight if type(weight.data) is torch.Tensor and not hasattr(weight, "ds_id") else None
 
 
+def _sharded(head: nn.Module) -> bool:
+    """Whether an engine holds the head's parameters in shards (an FSDP2 unit, a DTensor, a ZeRO-3 partition)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(head, FSDPModule) or any(
+        type(p.data) is not torch.Tensor or hasattr(p, "ds_id") for p in head.parameters()
+    )
+
+
 def _plain_weight(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor | None:
     """`_whole_weight` of a bias-free head when no autocast is on (what `ChunkedLinearLogps` computes exactly)."""
     if getattr(head, "bias", None) is not None or torch.is_autocast_enabled(hidden.device.type):
@@ -100,7 +111,7 @@ def mean_logits(head: nn.Module, hidden: torch.Tensor, chunk_size: int = 0) -> t
     (0: all at once). hidden: (T, H). Returns (T,) float32."""
     weight = _whole_weight(head)
     if weight is None:
-        step = chunk_size if chunk_size > 0 else max(1, hidden.size(0))
+        step = chunk_size if chunk_size > 0 and not _sharded(head) else max(1, hidden.size(0))
         return torch.cat([head(h).mean(-1, dtype=torch.float32) for h in hidden.split(step)])
     with torch.autocast(hidden.device.type, enabled=False):
         out = hidden.float() @ weight.mean(0, dtype=torch.float32)
@@ -112,7 +123,7 @@ def head_logps(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chun
     once, exactly `gather_logps(head(hidden), labels)`).
 
     hidden: (T, H); labels: (T,) int64. Returns (T,) float32."""
-    if chunk_size <= 0 or hidden.size(0) <= chunk_size:
+    if chunk_size <= 0 or hidden.size(0) <= chunk_size or _sharded(head):
         return gather_logps(head(hidden), labels)
     weight = _plain_weight(head, hidden)
     if weight is not None:

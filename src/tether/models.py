@@ -122,12 +122,17 @@ def torch_dtype(name: str | torch.dtype) -> torch.dtype | str:
     return getattr(torch, name)
 
 
-def load_model(name: str | os.PathLike, dtype: str | torch.dtype = torch.float32) -> PreTrainedModel:
+def load_model(
+    name: str | os.PathLike, dtype: str | torch.dtype = torch.float32, empty: bool = False
+) -> PreTrainedModel:
     """The model `name` with weights in `dtype` ("auto" = the dtype stored in its config.json).
 
     A PEFT adapter directory is loaded onto its base model (adapter_config.json's base_model_name_or_path)
-    and merged into it: the result is a plain model equal to base + adapter."""
+    and merged into it: the result is a plain model equal to base + adapter. `empty`: the same model with its
+    weights left empty (`empty_model`), nothing read."""
     path = resolve_model_path(name)
+    if empty:
+        return empty_model(path, dtype)
     if is_adapter_dir(path):
         return load_merged_adapter(path, dtype)
     try:
@@ -137,6 +142,31 @@ def load_model(name: str | os.PathLike, dtype: str | torch.dtype = torch.float32
     except Exception as e:  # noqa: BLE001
         raise TetherError(f"{path}: cannot load the model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     return model
+
+
+def empty_model(path: Path, dtype: str | torch.dtype = torch.float32) -> PreTrainedModel:
+    """The model of directory `path` (a model or an adapter, as `load_model` takes it) built from its config with
+    empty weights (on the meta device: no memory, nothing read) and real buffers (rotary tables), with its
+    generation config: what every process but the first holds under FSDP2 memory-efficient loading until the
+    first process's weights are broadcast into its shards (`engine.shard_model`)."""
+    from accelerate import init_empty_weights
+    from transformers import GenerationConfig
+
+    source = adapter_base(path) if is_adapter_dir(path) else path
+    try:
+        config = AutoConfig.from_pretrained(source, **LOCAL_ONLY)
+        target = torch_dtype(dtype)
+        if target == "auto":
+            target = getattr(config, "dtype", None) or torch.float32
+            target = getattr(torch, target) if isinstance(target, str) else target
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=target)
+        if (source / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(source, **LOCAL_ONLY)
+    except Exception as e:  # noqa: BLE001
+        raise TetherError(f"{path}: cannot build the model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    model.config.name_or_path = model.name_or_path = str(path.resolve())  # as from_pretrained records it
+    return model.eval()  # from_pretrained's mode
 
 
 def load_adapter(adapter_dir: Path, dtype: str | torch.dtype = torch.float32):
@@ -169,10 +199,46 @@ def load_merged_adapter(adapter_dir: Path, dtype: str | torch.dtype = torch.floa
     return merged.requires_grad_(True).to(target)  # PEFT froze the base; a loaded model is trainable like any other
 
 
+def load_4bit(name: str | os.PathLike, dtype: str | torch.dtype = torch.float32, quant_type: str = "nf4", device="cpu"):
+    """QLoRA's base: the model `name` on `device` with the weights of its linear layers (all but the output head)
+    quantized to 4 bits by bitsandbytes (`quant_type` nf4 or fp4), computing in `dtype` ("auto" = as stored), and
+    PEFT's k-bit preparation applied (the other weights in float32, frozen), ready for a LoRA adapter. Needs
+    bitsandbytes (on a CPU: its CPU backend, for layers whose input width is a multiple of 64)."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise TetherError("option 'load_in_4bit': bitsandbytes is not installed (pip install bitsandbytes)")
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    path = resolve_model_path(name)
+    if is_adapter_dir(path):
+        raise TetherError(f"{path}: load_in_4bit needs a model directory; merge the adapter first (tether export)")
+    compute = torch_dtype(dtype)
+    if compute == "auto":
+        compute = getattr(AutoConfig.from_pretrained(path, **LOCAL_ONLY), "dtype", None) or torch.float32
+        compute = getattr(torch, compute) if isinstance(compute, str) else compute
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_compute_dtype=compute)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path.resolve(), quantization_config=quant, device_map={"": str(device)}, dtype=compute, **LOCAL_ONLY
+        )
+    except Exception as e:  # noqa: BLE001
+        raise TetherError(f"{path}: cannot load in 4 bits ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
 def add_lora(
-    model: PreTrainedModel, r: int, alpha: int, dropout: float, target_modules: list[str] | None, seed: int = 0
+    model: PreTrainedModel,
+    r: int,
+    alpha: int,
+    dropout: float,
+    target_modules: list[str] | None,
+    seed: int = 0,
+    use_dora: bool = False,
 ):
-    """Wrap `model` in a fresh PEFT LoRA adapter (B = 0 at init, so the policy starts equal to the base)."""
+    """Wrap `model` in a fresh PEFT LoRA adapter (B = 0 at init, so the policy starts equal to the base); with
+    `use_dora` a DoRA adapter (its magnitudes start at the base weights' column norms: again equal to the base)."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
@@ -182,6 +248,7 @@ def add_lora(
         lora_dropout=dropout,
         target_modules=target_modules or "all-linear",
         task_type="CAUSAL_LM",
+        use_dora=use_dora,
     )
     try:
         # autocast_adapter_dtype: on a bfloat16/float16 base the adapter weights are kept in float32
@@ -217,7 +284,8 @@ def disable_dropout(model: torch.nn.Module) -> None:
 @contextlib.contextmanager
 def eval_mode(model, adapter_off: bool = False):
     """`model` in eval mode (no dropout) without gradients, with its PEFT adapters disabled when `adapter_off`
-    (no-op for a plain model); its training mode is restored afterwards."""
+    (no-op for a plain model); its training mode is restored afterwards, and a sharded model is back to its shards
+    (`reshard`)."""
     off = model.disable_adapter() if adapter_off and hasattr(model, "disable_adapter") else contextlib.nullcontext()
     was_training = model.training
     model.eval()
@@ -226,6 +294,7 @@ def eval_mode(model, adapter_off: bool = False):
             yield model
     finally:
         model.train(was_training)
+        reshard(model)
 
 
 def is_sharded(params) -> bool:
@@ -240,6 +309,28 @@ def forward_is_collective(model) -> bool:
     return (
         is_sharded(model.parameters()) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     )
+
+
+def on_meta(model) -> bool:
+    """Whether `model`'s weights are still empty (on the meta device): under FSDP2 memory-efficient loading every
+    process but the first builds the model so, and receives its shards when the model is sharded."""
+    return any(p.is_meta for p in model.parameters())
+
+
+def to_device(model, device):
+    """`model` on `device`; a model with empty (meta) weights stays as it is (sharding places its shards)."""
+    return model if on_meta(model) else model.to(device)
+
+
+def share_of(items: list, rank: int, processes: int, even: bool) -> tuple[list, int]:
+    """Process `rank`'s round-robin share of `items` (the same list on every process) and how many of its entries
+    are real. `even` (every forward is a collective: `forward_is_collective`): shares are padded to equal length
+    with items[0], whose results the caller drops, so every process makes the same number of calls."""
+    mine = items[rank::processes]
+    real = len(mine)
+    if even and items:
+        mine += [items[0]] * (-(-len(items) // processes) - real)
+    return mine, real
 
 
 def any_process(flag: bool, device) -> bool:

@@ -7,7 +7,8 @@ or times out is retried with exponential backoff; a pair it still cannot score i
 flaky oracle never crashes a run (the online loop stops a run whose oracle fails on most pairs for several steps).
 
 Oracles by spec string (`load_oracle(spec)`):
-  reward-model:PATH      a Hugging Face sequence-classification model in a local directory (logit 0)
+  reward-model:PATH      a Hugging Face sequence-classification model in a local directory (logit 0), loaded
+                         in `oracle_dtype` on `oracle_device`, scoring `oracle_batch_size` responses a forward
   callable:MODULE:FUNC   any Python function f(prompts, responses) -> list of floats
   KIND[:REST]            an oracle another package registered (tether.registry, group "oracles"); tether_lab
                          registers `world` and `world:persona=NAME`, the embedded world's gold scores
@@ -53,19 +54,24 @@ class CallableOracle(Oracle):
 
 class RewardModelOracle(Oracle):
     """A sequence-classification reward model from a local directory; the score is its first logit of
-    the chat-formatted (prompt, response) conversation (or prompt + response for plain-text prompts)."""
+    the chat-formatted (prompt, response) conversation (or prompt + response for plain-text prompts). Loaded once
+    in `dtype` ("auto" = as stored) on `device`; it scores `batch_size` responses per forward, longest first (so a
+    batch pads little), in float32 logits."""
 
-    def __init__(self, path: str, batch_size: int = 16):
+    def __init__(self, path: str, batch_size: int = 16, dtype: str = "float32", device: str = "cpu"):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from .models import LOCAL_ONLY, resolve_model_path
+        from .models import LOCAL_ONLY, resolve_model_path, torch_dtype
 
         where = resolve_model_path(path)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(where, **LOCAL_ONLY)
             self.model = AutoModelForSequenceClassification.from_pretrained(
-                where, dtype=torch.float32, **LOCAL_ONLY
+                where, dtype=torch_dtype(dtype), **LOCAL_ONLY
             ).eval()
+            self.model.to(device)
+        except TetherError:
+            raise
         except Exception as e:  # noqa: BLE001
             raise TetherError(
                 f"{where}: cannot load a reward model ({type(e).__name__}: {str(e).splitlines()[0]})"
@@ -73,7 +79,7 @@ class RewardModelOracle(Oracle):
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.id, self.batch_size = f"reward-model:{where}", batch_size
+        self.id, self.batch_size, self.device = f"reward-model:{where}", batch_size, torch.device(device)
 
     def _text(self, prompt, response: str) -> str:
         if isinstance(prompt, str):
@@ -83,23 +89,44 @@ class RewardModelOracle(Oracle):
 
     @torch.no_grad()
     def score(self, prompts, responses):
-        texts = [self._text(p, r) for p, r in zip(prompts, responses, strict=True)]
-        out = []
-        for start in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[start : start + self.batch_size], return_tensors="pt", padding=True)
-            out += self.model(**enc).logits[:, 0].float().tolist()
+        ids = [self.tokenizer(self._text(p, r))["input_ids"] for p, r in zip(prompts, responses, strict=True)]
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        out = [0.0] * len(ids)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            enc = self.tokenizer.pad({"input_ids": [ids[i] for i in chunk]}, return_tensors="pt")
+            logits = self.model(**{k: v.to(self.device) for k, v in enc.items()}).logits[:, 0]
+            for i, value in zip(chunk, logits.float().tolist()):
+                out[i] = value
         return out
 
 
-def load_oracle(spec: str) -> Oracle:
-    """An oracle from its spec string (see the module docstring)."""
+def oracle_device(name: str, default) -> str:
+    """An `oracle_device` option value as a torch device: "auto" = `default` (this process's accelerator
+    device), else "cpu", "cuda" or "cuda:N"."""
+    import re
+
+    if name == "auto":
+        return str(default)
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise TetherError(f"option 'oracle_device': '{name}' is not auto, cpu, cuda or cuda:N")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TetherError(f"option 'oracle_device': {name} asked, but this machine has no GPU; use cpu or auto")
+    return name
+
+
+def load_oracle(
+    spec: str, dtype: str = "float32", device: str = "auto", batch_size: int = 16, default_device="cpu"
+) -> Oracle:
+    """An oracle from its spec string (see the module docstring). `dtype`, `device` ("auto" = `default_device`)
+    and `batch_size` are a reward model's."""
     from .registry import load, names
 
     kind, _, rest = spec.partition(":")
     if kind in names("oracles"):
         return load("oracles", kind)(rest)
     if kind == "reward-model" and rest:
-        return RewardModelOracle(rest)
+        return RewardModelOracle(rest, batch_size, dtype, oracle_device(device, default_device))
     if kind == "callable" and ":" in rest:
         module, _, name = rest.rpartition(":")
         try:

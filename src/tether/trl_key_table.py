@@ -275,12 +275,12 @@ _MODEL = {  # trl.ModelConfig
     "lora_modules_to_save": refused((None,), "training extra modules beside the adapter is not implemented"),
     "lora_task_type": only(("causal_lm",), "tether trains causal language models"),
     "use_rslora": refused((False,), "rank-stabilized LoRA is not implemented"),
-    "use_dora": refused((False,), "DoRA adapters are not implemented"),
+    "use_dora": same("DoRA adapters (docs/large-models.md)"),
     "load_in_8bit": refused((False,), "quantized training is not implemented"),
-    "load_in_4bit": refused((False,), "quantized training is not implemented"),
-    "bnb_4bit_quant_type": ignored(USED_WITH.format("load_in_4bit")),
-    "use_bnb_nested_quant": ignored(USED_WITH.format("load_in_4bit")),
-    "bnb_4bit_quant_storage": ignored(USED_WITH.format("load_in_4bit")),
+    "load_in_4bit": same("QLoRA: a 4-bit base through bitsandbytes (docs/large-models.md)"),
+    "bnb_4bit_quant_type": same(),
+    "use_bnb_nested_quant": refused((False,), "nested (double) 4-bit quantization is not implemented"),
+    "bnb_4bit_quant_storage": ignored("the storage dtype of packed 4-bit weights changes no number"),
 }
 _DPO = {  # the fields trl.DPOConfig adds to TrainingArguments
     "model_init_kwargs": custom("only", _model_init_kwargs, "dtype / torch_dtype become torch_dtype", "torch_dtype"),

@@ -1,13 +1,16 @@
 """Resumable checkpoints: tensors and JSON only, written atomically (a new temp directory, then a rename).
 
 A checkpoint `checkpoints/step-000120/` holds
-    trainable.safetensors            the trainable parameters (all weights, or the LoRA adapter)
+    trainable.safetensors            the trainable parameters (all weights, or the LoRA adapter), whole
+    weights/shard-*.safetensors      instead, when the weights are sharded (FSDP2): each process's shards of them,
+                                     written by torch.distributed.checkpoint without a gather (shards.py)
     optim.json, optim.safetensors    the optimizer and scheduler states (a sharded run: the scheduler's only, and
                                      each process's optimizer shard in optim_shard_R.json/.safetensors)
     rng_R.json, rng_R.safetensors    the RNG states of process R (python, numpy, torch, cuda)
     state.json                       the step, and extras such as the data position
-Nothing in it is a pickle, so reading a checkpoint runs no code (state_files.py). A checkpoint holding any other
-file (a pickle such as optim.pt, planted or left by an older tether) is damaged and is never read.
+Nothing in it is a pickle, so reading a checkpoint runs no code (state_files.py, shards.py). A checkpoint holding
+any other file (a pickle such as optim.pt or DCP's .metadata, planted or left by an older tether) is damaged and
+is never read.
 
 Writing: every process writes its files into a new temp directory and flushes them to disk; only when all
 succeeded is the directory renamed to its final name, and only then are checkpoints beyond save_total_limit
@@ -33,11 +36,13 @@ import torch
 from accelerate.utils import broadcast_object_list, gather_object
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.api import CheckpointException
 
 from ..config import TetherError
 from ..files import fsync_dir, new_private_dir, own_dir, share_like_umask
 from ..models import is_sharded
 from .engine import crash_point
+from .shards import check_shards, load_shards, save_shards
 from .state_files import as_dtensors, load_state, save_state
 
 log = logging.getLogger("tether")
@@ -47,6 +52,7 @@ _FINAL = re.compile(r"step-(\d+)")
 _TEMP = re.compile(r"step-\d+\.tmp.*")  # a checkpoint being written (or left by a killed process)
 _FINAL_TEMP = re.compile(r"final\.tmp.*")  # the final model being written (bookkeeping.save_final)
 _FILES = re.compile(r"trainable\.safetensors|state\.json|(optim|optim_shard_\d+|rng_\d+)\.(json|safetensors)")
+SHARDS = "weights"  # the directory of a sharded checkpoint's weights
 
 
 class OldFormat(ValueError):
@@ -140,8 +146,12 @@ def _all_errors(accelerator, error: str | None) -> list[str]:
 
 
 def _write_files(accelerator, tmp: Path, step: int, optimizer, scheduler, extra: dict, weights, sharded: bool):
-    """This process's files of a checkpoint, flushed to disk (a full disk raises OSError here)."""
+    """This process's files of a checkpoint, flushed to disk (a full disk raises OSError here). `weights`: the
+    whole tensors (kept by the main process), or when `sharded` the sharded ones, of which every process writes
+    its own shards."""
     rank = accelerator.process_index
+    if sharded:
+        save_shards(tmp / SHARDS, weights)  # a collective; DCP flushes each file
     written = [f"rng_{rank}"]
     save_state(rng_state(), tmp, f"rng_{rank}")
     if sharded:  # FSDP: each process keeps its own shard of the optimizer state (resume with the same processes)
@@ -149,13 +159,14 @@ def _write_files(accelerator, tmp: Path, step: int, optimizer, scheduler, extra:
         written.append(f"optim_shard_{rank}")
     files = [tmp / f"{stem}.{ext}" for stem in written for ext in ("json", "safetensors")]
     if accelerator.is_main_process:
-        save_file(weights, tmp / "trainable.safetensors")
         optim = {"scheduler": scheduler.state_dict()}
         if not sharded:
+            save_file(weights, tmp / "trainable.safetensors")
             optim = {"optimizer": optimizer.state_dict(), **optim}
+            files.append(tmp / "trainable.safetensors")
         save_state(optim, tmp, "optim")
         (tmp / "state.json").write_text(json.dumps({"step": step, **extra}), encoding="utf-8")
-        files += [tmp / "trainable.safetensors", tmp / "optim.json", tmp / "optim.safetensors", tmp / "state.json"]
+        files += [tmp / "optim.json", tmp / "optim.safetensors", tmp / "state.json"]
     for path in files:
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -168,29 +179,35 @@ def save(
     accelerator, run_dir: Path, step: int, model, optimizer, scheduler, extra: dict, keep: int, tensors=None
 ) -> Path:
     """Every process calls this; the main process writes the shared state, each process its own RNG state
-    (and optimizer shard). `tensors` (name -> tensor) replaces the model's trainable parameters as the saved
-    weights. Raises TetherError (on every process) when a file cannot be written; the checkpoint is then
-    abandoned and the previous ones are kept."""
+    (and, when sharded, its shards of the weights and of the optimizer state). `tensors` (name -> tensor) replaces
+    the model's trainable parameters as the saved weights. Raises TetherError (on every process) when a file
+    cannot be written; the checkpoint is then abandoned and the previous ones are kept."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"{PREFIX}{step:06d}"
     sharded = is_sharded(model.parameters())
-    weights = None
-    if accelerator.is_main_process or sharded:  # the collectives first: a failed write must not strand the others
-        named = ((n, p) for n, p in model.named_parameters() if p.requires_grad) if tensors is None else tensors.items()
-        weights = whole_tensors(named, keep=accelerator.is_main_process)
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad} if tensors is None else dict(tensors)
+    if sharded:  # every process writes its own shards: nothing is gathered
+        weights = named
+    else:
+        weights = whole_tensors(named.items()) if accelerator.is_main_process else None
     tmp, error = None, None
     if accelerator.is_main_process:
         try:
             tmp = str(new_private_dir(own_dir(root), f"{final.name}.tmp-"))
+            if sharded:
+                (Path(tmp) / SHARDS).mkdir()
         except (OSError, TetherError) as e:
             error = brief_reason(e) if isinstance(e, OSError) else str(e)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp = None
     tmp = _from_main(accelerator, tmp)
     if tmp is not None:
         try:
             _write_files(accelerator, Path(tmp), step, optimizer, scheduler, extra, weights, sharded)
         except OSError as e:
             error = f"{e.filename or tmp}: {e.strerror or e}"
-        except SafetensorError as e:  # safetensors' own wrapping of a failed write (a full disk)
+        except (SafetensorError, CheckpointException) as e:  # safetensors' and DCP's wrapping of a failed write
             error = f"{tmp}: {brief_reason(e)}"
         except BaseException:  # a second Ctrl-C, say: the half-written checkpoint goes, the previous ones stay
             shutil.rmtree(tmp, ignore_errors=True)
@@ -206,6 +223,8 @@ def save(
     crash_point("mid_checkpoint", step)
     if accelerator.is_main_process:
         share_like_umask(tmp)  # safetensors writes 0600, mkdtemp 0700
+        if sharded:
+            fsync_dir(Path(tmp) / SHARDS)
         publish(Path(tmp), final)
         if keep:
             for old in checkpoint_dirs(run_dir)[keep:]:
@@ -236,22 +255,30 @@ def _check_files(path: Path) -> None:
     if "optim.pt" in names and "optim.json" not in names:
         raise OldFormat("written by an older tether: its optimizer state is a pickle (optim.pt), never loaded")
     for p in sorted(path.iterdir()):
+        if p.name == SHARDS and p.is_dir() and not p.is_symlink():
+            continue  # its files are checked by check_shards
         if not _FILES.fullmatch(p.name) or p.is_symlink() or not p.is_file():
             raise ValueError(f"holds {p.name!r}, which is not a file of a tether checkpoint (a pickle is never loaded)")
 
 
 def read(path: Path, model, tensors=None) -> dict:
-    """Read and check every file of a checkpoint without applying anything; raises on a missing, torn, foreign
-    or mismatched file. Nothing read here can run code."""
+    """Read and check every file of a checkpoint without applying anything (sharded weights: their headers, the
+    tensors are read by `load`); raises on a missing, torn, foreign or mismatched file. Nothing read here can run
+    code."""
     _check_files(path)
-    params = load_file(path / "trainable.safetensors")
     named = dict(model.named_parameters()) if tensors is None else tensors
-    missing = [n for n, p in named.items() if (p.requires_grad or tensors is not None) and n not in params]
-    if missing or any(n not in named for n in params):
-        raise ValueError(f"does not match the model ({len(missing)} trainable tensors missing)")
-    for name, value in params.items():
-        if value.shape != named[name].shape:
-            raise ValueError(f"tensor {name} has shape {tuple(value.shape)}, the model {tuple(named[name].shape)}")
+    saved = {n: p for n, p in named.items() if p.requires_grad or tensors is not None}
+    if (path / SHARDS).is_dir():
+        check_shards(path / SHARDS, saved)
+        params = None
+    else:
+        params = load_file(path / "trainable.safetensors")
+        missing = [n for n in saved if n not in params]
+        if missing or any(n not in named for n in params):
+            raise ValueError(f"does not match the model ({len(missing)} trainable tensors missing)")
+        for name, value in params.items():
+            if value.shape != named[name].shape:
+                raise ValueError(f"tensor {name} has shape {tuple(value.shape)}, the model {tuple(named[name].shape)}")
     optim = load_state(path, "optim")
     if not isinstance(optim, dict) or "scheduler" not in optim:
         raise ValueError("optim.json holds no scheduler state")
@@ -267,15 +294,18 @@ def read(path: Path, model, tensors=None) -> dict:
         rng = load_state(path, rng_file.stem)
         if not isinstance(rng, dict) or not {"python", "numpy", "torch"} <= rng.keys():
             raise ValueError(f"{rng_file.name} is not an RNG state")
-    return {"params": params, "named": named, "optim": optim, "state": state}
+    return {"params": params, "named": named, "saved": saved, "optim": optim, "state": state}
 
 
 def load(accelerator, path: Path, model, optimizer, scheduler, tensors=None) -> dict:
     """Restore a checkpoint written by `save` (into `tensors` when given); returns its state.json."""
     ckpt = read(path, model, tensors)
-    with torch.no_grad():
-        for name, value in ckpt["params"].items():
-            _copy_into(ckpt["named"][name], value)
+    if ckpt["params"] is None:  # sharded: each process reads the chunks of its own shards
+        load_shards(path / SHARDS, ckpt["saved"])
+    else:
+        with torch.no_grad():
+            for name, value in ckpt["params"].items():
+                _copy_into(ckpt["named"][name], value)
     optim = ckpt["optim"]
     if "optimizer" not in optim:
         shard = f"optim_shard_{accelerator.process_index}"

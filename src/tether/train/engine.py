@@ -12,6 +12,7 @@ import torch
 from accelerate import Accelerator
 
 from ..config import TetherError
+from ..models import eval_mode
 
 log = logging.getLogger("tether")
 
@@ -64,6 +65,14 @@ def distributed_setup(accelerator, cfg) -> dict:
             "process(es): the weights would not be sharded (accelerate uses FSDP/DeepSpeed only on GPUs); "
             "refusing to train unsharded"
         )
+    setup = {"distributed_type": kind, "sharding": sharding, "num_processes": accelerator.num_processes}
+    if sharding == "fsdp2":  # only the first process reads the weights; the others receive their shards
+        setup["efficient_loading"] = bool(accelerator.state.fsdp_plugin.cpu_ram_efficient_loading)
+    if sharding != "none" and getattr(cfg, "load_in_4bit", False):
+        raise TetherError(
+            f"load_in_4bit under {sharding} is not supported (4-bit weights are not sharded by tether's engines; "
+            "untested): train QLoRA with plain data parallel, or shard a bf16 base (torch_dtype: bfloat16)"
+        )
     if sharding == "fsdp1":
         raise TetherError(
             "FSDP version 1 is not supported; use FSDP2 (fsdp_version: 2, as in examples/accelerate/fsdp.yaml)"
@@ -73,7 +82,46 @@ def distributed_setup(accelerator, cfg) -> dict:
             "under DeepSpeed tether does not yet write resumable checkpoints nor accumulate gradients itself: "
             "set save_steps: 0 and gradient_accumulation_steps: 1 (batch_size per process instead)"
         )
-    return {"distributed_type": kind, "sharding": sharding, "num_processes": accelerator.num_processes}
+    return setup
+
+
+def configure_deepspeed(accelerator, batch_size: int, accumulation: int, max_grad_norm: float) -> None:
+    """Fill the batch settings a DeepSpeed config leaves "auto" with the run's own (tether hands accelerate no
+    data loader to read them from): micro-batch per process, accumulation, global batch, gradient clipping."""
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    values = {
+        "train_micro_batch_size_per_gpu": batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": batch_size * accumulation * accelerator.num_processes,
+        "gradient_clipping": max_grad_norm,
+    }
+    for key, value in values.items():
+        if config.get(key, "auto") == "auto":
+            config[key] = value
+
+
+def loads_empty(accelerator, setup: dict) -> bool:
+    """Whether this process builds its models with empty weights: FSDP2 memory-efficient loading
+    (`fsdp_cpu_ram_efficient_loading: true`) on any process but the first, which alone reads the weights."""
+    return bool(setup.get("efficient_loading")) and not accelerator.is_main_process
+
+
+def shard_model(accelerator, model):
+    """accelerate's FSDP2 preparation (`fully_shard` on each decoder layer, the embedding/output tail and the
+    root), applied in place to the transformers model — under the PEFT wrapper with LoRA, so that every weight
+    sits in a unit whose own forward gathers it: the log-prob path calls the backbone and the head directly.
+    With memory-efficient loading (`fsdp_cpu_ram_efficient_loading`) the first process's weights are broadcast
+    here, one tensor at a time, and every process keeps its shard of each: the others built the model empty (on
+    the meta device) and never hold it whole. FSDP2 takes the first unit to run a forward as the root, so one
+    token goes through the real root here (the first forward of a run may be generation or a reference log-prob,
+    which starts below the root)."""
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    fsdp2_prepare_model(accelerator, inner)
+    with eval_mode(inner):  # no dropout, nothing drawn from the random state; resharded on the way out
+        inner(input_ids=torch.zeros((1, 1), dtype=torch.long, device=accelerator.device))
+    return model
 
 
 _KEPT_ALIVE: list = []

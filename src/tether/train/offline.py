@@ -28,7 +28,7 @@ from ..files import cache_dir, check_writable_dir, write_text_atomic
 from ..logprobs import SequenceScorer, pair_logit_means
 from ..loss_table import needs_reference
 from ..losses import objective
-from ..models import load_tokenizer, pad_token_set
+from ..models import forward_is_collective, load_tokenizer, pad_token_set, share_of, to_device
 from . import checkpoint
 from .bookkeeping import (
     MetricsLog,
@@ -44,7 +44,14 @@ from .bookkeeping import (
 )
 from .callbacks import Callbacks
 from .checkpoint import full_tensor
-from .engine import crash_point, distributed_setup, make_accelerator
+from .engine import (
+    configure_deepspeed,
+    crash_point,
+    distributed_setup,
+    loads_empty,
+    make_accelerator,
+    shard_model,
+)
 from .inputs import RunObjects
 from .optimization import (
     check_finite_step,
@@ -112,7 +119,12 @@ def reference_table(accelerator, cfg, reference, examples, keys, pad_id, desc) -
     if table is not None:
         log.info("reference log-probs reused from %s", path)
         return table
-    mine = list(range(accelerator.process_index, len(examples), accelerator.num_processes))
+    mine, real = share_of(
+        list(range(len(examples))),
+        accelerator.process_index,
+        accelerator.num_processes,
+        even=forward_is_collective(reference.model),  # sharded: every process scores as many batches
+    )
     part = compute_logps_table(
         reference,
         examples,
@@ -125,7 +137,7 @@ def reference_table(accelerator, cfg, reference, examples, keys, pad_id, desc) -
         desc=desc,
     )
     table = torch.empty(len(keys), len(examples))
-    for idx, values in gather_object([(mine, part)]):
+    for idx, values in gather_object([(mine[:real], part[:, :real])]):
         table[:, idx] = values
     if accelerator.is_main_process:
         save_cached(path, table)
@@ -147,8 +159,17 @@ class OfflineRun(TrainingRun):
         # every check that can be made fails here, before the run directory is claimed: the data, the policy
         # (lora_target_modules, an adapter that does not fit its base), the reference model, the caches
         self.train_ex, self.eval_ex, self.data_report = load_examples(cfg, self.tokenizer)
-        self.model = load_policy(cfg, objects.model).to(self.acc.device)
-        self.reference = offline_reference(cfg, self.model, self.acc.device, objects.ref_model, objects.initial)
+        # FSDP2: the policy (and a separate reference model) are sharded as soon as they are loaded; with
+        # memory-efficient loading only the first process read the weights, the others receive their shards here
+        self.fsdp2 = self.setup["sharding"] == "fsdp2"
+        empty = objects.model is None and loads_empty(self.acc, self.setup)
+        shard = functools.partial(shard_model, self.acc) if self.fsdp2 else None
+        self.model = to_device(load_policy(cfg, objects.model, empty, self.acc.device), self.acc.device)
+        if shard is not None:
+            shard(self.model)
+        self.reference = offline_reference(
+            cfg, self.model, self.acc.device, objects.ref_model, objects.initial, shard=shard, empty=empty
+        )
         if cfg.precompute_ref_logps or cfg.method == "bapo":
             check_writable_dir(Path(cfg.ref_cache_dir or cache_dir() / "reflogps"), "ref_cache_dir")
         self.claim = claim_run_dir(
@@ -161,8 +182,9 @@ class OfflineRun(TrainingRun):
         )
 
     def load_models(self) -> None:
-        """BAPO's y_b, the reference log-probs (precomputed when asked), the optimizer and the engine's wrapping
-        (after the run directory is claimed)."""
+        """BAPO's y_b, the reference log-probs (precomputed when asked; on the sharded model under FSDP2, every
+        process making the same forward calls), the optimizer and the engine's wrapping (after the run directory
+        is claimed)."""
         cfg, acc = self.cfg, self.acc
         self.keys = COMPLETION_KEYS + base_keys(cfg)
         start_trackers(acc, cfg)
@@ -190,10 +212,15 @@ class OfflineRun(TrainingRun):
         self.optimizer, self.scheduler = make_optimizer(self.model, cfg, self.steps)
         self.sharded = self.setup["sharding"] != "none"
         scorer = SequenceScorer(self.model, len(self.keys), **logp_options(cfg), logit_means=True)
-        if self.sharded:  # FSDP/DeepSpeed shard the parameters and must swap the optimizer's for the sharded ones
+        if self.fsdp2:  # sharded in place already (the root is the transformers model): the optimizer holds shards
+            self.scorer = scorer
+        elif self.sharded:  # DeepSpeed shards the parameters and must swap the optimizer's for the sharded ones
+            configure_deepspeed(acc, cfg.batch_size, self.accum, cfg.max_grad_norm)
             self.scorer, self.optimizer = acc.prepare(scorer, self.optimizer)
         else:
             self.scorer = acc.prepare(scorer)
+        # what accelerate's no_sync keeps from reducing gradients between micro-batches: the engine's root module
+        self.sync_root = getattr(self.model, "get_base_model", lambda: self.model)() if self.fsdp2 else self.scorer
         self.trainable = [p for p in self.scorer.parameters() if p.requires_grad]
         self.setup["parameters_sharded"] = checkpoint.is_sharded(self.trainable)  # what the engine really did
 
@@ -211,7 +238,7 @@ class OfflineRun(TrainingRun):
         """Mean loss and reward statistics over held-out examples (sharded across processes)."""
         if not examples:
             return {}
-        mine = list(range(self.acc.process_index, len(examples), self.procs))
+        mine, real = share_of(list(range(len(examples))), self.acc.process_index, self.procs, even=self.fsdp2)
         local: dict[str, list[float]] = {}
         for start in range(0, len(mine), self.cfg.eval_batch_size):
             batch, ref = self._batch(examples, mine[start : start + self.cfg.eval_batch_size], table)
@@ -220,7 +247,7 @@ class OfflineRun(TrainingRun):
             stats.update(pair_logit_means(logit_sums, counts, len(self.keys)))
             for k, v in stats.items():
                 local.setdefault(k, []).extend(v.tolist())
-        return gathered_means(local, prefix="eval_")
+        return gathered_means({k: v[:real] for k, v in local.items()}, prefix="eval_")
 
     # ------------------------------------------------------------------------------------------ the loop
 
@@ -281,7 +308,7 @@ class OfflineRun(TrainingRun):
         for m in range(self.accum):
             first = (m * self.procs + acc.process_index) * b
             batch, ref = self._batch(self.train_ex, positions[first : first + b], self.train_table)
-            sync = acc.no_sync(self.scorer) if m < self.accum - 1 else contextlib.nullcontext()
+            sync = acc.no_sync(self.sync_root) if m < self.accum - 1 else contextlib.nullcontext()
             with sync, acc.autocast():
                 sums, counts, logit_sums = self.scorer(**batch)
                 loss, stats = objective(sums, counts, ref, len(self.keys), **objective_options(cfg))

@@ -8,8 +8,9 @@ prompts → oracle → models → (resume) → steps → final model.
         one optimizer step on L_DAP(·; π_θ, π_ref) with π_ref = π_β (BPO), π_sft, a fixed model, an EMA, or none
         (reference: none, for a loss that reads no reference)
 
-Sharding: step t takes prompt stream positions [t·B, (t+1)·B); process r samples and annotates the slots
-[r·B/P, (r+1)·B/P). Sampling is seeded per stream position, and the loss is normalised by the number of usable
+Sharding: step t takes prompt stream positions [t·B, (t+1)·B); process r samples the slots [r·B/P, (r+1)·B/P),
+and the main process, which alone holds the oracle, annotates every process's pairs in one call and shares the
+labels. Sampling is seeded per stream position, and the loss is normalised by the number of usable
 pairs over all processes, so P processes give the same update as one. A resumed run replays the ledger's
 pairs for every step it already annotated: the oracle is never asked twice about the same pair.
 
@@ -28,15 +29,14 @@ from array import array
 from pathlib import Path
 
 import torch
-from accelerate.utils import gather_object, set_seed
-from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 
 from ..base_responses import add_base_completions, base_answers, base_keys
 from ..config import TetherError, brief, check_config
 from ..data import COMPLETION_KEYS, Example, collate, load_prompt_records
 from ..generation import eos_token_ids, generate_ids, prompt_ids
 from ..logprobs import completion_logps_ids
-from ..models import eval_mode, load_tokenizer, pad_token_set, reshard
+from ..models import load_tokenizer, pad_token_set, share_of
 from ..oracles import Annotator, load_oracle
 from ..sampling import sample_responses
 from ..stats import summarize, win_rates
@@ -54,7 +54,7 @@ from .bookkeeping import (
     start_trackers,
 )
 from .callbacks import Callbacks
-from .engine import crash_point, distributed_setup, make_accelerator
+from .engine import crash_point, distributed_setup, loads_empty, make_accelerator, shard_model
 from .inputs import RunObjects
 from .ledger import Ledger
 from .online_config import OnlineConfig
@@ -89,14 +89,8 @@ class OnlineRun(TrainingRun):
         self.eval_set = load_prompt_records(cfg.eval_file, need_reference=True) if cfg.eval_file else []
         if cfg.eval_prompts:
             self.eval_set = self.eval_set[: cfg.eval_prompts]
-        self.annotator = Annotator(
-            objects.oracle or load_oracle(cfg.oracle),
-            cfg.oracle_noise,
-            cfg.oracle_retries,
-            cfg.oracle_timeout,
-            cfg.oracle_backoff,
-        )
         self.procs, self.rank = self.acc.num_processes, self.acc.process_index
+        self.annotator, self.oracle_id = self._load_annotator(objects.oracle)
         if cfg.prompts_per_step % self.procs:
             raise TetherError(
                 f"option 'prompts_per_step' ({cfg.prompts_per_step}) must be a multiple of the {self.procs} processes"
@@ -122,7 +116,8 @@ class OnlineRun(TrainingRun):
             self.acc.device,
             keep_initial or cfg.method == "bapo",
             averages,
-            self._shard if self.sharded else None,
+            functools.partial(shard_model, self.acc) if self.sharded else None,
+            objects.model is None and loads_empty(self.acc, self.setup),
             model=objects.model,
         )  # BAPO: y_b from π_sft
         self.setup["parameters_sharded"] = self.policy.sharded  # what the engine really did to the weights
@@ -157,18 +152,31 @@ class OnlineRun(TrainingRun):
         if hasattr(self.sample, "start"):
             self.sample.start()
 
-    def _shard(self, model):
-        """accelerate's FSDP2 preparation (`fully_shard` on each decoder layer, the embedding/output tail and the
-        root), applied in place to the transformers model — under the PEFT wrapper with LoRA, so that every weight
-        sits in a unit whose own forward gathers it: the log-prob path calls the backbone and the head directly.
-        FSDP2 takes the first unit to run a forward as the root, so one token goes through the real root here
-        (a resumed run's first forward may be a reference log-prob, which starts below the root)."""
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        fsdp2_prepare_model(self.acc, inner)
-        with eval_mode(inner):  # no dropout, nothing drawn from the random state
-            inner(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.acc.device))
-        reshard(inner)
-        return model
+    def _load_annotator(self, given=None) -> tuple[Annotator | None, str]:
+        """The oracle (`given`: an in-memory one), loaded by the main process alone: it scores every process's pairs
+        (one reward model per run, on `oracle_device`, not one per process). Every process gets the oracle's id, or
+        the main process's error."""
+        cfg, annotator, error = self.cfg, None, None
+        if self.acc.is_main_process:
+            try:
+                options = dict(dtype=cfg.oracle_dtype, device=cfg.oracle_device, batch_size=cfg.oracle_batch_size)
+                oracle = given or load_oracle(cfg.oracle, **options, default_device=self.acc.device)
+                annotator = Annotator(
+                    oracle, cfg.oracle_noise, cfg.oracle_retries, cfg.oracle_timeout, cfg.oracle_backoff
+                )
+            except TetherError as e:
+                error = str(e)
+        oracle_id, error = self._from_main([annotator.oracle.id if annotator else None, error])
+        if error:
+            raise TetherError(error)
+        return annotator, oracle_id
+
+    def _from_main(self, value):
+        """The main process's `value`, on every process."""
+        box = [value]
+        if self.procs > 1:
+            broadcast_object_list(box, from_process=0)
+        return box[0]
 
     # ------------------------------------------------------------------------------------------ data
 
@@ -176,13 +184,9 @@ class OnlineRun(TrainingRun):
         return list(self.prompt_ids[index])
 
     def _share(self, items: list) -> tuple[list, int]:
-        """This process's round-robin share of `items` (the same list on every process) and how many of its
-        entries are real: when sharded, shares are padded to equal length with items[0] (results dropped)."""
-        mine = items[self.rank :: self.procs]
-        real = len(mine)
-        if self.sharded and items:
-            mine += [items[0]] * (-(-len(items) // self.procs) - real)
-        return mine, real
+        """This process's round-robin share of `items` and how many of its entries are real (padded when sharded:
+        `models.share_of`)."""
+        return share_of(items, self.rank, self.procs, even=self.sharded)
 
     def _base_answers(self, step_prompts: list[int], indices: list[int]) -> list[tuple[list[int], float]]:
         """BAPO's anchor: the initial model's greedy answer y_b to each prompt and log π_sft(y_b), once per prompt.
@@ -211,13 +215,18 @@ class OnlineRun(TrainingRun):
     def _text(self, ids: list[int]) -> str:
         return self.tokenizer.decode([t for t in ids if t not in self.eos], skip_special_tokens=True).strip()
 
+    def _seed(self, step: int, slot: int) -> int:
+        """The seed of a slot's samples (and of its label noise): its position in the prompt stream."""
+        return self.cfg.seed * 1_000_003 + step * self.cfg.prompts_per_step + slot
+
     def collect(self, step: int, version: int) -> list[dict]:
-        """Sample, drop identical pairs, annotate this process's slots of `step`; one ledger row per slot."""
+        """Sample this process's slots of `step` (identical pairs marked); one ledger row per slot, not yet
+        annotated (`annotate`)."""
         cfg, b = self.cfg, self.cfg.prompts_per_step // self.procs
         positions = stream_indices(step * cfg.prompts_per_step, cfg.prompts_per_step, len(self.prompts), cfg.seed)
         slots = list(range(self.rank * b, (self.rank + 1) * b))
         indices = [positions[s] for s in slots]
-        seeds = [cfg.seed * 1_000_003 + step * cfg.prompts_per_step + s for s in slots]
+        seeds = [self._seed(step, s) for s in slots]
         t = time.perf_counter()
         with self.policy.behavior() as model:
             if hasattr(self.sample, "sync"):  # an engine with its own copy of π_β: the weights, when they changed
@@ -235,7 +244,6 @@ class OnlineRun(TrainingRun):
                 pad_id=self.tokenizer.pad_token_id,
             )
         self.timing["sample_s"] += time.perf_counter() - t
-        t = time.perf_counter()
         rows = []
         for slot, index, ids, logps in zip(slots, indices, samples.ids, samples.logps):
             rows.append(
@@ -249,7 +257,7 @@ class OnlineRun(TrainingRun):
                     "scores": None,
                     "label": None,
                     "status": "identical" if ids[0] == ids[1] else "pending",
-                    "oracle": self.annotator.oracle.id,
+                    "oracle": self.oracle_id,
                     "behavior_version": version,
                 }
             )
@@ -260,17 +268,26 @@ class OnlineRun(TrainingRun):
         for i, r in enumerate(rows):
             if r["slot"] in recorded:
                 rows[i] = {k: v for k, v in recorded[r["slot"]].items() if k not in ("step", "rows_in_step")}
+        return rows
+
+    def annotate(self, step: int, rows: list[dict]) -> None:
+        """Label the pending pairs of `rows` (every process's rows of `step`, the same list on every process): the
+        main process asks the oracle about all of them in one call, and every process gets the answers."""
         pending = [r for r in rows if r["status"] == "pending"]
-        if pending:
-            notes = self.annotator.annotate(
+        if not pending:
+            return
+        t = time.perf_counter()
+        notes = None
+        if self.annotator is not None:
+            answers = self.annotator.annotate(
                 [r["prompt"] for r in pending],
                 [tuple(r["responses"]) for r in pending],
-                [seeds[r["slot"] - slots[0]] for r in pending],
+                [self._seed(step, r["slot"]) for r in pending],
             )
-            for r, a in zip(pending, notes):
-                r.update(scores=list(a.scores) if a.scores else None, label=a.label, status=a.status)
+            notes = [(list(a.scores) if a.scores else None, a.label, a.status) for a in answers]
+        for r, (scores, label, status) in zip(pending, self._from_main(notes), strict=True):
+            r.update(scores=scores, label=label, status=status)
         self.timing["annotate_s"] += time.perf_counter() - t
-        return rows
 
     def batch(self, rows: list[dict]):
         """(collated batch of this process's usable pairs, key-major: chosen, rejected (and BAPO's y_b); the
@@ -305,14 +322,14 @@ class OnlineRun(TrainingRun):
                 max_new_tokens=self.cfg.eval_max_new_tokens,
                 batch_size=self.cfg.eval_batch_size,
             )
-        mine = mine[:real]
-        recs = [self.eval_set[i] for i in mine]
-        answers = [self._text(x) for x in ids[:real]]
-        prompts = [r.prompt for r in recs]
-        mine_scores = self.annotator.scores(prompts, answers)
-        ref_scores = self.annotator.scores(prompts, [r.completions["reference"] for r in recs])
-        local = [(i, a, b) for i, a, b in zip(mine, mine_scores or [], ref_scores or [])]
-        rows = sorted(x for part in gather_object([local]) for x in part)
+        answers = sorted(x for part in gather_object([list(zip(mine[:real], map(self._text, ids)))]) for x in part)
+        rows = None
+        if self.annotator is not None:  # the main process scores every process's answers
+            prompts = [self.eval_set[i].prompt for i, _ in answers]
+            scores = self.annotator.scores(prompts, [a for _, a in answers])
+            ref_scores = self.annotator.scores(prompts, [self.eval_set[i].completions["reference"] for i, _ in answers])
+            rows = [(i, a, b) for (i, _), a, b in zip(answers, scores or [], ref_scores or [])]
+        rows = self._from_main(rows)
         if not rows:
             return {"eval_failed": 1.0}
         wins = win_rates([a for _, a, _ in rows], [b for _, _, b in rows])
@@ -414,6 +431,7 @@ class OnlineRun(TrainingRun):
                 f"and rerun with --resume (the ledger keeps every recorded answer)"
             ) from None
         rows = sorted((r for part in gather_object([mine]) for r in part), key=lambda r: r["slot"])
+        self.annotate(step, rows)
         self.failing_steps = self.failing_steps + 1 if self._failure_rate(rows) > cfg.max_oracle_failure_rate else 0
         if self.failing_steps >= min(cfg.oracle_failure_patience, cfg.steps - self.start):
             self._stop_for_oracle(step, rows)
@@ -513,7 +531,7 @@ class OnlineRun(TrainingRun):
         cfg = self.cfg
         self._save_checkpoint(step)
         raise TetherError(
-            f"step {step + 1}: the oracle {self.annotator.oracle.id} failed on {self._failure_rate(rows):.0%} of the "
+            f"step {step + 1}: the oracle {self.oracle_id} failed on {self._failure_rate(rows):.0%} of the "
             f"pairs, above max_oracle_failure_rate {cfg.max_oracle_failure_rate:g} for {cfg.oracle_failure_patience} "
             f"steps in a row; stopped after saving a checkpoint at step {step} — fix the oracle and rerun with --resume"
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -28,6 +29,15 @@ class OnlineConfig(CommonConfig):
     oracle: str = option(
         "", "who labels pairs: world | world:persona=NAME | reward-model:PATH | callable:MODULE:FUNC (required)"
     )
+    oracle_dtype: str = option(
+        "float32",
+        "dtype a reward-model oracle is loaded in (auto = as stored)",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
+    oracle_device: str = option(
+        "auto", "where a reward-model oracle runs: auto (the main process's GPU, else the CPU), cpu, cuda or cuda:N"
+    )
+    oracle_batch_size: int = option(16, "responses a reward-model oracle scores per forward")
     oracle_noise: float = option(0.0, "τ of Bradley–Terry label noise: a wins with prob σ((r_a − r_b)/τ); 0 = none")
     oracle_retries: int = option(3, "retries of a failing or timed-out oracle call before the pair is skipped")
     oracle_timeout: float = option(60.0, "seconds an oracle call may take; 0 = no limit")
@@ -100,6 +110,7 @@ class OnlineConfig(CommonConfig):
                 "oracle",
             )
         positive = ("steps", "phases", "prompts_per_step", "max_new_tokens", "eval_max_new_tokens", "ensemble_size")
+        positive += ("oracle_batch_size",)
         c.at_least(0, *positive, "temperature", strict=True)
         c.at_least(0, "eval_prompts", "oracle_noise", "oracle_retries", "oracle_timeout", "oracle_backoff", "top_k")
         if c.usable("steps", "phases") and self.phases > 0 and self.steps % self.phases:
@@ -110,6 +121,10 @@ class OnlineConfig(CommonConfig):
         c.within("max_oracle_failure_rate", 0.0, 1.0, high_open=False)
         c.at_least(1, "oracle_failure_patience")
         c.within("top_p", 0.0, 1.0, low_open=True, high_open=False)
+        if c.usable("oracle_device") and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.oracle_device):
+            c.add(
+                f"option 'oracle_device' must be auto, cpu, cuda or cuda:N, got {self.oracle_device!r}", "oracle_device"
+            )
         if c.usable("reference", "loss"):
             self._check_reference_against_loss(c)
         if self.reference == "fixed" and not self.ref_model:
@@ -120,6 +135,11 @@ class OnlineConfig(CommonConfig):
             c.within("ema_rate", 0.0, 1.0, low_open=True, high_open=False)
         if c.usable("ensemble_size", "lora") and self.ensemble_size > 1 and not self.lora:
             c.add("option 'ensemble_size' > 1 needs lora: true (the ensemble is of LoRA adapters)")
+        if c.usable("ensemble_size", "use_dora") and self.ensemble_size > 1 and self.use_dora:
+            c.add(
+                "option 'ensemble_size' > 1 with use_dora: merging DoRA adapters (their magnitudes) is not defined; "
+                "use one DoRA adapter or plain LoRA"
+            )
         if c.usable("sampler", "vllm_url", "vllm_python"):
             self._check_sampler(c)
 

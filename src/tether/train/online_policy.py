@@ -36,7 +36,7 @@ import torch
 
 from ..logprobs import pair_logit_means, sequence_logps
 from ..losses import objective
-from ..models import disable_dropout, eval_mode, is_sharded, reshard
+from ..models import disable_dropout, eval_mode, is_sharded, reshard, to_device
 from .checkpoint import full_tensor, shard_like, whole_tensors
 from .optimization import check_finite_step, load_policy, make_optimizer, objective_options
 
@@ -65,12 +65,22 @@ class OnlinePolicy:
     with full fine-tuning; with LoRA the base is always at hand), and one moving average of π_θ per name in
     `averages` (an adapter with LoRA, a frozen copy otherwise) that `update_average` moves toward π_θ.
     `shard(model)`, when given, shards a model in place across the processes (accelerate's FSDP2 preparation); it
-    is applied to π_θ and to every frozen copy before the optimizers exist."""
+    is applied to π_θ and to every frozen copy before the optimizers exist; `empty`: the models are built with
+    empty weights, which sharding fills (FSDP2 memory-efficient loading, on a process other than the first)."""
 
-    def __init__(self, cfg, device, keep_initial: bool = False, averages: tuple[str, ...] = (), shard=None, model=None):
-        self.cfg, self.device = cfg, device
+    def __init__(
+        self,
+        cfg,
+        device,
+        keep_initial: bool = False,
+        averages: tuple[str, ...] = (),
+        shard=None,
+        empty: bool = False,
+        model=None,
+    ):
+        self.cfg, self.device, self.shard, self.empty = cfg, device, shard, empty
         n, k = cfg.ensemble_size, cfg.steps // cfg.phases
-        model = load_policy(cfg, model)  # with LoRA: the "default" adapter; `model`: an in-memory one
+        model = load_policy(cfg, model, empty, device)  # with LoRA: the "default" adapter; `model`: an in-memory one
         self.names: list[str | None] = [None]
         self.aux_adapters: list[str] = []  # LoRA adapters besides the trained ones: behavior (π_β), ema, merged
         self.behavior_model = self.initial_model = None
@@ -88,7 +98,7 @@ class OnlinePolicy:
                 model.add_adapter(name, copy.deepcopy(merged_cfg))
             if cfg.disable_dropout:
                 disable_dropout(model)
-        self.model = model.to(device)
+        self.model = to_device(model, device)  # empty (meta) weights stay so until they are sharded
         if not cfg.lora:
             if k > 1:
                 self.behavior_model = _snapshot(model)
@@ -140,10 +150,15 @@ class OnlinePolicy:
 
     @torch.no_grad()
     def _merge_into(self, target: str, rate: float = 1.0) -> None:
-        """target ← (1 − rate)·target + rate·merged ensemble, factor by factor (rate 1 = a copy)."""
+        """target ← (1 − rate)·target + rate·merged ensemble, factor by factor (rate 1 = a copy); a DoRA adapter's
+        magnitudes likewise (DoRA is one adapter: no ensemble)."""
         for module in self.lora_layers():
             a, b = self.merged_factors(module)
-            for factor, value in ((module.lora_A[target].weight, a), (module.lora_B[target].weight, b)):
+            pairs = [(module.lora_A[target].weight, a), (module.lora_B[target].weight, b)]
+            magnitudes = getattr(module, "lora_magnitude_vector", None)
+            if magnitudes is not None and self.names[0] in magnitudes:
+                pairs.append((magnitudes[target].weight, full_tensor(magnitudes[self.names[0]].weight)))
+            for factor, value in pairs:
                 factor.lerp_(shard_like(value, factor), rate)
 
     # ------------------------------------------------------------------------------------------ the models

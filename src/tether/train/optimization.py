@@ -10,23 +10,34 @@ import torch
 from transformers import get_scheduler
 
 from ..config import TetherError
-from ..models import add_lora, disable_dropout, enable_gradient_checkpointing, load_model
+from ..models import add_lora, disable_dropout, enable_gradient_checkpointing, load_4bit, load_model
 from .train_config import loss_options
 
 
-def load_policy(cfg, model=None):
-    """The trainable policy: the model in cfg.torch_dtype, dropout off if asked, gradient checkpointing on if
-    asked, wrapped in a fresh LoRA adapter (float32 weights) if asked. A PEFT adapter directory as cfg.model
-    is merged into its base first, so a new adapter (or full fine-tuning) starts from base + that adapter.
-    `model`: an in-memory model to use instead of loading cfg.model (as it is: its own dtype and device)."""
-    if model is None:
-        model = load_model(cfg.model, cfg.torch_dtype)
+def load_policy(cfg, model=None, empty: bool = False, device="cpu"):
+    """The trainable policy: the model in cfg.torch_dtype (its linear weights in 4 bits on `device` with
+    load_in_4bit), dropout off if asked, gradient checkpointing on if asked, wrapped in a fresh LoRA (or DoRA)
+    adapter (float32 weights) if asked. A PEFT adapter directory as cfg.model is merged into its base first, so
+    a new adapter (or full fine-tuning) starts from base + that adapter. `model`: an in-memory model to use
+    instead of loading cfg.model (as it is: its own dtype and device); `empty`: loaded with empty (meta)
+    weights, which sharding fills (FSDP2 memory-efficient loading)."""
+    if model is not None and cfg.load_in_4bit:
+        raise TetherError(
+            "option 'load_in_4bit' quantizes the model as it is loaded: give the model as a path, "
+            "or pass a model you quantized yourself with load_in_4bit: false"
+        )
+    if model is None and cfg.load_in_4bit:
+        model = load_4bit(cfg.model, cfg.torch_dtype, cfg.bnb_4bit_quant_type, device)
+    elif model is None:
+        model = load_model(cfg.model, cfg.torch_dtype, empty=empty)
     if cfg.disable_dropout:
         disable_dropout(model)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if cfg.lora:
-        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, seed=cfg.seed)
+        model = add_lora(
+            model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, cfg.seed, cfg.use_dora
+        )
         if cfg.disable_dropout:
             disable_dropout(model)
     return model

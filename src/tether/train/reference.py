@@ -28,15 +28,18 @@ from ..data import Example, collate
 from ..files import write_atomic
 from ..logprobs import sequence_logps
 from ..loss_table import needs_reference
-from ..models import eval_mode, load_model
+from ..models import eval_mode, load_model, to_device
+from .checkpoint import full_tensor
 from .train_config import logp_options
 
 log = logging.getLogger("tether")
 
 
-def load_reference_model(name: str, dtype, device):
-    """A model loaded to serve as a reference: eval mode, no gradients, on `device`."""
-    return load_model(name, dtype).eval().requires_grad_(False).to(device)
+def load_reference_model(name: str, dtype, device, shard: Callable | None = None, empty: bool = False):
+    """A model loaded to serve as a reference: eval mode, no gradients, on `device`, sharded by `shard` (FSDP2:
+    `engine.shard_model`) when given, like the policy (`empty`: loaded with empty weights, which sharding fills)."""
+    model = to_device(load_model(name, dtype, empty=empty).eval().requires_grad_(False), device)
+    return model if shard is None else shard(model)
 
 
 class Reference:
@@ -116,7 +119,8 @@ def weights_fingerprint(model, skip_adapters: bool = False) -> str:
         if skip_adapters and "lora_" in name:
             continue
         h.update(name.replace("base_model.model.", "").replace(".base_layer", "").encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())  # the bytes in place, no copy
+        whole = full_tensor(tensor.detach())  # sharded: gathered one tensor at a time (every process calls this)
+        h.update(whole.cpu().contiguous().view(torch.uint8).numpy())  # the bytes in place, no copy
     return h.hexdigest()
 
 
@@ -126,7 +130,9 @@ def model_reference(label: str, model, adapter_off: bool = False, scoring: dict 
     return LiveReference(label, lambda: eval_mode(model, adapter_off), model, adapter_off, scoring=scoring)
 
 
-def offline_reference(cfg, policy, device, ref_model=None, initial=None) -> Reference:
+def offline_reference(
+    cfg, policy, device, ref_model=None, initial=None, shard: Callable | None = None, empty: bool = False
+) -> Reference:
     """π_ref of an offline run, as a live scorer (precomputing turns it into a cached one, `cached_reference`):
     a separate frozen model, the LoRA base (adapter disabled) or the initial policy; for a loss that reads no
     reference, nothing (`NoReference`), or with BAPO the initial policy for the base responses alone. It lays out
@@ -138,8 +144,8 @@ def offline_reference(cfg, policy, device, ref_model=None, initial=None) -> Refe
         return NoReference(f"none (loss {cfg.loss} reads no reference)")
     scoring = logp_options(cfg)
     if cfg.ref_model:
-        ref = frozen(ref_model, device) if ref_model is not None else None
-        ref = ref or load_reference_model(cfg.ref_model, cfg.torch_dtype, device)
+        ref = frozen(ref_model, device, shard) if ref_model is not None else None
+        ref = ref or load_reference_model(cfg.ref_model, cfg.torch_dtype, device, shard, empty)
         return model_reference(f"fixed ({cfg.ref_model})", ref, scoring=scoring)
     if cfg.lora:
         return model_reference(
@@ -147,14 +153,15 @@ def offline_reference(cfg, policy, device, ref_model=None, initial=None) -> Refe
         )
     if cfg.precompute_ref_logps or free:  # the policy IS the reference until the first step
         return model_reference("initial", policy, scoring=scoring)
-    copy = frozen(initial, device) if initial is not None else None
-    copy = copy or load_reference_model(cfg.model, cfg.torch_dtype, device)
+    copy = frozen(initial, device, shard) if initial is not None else None
+    copy = copy or load_reference_model(cfg.model, cfg.torch_dtype, device, shard, empty)
     return model_reference("initial (a frozen copy)", copy, scoring=scoring)
 
 
-def frozen(model, device):
-    """An in-memory model as a reference: on `device`, eval mode, no gradients."""
-    return model.to(device).eval().requires_grad_(False)
+def frozen(model, device, shard: Callable | None = None):
+    """An in-memory model as a reference: on `device`, eval mode, no gradients, sharded by `shard` when given."""
+    model = model.to(device).eval().requires_grad_(False)
+    return model if shard is None else shard(model)
 
 
 def cached_reference(live: Reference, base_rows_only: bool = False) -> RecordedReference:
@@ -178,8 +185,9 @@ def online_reference(cfg, policy, device, ref_model=None) -> Reference:
     if cfg.reference == "none":
         return NoReference(f"none (loss {cfg.loss} reads no reference)")
     if cfg.reference == "fixed":
-        model = frozen(ref_model, device) if ref_model is not None else None
-        return model_reference("fixed", model or load_reference_model(cfg.ref_model, cfg.torch_dtype, device))
+        model = frozen(ref_model, device, policy.shard) if ref_model is not None else None
+        model = model or load_reference_model(cfg.ref_model, cfg.torch_dtype, device, policy.shard, policy.empty)
+        return model_reference("fixed", model)
     if cfg.reference == "initial":
         return LiveReference("initial", policy.initial)
     return LiveReference(

@@ -122,6 +122,11 @@ class CommonConfig:
     lora_target_modules: list[str] | None = option(
         None, "module names to adapt, e.g. q_proj v_proj; null or all-linear = all linear layers"
     )
+    use_dora: bool = option(False, "DoRA (PEFT use_dora): LoRA plus a trained magnitude per output feature (lora)")
+    load_in_4bit: bool = option(
+        False, "QLoRA: the base's linear weights quantized to 4 bits by bitsandbytes (lora; pip install bitsandbytes)"
+    )
+    bnb_4bit_quant_type: str = option("nf4", "the 4-bit number format of load_in_4bit", choices=("nf4", "fp4"))
     # bookkeeping
     eval_batch_size: int = option(16, "examples per forward when evaluating or precomputing log-probs")
     logging_steps: int = option(1, "write averaged training metrics every N optimizer steps")
@@ -183,6 +188,9 @@ class CommonConfig:
             c.add(f"option 'seed' must be in [0, {MAX_SEED}] (numpy's seed range), got {brief(self.seed)}", "seed")
         if c.usable("max_length", "max_prompt_length") and self.max_prompt_length >= self.max_length:
             c.add(f"option 'max_prompt_length' ({self.max_prompt_length}) must be < 'max_length' ({self.max_length})")
+        for name in ("use_dora", "load_in_4bit"):
+            if c.usable(name, "lora") and getattr(self, name) and not self.lora:
+                c.add(f"option '{name}' trains an adapter: it needs lora: true", name)
 
     def _check_anchor(self, c: Checks) -> None:
         if not c.usable("method", "anchor_weight"):
