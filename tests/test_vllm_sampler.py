@@ -12,7 +12,16 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import LAUNCH, assert_params_close, final_params, jsonl_rows, one_error_line, online_config, run_cli
+from conftest import (
+    LAUNCH,
+    PROCESS_ATOL,
+    assert_params_close,
+    final_params,
+    jsonl_rows,
+    one_error_line,
+    online_config,
+    run_cli,
+)
 from tether.config import TetherError
 from tether.generation import prompt_ids
 from tether.logprobs import completion_logps_ids
@@ -219,6 +228,7 @@ def test_two_processes_share_one_server_and_equal_one(lora_run, toy, prompt_file
     args += ["--steps", "4", "--phases", "2", "--prompts_per_step", "4", "--max_new_tokens", "12", "--lora", "true"]
     args += ["--lora_r", "4", "--lora_alpha", "8", "--learning_rate", "1e-2", "--save_steps", "0", "--progress"]
     args += ["false", "--max_length", "64", "--max_prompt_length", "32", "--oracle_backoff", "0", "--sampler", "vllm"]
+    args += ["--adam_epsilon", "1e-6"]  # as the recorded run (vllm_replay.RECORDED_RUNS)
     r = run_cli(
         *args, "--vllm_url", server.url, "--output_dir", str(tmp_path / "two"), launcher=LAUNCH + ["-m", "tether.cli"]
     )
@@ -231,7 +241,7 @@ def test_two_processes_share_one_server_and_equal_one(lora_run, toy, prompt_file
     one = jsonl_rows(lora_run[0] / "ledger.jsonl")
     two = jsonl_rows(tmp_path / "two" / "ledger.jsonl")
     assert [r["response_ids"] for r in two] == [r["response_ids"] for r in one]
-    assert_params_close(final_params(tmp_path / "two"), final_params(lora_run[0]), atol=1e-5)  # as test_online
+    assert_params_close(final_params(tmp_path / "two"), final_params(lora_run[0]), atol=PROCESS_ATOL)  # as test_online
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,9 @@ REPLIES = Path(__file__).resolve().parent / "data" / "vllm_replies.json"
 TOY_MODEL = dict(hidden_size=128, num_layers=2, vocab_size=400)  # head size 32: one vLLM's CPU attention serves
 LORA = dict(lora=True, lora_r=4, lora_alpha=8)
 RECORDED_RUNS = {  # name -> options over conftest.online_config (4 steps in 2 phases, 4 prompts per step)
-    "lora": dict(**LORA),
+    # adam_epsilon 1e-6: AdamW's first steps move a weight with a near-zero gradient by about ±lr whatever its size, so
+    # float rounding (1 process against 2) could flip such a step; with a larger ε such steps stay proportional
+    "lora": dict(**LORA, adam_epsilon=1e-6),
     "engine_logprobs": dict(**LORA, vllm_logprobs="engine"),
     "exact_ensemble": dict(**LORA, ensemble_size=2, ensemble_merge="exact"),
     "full": dict(lora=False, learning_rate=1e-3),
