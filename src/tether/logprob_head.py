@@ -77,22 +77,25 @@ class ChunkedLinearLogps(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None
 
 
+def _held_in_shards(p: torch.Tensor) -> bool:
+    """Whether a parameter is a DTensor shard or a DeepSpeed ZeRO-3 partition (gathered only when its module's own
+    forward runs), not an ordinary whole tensor."""
+    return type(p.data) is not torch.Tensor or hasattr(p, "ds_id")
+
+
 def _whole_weight(head: nn.Module) -> torch.Tensor | None:
-    """The head's weight when the head is exactly an `nn.Linear` holding its whole weight as an ordinary tensor (not
-    a DTensor shard, nor a DeepSpeed ZeRO-3 partition, gathered only when the head's own forward runs); else None."""
+    """The head's weight when the head is exactly an `nn.Linear` holding its whole weight as an ordinary tensor;
+    else None."""
     if type(head) is not nn.Linear:
         return None
-    weight = head.weight
-    return weight if type(weight.data) is torch.Tensor and not hasattr(weight, "ds_id") else None
+    return None if _held_in_shards(head.weight) else head.weight
 
 
 def _sharded(head: nn.Module) -> bool:
     """Whether an engine holds the head's parameters in shards (an FSDP2 unit, a DTensor, a ZeRO-3 partition)."""
     from torch.distributed.fsdp import FSDPModule
 
-    return isinstance(head, FSDPModule) or any(
-        type(p.data) is not torch.Tensor or hasattr(p, "ds_id") for p in head.parameters()
-    )
+    return isinstance(head, FSDPModule) or any(_held_in_shards(p) for p in head.parameters())
 
 
 def _plain_weight(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor | None:

@@ -33,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate.utils import broadcast_object_list, gather_object
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.api import CheckpointException
@@ -41,7 +40,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from ..config import TetherError
 from ..files import fsync_dir, new_private_dir, own_dir, share_like_umask
 from ..models import is_sharded
-from .engine import crash_point
+from .engine import crash_point, from_every, from_main
 from .shards import check_shards, load_shards, save_shards
 from .state_files import as_dtensors, load_state, save_state
 
@@ -131,17 +130,9 @@ def brief_reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
 
 
-def _from_main(accelerator, value):
-    """The main process's `value`, on every process."""
-    box = [value]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(box, from_process=0)
-    return box[0]
-
-
 def _all_errors(accelerator, error: str | None) -> list[str]:
     """Every process's error (None = it succeeded), on every process."""
-    errors = gather_object([error]) if accelerator.num_processes > 1 else [error]
+    errors = from_every(accelerator, error)
     return [e for e in errors if e]
 
 
@@ -201,7 +192,7 @@ def save(
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp = None
-    tmp = _from_main(accelerator, tmp)
+    tmp = from_main(accelerator, tmp)
     if tmp is not None:
         try:
             _write_files(accelerator, Path(tmp), step, optimizer, scheduler, extra, weights, sharded)
@@ -358,7 +349,7 @@ def load_latest(accelerator, run_dir: Path, model, optimizer, scheduler, tensors
             choice = [_choose(run_dir, model, tensors), None]
         except TetherError as e:
             choice = [None, str(e)]
-    name, error = _from_main(accelerator, choice)
+    name, error = from_main(accelerator, choice)
     if error:
         raise TetherError(error)
     if name is None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object
 
 from ..config import TetherError
 from ..models import eval_mode
@@ -122,6 +123,19 @@ def shard_model(accelerator, model):
     with eval_mode(inner):  # no dropout, nothing drawn from the random state; resharded on the way out
         inner(input_ids=torch.zeros((1, 1), dtype=torch.long, device=accelerator.device))
     return model
+
+
+def from_main(accelerator, value):
+    """The main process's `value`, on every process (`value` itself in a single-process run)."""
+    box = [value]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def from_every(accelerator, value) -> list:
+    """Every process's `value`, in process order, on every process (`[value]` in a single-process run)."""
+    return gather_object([value]) if accelerator.num_processes > 1 else [value]
 
 
 _KEPT_ALIVE: list = []

@@ -29,7 +29,7 @@ from array import array
 from pathlib import Path
 
 import torch
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import gather_object, set_seed
 
 from ..base_responses import add_base_completions, base_answers, base_keys
 from ..config import TetherError, brief, check_config
@@ -54,7 +54,7 @@ from .bookkeeping import (
     start_trackers,
 )
 from .callbacks import Callbacks
-from .engine import crash_point, distributed_setup, loads_empty, make_accelerator, shard_model
+from .engine import crash_point, distributed_setup, from_every, from_main, loads_empty, make_accelerator, shard_model
 from .inputs import RunObjects
 from .ledger import Ledger
 from .online_config import OnlineConfig
@@ -173,10 +173,7 @@ class OnlineRun(TrainingRun):
 
     def _from_main(self, value):
         """The main process's `value`, on every process."""
-        box = [value]
-        if self.procs > 1:
-            broadcast_object_list(box, from_process=0)
-        return box[0]
+        return from_main(self.acc, value)
 
     # ------------------------------------------------------------------------------------------ data
 
@@ -208,7 +205,7 @@ class OnlineRun(TrainingRun):
                 ]
                 logps = completion_logps_ids(model, prompts, ys, self.tokenizer.pad_token_id, self.cfg.eval_batch_size)
             found = {i: (y, lp) for i, y, lp in list(zip(mine, ys, logps))[:real]}
-            for part in gather_object([found]) if self.procs > 1 else [found]:
+            for part in from_every(self.acc, found):
                 self.base_cache.update(part)
         return [self.base_cache[i] for i in indices]
 

@@ -31,11 +31,10 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from accelerate.utils import broadcast_object_list
-
 from ..config import TetherError, brief, config_to_dict, field_default, read_yaml_mapping, save_config
 from ..files import write_text_atomic
 from .card import file_fingerprint, model_fingerprint, versions
+from .engine import from_main
 from .marker import MARKER, new_marker, read_marker
 
 log = logging.getLogger("tether")
@@ -323,8 +322,7 @@ def claim_run_dir(accelerator, command: str, cfg, inputs: dict[str, str | None],
             outcome = [_claim(run_dir, command, cfg, inputs, resume, given)]
         except TetherError as e:
             outcome = [e]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(outcome, from_process=0)
-    if isinstance(outcome[0], TetherError):
-        raise TetherError(str(outcome[0]))
-    return outcome[0]
+    outcome = from_main(accelerator, outcome[0])
+    if isinstance(outcome, TetherError):
+        raise TetherError(str(outcome))
+    return outcome

@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate.utils import broadcast_object_list, gather_object
 
 from ..config import TetherError
 from ..files import new_private_dir
@@ -43,6 +42,7 @@ from ..sampling import Samples
 from ..vllm_client import BASE_MODEL, EngineError, VllmClient
 from ..vllm_server import ManagedServer, free_port, lora_rank_limit, server_command, write_server_info
 from .checkpoint import whole_tensors
+from .engine import from_every, from_main
 
 log = logging.getLogger("tether")
 
@@ -266,7 +266,7 @@ class VllmSampler:
     def _record_gap(self, engine: list[list[float]], trainer: list[list[float]]) -> None:
         """|engine − trainer| of log π_β(y) over this call's responses (every process's), into `metrics`."""
         local = [abs(a - b) for row_a, row_b in zip(engine, trainer) for a, b in zip(row_a, row_b)]
-        gaps = [g for part in gather_object([local]) for g in part] if self.acc.num_processes > 1 else local
+        gaps = [g for part in from_every(self.acc, local) for g in part]
         if gaps:
             self.metrics.update(engine_logp_gap_max=max(gaps), engine_logp_gap_mean=sum(gaps) / len(gaps))
             log.info("vLLM log-probs vs the trainer's: largest gap %.4g, mean %.4g", max(gaps), sum(gaps) / len(gaps))
@@ -276,10 +276,7 @@ class VllmSampler:
 
     def _from_main(self, value):
         """The main process's `value`, on every process."""
-        box = [value]
-        if self.acc.num_processes > 1:
-            broadcast_object_list(box, from_process=0)
-        return box[0]
+        return from_main(self.acc, value)
 
     def _agree(self, work, everywhere: bool = False) -> None:
         """Run `work` on the main process (every process with `everywhere`); a TetherError on any process is
@@ -290,7 +287,7 @@ class VllmSampler:
                 work()
             except TetherError as e:
                 error = (str(e), getattr(e, "unreachable", None))
-        errors = [error] if self.acc.num_processes == 1 else gather_object([error])
+        errors = from_every(self.acc, error)
         first = next((e for e in errors if e is not None), None)
         if first is not None:
             message, unreachable = first
