@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from conftest import LAUNCH, TESTS, jsonl_rows, one_error_line, online_run_args, run_cli
-from tether.config import TetherError
+from conftest import LAUNCH, TESTS, jsonl_rows, one_error_line, online_config, online_run_args, run_cli
+from tether.config import TetherError, check_config
 from tether.oracles import load_oracle
 
 ENV = {"PYTHONPATH": f"{TESTS}:{TESTS.parent / 'src'}"}
@@ -67,6 +67,23 @@ def test_a_bad_oracle_device_is_one_line(model_dir, prompt_file, tmp_path):
         env=ENV,
     )
     assert "option 'oracle_device' must be auto, cpu, cuda or cuda:N, got 'gpu0'" in one_error_line(res)
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("oracle_dtype", "int8", "option 'oracle_dtype' must be one of auto, float32, bfloat16, float16, got 'int8'"),
+        ("oracle_batch_size", 0, "option 'oracle_batch_size' must be > 0, got 0"),
+        ("oracle_batch_size", -3, "option 'oracle_batch_size' must be > 0, got -3"),
+        ("oracle_device", "cuda:x", "option 'oracle_device' must be auto, cpu, cuda or cuda:N, got 'cuda:x'"),
+    ],
+)
+def test_bad_oracle_options_from_python(model_dir, prompt_file, tmp_path, option, value, message):
+    """The command line's checks hold for a config built in Python: one line naming the option; nothing written."""
+    with pytest.raises(TetherError) as e:
+        check_config(online_config(model_dir, prompt_file, tmp_path / "x", **{option: value}))
+    assert str(e.value).splitlines() == [f"{message}; see --help for the list of options"]
     assert not (tmp_path / "x").exists()
 
 
