@@ -288,3 +288,31 @@ def test_a_server_that_exits_while_starting_is_one_line_with_its_last_log_line(t
     server = ManagedServer(command, tmp_path / "server.log", "127.0.0.1", free_port())
     with pytest.raises(TetherError, match=r"exited with code 1 while starting; its last line: ValueError: no such"):
         server.wait_ready(60)
+
+
+def test_on_a_cpu_the_server_runs_seeded_batches_without_chunked_prefill(toy, tmp_path):
+    """vLLM-CPU crashes a batch when a seeded request's prompt is split across engine steps (chunked prefill), so
+    a CPU server gets chunked prefill off and a token budget holding the longest prompt; a user's own flags win.
+    The real server with these flags runs 64 seeded requests in one batch: benchmarks/bench_sampling.py."""
+    from tether.vllm_server import server_command
+
+    def tail(**kw):
+        return server_command("python", toy, 8000, **kw)[server_command("python", toy, 8000, cpu=False).index("vllm") :]
+
+    positions = json.loads((Path(toy) / "config.json").read_text())["max_position_embeddings"]
+    assert tail(cpu=False) == ["vllm"]
+    assert tail(cpu=True) == [
+        "vllm",
+        "--no-enable-chunked-prefill",
+        "--max-num-batched-tokens",
+        str(max(positions, 2048)),
+    ]
+    assert tail(cpu=True, extra="--max-model-len=9000") == [
+        "vllm", "--no-enable-chunked-prefill", "--max-num-batched-tokens", "9000", "--max-model-len=9000",
+    ]  # fmt: skip
+    assert tail(cpu=True, extra="--enable-chunked-prefill --max-num-batched-tokens 512") == [
+        "vllm", "--enable-chunked-prefill", "--max-num-batched-tokens", "512",
+    ]  # fmt: skip
+    assert tail(cpu=True, extra="--max-num-batched-tokens 20000") == [
+        "vllm", "--no-enable-chunked-prefill", "--max-num-batched-tokens", "20000",
+    ]  # fmt: skip

@@ -64,9 +64,16 @@ def server_command(
     max_loras: int = 2,
     dtype: str = "auto",
     extra: str = "",
+    cpu: bool | None = None,
 ) -> list[str]:
     """The command line of vLLM's OpenAI server for `model_dir`, LoRA on (two adapters resident: the old π_β and
-    the new one during a swap); `extra` holds more of vLLM's own flags (e.g. '--tensor-parallel-size 4')."""
+    the new one during a swap); `extra` holds more of vLLM's own flags (e.g. '--tensor-parallel-size 4').
+
+    `cpu` (default: this machine has no CUDA device) adds `cpu_server_flags`."""
+    if cpu is None:
+        import torch
+
+        cpu = not torch.cuda.is_available()
     return [
         str(python),
         "-m",
@@ -88,8 +95,48 @@ def server_command(
         str(max_loras),
         "--generation-config",
         "vllm",
+        *(cpu_server_flags(model_dir, extra) if cpu else []),
         *shlex.split(extra),
     ]
+
+
+def cpu_server_flags(model_dir: str | Path, extra: str = "") -> list[str]:
+    """vLLM-CPU's flags for seeded sampling: chunked prefill off, and a token budget per engine step that holds a
+    whole prompt of the longest length served (vLLM's own requirement without chunked prefill).
+
+    Why: vLLM 0.30's CPU build crashes a request batch ("CPU Generator does not use offset") when a seeded
+    request's prompt is split across engine steps (chunked prefill, at CPU's default budget of 2048 tokens: e.g.
+    64 requests of 38-token prompts); tether seeds every request. Nothing here is added when `extra` sets
+    chunked prefill or the budget itself."""
+    given = shlex.split(extra)
+    if any(a.split("=")[0] in ("--enable-chunked-prefill", "--no-enable-chunked-prefill") for a in given):
+        return []
+    budget = _option_value(given, "--max-model-len") or _max_positions(model_dir)
+    flags = ["--no-enable-chunked-prefill"]
+    if not _option_value(given, "--max-num-batched-tokens"):
+        flags += ["--max-num-batched-tokens", str(max(int(budget), 2048))]
+    return flags
+
+
+def _option_value(args: list[str], name: str) -> str | None:
+    """The value of `name` in a command line (`--name V` or `--name=V`), else None."""
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _max_positions(model_dir: str | Path) -> int:
+    """The longest sequence the model's config.json allows (vLLM's default --max-model-len); 8192 when unsaid."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return 8192
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    value = text.get("max_position_embeddings")
+    return value if isinstance(value, int) and value > 0 else 8192
 
 
 def server_environment() -> dict[str, str]:
