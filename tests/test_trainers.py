@@ -202,6 +202,11 @@ def test_online_trainer_with_a_python_oracle(model_dir, prompt_file, tmp_path):
     assert [r["label"] for r in ledger_a] == [r["label"] for r in ledger_b]
     metrics = trainer.evaluate(rows[:8])
     assert metrics["eval_n"] == 8 and 0.0 <= metrics["eval_win_rate"] <= 1.0
+    assert trainer.evaluate(rows[:8]) == metrics  # greedy answers, an oracle without noise: the same numbers
+    assert trainer.evaluate(rows[:3])["eval_n"] == 3
+    assert trainer.run.eval_set == [] and trainer.run.eval_ids == []  # a given set never replaces the run's own
+    with pytest.raises(TetherError, match="evaluate: give an eval_dataset"):
+        trainer.evaluate()
     with pytest.raises(TetherError, match="record 0: missing field 'reference'"):
         trainer.evaluate([{"prompt": "x"}])
     with pytest.raises(TetherError, match="oracle: expected a function"):

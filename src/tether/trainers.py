@@ -311,18 +311,16 @@ class OnlineDPOTrainer(_Trainer):
         """Win rate of the trained policy's greedy answers against the prompts' `reference` answers, by the
         oracle without label noise (ties count one half), with a 95% bootstrap CI (after `train()`)."""
         from .data import load_prompt_records
-        from .train.online import tokenize_prompts
 
         run = getattr(self, "run", None)
         if run is None:
             raise TetherError("evaluate: call train() first (the online policy exists once its run has started)")
+        eval_set = run.eval_set
         if eval_dataset is not None:
-            path = dataset_file(eval_dataset, "eval_dataset", "reference")
-            run.eval_set = load_prompt_records(path, need_reference=True)
-            run.eval_ids = tokenize_prompts(run.tokenizer, run.eval_set)
-        if not run.eval_set:
+            eval_set = load_prompt_records(dataset_file(eval_dataset, "eval_dataset", "reference"), need_reference=True)
+        if not eval_set:
             raise TetherError("evaluate: give an eval_dataset of prompts with a 'reference' answer")
-        return run.evaluate()
+        return run.evaluate(eval_set)
 
 
 class _Merged:

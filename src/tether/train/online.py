@@ -305,26 +305,29 @@ class OnlineRun(TrainingRun):
 
     # ------------------------------------------------------------------------------------------ evaluation
 
-    def evaluate(self) -> dict[str, float]:
-        """Win rate of greedy answers of the merged policy against the reference texts, by the oracle
-        without label noise (ties count one half), with a 95% bootstrap CI; sharded over processes."""
-        if not self.eval_set:
+    def evaluate(self, eval_set: list | None = None) -> dict[str, float]:
+        """Win rate of greedy answers of the merged policy against the reference texts (of `eval_set`, prompt
+        records with a reference; default: the run's own), by the oracle without label noise (ties count one
+        half), with a 95% bootstrap CI; sharded over processes."""
+        eval_set = self.eval_set if eval_set is None else eval_set
+        if not eval_set:
             return {}
-        mine, real = self._share(list(range(len(self.eval_set))))
+        eval_ids = self.eval_ids if eval_set is self.eval_set else tokenize_prompts(self.tokenizer, eval_set)
+        mine, real = self._share(list(range(len(eval_set))))
         with self.policy.merged() as model:
             ids = generate_ids(
                 model,
                 self.tokenizer,
-                [list(self.eval_ids[i]) for i in mine],
+                [list(eval_ids[i]) for i in mine],
                 max_new_tokens=self.cfg.eval_max_new_tokens,
                 batch_size=self.cfg.eval_batch_size,
             )
         answers = sorted(x for part in gather_object([list(zip(mine[:real], map(self._text, ids)))]) for x in part)
         rows = None
         if self.annotator is not None:  # the main process scores every process's answers
-            prompts = [self.eval_set[i].prompt for i, _ in answers]
+            prompts = [eval_set[i].prompt for i, _ in answers]
             scores = self.annotator.scores(prompts, [a for _, a in answers])
-            ref_scores = self.annotator.scores(prompts, [self.eval_set[i].completions["reference"] for i, _ in answers])
+            ref_scores = self.annotator.scores(prompts, [eval_set[i].completions["reference"] for i, _ in answers])
             rows = [(i, a, b) for (i, _), a, b in zip(answers, scores or [], ref_scores or [])]
         rows = self._from_main(rows)
         if not rows:
