@@ -13,9 +13,11 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import (
+    FSDP2,
     LAUNCH,
     PROCESS_ATOL,
     assert_params_close,
+    assert_really_sharded,
     final_params,
     jsonl_rows,
     one_error_line,
@@ -214,7 +216,10 @@ def test_an_unreachable_server_is_one_line_before_anything_is_written(toy, promp
     assert not out.exists()
 
 
-def test_two_processes_share_one_server_and_equal_one(lora_run, toy, prompt_file, tmp_path):
+@pytest.mark.parametrize("engine", ["data parallel", "fsdp2"])
+def test_two_processes_share_one_server_and_equal_one(lora_run, toy, prompt_file, tmp_path, engine):
+    """2 processes (plain data parallel, or FSDP2 with the adapter gathered before it is written for the server)
+    send each prompt once and end where 1 process ends."""
     server = ReplyServer(load_replies())
     args = [
         "online",
@@ -230,9 +235,16 @@ def test_two_processes_share_one_server_and_equal_one(lora_run, toy, prompt_file
     args += ["false", "--max_length", "64", "--max_prompt_length", "32", "--oracle_backoff", "0", "--sampler", "vllm"]
     args += ["--adam_epsilon", "1e-6"]  # as the recorded run (vllm_replay.RECORDED_RUNS)
     r = run_cli(
-        *args, "--vllm_url", server.url, "--output_dir", str(tmp_path / "two"), launcher=LAUNCH + ["-m", "tether.cli"]
+        *args,
+        "--vllm_url",
+        server.url,
+        "--output_dir",
+        str(tmp_path / "two"),
+        launcher=FSDP2 if engine == "fsdp2" else LAUNCH + ["-m", "tether.cli"],
     )
     assert r.returncode == 0, r.stderr[-3000:]
+    if engine == "fsdp2":
+        assert_really_sharded(tmp_path / "two")
     asked = server.calls("/v1/completions")
     assert sorted(json.dumps(normalized(a), sort_keys=True) for a in asked) == sorted(
         json.dumps(normalized(a), sort_keys=True) for a in lora_run[1].calls("/v1/completions")
