@@ -33,7 +33,12 @@ class VllmServeOptions:
         "dtype of the served weights; the trainer's torch_dtype keeps the two numerically close",
         choices=("auto", "float32", "bfloat16", "float16"),
     )
-    vllm_args: str = option("", "more of vLLM's own flags, e.g. '--tensor-parallel-size 4 --max-num-seqs 128'")
+    vllm_args: str = option(
+        "",
+        "more of vLLM's own flags, e.g. '--tensor-parallel-size 4 --max-num-seqs 128'; without a GPU tether adds "
+        "--no-enable-chunked-prefill and a --max-num-batched-tokens of the longest prompt (seeded batches fail on "
+        "vLLM-CPU otherwise), unless these flags set them",
+    )
 
     def validate(self) -> None:
         """Raise TetherError naming the first bad option."""

@@ -79,7 +79,11 @@ class OnlineConfig(CommonConfig):
     vllm_python: str | None = option(
         None, "sampler vllm: the python of a vLLM environment (make vllm); tether starts a server for the run"
     )
-    vllm_args: str = option("", "more of vLLM's own flags for the server tether starts, e.g. '--max-num-seqs 64'")
+    vllm_args: str = option(
+        "",
+        "more of vLLM's own flags for the server tether starts, e.g. '--max-num-seqs 64' (without a GPU, chunked "
+        "prefill is switched off unless these flags say otherwise: docs/scaling.md)",
+    )
     vllm_logprobs: str = option(
         "trainer",
         "log π_β of the sampled responses: trainer (re-scored by the trainer's model: exact) or engine (the "
