@@ -5,7 +5,7 @@ Run on an IDLE machine, from the repository root (needs `make smollm2` and `make
 
     .venv/bin/python benchmarks/bench_sampling.py --vllm_python .venv-vllm/bin/python
     flags: --rows 16,64 --new-tokens 64 --repeats 3 --steps 8 --phases 4 --prompts-per-step 8 --skip-online
-           --out PATH --workdir DIR
+           --skip-vllm (tether's sampler and generate only) --out PATH --workdir DIR
 
 Method
 - Throughput: rows/2 chat prompts × 2 samples each (pairs, as the online loop samples), temperature 1, top-k 50,
@@ -196,7 +196,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--phases", type=int, default=4)
     p.add_argument("--prompts-per-step", type=int, default=8)
-    p.add_argument("--skip-online", action="store_true")
+    p.add_argument("--skip-online", action="store_true", help="skip the online-step comparison")
+    p.add_argument(
+        "--skip-vllm", action="store_true", help="tether's sampler and generate only (no vLLM environment needed)"
+    )
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "sampling.json"))
     p.add_argument("--workdir", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "tether-bench-sampling"))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -211,14 +214,15 @@ def main() -> None:
     worker += ["--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
     subprocess.run(worker, env={**os.environ, "OMP_NUM_THREADS": "2"}, check=True)
     res = {"new_tokens": args.new_tokens, "local": json.loads((work / "local.json").read_text())}
-    server = start_server(args.vllm_python, work, "0-1")
-    try:
-        res["vllm"] = vllm_throughput(
-            server, json.loads((work / "ids.json").read_text()), args.new_tokens, args.repeats
-        )
-    finally:
-        server.stop()
-    if not args.skip_online:
+    if not args.skip_vllm:
+        server = start_server(args.vllm_python, work, "0-1")
+        try:
+            res["vllm"] = vllm_throughput(
+                server, json.loads((work / "ids.json").read_text()), args.new_tokens, args.repeats
+            )
+        finally:
+            server.stop()
+    if not (args.skip_online or args.skip_vllm):
         res["online"] = online_step(work, args)
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
     print(table(res))
