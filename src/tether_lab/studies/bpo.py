@@ -445,8 +445,9 @@ def add_bpo_arguments(parser) -> None:
         "--quick",
         action="store_true",
         help="1 seed, T = 16, offline / BPO F=2 / F=T / on-policy (full: seeds 0-4, T = 128, also F=4 and "
-        "π_ref=π_gold); DPO, same B, learning rate and β. With --model: every gate on a reduced regime (T = 8), no "
-        "study seed, never a verdict (5.3 minutes for SmolLM2 on 2 cores from an empty cache, measured)",
+        "π_ref=π_gold); DPO, same B, learning rate and β. With --model: the gates, in order until one fails, on a "
+        "reduced regime (T = 8), no study seed, never a verdict (5.3 minutes for SmolLM2 on 2 cores from an empty "
+        "cache, measured)",
     )
     parser.add_argument(
         "--pilot", action="store_true", help="rerun the pilot that chose β and the learning rate (tuning seed 100)"

@@ -27,6 +27,7 @@ from pathlib import Path
 from tether.loss_table import NAMES as LOSS_NAMES
 from tether.stats import paired_t_interval
 from tether_lab.studies.common import fmt
+from tether_lab.studies.verdicts import FAILS, HOLDS, NOT_TESTABLE
 
 MATCH_MARGIN = 2.0  # points: "matches" in claim 2
 LOG2 = math.log(2)
@@ -254,13 +255,38 @@ def _interval(d: dict) -> str:
     )
 
 
+REGIME_CHECK = MAIN_CLAIMS[-1][0]  # claim 5: unless fresh data pays off here, nothing the others say is a finding
+
+
+def verdicts(claims: list[dict], quick: bool = False) -> list[str]:
+    """Each claim's three-valued verdict (holds / does not hold / not testable, with the reason).
+
+    A claim with fewer than 2 paired seeds, or any claim of a quick run, is not testable. The regime check (claim
+    5, "fresh data pays off") is judged first: when it does not hold, the other claims are not testable — a
+    difference between two settings of a regime where fresh data does not help says nothing about BPO."""
+    regime = next((c for c in claims if c["claim"].startswith(REGIME_CHECK)), None)
+    out = []
+    for c in claims:
+        if quick:
+            out.append(f"{NOT_TESTABLE} (quick mode: a smoke run, never a verdict)")
+        elif c["difference"].get("n", 0) < 2:
+            out.append(f"{NOT_TESTABLE} (fewer than 2 paired seeds)")
+        elif c is not regime and regime is not None and not regime["holds"]:
+            out.append(f"{NOT_TESTABLE} (the regime check, claim {claims.index(regime) + 1}, does not hold)")
+        else:
+            out.append(HOLDS if c["holds"] else FAILS)
+    return out
+
+
 def claim_lines(data: dict) -> list[str]:
     lines = []
-    for i, c in enumerate(data["claims"], 1):
-        verdict = "**holds**" if c["holds"] else "**not shown**"
+    said = verdicts(data["claims"], quick=data["protocol"].get("mode") == "quick")
+    for i, (c, verdict) in enumerate(zip(data["claims"], said), 1):
+        word, _, why = verdict.partition(" (")
+        shown = f"**{word}**" + (f" ({why}" if why else "")
         tag = " (secondary)" if c.get("secondary") else ""
         lines += [
-            f"{i}. {c['claim']}{tag} — {verdict}. Paired difference {_interval(c['difference'])}. Rule: {c['rule']}.",
+            f"{i}. {c['claim']}{tag} — {shown}. Paired difference {_interval(c['difference'])}. Rule: {c['rule']}.",
             "",
         ]
     return lines
