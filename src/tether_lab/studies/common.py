@@ -124,3 +124,14 @@ def fmt(cell: dict | None, scale: float = 1.0, digits: int = 1) -> str:
         return f"{cell['mean'] * scale:.{digits}f}"
     lo, hi = cell["ci95_low"] * scale, cell["ci95_high"] * scale
     return f"{cell['mean'] * scale:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def write_study_report(out: Path, markdown: str, figures=None) -> Path:
+    """A study's report.md (atomically), after its figures when `figures()` can draw them (matplotlib is the
+    optional `plots` extra: without it the report is written alone)."""
+    if figures is not None:
+        try:
+            figures()
+        except ImportError:
+            pass
+    return write_text_atomic(out / "report.md", markdown)

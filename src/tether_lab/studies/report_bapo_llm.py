@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tether.files import write_text_atomic
 from tether_lab.studies.bapo_llm_rules import value_at
+from tether_lab.studies.common import write_study_report
 from tether_lab.studies.verdicts import describe
 
 STAGES = ("calibration", "confirmatory")
@@ -135,8 +135,4 @@ def report(data: dict) -> str:
 
 
 def write_report(data: dict, out: Path) -> Path:
-    try:
-        figures(data, out)
-    except ImportError:
-        pass
-    return write_text_atomic(out / "report.md", report(data))
+    return write_study_report(out, report(data), lambda: figures(data, out))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from tether.files import write_text_atomic
 from tether_lab.studies.bpo_llm_rules import (
     LABELS,
     METRIC_LABELS,
@@ -15,6 +14,7 @@ from tether_lab.studies.bpo_llm_rules import (
     margin_window,
     median_abs_margin,
 )
+from tether_lab.studies.common import write_study_report
 from tether_lab.studies.verdicts import describe
 
 STAGES = {"tuning": "calibration and pilots (tuning seeds, dev prompts)", "study": "study seeds (test prompts)"}
@@ -215,8 +215,4 @@ def report(data: dict) -> str:
 
 
 def write_report(data: dict, out: Path) -> Path:
-    try:
-        figures(data, out)
-    except ImportError:
-        pass
-    return write_text_atomic(out / "report.md", report(data))
+    return write_study_report(out, report(data), lambda: figures(data, out))
