@@ -1,6 +1,19 @@
-"""The rules of the BPO study on a chat model, protocol version 3 (issue 24; docs/studies.md, "BPO on SmolLM2"):
+"""The rules of the BPO study on a chat model, protocol version 4 (issue 24; docs/studies.md, "BPO on SmolLM2"):
 settings, the cost model, every gate, the calibration rule, the seed count and the claims — fixed here, in code,
 before any run of this version. Pure functions of results.json's data (no model, no torch).
+
+Version 4 = version 3 with three changes, made after version 3's tuning stage stopped at its margin-at-half gate
+(2026-12-03, reports/bpo-smollm2/: median β|h| 0.222 at T/2, bar 1; no claim was ever computed) and before any
+run of version 4:
+    β            0.1 → 1.0. DPO's update is β·σ(−βh)·∇h, so while σ ≈ ½ the policy moves by about lr·β per step
+                 and β|h| grows as β·(lr·β): at the same movement, a tenfold β makes the trust region bind
+                 (version 3's |h| ≈ 2.2 nats at T/2 would be β|h| ≈ 2 before the σ saturation slows it).
+    lr grid      {1e-4, 2e-4, 4e-4} → {1e-5, 2e-5, 4e-5}: the same products lr·β as version 3, i.e. the same
+                 movement per step at the start; the calibration rule (nearest 70%) is unchanged.
+    cost model   measured on version 3's undisturbed tuning runs (2 idle cores, AMD EPYC): sampling 10.2 ms per
+                 token row (16 rows of ≤ 40 tokens; version 3 assumed 4.9), evaluation 8.2 ms per token row,
+                 the update 5.4 s per step as assumed; so a run ≈ 11 minutes and 8 hours hold 5 study seeds.
+Every gate, threshold, setting, metric and claim is version 3's.
 
 Regime (issue 24, item 2). The headline regime is (b), SmolLM2-135M-Instruct as π_sft with the `simple` persona's
 programmatic score as the oracle (tether_lab.instructed: Flesch reading ease / 100). Why (b) and not a new world
@@ -19,8 +32,9 @@ stays as it is. The replication is a second data seed (`--data_seed`), named in 
                  on 48 held-out topics each; tuning runs evaluate on dev, study runs on test
     reference    π_sft's greedy answers to the evaluation prompts (so π_sft's own greedy win rate is 50%: ties)
     settings     DPO at offline (F = 1), BPO F = 2 and F = T (π_ref = π_β), on-policy (F = T, π_ref = π_sft),
-                 π_ref = π_gold (F = T); IPO at F = 1 and F = 2; one LoRA adapter (r 16, α 32), β 0.1, the
-                 calibrated learning rate decaying linearly to 0 (no warm-up), as in the paper's code. No LoRA
+                 π_ref = π_gold (F = T); IPO at F = 1 and F = 2; one LoRA adapter (r 16, α 32), β 1.0 (IPO
+                 takes the same β: its target margin 1/(2β) is 0.5), the calibrated learning rate decaying
+                 linearly to 0 (no warm-up), as in the paper's code. No LoRA
                  ensemble (protocol 2 had 3): it triples the update and does not fit; so at F = T with π_ref =
                  π_β, h = 0 at every step and the loss's gradient is β/2·∇h (the algorithm, not a defect)
     seeds        the run seed s is shared by every setting of a study seed (prompt order, sampling seeds, LoRA
@@ -50,21 +64,17 @@ the study, and then every claim is not testable:
 
 Claims (item 5): `claims`. The aggregate view (item 4): `aggregates` (studies/aggregate.py).
 
-Budget (the machine: 2 cores). The cost model (`run_seconds`) takes the issue's measurements on 2 idle cores:
-sampling 16 answers (8 prompts × 2) of 64 tokens ≈ 5 s (4.9 ms per token row, assumed linear in rows: batching
-helps, so this overestimates), a LoRA update on 8 pairs ≈ 7 s (BENCHMARKS.md's LoRA DPO step: 6.7 s for 8 pairs
-of ≤ 128 tokens; scaled by pair length; × 1.4 with a live reference, on-policy and π_gold), 20 s of fixed cost per
-run. (Once, under load — 1 thread at nice 19 beside a 2-thread study — one step of 16 prompts × 2 answers × 48
-tokens took 17 s of sampling and 42 s of update, its first: warm-up included; a loaded machine is slower.)
+Budget (the machine: 2 cores). The cost model (`run_seconds`) takes the step costs measured in version 3's tuning
+runs on 2 idle cores (the constants below; version 3 had assumed half the sampling cost): sampling 10.2 ms per
+token row, evaluation 8.2 ms per token row (its batches are larger), a LoRA update on 8 pairs ≈ 5.4 s at 40 new
+tokens (× 1.4 with a live reference, on-policy and π_gold), 20 s of fixed cost per run.
 
-Full mode, 40 new tokens: a step ≈ 3.1 s of sampling + 5.4 s of update (7.5 s with a live reference), so T = 32
-steps ≈ 4.5 min; 4 evaluation points × 96 prompts × (a greedy + a sampled answer) ≈ 2.5 min; a run ≈ 7.4 min
-(8.5 with a live reference). Tuning (3 calibration runs, 4 pilots, the dev data) ≈ 54 min; one study seed (7
-runs) ≈ 54 min; so 8 hours hold 7 study seeds (7.2 h with the test data), 5 seeds take 5.4 h, and the number the
-pilots ask for decides. Every run is saved as it finishes; `--resume` continues across sittings. `--quick`
-(T = 8, 32 new tokens, 32 dev prompts, 2 evaluation points, one learning rate, the 5 gate runs, no study seed):
-≈ 8.7 min, ≈ 9.2 from a clean cache (≈ 25 s to convert SmolLM2's weights), within 15 even if the step costs are
-1.5 times the estimate.
+Full mode, 40 new tokens: a run ≈ 10.9 minutes (12.0 with a live reference); tuning (3 calibration runs, 4
+pilots, the dev data) ≈ 79 minutes; one study seed (7 runs) ≈ 79 minutes; so 8 hours hold 5 study seeds (7.9 h
+with the test data), and a pilot that asks for more makes the seeds gate fail (underpowered). Every run is saved
+as it finishes; `--resume` continues across sittings. `--quick` (T = 8, 32 new tokens, 32 dev prompts, 2
+evaluation points, one learning rate, the gate runs, no study seed): ≈ 12.5 minutes by the model; version 3's
+took 5 min 21 s from a clean cache (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -78,7 +88,7 @@ from tether.stats import t_interval, t_quantile
 from tether_lab.studies.aggregate import aggregate
 from tether_lab.studies.verdicts import HOLDS, failed_gates, gate, holm, paired_claim
 
-VERSION = 3
+VERSION = 4
 TUNING_SEEDS = (1000, 1001)  # the gate pilots' run seeds, never a study seed
 GOLD_WIN_MIN = 0.80
 OFFLINE_RANGE = (0.55, 0.85)
@@ -115,7 +125,7 @@ METRIC_LABELS = {
 
 @dataclass
 class LlmBpoProtocol:
-    """Protocol version 3 (set before any of its runs); the module docstring says why each number."""
+    """Protocol version 4 (set before any of its runs); the module docstring says why each number."""
 
     version: int = VERSION
     model: str = "smollm2-135m-instruct"
@@ -129,8 +139,8 @@ class LlmBpoProtocol:
     eval_points: int = 4  # evaluations at T/4, T/2, 3T/4 and T (π_sft's, measured once, is step 0)
     heldout_topics: int = 48  # per held-out split, each in 2 templates: 96 dev and 96 test prompts
     train_prompts: int = 0  # the first N of the pool's training prompts (in the data seed's order); 0 = all
-    beta: float = 0.1
-    learning_rates: list[float] = field(default_factory=lambda: [1e-4, 2e-4, 4e-4])  # the calibration's grid
+    beta: float = 1.0  # version 3: 0.1 (module docstring)
+    learning_rates: list[float] = field(default_factory=lambda: [1e-5, 2e-5, 4e-5])  # the calibration's grid
     settings: list[str] = field(default_factory=lambda: list(SETTINGS))  # with DPO, on every study seed
     second_loss: str = "ipo"
     second_loss_settings: list[str] = field(default_factory=lambda: ["offline", "bpo-f2"])
@@ -170,11 +180,11 @@ class LlmBpoProtocol:
 
 
 def quick_protocol(model: str = "smollm2-135m-instruct", data_seed: int = 0) -> LlmBpoProtocol:
-    """`--quick`: every gate on a reduced regime (T = 8, 32 new tokens, 32 dev prompts, lr 2e-4 alone), no study
-    seed: gates and curves, never a verdict."""
+    """`--quick`: the gates in order on a reduced regime (T = 8, 32 new tokens, 32 dev prompts, lr 2e-5 alone), no
+    study seed: gates and curves, never a verdict."""
     return LlmBpoProtocol(
         model=model, data_seed=data_seed, quick=True, steps=8, max_new_tokens=32, eval_prompts=32, eval_points=2,
-        learning_rates=[2e-4], settings=[], second_loss_settings=[],
+        learning_rates=[2e-5], settings=[], second_loss_settings=[],
     )  # fmt: skip
 
 
@@ -187,7 +197,10 @@ def tuning_jobs() -> list[tuple[str, int]]:
 
 # ---------------------------------------------------------------- the cost model (module docstring, "Budget")
 
-SAMPLE_S_PER_TOKEN_ROW = 5.0 / (16 * 64)  # issue 24: 8 prompts × 2 samples × 64 tokens sampled in ≈ 5 s
+# measured on version 3's tuning runs (module docstring): offline DPO at lr 4e-4 sampled 32 steps × 16 rows × ≤ 40
+# tokens in 209 s; its 4 evaluation points (96 prompts × a greedy and a sampled answer of ≤ 40 tokens) took 252 s
+SAMPLE_S_PER_TOKEN_ROW = 209.3 / (32 * 16 * 40)
+EVAL_S_PER_TOKEN_ROW = 252.0 / (4 * 2 * 96 * 40)
 PROMPT_TOKENS = 40  # a chat prompt with SmolLM2's template
 UPDATE_S_PER_PAIR_TOKEN = 7.0 / (8 * (PROMPT_TOKENS + 64))  # issue 24: ≈ 7 s per LoRA update on 8 such pairs
 LIVE_REFERENCE_FACTOR = 1.4  # a live π_ref forward: 9.37 vs 6.69 s per LoRA DPO step (BENCHMARKS.md, issue 6)
@@ -203,7 +216,7 @@ def run_seconds(p: LlmBpoProtocol, setting: str) -> float:
     update = p.prompts_per_step * (PROMPT_TOKENS + p.max_new_tokens) * UPDATE_S_PER_PAIR_TOKEN
     if SETTINGS[setting][1] in ("sft", "gold"):
         update *= LIVE_REFERENCE_FACTOR
-    evaluation = p.eval_points * 2 * p.eval_prompts * p.max_new_tokens * SAMPLE_S_PER_TOKEN_ROW
+    evaluation = p.eval_points * 2 * p.eval_prompts * p.max_new_tokens * EVAL_S_PER_TOKEN_ROW
     return p.steps * (sample + update) + evaluation + RUN_OVERHEAD_S
 
 
