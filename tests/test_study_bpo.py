@@ -110,15 +110,16 @@ def test_world_verdicts_are_three_valued_with_the_regime_check_first():
     up = lambda d: [b + d + e for b, e in zip(base, (0.01, -0.01, 0.02, -0.02, 0))]  # noqa: E731
     good = {"offline": base, "bpo-f2": up(0.05), "on-policy": up(0.06), "bpo-ft": up(0.07), "gold-ref": up(0.10)}
     said = verdicts(claims(_runs(good), {"losses": ["dpo"]}))
-    assert said == ["holds", "holds", "holds", "does not hold", "holds"]  # fresh data pays off: each is judged
+    assert [v["verdict"] for v in said] == ["holds", "holds", "holds", "does not hold", "holds"]  # each is judged
+    assert all(v["reason"] is None for v in said)
     stuck = dict(good, **{"bpo-ft": base})  # the regime check fails: the others say nothing
     said = verdicts(claims(_runs(stuck), {"losses": ["dpo"]}))
-    assert said[-1] == "does not hold"
-    assert all(v.startswith("not testable (the regime check, claim 5") for v in said[:-1])
-    assert verdicts(claims(_runs({"offline": base, "bpo-f2": [0.9]}), {"losses": ["dpo"]}))[0].startswith(
-        "not testable (fewer than 2"
-    )
-    assert all(v.startswith("not testable (quick") for v in verdicts(claims(_runs(good), {"losses": ["dpo"]}), True))
+    assert said[-1] == {"verdict": "does not hold", "reason": None}
+    assert all(v["verdict"] == "not testable" and v["reason"].startswith("the regime check, claim 5") for v in said[:-1])
+    few = verdicts(claims(_runs({"offline": base, "bpo-f2": [0.9]}), {"losses": ["dpo"]}))[0]
+    assert few["verdict"] == "not testable" and few["reason"].startswith("fewer than 2")
+    quick = verdicts(claims(_runs(good), {"losses": ["dpo"]}), True)
+    assert all(v["verdict"] == "not testable" and v["reason"].startswith("quick") for v in quick)
 
 
 def test_prechecks_average_the_trace_windows():

@@ -258,8 +258,9 @@ def _interval(d: dict) -> str:
 REGIME_CHECK = MAIN_CLAIMS[-1][0]  # claim 5: unless fresh data pays off here, nothing the others say is a finding
 
 
-def verdicts(claims: list[dict], quick: bool = False) -> list[str]:
-    """Each claim's three-valued verdict (holds / does not hold / not testable, with the reason).
+def verdicts(claims: list[dict], quick: bool = False) -> list[dict]:
+    """Each claim's three-valued verdict, as {"verdict": holds / does not hold / not testable, "reason": why it is
+    not testable, or None} (the shape `verdicts.paired_claim` gives the chat-model studies).
 
     A claim with fewer than 2 paired seeds, or any claim of a quick run, is not testable. The regime check (claim
     5, "fresh data pays off") is judged first: when it does not hold, the other claims are not testable — a
@@ -268,22 +269,23 @@ def verdicts(claims: list[dict], quick: bool = False) -> list[str]:
     out = []
     for c in claims:
         if quick:
-            out.append(f"{NOT_TESTABLE} (quick mode: a smoke run, never a verdict)")
+            reason = "quick mode: a smoke run, never a verdict"
         elif c["difference"].get("n", 0) < 2:
-            out.append(f"{NOT_TESTABLE} (fewer than 2 paired seeds)")
+            reason = "fewer than 2 paired seeds"
         elif c is not regime and regime is not None and not regime["holds"]:
-            out.append(f"{NOT_TESTABLE} (the regime check, claim {claims.index(regime) + 1}, does not hold)")
+            reason = f"the regime check, claim {claims.index(regime) + 1}, does not hold"
         else:
-            out.append(HOLDS if c["holds"] else FAILS)
+            out.append({"verdict": HOLDS if c["holds"] else FAILS, "reason": None})
+            continue
+        out.append({"verdict": NOT_TESTABLE, "reason": reason})
     return out
 
 
 def claim_lines(data: dict) -> list[str]:
     lines = []
     said = verdicts(data["claims"], quick=data["protocol"].get("mode") == "quick")
-    for i, (c, verdict) in enumerate(zip(data["claims"], said), 1):
-        word, _, why = verdict.partition(" (")
-        shown = f"**{word}**" + (f" ({why}" if why else "")
+    for i, (c, v) in enumerate(zip(data["claims"], said), 1):
+        shown = f"**{v['verdict']}**" + (f" ({v['reason']})" if v["reason"] else "")
         tag = " (secondary)" if c.get("secondary") else ""
         lines += [
             f"{i}. {c['claim']}{tag} — {shown}. Paired difference {_interval(c['difference'])}. Rule: {c['rule']}.",
