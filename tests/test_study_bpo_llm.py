@@ -1,4 +1,4 @@
-"""The BPO study on a chat model (protocol version 4): the aggregate statistics against their formulas, the gates,
+"""The BPO study on a chat model (protocol version 5): the aggregate statistics against their formulas, the gates,
 the calibration rule, the seed count and the claims on hand-made results, the cost model's budgets, the prompt
 pool, π_gold as a reference, and the stages end to end on the tiny test model."""
 

@@ -1,5 +1,5 @@
 """`tether study bpo --model smollm2-135m-instruct`: online DAP at one annotation budget on a real chat model, with
-an instructed persona's score as the oracle — protocol version 4 (the rules, the regime and the budget:
+an instructed persona's score as the oracle — protocol version 5 (the rules, the regime and the budget:
 bpo_llm_rules.py; the report: report_bpo_llm.py).
 
 Stages, each run saved to results.json as it finishes (an interrupted study continues with `--resume`):

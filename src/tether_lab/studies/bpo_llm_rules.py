@@ -1,19 +1,28 @@
-"""The rules of the BPO study on a chat model, protocol version 4 (issue 24; docs/studies.md, "BPO on SmolLM2"):
+"""The rules of the BPO study on a chat model, protocol version 5 (issue 24; docs/studies.md, "BPO on SmolLM2"):
 settings, the cost model, every gate, the calibration rule, the seed count and the claims — fixed here, in code,
 before any run of this version. Pure functions of results.json's data (no model, no torch).
 
-Version 4 = version 3 with three changes, made after version 3's tuning stage stopped at its margin-at-half gate
-(2026-12-03, reports/bpo-smollm2/: median β|h| 0.222 at T/2, bar 1; no claim was ever computed) and before any
-run of version 4:
-    β            0.1 → 1.0. DPO's update is β·σ(−βh)·∇h, so while σ ≈ ½ the policy moves by about lr·β per step
-                 and β|h| grows as β·(lr·β): at the same movement, a tenfold β makes the trust region bind
-                 (version 3's |h| ≈ 2.2 nats at T/2 would be β|h| ≈ 2 before the σ saturation slows it).
-    lr grid      {1e-4, 2e-4, 4e-4} → {1e-5, 2e-5, 4e-5}: the same products lr·β as version 3, i.e. the same
-                 movement per step at the start; the calibration rule (nearest 70%) is unchanged.
-    cost model   measured on version 3's undisturbed tuning runs (2 idle cores, AMD EPYC): sampling 10.2 ms per
-                 token row (16 rows of ≤ 40 tokens; version 3 assumed 4.9), evaluation 8.2 ms per token row,
-                 the update 5.4 s per step as assumed; so a run ≈ 11 minutes and 8 hours hold 5 study seeds.
-Every gate, threshold, setting, metric and claim is version 3's.
+History. Version 3 (β 0.1, lr grid {1e-4, 2e-4, 4e-4}; reports/bpo-smollm2/) stopped at its margin-at-half gate:
+median β|h| 0.222 at T/2 (bar 1). Version 4 (β 1.0, lr grid {1e-5, 2e-5, 4e-5}; reports/bpo-smollm2-v4/) kept
+lr·β and stopped at the same gate on 2026-12-03: 0.451. Neither computed a claim.
+
+What version 4 taught. Its premise was wrong: it assumed the policy moves by about lr·β per step (plain SGD on
+β·σ(−βh)·∇h). The optimizer is Adam, which divides each update by the gradient's own running scale, so the
+policy moves by about lr per step whatever β is, and β|h| grows as β·lr (while σ(−βh) ≈ ½). The runs show it:
+offline DPO at β 0.1, lr 1e-4 (version 3) and at β 1, lr 1e-5 (version 4) have the same β|h| at every step
+(0.09, 0.11, 0.12 … at steps 9, 12, 15), i.e. |h| ten times smaller at β 1. Over both versions |h| at T/2 ≈
+1.2·10⁴·lr nats (lr 4e-5: 0.35–0.45; 1e-4: 1.2; 4e-4: 5), and the win rate follows lr, not β (offline DPO at
+lr 4e-5: 64.6%; at 1e-4: 78.6%; at 2e-4: 96.9%, the last two at β 0.1 where σ stays near ½).
+
+Version 5 = version 4 with two changes, made after version 4 stopped and before any run of version 5:
+    β            1.0 → 2.0, and
+    lr grid      {1e-5, 2e-5, 4e-5} → {5e-5, 1e-4, 2e-4}: the learning rates that move the policy to the
+                 calibration's range (version 3: 1e-4 landed at 78.6%), and β large enough that β|h| at T/2
+                 reaches about 1.2 (lr 5e-5) to 2.4 (lr 1e-4) before σ's saturation slows it, so the bar of 1
+                 is within reach at the rates the calibration can pick. The calibration rule (nearest 70%) is
+                 unchanged; IPO takes the same β (its target margin 1/(2β) is 0.25).
+    quick        lr 2e-5 → 1e-4 (the grid's middle).
+Every gate, threshold, setting, metric, claim and the cost model are version 4's.
 
 Regime (issue 24, item 2). The headline regime is (b), SmolLM2-135M-Instruct as π_sft with the `simple` persona's
 programmatic score as the oracle (tether_lab.instructed: Flesch reading ease / 100). Why (b) and not a new world
@@ -32,8 +41,8 @@ stays as it is. The replication is a second data seed (`--data_seed`), named in 
                  on 48 held-out topics each; tuning runs evaluate on dev, study runs on test
     reference    π_sft's greedy answers to the evaluation prompts (so π_sft's own greedy win rate is 50%: ties)
     settings     DPO at offline (F = 1), BPO F = 2 and F = T (π_ref = π_β), on-policy (F = T, π_ref = π_sft),
-                 π_ref = π_gold (F = T); IPO at F = 1 and F = 2; one LoRA adapter (r 16, α 32), β 1.0 (IPO
-                 takes the same β: its target margin 1/(2β) is 0.5), the calibrated learning rate decaying
+                 π_ref = π_gold (F = T); IPO at F = 1 and F = 2; one LoRA adapter (r 16, α 32), β 2.0 (IPO
+                 takes the same β: its target margin 1/(2β) is 0.25), the calibrated learning rate decaying
                  linearly to 0 (no warm-up), as in the paper's code. No LoRA
                  ensemble (protocol 2 had 3): it triples the update and does not fit; so at F = T with π_ref =
                  π_β, h = 0 at every step and the loss's gradient is β/2·∇h (the algorithm, not a defect)
@@ -88,7 +97,7 @@ from tether.stats import t_interval, t_quantile
 from tether_lab.studies.aggregate import aggregate
 from tether_lab.studies.verdicts import HOLDS, failed_gates, gate, holm, paired_claim
 
-VERSION = 4
+VERSION = 5
 TUNING_SEEDS = (1000, 1001)  # the gate pilots' run seeds, never a study seed
 GOLD_WIN_MIN = 0.80
 OFFLINE_RANGE = (0.55, 0.85)
@@ -125,7 +134,7 @@ METRIC_LABELS = {
 
 @dataclass
 class LlmBpoProtocol:
-    """Protocol version 4 (set before any of its runs); the module docstring says why each number."""
+    """Protocol version 5 (set before any of its runs); the module docstring says why each number."""
 
     version: int = VERSION
     model: str = "smollm2-135m-instruct"
@@ -139,8 +148,8 @@ class LlmBpoProtocol:
     eval_points: int = 4  # evaluations at T/4, T/2, 3T/4 and T (π_sft's, measured once, is step 0)
     heldout_topics: int = 48  # per held-out split, each in 2 templates: 96 dev and 96 test prompts
     train_prompts: int = 0  # the first N of the pool's training prompts (in the data seed's order); 0 = all
-    beta: float = 1.0  # version 3: 0.1 (module docstring)
-    learning_rates: list[float] = field(default_factory=lambda: [1e-5, 2e-5, 4e-5])  # the calibration's grid
+    beta: float = 2.0  # version 3: 0.1, version 4: 1.0 (module docstring)
+    learning_rates: list[float] = field(default_factory=lambda: [5e-5, 1e-4, 2e-4])  # the calibration's grid
     settings: list[str] = field(default_factory=lambda: list(SETTINGS))  # with DPO, on every study seed
     second_loss: str = "ipo"
     second_loss_settings: list[str] = field(default_factory=lambda: ["offline", "bpo-f2"])
@@ -180,11 +189,11 @@ class LlmBpoProtocol:
 
 
 def quick_protocol(model: str = "smollm2-135m-instruct", data_seed: int = 0) -> LlmBpoProtocol:
-    """`--quick`: the gates in order on a reduced regime (T = 8, 32 new tokens, 32 dev prompts, lr 2e-5 alone), no
+    """`--quick`: the gates in order on a reduced regime (T = 8, 32 new tokens, 32 dev prompts, lr 1e-4 alone), no
     study seed: gates and curves, never a verdict."""
     return LlmBpoProtocol(
         model=model, data_seed=data_seed, quick=True, steps=8, max_new_tokens=32, eval_prompts=32, eval_points=2,
-        learning_rates=[2e-5], settings=[], second_loss_settings=[],
+        learning_rates=[1e-4], settings=[], second_loss_settings=[],
     )  # fmt: skip
 
 

@@ -178,7 +178,7 @@ def _add_bpo_llm_arguments(parser) -> None:
         help="run the study on this chat model instead of the embedded world (e.g. smollm2-135m-instruct), with an "
         "instructed persona's score as the oracle: gates on tuning seeds (π_gold's win rate, a calibration of offline "
         "DPO, identical pairs and β|h| of on-policy DAP, the seed count), then offline / BPO F=2 / F=T / on-policy / "
-        "π_ref=π_gold with DPO and IPO at F=1, 2 (protocol version 4, docs/studies.md); a local directory or a "
+        "π_ref=π_gold with DPO and IPO at F=1, 2 (protocol version 5, docs/studies.md); a local directory or a "
         "built-in name",
     )
     parser.add_argument(

@@ -1,4 +1,4 @@
-"""report.md and figures of the BPO study on a chat model (protocol version 4), from results.json alone: the gates
+"""report.md and figures of the BPO study on a chat model (protocol version 5), from results.json alone: the gates
 first, then the claims, the aggregate view, π_sft and π_gold, and every calibration, pilot and study run."""
 
 from __future__ import annotations
