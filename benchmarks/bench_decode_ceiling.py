@@ -9,9 +9,10 @@ Run on an IDLE machine, from the repository root (only the model's config.json i
 
 Method: for each row count, random float32 weights of the model's shapes, read from its config (SmolLM2-135M: 30
 layers of q 576→576, k and v 576→192, o 576→576, gate and up 576→1536, down 1536→576, and the tied head
-576→49,152), one product per weight per step in model order, best of --repeats steps after a warm-up. Prints the products' GFLOP/s, the tokens/s a sampler
-would reach if the step were these products and nothing else (rows / step seconds), and that as a fraction of
-the matmul-bound limit (peak / 2·P tokens/s) — the most a sampler that runs each product once can reach here.
+576→49,152), one product per weight per step in model order, best of --repeats steps after a warm-up. Prints
+the products' GFLOP/s, the tokens/s a sampler would reach if the step were these products and nothing else
+(rows / step seconds), and that as a fraction of the matmul-bound limit (peak / 2·P tokens/s) — the most a
+sampler that runs each product once can reach here.
 Raw JSON: benchmarks/results/decode_ceiling.json.
 """
 
@@ -28,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_dpo_step import matmul_flops  # noqa: E402
 from bench_sampling import MODEL  # noqa: E402  (the sampler benchmark's model)
+
 
 def model_shapes(model: str) -> tuple[list[tuple[int, int]], int]:
     """(every weight's (in, out) in one step's order: each layer's q, k, v, o, gate, up, down, then the head; the
@@ -77,7 +79,14 @@ def main() -> None:
     shapes, parameters = model_shapes(a.model)
     peak, _ = matmul_flops(a.threads)
     limit = peak / (2 * parameters)
-    out = {"model": a.model, "parameters": parameters, "threads": a.threads, "matmul_gflops": peak / 1e9, "limit_tok_s": limit, "rows": {}}
+    out = {
+        "model": a.model,
+        "parameters": parameters,
+        "threads": a.threads,
+        "matmul_gflops": peak / 1e9,
+        "limit_tok_s": limit,
+        "rows": {},
+    }
     print(f"matmul peak {peak / 1e9:.0f} GFLOP/s; matmul-bound limit {limit:.0f} tokens/s")
     for rows in (int(r) for r in a.rows.split(",")):
         seconds, flops = step_seconds(shapes, rows, a.repeats)
