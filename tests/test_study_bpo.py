@@ -115,7 +115,9 @@ def test_world_verdicts_are_three_valued_with_the_regime_check_first():
     stuck = dict(good, **{"bpo-ft": base})  # the regime check fails: the others say nothing
     said = verdicts(claims(_runs(stuck), {"losses": ["dpo"]}))
     assert said[-1] == {"verdict": "does not hold", "reason": None}
-    assert all(v["verdict"] == "not testable" and v["reason"].startswith("the regime check, claim 5") for v in said[:-1])
+    assert all(
+        v["verdict"] == "not testable" and v["reason"].startswith("the regime check, claim 5") for v in said[:-1]
+    )
     few = verdicts(claims(_runs({"offline": base, "bpo-f2": [0.9]}), {"losses": ["dpo"]}))[0]
     assert few["verdict"] == "not testable" and few["reason"].startswith("fewer than 2")
     quick = verdicts(claims(_runs(good), {"losses": ["dpo"]}), True)

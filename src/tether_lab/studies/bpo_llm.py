@@ -41,7 +41,7 @@ from tether.train.online import OnlineRun
 from tether.train.reference import Reference
 from tether_lab.instructed import get_instructed_persona, prompt_pool
 from tether_lab.studies import bpo_llm_rules as rules
-from tether_lab.studies.bpo_llm_rules import SETTINGS, TUNING_SEEDS, LlmBpoProtocol
+from tether_lab.studies.bpo_llm_rules import LABELS, SETTINGS, TUNING_SEEDS, LlmBpoProtocol
 from tether_lab.studies.common import StudyResults, set_threads
 
 # an environment installed before tether_lab declared this oracle still finds it (pyproject.toml declares it too)
@@ -291,6 +291,8 @@ class Study:
         run_dir = self.out / "runs" / f"{stage}-{setting}-{loss}-s{seed}-lr{lr:g}"
         shutil.rmtree(run_dir, ignore_errors=True)  # a run killed midway starts over
         t0 = time.perf_counter()
+        name = f"{stage} run {LABELS[setting]} {loss.upper()} seed {seed} lr {lr:g}"
+        tqdm.write(f"{name}: started (about {rules.run_seconds(self.p, setting) / 60:.0f} min by the cost model)")
         cfg = online_config(self.p, setting, loss, seed, lr, split, run_dir)
         run = StudyRun(cfg, self.p, split["sft"], gold=SETTINGS[setting][1] == "gold")
         run.run()
@@ -298,6 +300,7 @@ class Study:
             **run_record(run_dir, job, run.pair_margins, self.score),
             "seconds": round(time.perf_counter() - t0, 1),
         }
+        tqdm.write(f"{name}: final greedy win rate {100 * record['win_rate']:.1f}% ({record['seconds'] / 60:.1f} min)")
         shutil.rmtree(run_dir / "final", ignore_errors=True)  # the study keeps metrics, not models
         self.results.add(record)
         return record
